@@ -1,0 +1,366 @@
+"""A Llama-architecture decoder, in one file, with Hugging Face tensor names.
+
+    tokens ─► embed_tokens ─► [ RMSNorm ─► attention (RoPE, GQA) ─► + ─► RMSNorm ─► SwiGLU MLP ─► + ] × L
+                                                                                      ─► RMSNorm ─► lm_head ─► logits
+
+The module tree mirrors transformers' ``LlamaForCausalLM`` (``model.layers.3.self_attn.q_proj.weight``,
+``lm_head.weight``, ...), so a state dict moves between the two with no renaming. Three switches cover
+the Qwen family without a second model file:
+
+* ``attention_bias`` + ``attention_out_bias`` — biases on q/k/v and on o (Qwen2: q/k/v only),
+* ``qk_norm`` — an RMSNorm over each head of q and k before RoPE (Qwen3).
+
+``config.model_type`` is derived from them and decides which transformers class loads the directory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. Field names are those of transformers' config.json so conversion is a rename-free copy."""
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    intermediate_size: int | None = None  # None: SwiGLU's usual 8/3·hidden, rounded up to a multiple of 64
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None: as many as query heads (no grouping)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None  # None, or {"rope_type": "linear"|"llama3", ...} as in transformers
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q, k, v projections
+    attention_out_bias: bool = False  # bias on the o projection
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = 0
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # keys of a foreign config.json we carry but do not use
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def model_type(self) -> str:
+        """Which transformers architecture these switches describe."""
+        if self.qk_norm:
+            if self.attention_bias != self.attention_out_bias or self.mlp_bias:
+                raise ValueError("qk_norm (Qwen3) needs attention_bias == attention_out_bias and no mlp_bias")
+            return "qwen3"
+        if self.attention_bias and not self.attention_out_bias:
+            if self.mlp_bias:
+                raise ValueError("q/k/v-only attention bias (Qwen2) cannot be combined with mlp_bias")
+            return "qwen2"
+        if self.attention_bias != self.attention_out_bias:
+            raise ValueError("an o-projection bias without q/k/v biases matches no supported architecture")
+        return "llama"
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in CausalLM(self, device="meta").parameters())
+
+    # -- transformers config.json ---------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' Auto classes load (no trust_remote_code)."""
+        model_type = self.model_type
+        architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        hf = {k: v for k, v in asdict(self).items() if k not in ("extra", "attention_out_bias", "qk_norm")}
+        hf.update(self.extra)
+        hf["architectures"] = [architecture[model_type]]
+        hf["model_type"] = model_type
+        hf["hidden_act"] = "silu"
+        # rope: the flat keys older readers (vLLM, llama.cpp, transformers 4) use, and the nested one of transformers 5
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        hf["rope_parameters"] = rope
+        if model_type == "qwen2":
+            del hf["attention_bias"], hf["mlp_bias"]
+        if model_type == "qwen3":
+            del hf["mlp_bias"]
+        if model_type != "llama":
+            hf.setdefault("use_sliding_window", False)
+        return hf
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "ModelConfig":
+        """Read a transformers config.json of a Llama, Qwen2 or Qwen3 model."""
+        model_type = hf.get("model_type")
+        if model_type not in ("llama", "qwen2", "qwen3"):
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected llama, qwen2 or qwen3)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (expected silu)")
+        if hf.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true is not supported")
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known and k not in ("extra", "attention_out_bias", "qk_norm")}
+        kwargs.update(rope_theta=rope_theta, rope_scaling=scaling)
+        if model_type == "llama":
+            kwargs["attention_out_bias"] = hf.get("attention_bias", False)
+        elif model_type == "qwen2":
+            kwargs.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
+        else:
+            kwargs.update(attention_out_bias=hf.get("attention_bias", False), qk_norm=True, mlp_bias=False)
+        kwargs.setdefault("tie_word_embeddings", False)  # transformers' default when the key is absent
+        ignored = {"architectures", "model_type", "hidden_act", "rope_parameters", "transformers_version"}
+        kwargs["extra"] = {k: v for k, v in hf.items() if k not in known and k not in ignored}
+        return cls(**kwargs)
+
+
+# -- building blocks ----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies θ^(-2i/d) for i < d/2, optionally rescaled for longer contexts."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # keep high frequencies, stretch low ones, blend in between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        stretched = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        is_mid = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+        return torch.where(is_mid, blended, stretched)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (expected default, linear or llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) → (-x2, x1) over the two halves of the last dimension: the transformers RoPE convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled left to right as tokens are decoded.
+
+    Shape per tensor: [layers, batch, kv_heads, max_len, head_dim]. ``length`` counts the filled slots;
+    the model writes a step's keys at [length, length + t) in each layer and then calls ``advance(t)``.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+def attention_mask(padding: torch.Tensor | None, query_len: int, key_len: int) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, query_len, key_len]: True where a query may attend.
+
+    Queries are the last ``query_len`` of ``key_len`` positions, and each sees itself and the past.
+    ``padding`` [B, key_len] marks real tokens with 1; every query still sees itself, so a row of
+    padding never becomes all-masked (which would turn the softmax into NaNs).
+    """
+    device = padding.device if padding is not None else None
+    offset = key_len - query_len
+    causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+    mask = causal[None, None]
+    if padding is not None:
+        diagonal = torch.zeros_like(causal)
+        diagonal[torch.arange(query_len), torch.arange(query_len) + offset] = True
+        mask = (mask & padding.bool()[:, None, None, :]) | diagonal
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device=None):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        hidden, qkv_bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=qkv_bias, device=device)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=qkv_bias, device=device)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=qkv_bias, device=device)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.attention_out_bias, device=device)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device=device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device=device)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [b, heads, t, head_dim]
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # with no explicit mask: causal when the queries are the whole sequence, all-visible for one new token
+        causal = mask is None and t > 1
+        if causal and k.shape[2] != t:
+            mask, causal = attention_mask(None, t, k.shape[2]).to(x.device), False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias, device=device)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias, device=device)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias, device=device)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.self_attn = Attention(config, layer, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.mlp = MLP(config, device=device)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, the stack of layers and the final norm: ``model.*`` in the state dict."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, device=device) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+
+
+class CausalLM(nn.Module):
+    """The whole language model: token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # inv_freq is derived from the config, not learned or saved
+        self.register_buffer("inv_freq", rope_frequencies(config).to(device), persistent=False)
+        if device != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights, zero biases, unit norms; residual outputs scaled by 1/√(2·layers)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.inv_freq = rope_frequencies(self.config).to(self.lm_head.weight.device)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B or 1, 1, T, head_dim] for the given positions, computed in float32."""
+        angles = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden].
+
+        ``mask``: None for plain causal attention, else a boolean [B|1, 1, T, past+T] (see attention_mask).
+        ``cache``: a KVCache to read the past from and append this step to.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + x.shape[1], device=x.device)[None]
+        cos, sin = self.rope(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.model.norm(x)
+
+    def forward(self, input_ids=None, **kwargs) -> torch.Tensor:
+        """Logits [B, T, vocab]. Keyword arguments as in ``hidden_states``."""
+        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
