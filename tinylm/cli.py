@@ -1,0 +1,157 @@
+"""``tinylm <command>``: parse arguments, call one function. No logic lives here.
+
+    tinylm quickstart --out runs/quickstart
+    tinylm tokenizer train --data a.txt b.jsonl --vocab-size 6400 --out runs/tok
+    tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
+    tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
+    tinylm chat runs/tiny/final [--system TEXT]
+    tinylm plot runs/tiny
+
+Errors in what the user handed us (a config key, a data file, a model directory) print one line naming
+the culprit, not a traceback; set TINYLM_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a config shipped with tinylm (``cpu-tiny``, ``minimind2-small``)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name!r}: no such file, and not a shipped config ({known})")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def sampling_settings(args):
+    from tinylm.infer.engine import SamplingSettings
+
+    return SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinylm", description="Build a small language model end to end.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quick = commands.add_parser("quickstart", help="corpus → tokenizer → pretraining → what the model learned, in minutes")
+    quick.add_argument("--out", required=True, help="run directory")
+    quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
+
+    tok = commands.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    tok_train.add_argument("--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)")
+    tok_train.add_argument("--vocab-size", type=int, default=6400)
+    tok_train.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .json / .parquet")
+    tok_train.add_argument("--out", required=True, help="output directory")
+
+    pre = commands.add_parser("pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config")
+    pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
+    pre.add_argument("--out", required=True, help="run directory")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+    gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompt", required=True)
+    add_sampling_args(gen)
+
+    chat = commands.add_parser("chat", help="multi-turn chat in the terminal")
+    chat.add_argument("model_dir")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(chat)
+
+    plot = commands.add_parser("plot", help="(re)draw loss.png of a run from its metrics.jsonl")
+    plot.add_argument("run_dir")
+    return parser
+
+
+def run(args, overrides: list[str]) -> int:
+    if overrides and args.command != "pretrain":
+        raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
+
+    if args.command == "quickstart":
+        from tinylm.quickstart import quickstart
+
+        quickstart(args.out, resolve_config_path(args.config))
+    elif args.command == "tokenizer":
+        from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
+
+        if args.data:
+            tokenizer = train_tokenizer_from_files(args.data, args.vocab_size, text_field=args.text_field)
+        else:
+            from tinylm.data import builtin
+
+            tokenizer = train_tokenizer(builtin.pretrain_documents(builtin.World(0)), args.vocab_size)
+        tokenizer.save(args.out)
+        print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}", file=sys.stderr)
+    elif args.command == "pretrain":
+        from tinylm.config import PretrainConfig, load_config
+        from tinylm.train.recipes import pretrain
+
+        cfg = load_config(PretrainConfig, resolve_config_path(args.config), overrides)
+        _, result = pretrain(cfg, args.out, resume=args.resume)
+        if result.interrupted:
+            return 130
+    elif args.command == "generate":
+        from tinylm.infer.engine import Engine
+
+        engine = Engine.from_dir(args.model_dir, device=args.device)
+        for piece in engine.stream(args.prompt, sampling_settings(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    elif args.command == "chat":
+        from tinylm.infer.chat import run_chat
+        from tinylm.infer.engine import Engine
+
+        run_chat(Engine.from_dir(args.model_dir, device=args.device), system=args.system, settings=sampling_settings(args))
+    elif args.command == "plot":
+        from tinylm.train.metrics import plot_losses
+
+        run_dir = Path(args.run_dir)
+        if plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png") is None:
+            raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no logged losses to plot")
+        print(run_dir / "loss.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return run(args, overrides)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Run configs: dataclasses filled from a YAML file, then from dotted ``--section.key=value`` overrides.
+
+    tinylm pretrain --config configs/cpu-tiny.yaml --train.max_steps=200 --model.num_hidden_layers=2
+
+Every key is checked against the dataclass: an unknown key or a value of the wrong type is an error that
+names the key and where it came from. The fully resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tinylm.model.llama import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says where and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin" (the generated offline corpus) or "files"
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json / .parquet, when source is "files"
+    text_field: str = "text"  # the field holding the text in .jsonl / .json / .parquet
+    txt_split: str = "blank"  # .txt documents: "blank" (blank-line separated), "line" or "file"
+    val_fraction: float = 0.01
+    tokenizer: str | None = None  # a tokenizer (or model) directory; None trains one on the corpus
+    vocab_size: int = 6400  # when training a tokenizer
+    builtin_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not applied to norms, embeddings and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | mps
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 16
+    save_every: int = 500  # 0: only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str | None = None  # a model directory to continue pretraining from
+
+
+# -- building dataclasses from plain data -------------------------------------------------------
+
+
+def _check_value(value, annotation, where: str):
+    """Return ``value`` converted to ``annotation`` (int → float is allowed), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        for option in typing.get_args(annotation):
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if annotation is typing.Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+    return value
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass ``cls`` from nested plain data, checking every key and type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = from_dict(annotation, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_value(value, annotation, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# -- YAML files and overrides -------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--train.max_steps=200", "--model.qk_norm=true"]`` → nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        dotted, _, raw = arg[2:].partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {arg!r}: value is not valid YAML ({e})") from None
+        node = nested
+        *parents, leaf = dotted.replace("-", "_").split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {part} is both a value and a section")
+        node[leaf] = value
+    return nested
+
+
+def merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return data or {}
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """File (optional) → overrides → a checked dataclass of type ``cls``."""
+    data = load_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+        where += " + overrides"
+    return from_dict(cls, data, where)
+
+
+def save_config(config, path: str | Path) -> None:
+    from tinylm.modeldir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,123 @@
+"""Resumable training checkpoints: everything needed to continue as if never stopped.
+
+    checkpoints/step-000500/
+      model.safetensors        the weights
+      optimizer.safetensors    AdamW moments, flattened to "state.<param>.<key>"
+      rng.safetensors          torch (and CUDA) random generator states
+      trainer.json             step, tokens seen, scheduler, data position, optimizer hyper-parameters
+      SHA256SUMS
+
+Tensors go to safetensors and everything else to JSON, so loading never unpickles anything. A
+checkpoint is written aside and renamed into place; on resume the newest one whose manifest verifies
+is used, so a crash mid-save falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinylm.modeldir import ModelDirError, atomic_directory, model_state_dict, verify_manifest, write_manifest
+
+STEP_PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = value
+    for name, value in meta["scalars"].items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    path = checkpoint_dir(run_dir, step)
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+    meta = {
+        "step": step,
+        **trainer_state,
+        "scheduler": scheduler.state_dict(),
+        "optimizer": optimizer_meta,
+        "tied_embeddings": bool(model.config.tie_word_embeddings),
+    }
+    with atomic_directory(path) as scratch:
+        save_file(model_state_dict(model), scratch / "model.safetensors")
+        save_file(optimizer_tensors, scratch / "optimizer.safetensors")
+        save_file(_rng_state(), scratch / "rng.safetensors")
+        (scratch / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        write_manifest(scratch)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Completed checkpoints, oldest first (scratch directories of an interrupted save are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint that passes its SHA-256 check; a broken newer one is reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            if verify_manifest(path):
+                return path
+        except ModelDirError as e:
+            print(f"skipping checkpoint {path.name}: {e}", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG in place; return trainer.json's contents."""
+    path = Path(path)
+    meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    state = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if meta["tied_embeddings"] else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ModelDirError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta

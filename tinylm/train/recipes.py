@@ -1,0 +1,151 @@
+"""Recipes: a stage's config → model, data, objective → the one training loop → a model directory.
+
+Each recipe is a plain function (``pretrain(cfg, out_dir)``); the CLI only parses arguments and calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinylm.config import PretrainConfig, save_config
+from tinylm.model.llama import CausalLM
+from tinylm.modeldir import load_model_dir, save_model_dir
+from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss, shift_window
+from tinylm.train.trainer import FitResult, Task, fit
+
+
+class WindowBatches:
+    """Packed pretraining windows as trainer batches: {"input_ids", "labels"}."""
+
+    def __init__(self, windows, batch_size: int):
+        self.windows, self.batch_size = windows, batch_size
+
+    def next_batch(self) -> dict:
+        return shift_window(self.windows.next_batch(self.batch_size))
+
+    def state_dict(self) -> dict:
+        return self.windows.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state)
+
+
+def corpus_files(cfg: PretrainConfig, run_dir: Path) -> list[Path]:
+    """The text files to train on: the configured ones, or the built-in corpus written into the run."""
+    if cfg.data.source == "builtin":
+        from tinylm.data import builtin
+
+        return builtin.write_pretrain_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
+    if cfg.data.source != "files":
+        raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
+    if not cfg.data.files:
+        raise ValueError("data.source is files but data.files is empty: list .txt/.jsonl/.json/.parquet files")
+    return [Path(f) for f in cfg.data.files]
+
+
+def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, main: bool):
+    """Load the configured tokenizer, the one of ``init_from``, the run's own, or train a new one."""
+    from tinylm.tokenizer import Tokenizer, train_tokenizer_from_files
+
+    source = cfg.data.tokenizer or cfg.init_from
+    if source:
+        return Tokenizer.load(source)
+    own = run_dir / "tokenizer"
+    if not (own / "tokenizer.json").exists():
+        if main:
+            print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
+            tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field)
+            tokenizer.save(own)
+        distributed_barrier()
+    return Tokenizer.load(own)
+
+
+def distributed_barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, eos_id: int) -> CausalLM:
+    if cfg.init_from:
+        model, _ = load_model_dir(cfg.init_from, with_tokenizer=False)
+        return model.float().train()
+    cfg.model.vocab_size = vocab_size
+    cfg.model.eos_token_id = eos_id
+    torch.manual_seed(cfg.train.seed)
+    return CausalLM(cfg.model)
+
+
+def evaluator(val_bin: Path, meta: dict, seq_len: int, max_windows: int, dtype):
+    """Validation loss (nats/token) and bits per byte over a fixed set of validation windows."""
+    from tinylm.data.text import iter_eval_windows
+
+    windows = list(iter_eval_windows(val_bin, seq_len, dtype, max_windows))
+    tokens_per_byte = meta["val_tokens"] / max(meta["val_bytes"], 1)
+
+    def evaluate(model) -> dict:
+        if not windows:
+            return {}
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for window in windows:
+            batch = shift_window(window.to(device)[None] if window.ndim == 1 else window.to(device))
+            total += NextTokenLoss()(model, batch).item()
+            count += batch["labels"].numel()
+        loss = total / count
+        return {"val_loss": loss, "val_bpb": loss * tokens_per_byte / math.log(2)}
+
+    return evaluate
+
+
+def unigram_bpb(train_bin: Path, val_bin: Path, meta: dict, vocab_size: int, dtype) -> float:
+    """Bits per byte of the validation text under the training set's unigram distribution (add-one
+    smoothed): the score of a model that learned token frequencies and nothing else."""
+    train = np.memmap(train_bin, dtype=dtype, mode="r")
+    val = np.memmap(val_bin, dtype=dtype, mode="r")
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    nats = -log_probs[val].sum()
+    return float(nats / max(meta["val_bytes"], 1) / math.log(2))
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+    """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``."""
+    from tinylm.data.text import PackedWindows, build_token_shards
+
+    run_dir = Path(out_dir)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        files = corpus_files(cfg, run_dir) if dist.is_main else None
+        distributed_barrier()
+        files = files or corpus_files(cfg, run_dir)
+        tokenizer = prepare_tokenizer(cfg, files, run_dir, dist.is_main)
+        shards_dir = run_dir / "data" / "shards"
+        if dist.is_main:
+            build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
+                               val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
+        distributed_barrier()
+        info = build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
+                                  val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            print(f"model: {model.config.model_type}, {model.num_parameters() / 1e6:.2f}M parameters; "
+                  f"data: {info.train_tokens:,} training tokens", file=sys.stderr)
+        windows = PackedWindows(info.train_bin, cfg.train.seq_len, info.dtype, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        evaluate = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)
+        task = Task(model=model, batches=WindowBatches(windows, cfg.train.batch_size), objective=NextTokenLoss(), evaluate=evaluate)
+        result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        final = run_dir / "final"
+        if dist.is_main and not result.interrupted:
+            save_model_dir(model.cpu(), final, tokenizer=tokenizer)
+            print(f"saved {final}", file=sys.stderr)
+        return final, result
+    finally:
+        distributed.teardown()

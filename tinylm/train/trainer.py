@@ -1,0 +1,220 @@
+"""THE training loop. Every stage (pretraining, SFT, LoRA, DPO, distillation, VLM) runs through ``fit``;
+stages differ only in the model, the batches and the objective they hand it.
+
+One optimizer step:
+    1. take ``grad_accum`` micro-batches and count their loss targets (summed over processes);
+    2. forward + backward each, scaling its summed loss by 1 / (targets of the whole step);
+    3. clip the gradient norm, step AdamW, step the warmup + cosine schedule;
+    4. now and then: log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tinylm.config import TrainConfig
+from tinylm.device import autocast_dtype
+from tinylm.train import checkpoint as ckpt
+from tinylm.train.distributed import Distributed
+from tinylm.train.metrics import MetricsLog, plot_losses
+
+
+class Batches(Protocol):
+    """An endless, resumable source of micro-batches (dicts of tensors)."""
+
+    def next_batch(self) -> dict: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Objective(Protocol):
+    def count(self, batch: dict) -> int: ...
+    def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor: ...
+
+
+@dataclass
+class Task:
+    """What one stage trains."""
+
+    model: nn.Module
+    batches: Batches
+    objective: Objective
+    evaluate: Callable[[nn.Module], dict] | None = None  # → {"val_loss": ..., ...}, run under no_grad
+    tokens_per_batch: Callable[[dict], int] = lambda batch: batch["input_ids"].numel()
+
+
+@dataclass
+class FitResult:
+    step: int
+    tokens: int
+    elapsed_s: float
+    last_metrics: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrix weights only: not on norms, biases or embeddings (nor a lm_head tied to them)."""
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        is_matrix = param.ndim >= 2 and "embed" not in name
+        (decay if is_matrix else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup to the peak, then a cosine down to ``min_lr_ratio`` of it at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fit(
+    task: Task,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    dist: Distributed,
+    *,
+    resume: bool = False,
+    callbacks: list[Callable[[int, dict], None]] = (),
+) -> FitResult:
+    """Train ``task`` for ``cfg.max_steps`` optimizer steps, logging and checkpointing into ``run_dir``."""
+    run_dir = Path(run_dir)
+    device, main = dist.device, dist.is_main
+    model = task.model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+
+    step, tokens, elapsed = 0, 0, 0.0
+    if resume and (path := ckpt.latest_checkpoint(run_dir)) is not None:
+        state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        task.batches.load_state_dict(state["data"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        log.truncate_after(step)
+        if main:
+            print(f"resumed from {path} (step {step})", file=sys.stderr)
+    elif resume and main:
+        print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+
+    data_state = task.batches.state_dict()  # the data position as of the last completed step
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = autocast_dtype(cfg.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def save(at_step: int) -> None:
+        if main:
+            trainer_state = {"tokens": tokens, "elapsed_s": elapsed, "data": data_state}
+            ckpt.save_checkpoint(run_dir, at_step, model, optimizer, scheduler, trainer_state, keep=cfg.keep_checkpoints)
+        dist.barrier()
+
+    def evaluate() -> dict:
+        if task.evaluate is None:
+            return {}
+        model.eval()
+        with torch.no_grad(), autocast():
+            metrics = task.evaluate(model)
+        model.train()
+        return metrics
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), file=sys.stderr, unit="step", dynamic_ncols=True)
+    last: dict = {}
+    interrupted = False
+    window_tokens, window_start = 0, time.perf_counter()
+    restore_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if main else None
+    try:
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            micro = [move(task.batches.next_batch(), device) for _ in range(cfg.grad_accum)]
+            targets = dist.all_reduce_sum(sum(task.objective.count(b) for b in micro))
+            loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1 or not dist.enabled
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    loss = task.objective(train_model, batch)
+                (loss * dist.world_size / max(targets, 1)).backward()
+                loss_sum += loss.detach()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = int(dist.all_reduce_sum(sum(task.tokens_per_batch(b) for b in micro)))
+            tokens += step_tokens
+            data_state = task.batches.state_dict()
+            window_tokens += step_tokens
+            elapsed += time.perf_counter() - started
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss_value = dist.all_reduce_sum(loss_sum.item()) / max(targets, 1)
+                now = time.perf_counter()
+                last = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": tokens,
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "elapsed_s": round(elapsed, 3),
+                }
+                window_tokens, window_start = 0, now
+                log.write(last)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+            if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                metrics = {"step": step, **evaluate()}
+                log.write(metrics)
+                last.update(metrics)
+                if main:
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save(step)
+            bar.update(1)
+            for callback in callbacks:
+                callback(step, last)
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.close()
+        if main:
+            print(f"\ninterrupted: saving a checkpoint at step {step} (resume with --resume)", file=sys.stderr)
+        if step > 0 and not ckpt.checkpoint_dir(run_dir, step).exists():
+            save(step)
+    finally:
+        bar.close()
+        if restore_sigterm is not None:
+            signal.signal(signal.SIGTERM, restore_sigterm)
+        if main:
+            plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
+    return FitResult(step=step, tokens=tokens, elapsed_s=elapsed, last_metrics=last, interrupted=interrupted)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
