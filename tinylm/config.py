@@ -96,8 +96,11 @@ def _check_value(value, annotation, where: str):
         return value
     if annotation is typing.Any:
         return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if annotation is int and isinstance(value, bool):

@@ -88,6 +88,7 @@ def evaluator(val_bin: Path, meta: dict, seq_len: int, max_windows: int, dtype):
     windows = list(iter_eval_windows(val_bin, seq_len, dtype, max_windows))
     tokens_per_byte = meta["val_tokens"] / max(meta["val_bytes"], 1)
 
+    @torch.no_grad()
     def evaluate(model) -> dict:
         if not windows:
             return {}

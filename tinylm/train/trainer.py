@@ -102,6 +102,7 @@ def fit(
 ) -> FitResult:
     """Train ``task`` for ``cfg.max_steps`` optimizer steps, logging and checkpointing into ``run_dir``."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     device, main = dist.device, dist.is_main
     model = task.model.to(device)
     model.train()

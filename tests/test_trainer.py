@@ -1,0 +1,115 @@
+"""The one training loop: learning, schedules, checkpoints, resume after kill -9, DDP, Ctrl-C."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm.train import checkpoint as ckpt
+from tinylm.train import distributed
+from tinylm.train.trainer import fit, lr_lambda, param_groups
+from train_worker import make_task, train_config
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def run_worker(run_dir, mode, *pairs, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(WORKER), str(run_dir), mode, *pairs], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+    task = make_task(batch_size=8)
+    result = fit(task, train_config(max_steps=60, save_every=0), tmp_path, distributed.setup("cpu"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[0] > math.log(48) - 0.5  # starts near uniform over the vocabulary
+    assert losses[-1] < 1.0  # the repeating pattern is learned
+    assert {"lr", "grad_norm", "tokens_per_s", "tokens"} <= set(records[-1])
+    assert result.step == 60 and result.tokens == 60 * 8 * 16
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000060"]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = train_config(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factor = lr_lambda(cfg)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(100) == pytest.approx(0.1)
+    assert all(factor(s) >= factor(s + 1) for s in range(10, 100))
+
+
+def test_no_weight_decay_on_norms_embeddings_and_biases():
+    model = make_task(1).model
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(n.endswith("proj.weight") for n in (names[id(p)] for p in decay["params"]))
+    assert any("embed" in names[id(p)] for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_worker(straight, "plain").returncode == 0
+    died = run_worker(killed, "kill-at-13")
+    assert died.returncode == -9, died.stderr
+    assert [p.name for p in ckpt.list_checkpoints(killed)] == ["step-000005", "step-000010"]
+    resumed = run_worker(killed, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-000010" in resumed.stderr
+    a, b = load_file(straight / "weights.safetensors"), load_file(killed / "weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # records after the checkpoint were replaced, not duplicated
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    def interrupt(step, _):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    result = fit(make_task(4), train_config(), tmp_path, distributed.setup("cpu"), callbacks=[interrupt])
+    assert result.interrupted and result.step == 7
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000007"
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    fit(make_task(4), train_config(max_steps=5), tmp_path, distributed.setup("cpu"))
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(make_task(4), train_config(max_steps=10), tmp_path, distributed.setup("cpu"), resume=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000005"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000005"
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_corrupted_newest_checkpoint_falls_back(tmp_path, capsys):
+    fit(make_task(4), train_config(max_steps=10), tmp_path, distributed.setup("cpu"))
+    (tmp_path / "checkpoints" / "step-000010" / "optimizer.safetensors").write_bytes(b"torn")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000005"
+    assert "skipping checkpoint step-000010" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_gradient_accumulation(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    one = run_worker(single, "plain", "batch_size=4", "grad_accum=2", "max_steps=8")
+    assert one.returncode == 0, one.stderr
+    two = run_worker(ddp, "plain", "batch_size=4", "grad_accum=1", "max_steps=8", torchrun=True)
+    assert two.returncode == 0, two.stderr
+    a, b = load_file(single / "weights.safetensors"), load_file(ddp / "weights.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    moved = max((a[k] - make_task(1).model.state_dict()[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # the comparison is not between two untrained models

@@ -1,0 +1,78 @@
+"""A tiny, self-contained training job for the trainer tests, also runnable as a script (kill -9 and
+torchrun tests need a separate process): ``python tests/train_worker.py RUN_DIR MODE [KEY=VALUE ...]``."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinylm.config import TrainConfig  # noqa: E402
+from tinylm.model.llama import CausalLM, ModelConfig  # noqa: E402
+from tinylm.train import distributed  # noqa: E402
+from tinylm.train.objectives import NextTokenLoss, shift_window  # noqa: E402
+from tinylm.train.trainer import Task, fit  # noqa: E402
+
+VOCAB, SEQ = 48, 16
+
+
+class ArrayBatches:
+    """Windows cut from a fixed token stream, in a seeded order; rank r takes windows r, r+W, ..."""
+
+    def __init__(self, batch_size, rank=0, world_size=1, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        period = torch.randint(0, VOCAB, (37,), generator=g)  # a repeating pattern: learnable
+        stream = period.repeat(200)
+        self.windows = stream[: (len(stream) // (SEQ + 1)) * (SEQ + 1)].view(-1, SEQ + 1)
+        self.order = torch.randperm(len(self.windows), generator=g)
+        self.batch_size, self.rank, self.world_size, self.cursor = batch_size, rank, world_size, 0
+
+    def next_batch(self):
+        picks = []
+        for _ in range(self.batch_size):
+            index = (self.cursor * self.world_size + self.rank) % len(self.order)
+            picks.append(self.windows[self.order[index]])
+            self.cursor += 1
+        return shift_window(torch.stack(picks))
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def make_task(batch_size, rank=0, world_size=1):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Task(model=CausalLM(config), batches=ArrayBatches(batch_size, rank, world_size), objective=NextTokenLoss())
+
+
+def train_config(**overrides):
+    base = dict(max_steps=20, batch_size=4, seq_len=SEQ, lr=1e-2, warmup_steps=3, save_every=5, eval_every=0,
+                log_every=1, progress=False, device="cpu", keep_checkpoints=10)
+    return TrainConfig(**{**base, **overrides})
+
+
+def main():
+    run_dir, mode, *pairs = sys.argv[1:]
+    overrides = {k: int(v) for k, v in (p.split("=") for p in pairs)}
+    cfg = train_config(**overrides)
+    dist = distributed.setup("cpu")
+    task = make_task(cfg.batch_size, dist.rank, dist.world_size)
+    callbacks = []
+    if mode == "kill-at-13":  # die like kill -9: no handler, no cleanup, no final save
+        callbacks.append(lambda step, _: step == 13 and os.kill(os.getpid(), signal.SIGKILL))
+    fit(task, cfg, run_dir, dist, resume=(mode == "resume"), callbacks=callbacks)
+    if dist.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in task.model.state_dict().items() if k != "lm_head.weight"}, Path(run_dir) / "weights.safetensors")
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
