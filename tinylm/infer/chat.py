@@ -1,0 +1,137 @@
+"""Multi-turn chat in the terminal, over the inference engine.
+
+A chat is a list of messages, ``{"role": "system" | "user" | "assistant", "content": ...}``. Each turn
+the whole conversation is *rendered* into one prompt, the engine continues it, and the reply streams to
+the screen as it is generated. The model itself remembers nothing between turns: the history is simply
+in the prompt every time, and the oldest exchanges are dropped when it no longer fits the context.
+
+How the conversation is rendered is a ``ChatFormat``. ``PLAIN`` suits a base model that has only read
+ordinary text — labelled lines, ending with the cue for the assistant to speak:
+
+    System: You answer in one sentence.
+    User: Who is Tom?
+    Assistant:
+
+and a reply ends where the model starts writing the user's next line ("\\nUser:"). A model fine-tuned on
+a chat template gets a ChatFormat built from that template instead.
+
+Commands: /reset starts over, /system TEXT sets the system prompt (/system alone removes it), /exit or
+Ctrl-D quits. Ctrl-C while the model is writing stops that reply and returns to the prompt.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TextIO
+
+from tinylm.infer.engine import SamplingSettings
+
+HELP = "commands: /reset starts over, /system TEXT sets the system prompt, /exit quits (or Ctrl-D); Ctrl-C stops a reply"
+PROMPT = "> "
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a conversation becomes prompt text, and which text ends the assistant's turn."""
+
+    render: Callable[[list[dict]], str]
+    stop_strings: tuple[str, ...] = ()
+
+
+def render_plain(messages: list[dict]) -> str:
+    """One labelled line per message, then "Assistant:" for the model to continue."""
+    labels = {"system": "System", "user": "User", "assistant": "Assistant"}
+    lines = [f"{labels[m['role']]}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+PLAIN = ChatFormat(render_plain, stop_strings=("\nUser:",))
+
+
+def run_chat(
+    engine,
+    system: str | None = None,
+    settings: SamplingSettings | None = None,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO = sys.stdout,
+    chat_format: ChatFormat = PLAIN,
+) -> list[dict]:
+    """Chat until /exit or end of input; return the conversation (system message first, if any).
+
+    ``input_fn`` and ``output`` default to the terminal; tests pass a scripted input and a StringIO.
+    """
+    settings = settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95)
+    settings = replace(settings, stop_strings=[*settings.stop_strings, *chat_format.stop_strings])
+    history: list[dict] = []
+    say = lambda text: print(text, file=output, flush=True)  # noqa: E731
+    say(HELP)
+    while True:
+        try:
+            line = input_fn(PROMPT).strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
+            say("")
+            break
+        command, _, argument = line.partition(" ")
+        if not line:
+            continue
+        elif command == "/exit":
+            break
+        elif command == "/reset":
+            history.clear()
+            say("(new conversation)")
+        elif command == "/system":
+            system = argument.strip() or None
+            say(f"(system prompt: {system})" if system else "(no system prompt)")
+        elif command.startswith("/"):
+            say(f"unknown command {command}; {HELP}")
+        else:
+            history.append({"role": "user", "content": line})
+            prompt = fit_to_context(engine, system, history, chat_format, settings.max_new_tokens, say)
+            if prompt is None:
+                history.pop()
+                continue
+            reply = stream_reply(engine, prompt, settings, output)
+            history.append({"role": "assistant", "content": reply})
+    return with_system(system, history)
+
+
+def with_system(system: str | None, history: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str | None:
+    """Render the conversation, first dropping the oldest exchanges while the prompt plus room for the
+    reply would overflow the model's context. None (after saying why) if even the newest message alone
+    does not fit."""
+    room = min(reply_room, engine.context_length // 2)
+    while True:
+        prompt = chat_format.render(with_system(system, history))
+        if len(engine.tokenizer.encode(prompt)) + room <= engine.context_length:
+            return prompt
+        if len(history) == 1:
+            say(f"(that message is too long for the model's context of {engine.context_length} tokens)")
+            return None
+        del history[:2]  # the oldest user message and its reply
+        say("(the oldest exchange no longer fits in the context and was forgotten)")
+
+
+def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO) -> str:
+    """Write the reply to ``output`` as it is generated and return it. Ctrl-C ends it early; what was
+    shown until then stays in the conversation."""
+    shown: list[str] = []
+    try:
+        for piece in engine.stream(prompt, settings):
+            if not shown:  # the prompt ends with "Assistant:", so the reply starts with a space
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+            output.write(piece)
+            output.flush()
+            shown.append(piece)
+    except KeyboardInterrupt:
+        output.write(" [stopped]")
+    output.write("\n")
+    output.flush()
+    return "".join(shown).rstrip()

@@ -1,0 +1,471 @@
+"""The inference engine: prefill, decode with a KV cache, sample, stop, stream.
+
+Generating text is a loop with two phases:
+
+    prefill   the whole prompt goes through the model at once; every layer writes its keys and values
+              into a preallocated KVCache, and the logits at the last position give the first new token.
+    decode    one token per step: the newest token is the model's only input, attention reads everything
+              before it from the cache, so a step costs about the same however long the text already is.
+
+Each step turns the logits of the last position into one token (``sample_next``): greedy argmax, or
+sampling after a repetition penalty, a temperature and top-k / top-p truncation. Token ids become text
+through an ``IncrementalDecoder`` (never half a UTF-8 character) and a ``StopStringMatcher`` (never a
+stop string, even one spread over several tokens).
+
+Everything in tinylm that turns a prompt into text — ``tinylm generate``, ``tinylm chat``, the server,
+evaluation and the quickstart — goes through ``Engine``, so there is one place to get this right:
+
+    engine = Engine.from_dir("runs/tiny/final")
+    engine.complete(["Once upon a time"], SamplingSettings(max_new_tokens=32, temperature=0))
+    for piece in engine.stream("Once upon a time", SamplingSettings(temperature=0.8, seed=0)):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinylm.device import resolve_device
+from tinylm.model.llama import CausalLM, KVCache, attention_mask
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "IncrementalDecoder",
+    "SamplingSettings",
+    "StopStringMatcher",
+    "TextStream",
+    "apply_repetition_penalty",
+    "apply_top_k",
+    "apply_top_p",
+    "resolve_device",
+    "sample_next",
+]
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
+
+
+@dataclass
+class SamplingSettings:
+    """How to pick each new token, and when to stop.
+
+    temperature         0 picks the most likely token (greedy); otherwise logits are divided by it
+                        before sampling: below 1 sharper and safer, above 1 flatter and wilder.
+    top_k               sample only among the k most likely tokens (0 = off).
+    top_p               sample only among the most likely tokens whose probabilities add up to p (1.0 = off).
+    repetition_penalty  make tokens already in the prompt or the output less likely (1.0 = off; 1.1–1.3 typical).
+    seed                None samples from torch's global random state; an int makes the output reproducible.
+    stop_token_ids      a row ends after sampling one of these (it is kept in the ids, not in the text).
+                        None means the tokenizer's end-of-sequence token; [] never stops on a token.
+    stop_strings        a row also ends when its text contains one of these; the text is cut before it.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    stop_strings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+
+
+# -- from logits to a token ------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token already seen less likely, by CTRL's rule (Keskar et al., 2019).
+
+    A positive logit is divided by ``penalty`` and a negative one multiplied by it, so for a penalty
+    above 1 both move down. ``seen`` is a boolean [batch, vocab] mask of the tokens in prompt + output.
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus truncation (Holtzman et al., 2019): keep the smallest set of most likely tokens whose
+    probabilities add up to at least p; the rest become -inf. The most likely token always stays."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # probability of all tokens ranked above this one
+    drop_sorted = mass_above >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from last-position logits [batch, vocab] → ids [batch].
+
+    The order is the usual one: repetition penalty, then greedy argmax or temperature → top-k → top-p
+    → a draw from the softmax.
+    """
+    if settings.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / settings.temperature
+    logits = apply_top_k(logits, settings.top_k)
+    logits = apply_top_p(logits, settings.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
+
+
+# -- from tokens to text ---------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Token ids in, printable text out, one token at a time and never half a character.
+
+    In byte-level BPE a character outside ASCII (é, 中, 🙂) is 2–4 bytes that can be split over several
+    tokens; decoding such a token alone gives U+FFFD. So we decode a short *window*: the last token
+    already printed (as context, for decoders whose output depends on the token before, such as
+    SentencePiece's leading space) plus the tokens not printed yet, and print the new part once the
+    window no longer ends in an unfinished character. The window stays a couple of tokens long, so a
+    step costs the same however long the text gets.
+    """
+
+    # An unfinished character needs at most 3 more bytes. Still unfinished after this many pending
+    # tokens, the bytes are malformed rather than incomplete: print them (as U+FFFD) and move on.
+    MAX_PENDING = 8
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.window: list[int] = []
+        self.printed = 0  # characters of decode(window) that are already out
+        last = list(context[-1:])
+        if last and not self._decode(last).endswith(REPLACEMENT_CHAR):
+            self.window, self.printed = last, len(self._decode(last))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (often "", while a character is unfinished)."""
+        self.window.append(token_id)
+        text = self._decode(self.window)
+        unfinished = text.endswith(REPLACEMENT_CHAR)
+        if unfinished and len(self.window) <= self.MAX_PENDING:
+            return ""
+        piece = text[self.printed :]
+        if unfinished:  # malformed bytes went out: start afresh rather than build on them
+            self.window, self.printed = [], 0
+        else:  # keep the last token as context for the next one
+            self.window = self.window[-1:]
+            self.printed = len(self._decode(self.window))
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back at the end of the output (an unfinished character shows as U+FFFD)."""
+        piece = self._decode(self.window)[self.printed :]
+        self.window, self.printed = [], 0
+        return piece
+
+
+class StopStringMatcher:
+    """Cuts streamed text at the first stop string, which itself is never let out.
+
+    Text that could be the beginning of a stop string is held back until the next piece settles it
+    (``"\\nUs"`` may become ``"\\nUser:"``), so a stop string spread over several tokens is caught too.
+    """
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self.stop_strings = [s for s in stop_strings if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add text; return the part that is safe to let out. Sets ``stopped`` on a match."""
+        text = self.held + piece
+        starts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if starts:
+            self.held, self.stopped = "", True
+            return text[: min(starts)]
+        keep = self._longest_partial_match(text)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def _longest_partial_match(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is a proper beginning of some stop string."""
+        return max(
+            (n for s in self.stop_strings for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])),
+            default=0,
+        )
+
+    def flush(self) -> str:
+        """The held-back text, at the end of an output that never completed a stop string."""
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass
+class Completion:
+    """One prompt's output.
+
+    token_ids      the generated ids, with the stop token at the end when one ended the output.
+    text           the generated text, without stop token or stop string ("" when there is no tokenizer).
+    finish_reason  "stop" (a stop token or stop string) or "length" (out of max_new_tokens or context).
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class TextStream:
+    """The text pieces of one completion as they are generated; ``completion`` says how it ended."""
+
+    def __init__(self, pieces: Iterator[str], completion: Completion):
+        self._pieces = pieces
+        self.completion = completion
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating early (a ``for`` loop that breaks leaves it to the garbage collector)."""
+        self._pieces.close()
+
+
+class _Row:
+    """Bookkeeping for one prompt of a batch: collects its tokens and text and decides when it ends."""
+
+    def __init__(self, prompt_ids: list[int], budget: int, stop_ids: set[int], tokenizer, stop_strings):
+        self.completion = Completion(prompt_ids)
+        self.budget = budget
+        self.stop_ids = stop_ids
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids) if tokenizer is not None else None
+        self.stops = StopStringMatcher(stop_strings)
+        self.pieces: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self.completion.finish_reason is not None
+
+    def push(self, token_id: int) -> str:
+        """Take the row's next token; return the new text it makes safe to show ("" if none)."""
+        self.completion.token_ids.append(token_id)
+        if token_id in self.stop_ids:
+            return self._finish("stop", self._flush())
+        piece = self.stops.feed(self.decoder.push(token_id)) if self.decoder else ""
+        if self.stops.stopped:
+            return self._finish("stop", piece)
+        if len(self.completion.token_ids) == self.budget:
+            piece += self._flush()
+            return self._finish("stop" if self.stops.stopped else "length", piece)
+        self.pieces.append(piece)
+        return piece
+
+    def _flush(self) -> str:
+        return self.stops.feed(self.decoder.flush()) + self.stops.flush() if self.decoder else ""
+
+    def _finish(self, reason: str, piece: str) -> str:
+        self.pieces.append(piece)
+        self.completion.finish_reason = reason
+        self.completion.text = "".join(self.pieces)
+        return piece
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+class Engine:
+    """A model (and its tokenizer) ready to generate: batched ids, batched text, or a text stream.
+
+    ``compile=True`` compiles the one-token decode step with ``torch.compile``: the first call takes a
+    while (seconds to a minute), later ones skip most of PyTorch's per-operation overhead. See
+    docs/generate.md for when that pays off.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer=None, device: str | torch.device | None = None, compile: bool = False):
+        if device is not None:
+            model = model.to(resolve_device(device) if isinstance(device, str) else device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.context_length = model.config.max_position_embeddings
+        self._decode_step = self._last_logits
+        if compile:
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+            self._decode_step = torch.compile(self._last_logits, dynamic=True, options=options)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, compile: bool = False) -> Engine:
+        """Load a model directory (weights, and the tokenizer when there is one) onto ``device``."""
+        from tinylm.modeldir import load_model_dir
+
+        model, tokenizer = load_model_dir(path, device=resolve_device(device), dtype=dtype)
+        return cls(model, tokenizer, compile=compile)
+
+    # -- the three ways in ----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+        """Token ids in, generated token ids out (without the prompt; with the stop token if one ended
+        the row). Prompts may differ in length: they are decoded together as one left-padded batch."""
+        return [c.token_ids for c in self.run(prompts, settings)]
+
+    def complete(self, prompts: list[str], settings: SamplingSettings) -> list[str]:
+        """Texts in, generated texts out, decoded as one batch."""
+        return [c.text for c in self.run(prompts, settings)]
+
+    def stream(self, prompt: str | list[int], settings: SamplingSettings) -> TextStream:
+        """Yield the generated text piece by piece as tokens come out: whole characters only, and
+        nothing of a stop string. After the loop, ``.completion`` holds the ids and the finish reason."""
+        row = self._row(self._prompt_ids(prompt), settings, detokenize=True)
+        return TextStream(self._stream_pieces(row, settings), row.completion)
+
+    def run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings) -> list[Completion]:
+        """Generate for a batch of prompts (texts or ids) and return each one's full ``Completion``."""
+        if not prompts:
+            return []
+        has_text = self.tokenizer is not None
+        rows = [self._row(self._prompt_ids(p), settings, detokenize=has_text) for p in prompts]
+        steps = max(row.budget for row in rows)
+        for tokens in self._token_steps([r.completion.prompt_ids for r in rows], settings, steps):
+            for row, token in zip(rows, tokens):
+                if not row.done:
+                    row.push(token)
+            if all(row.done for row in rows):
+                break
+        return [row.completion for row in rows]
+
+    def _stream_pieces(self, row: _Row, settings: SamplingSettings) -> Iterator[str]:
+        for (token,) in self._token_steps([row.completion.prompt_ids], settings, row.budget):
+            piece = row.push(token)
+            if piece:
+                yield piece
+            if row.done:
+                return
+
+    # -- prompts and limits ---------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self._require_tokenizer("a text prompt").encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give the model at least one token to continue")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens long but the model's context is {self.context_length} "
+                f"tokens: shorten it to at most {self.context_length - 1} to leave room for a reply"
+            )
+        return ids
+
+    def _row(self, prompt_ids: list[int], settings: SamplingSettings, detokenize: bool) -> _Row:
+        """The row's bookkeeping. Its budget is max_new_tokens, clipped so prompt + reply fit the context."""
+        if settings.stop_strings:
+            self._require_tokenizer("stop_strings")
+        budget = min(settings.max_new_tokens, self.context_length - len(prompt_ids))
+        tokenizer = self.tokenizer if detokenize or settings.stop_strings else None
+        return _Row(prompt_ids, budget, self._stop_ids(settings), tokenizer, settings.stop_strings)
+
+    def _stop_ids(self, settings: SamplingSettings) -> set[int]:
+        if settings.stop_token_ids is not None:
+            return set(settings.stop_token_ids)
+        if self.tokenizer is not None:
+            return {self.tokenizer.eos_id}
+        eos = self.model.config.eos_token_id
+        return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and this engine has none (pass token ids instead)")
+        return self.tokenizer
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _token_steps(self, prompts: list[list[int]], settings: SamplingSettings, steps: int) -> Iterator[list[int]]:
+        """Prefill the prompts, then yield one new token per prompt, ``steps`` times.
+
+        Deciding when a row is done is the caller's business; the caller stops iterating once all are.
+        A row that is done early keeps decoding alongside the others, and its tokens are ignored.
+
+        Prompts of different lengths are left-padded to the longest, so every row's newest token sits
+        in the same column. Padding is masked out of attention, and each row's positions count its
+        own tokens only, so a row generates exactly what it would alone.
+        """
+        tokens, padding = self._left_pad(prompts)
+        batch, longest = tokens.shape
+        positions = (padding.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = KVCache(self.model.config, batch, longest + steps - 1, self.device, self.dtype)
+        padded = not bool(padding.all())
+
+        # Prefill: the whole prompt at once; a causal mask (plus the padding, if any).
+        mask = attention_mask(padding, longest, longest) if padded else None
+        logits = self._last_logits(tokens, positions, mask, cache)
+
+        # For one new query the mask is the padding row itself (the query is a real token, so it
+        # always sees itself); one buffer, sliced to the cache length at each step.
+        if padded:
+            key_padding = torch.ones(batch, longest + steps, dtype=torch.bool, device=self.device)
+            key_padding[:, :longest] = padding.bool()
+        seen = self._seen_tokens(prompts) if settings.repetition_penalty != 1.0 else None
+        generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.seed is not None else None
+        position = positions[:, -1:] + 1
+        for step in range(steps):
+            next_ids = sample_next(logits, settings, seen, generator)
+            yield next_ids.tolist()
+            if step == steps - 1:
+                return
+            if seen is not None:
+                seen.scatter_(1, next_ids[:, None], True)
+            mask = key_padding[:, None, None, : cache.length + 1] if padded else None
+            logits = self._decode_step(next_ids[:, None], position, mask, cache)
+            position += 1
+
+    def _last_logits(self, tokens, positions, mask, cache) -> torch.Tensor:
+        """Run the model over ``tokens`` [batch, t], appending to ``cache``; logits of the last position only."""
+        hidden = self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=cache)
+        return self.model.lm_head(hidden[:, -1])
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [batch, longest] with padding on the left, and a 0/1 mask of the real tokens."""
+        longest = max(len(p) for p in prompts)
+        tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
+        padding = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return tokens, padding
+
+    def _seen_tokens(self, prompts: list[list[int]]) -> torch.Tensor:
+        """A boolean [batch, vocab] mask of the tokens in each prompt, for the repetition penalty."""
+        seen = torch.zeros(len(prompts), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+        return seen
