@@ -1,0 +1,59 @@
+"""End to end through the CLI, as a user runs it: pretrain → resume → generate; the quickstart's report."""
+
+import json
+
+import pytest
+
+from tinylm.cli import main
+from tinylm.modeldir import load_model_dir
+
+TINY = [
+    "--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
+    "--data.vocab_size=300", "--train.seq_len=32", "--train.batch_size=4", "--train.eval_every=4", "--train.eval_batches=2",
+    "--train.progress=false", "--train.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"body": f"The fox number {i} jumps over {i % 7} lazy dogs. 狐狸跳过了{i % 5}只狗。"}, ensure_ascii=False) for i in range(300)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_pretrain_resume_generate(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    data = ["--data.source=files", f"--data.files=[{corpus}]", "--data.text_field=body"]
+    assert main(["pretrain", "--config", "configs/cpu-tiny.yaml", "--out", str(run), *TINY, *data, "--train.max_steps=8", "--train.save_every=4"]) == 0
+    assert (run / "checkpoints" / "step-000008").is_dir() and (run / "final" / "SHA256SUMS").exists()
+    assert "max_steps: 8" in (run / "config.yaml").read_text()
+    # extend the same run: resume continues from step 8 to 12
+    assert main(["pretrain", "--config", "configs/cpu-tiny.yaml", "--out", str(run), "--resume", *TINY, *data, "--train.max_steps=12", "--train.save_every=4"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 12 and "resumed from" in capsys.readouterr().err
+    model, tokenizer = load_model_dir(run / "final")
+    assert tokenizer is not None and model.config.vocab_size == tokenizer.vocab_size
+    assert main(["generate", str(run / "final"), "--prompt", "The fox", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip()  # streamed text reached stdout
+
+
+def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    code = main(["pretrain", "--out", str(tmp_path / "run"), *TINY, "--data.source=files", f"--data.files=[{bad}]", "--data.tokenizer=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl" in err and ":2" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_quickstart_writes_its_report(tmp_path):
+    from tinylm.quickstart import quickstart
+
+    report = quickstart(tmp_path / "qs", "configs/cpu-tiny.yaml", [*TINY, "--train.max_steps=6"])
+    assert (tmp_path / "qs" / "report.md").exists() and (tmp_path / "qs" / "loss.png").exists()
+    saved = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert saved["facts"]["total"] > 20 and 0 <= saved["facts"]["accuracy"] <= 1
+    assert saved["validation"]["loss"] > 0 and saved["validation"]["unigram_bpb"] > 0
+    assert len(report["samples"]) == 4
