@@ -57,3 +57,14 @@ def test_quickstart_writes_its_report(tmp_path):
     assert saved["facts"]["total"] > 20 and 0 <= saved["facts"]["accuracy"] <= 1
     assert saved["validation"]["loss"] > 0 and saved["validation"]["unigram_bpb"] > 0
     assert len(report["samples"]) == 4
+
+
+def test_tokenizer_train_command(tmp_path, corpus):
+    from tinylm.tokenizer import Tokenizer
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--text-field", "body", "--vocab-size", "300", "--out", str(out)]) == 0
+    tokenizer = Tokenizer.load(out)
+    text = "The fox number 12 jumps. 狐狸跳过了3只狗。🦊"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|im_end|>") == 2

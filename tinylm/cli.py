@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)")
     tok_train.add_argument("--vocab-size", type=int, default=6400)
     tok_train.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .json / .parquet")
+    tok_train.add_argument("--txt-split", default="blank", choices=["blank", "line", "file"], help=".txt documents: blank-line separated, one per line, or one per file")
     tok_train.add_argument("--out", required=True, help="output directory")
 
     pre = commands.add_parser("pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config")
@@ -103,7 +104,7 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
 
         if args.data:
-            tokenizer = train_tokenizer_from_files(args.data, args.vocab_size, text_field=args.text_field)
+            tokenizer = train_tokenizer_from_files(args.data, args.vocab_size, text_field=args.text_field, txt_split=args.txt_split)
         else:
             from tinylm.data import builtin
 

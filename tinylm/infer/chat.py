@@ -62,6 +62,8 @@ def run_chat(
 
     ``input_fn`` and ``output`` default to the terminal; tests pass a scripted input and a StringIO.
     """
+    if engine.tokenizer is None:
+        raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
     settings = settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95)
     settings = replace(settings, stop_strings=[*settings.stop_strings, *chat_format.stop_strings])
     history: list[dict] = []

@@ -337,7 +337,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
         """Token ids in, generated token ids out (without the prompt; with the stop token if one ended
         the row). Prompts may differ in length: they are decoded together as one left-padded batch."""
-        return [c.token_ids for c in self.run(prompts, settings)]
+        return [c.token_ids for c in self._run(prompts, settings, detokenize=False)]
 
     def complete(self, prompts: list[str], settings: SamplingSettings) -> list[str]:
         """Texts in, generated texts out, decoded as one batch."""
@@ -351,10 +351,12 @@ class Engine:
 
     def run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings) -> list[Completion]:
         """Generate for a batch of prompts (texts or ids) and return each one's full ``Completion``."""
+        return self._run(prompts, settings, detokenize=self.tokenizer is not None)
+
+    def _run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings, detokenize: bool) -> list[Completion]:
         if not prompts:
             return []
-        has_text = self.tokenizer is not None
-        rows = [self._row(self._prompt_ids(p), settings, detokenize=has_text) for p in prompts]
+        rows = [self._row(self._prompt_ids(p), settings, detokenize) for p in prompts]
         steps = max(row.budget for row in rows)
         for tokens in self._token_steps([r.completion.prompt_ids for r in rows], settings, steps):
             for row, token in zip(rows, tokens):

@@ -60,7 +60,7 @@ def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, mai
     if not (own / "tokenizer.json").exists():
         if main:
             print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
-            tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field)
+            tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
             tokenizer.save(own)
         distributed_barrier()
     return Tokenizer.load(own)
@@ -123,9 +123,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     dist = distributed.setup(cfg.train.device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        files = corpus_files(cfg, run_dir) if dist.is_main else None
+        if dist.is_main:  # the built-in corpus is written once, then every process reads it
+            corpus_files(cfg, run_dir)
         distributed_barrier()
-        files = files or corpus_files(cfg, run_dir)
+        files = corpus_files(cfg, run_dir)
         tokenizer = prepare_tokenizer(cfg, files, run_dir, dist.is_main)
         shards_dir = run_dir / "data" / "shards"
         if dist.is_main:
