@@ -116,6 +116,13 @@ def test_matches_transformers_greedy_generate():
     assert stopped == free[: free.index(eos) + 1] == theirs(eos=eos)
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_decodes_the_same():
+    model = make_model()
+    prompt = list(range(20, 33))
+    assert Engine(model, compile=True).generate([prompt], greedy(16)) == Engine(model).generate([prompt], greedy(16))
+
+
 # -- sampling ------------------------------------------------------------------------------------
 
 

@@ -427,7 +427,7 @@ class Engine:
         tokens, padding = self._left_pad(prompts)
         batch, longest = tokens.shape
         positions = (padding.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, batch, longest + steps - 1, self.device, self.dtype)
+        cache = KVCache(self.model.config, batch, longest + steps, self.device, self.dtype)  # prompt + every new token
         padded = not bool(padding.all())
 
         # Prefill: the whole prompt at once; a causal mask (plus the padding, if any).
