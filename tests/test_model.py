@@ -96,3 +96,4 @@ def test_bad_shapes_are_refused(kwargs, message):
 def test_unsupported_hf_config_is_refused():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ModelConfig.from_hf_dict({"model_type": "gpt2"})
+

@@ -41,6 +41,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after")
 
 
 def sampling_settings(args):
@@ -122,7 +123,7 @@ def run(args, overrides: list[str]) -> int:
     elif args.command == "generate":
         from tinylm.infer.engine import Engine
 
-        engine = Engine.from_dir(args.model_dir, device=args.device)
+        engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
         for piece in engine.stream(args.prompt, sampling_settings(args)):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -131,7 +132,7 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.infer.chat import run_chat
         from tinylm.infer.engine import Engine
 
-        run_chat(Engine.from_dir(args.model_dir, device=args.device), system=args.system, settings=sampling_settings(args))
+        run_chat(Engine.from_dir(args.model_dir, device=args.device, compile=args.compile), system=args.system, settings=sampling_settings(args))
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

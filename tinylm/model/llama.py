@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm.model.loss import linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -358,9 +360,14 @@ class CausalLM(nn.Module):
             cache.advance(x.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids=None, **kwargs) -> torch.Tensor:
-        """Logits [B, T, vocab]. Keyword arguments as in ``hidden_states``."""
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+    def forward(self, input_ids=None, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits [B, T, vocab]; or, given ``labels`` [B, T] (the token each position should predict,
+        -100 for none), the SUMMED cross-entropy over labelled positions, computed block by block
+        without the full logits tensor (see tinylm.model.loss). Keyword arguments as in ``hidden_states``."""
+        hidden = self.hidden_states(input_ids, **kwargs)
+        if labels is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

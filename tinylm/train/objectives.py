@@ -6,9 +6,8 @@ gradient accumulation and data parallelism give the same update as one big batch
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100  # label of positions that carry no loss (padding, prompts, ...)
+from tinylm.model.loss import IGNORE
 
 
 class NextTokenLoss:
@@ -18,8 +17,8 @@ class NextTokenLoss:
         return int((batch["labels"] != IGNORE).sum())
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+        # the model computes the loss block by block from its hidden states (no [B, T, vocab] logits)
+        return model(batch["input_ids"], labels=batch["labels"])
 
 
 def shift_window(window: torch.Tensor) -> dict:

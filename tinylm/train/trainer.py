@@ -87,6 +87,12 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Use the one-kernel AdamW where torch has it: it reads and writes each parameter once per step
+    instead of once per elementwise operation (on a CPU that is 2-3x less optimizer time)."""
+    return device.type in ("cuda", "cpu")
+
+
 def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -107,7 +113,7 @@ def fit(
     model = task.model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
