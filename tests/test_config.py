@@ -1,15 +1,19 @@
 """Configs: YAML + dotted overrides, checked key by key."""
 
+from pathlib import Path
+
 import pytest
 
 from tinylm.config import ConfigError, PretrainConfig, load_config, parse_overrides, save_config
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def test_shipped_configs_load_with_overrides():
-    cfg = load_config(PretrainConfig, "configs/cpu-tiny.yaml", ["--train.max_steps=200", "--train.save_every=50", "--model.qk_norm=true"])
+    cfg = load_config(PretrainConfig, str(CONFIGS / "cpu-tiny.yaml"), ["--train.max_steps=200", "--train.save_every=50", "--model.qk_norm=true"])
     assert cfg.train.max_steps == 200 and cfg.train.save_every == 50
     assert cfg.model.model_type == "qwen3"
-    small = load_config(PretrainConfig, "configs/minimind2-small.yaml")
+    small = load_config(PretrainConfig, str(CONFIGS / "minimind2-small.yaml"))
     assert small.model.hidden_size == 512 and small.model.num_hidden_layers == 8
     assert small.model.num_attention_heads == 8 and small.model.num_key_value_heads == 2
     assert 25e6 < small.model.num_parameters() < 27e6
@@ -37,7 +41,7 @@ def test_overrides_parse_yaml_values():
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "configs/cpu-tiny.yaml", overrides)
+        load_config(PretrainConfig, str(CONFIGS / "cpu-tiny.yaml"), overrides)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):
@@ -48,6 +52,21 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 
 def test_saved_config_reloads_identically(tmp_path):
-    cfg = load_config(PretrainConfig, "configs/cpu-tiny.yaml", ["--train.max_steps=7"])
+    cfg = load_config(PretrainConfig, str(CONFIGS / "cpu-tiny.yaml"), ["--train.max_steps=7"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(PretrainConfig, tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.log_every=0", r"train: log_every: expected an integer >= 1, got 0"),
+        ("--train.grad_accum=0", r"grad_accum: expected an integer >= 1"),
+        ("--train.lr=0", r"lr: expected a number > 0"),
+        ("--train.beta2=1.5", r"beta2: expected a number in \[0, 1\]"),
+        ("--train.precision=fp16", r"precision: expected auto, fp32 or bf16"),
+    ],
+)
+def test_out_of_range_training_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, CONFIGS / "cpu-tiny.yaml", [override])

@@ -1,6 +1,7 @@
 """Model directories: exact round trips, manifest checks, atomic replacement."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -79,3 +80,17 @@ def test_cli_reports_corruption_without_traceback(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "m"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors: failed its SHA-256 check" in err and "Traceback" not in err
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    from tinylm.modeldir import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as scratch:
+            (scratch / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,14 +72,38 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert steps == list(range(1, 21))  # records after the checkpoint were replaced, not duplicated
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
-    def interrupt(step, _):
-        if step == 7:
-            raise KeyboardInterrupt
+def test_ctrl_c_stops_after_the_step_and_resumes_bit_identically(tmp_path):
+    def ctrl_c(step, _):
+        if step == 7:  # the signal arrives while step 7 is being wrapped up; the loop stops there
+            os.kill(os.getpid(), signal.SIGINT)
 
-    result = fit(make_task(4), train_config(), tmp_path, distributed.setup("cpu"), callbacks=[interrupt])
+    result = fit(make_task(4), train_config(), tmp_path / "stopped", distributed.setup("cpu"), callbacks=[ctrl_c])
     assert result.interrupted and result.step == 7
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000007"
+    assert ckpt.latest_checkpoint(tmp_path / "stopped").name == "step-000007"
+    resumed = make_task(4)
+    fit(resumed, train_config(), tmp_path / "stopped", distributed.setup("cpu"), resume=True)
+    straight = make_task(4)
+    fit(straight, train_config(), tmp_path / "straight", distributed.setup("cpu"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    def ctrl_c_twice(step, _):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = fit(make_task(4), train_config(), tmp_path, distributed.setup("cpu"), callbacks=[ctrl_c_twice])
+    assert result.interrupted and result.step == 7
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000005"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers were put back
+
+
+def test_a_new_run_refuses_a_directory_holding_another(tmp_path):
+    fit(make_task(4), train_config(max_steps=5), tmp_path, distributed.setup("cpu"))
+    with pytest.raises(ValueError, match="already holds a training run.*--resume"):
+        fit(make_task(4), train_config(max_steps=5), tmp_path, distributed.setup("cpu"))
 
 
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

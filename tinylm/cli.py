@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="corpus → tokenizer → pretraining → what the model learned, in minutes")
     quick.add_argument("--out", required=True, help="run directory")
     quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
+    quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
     tok = commands.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tokenizer_command", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
     pre.add_argument("--out", required=True, help="run directory")
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    pre.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
@@ -94,13 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args, overrides: list[str]) -> int:
-    if overrides and args.command != "pretrain":
+    if overrides and args.command not in ("pretrain", "quickstart"):
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
+    if getattr(args, "device", None) and args.command in ("pretrain", "quickstart"):
+        overrides = [*overrides, f"--train.device={args.device}"]
 
     if args.command == "quickstart":
         from tinylm.quickstart import quickstart
 
-        quickstart(args.out, resolve_config_path(args.config))
+        quickstart(args.out, resolve_config_path(args.config), overrides)
     elif args.command == "tokenizer":
         from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
 
@@ -148,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         return run(args, overrides)
+    except KeyboardInterrupt:  # outside training (which saves and returns 130 itself)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`tinylm generate ... | head`): not an error
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, OSError) as e:
         if os.environ.get("TINYLM_DEBUG"):
             raise

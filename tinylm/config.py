@@ -56,8 +56,23 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 16
     save_every: int = 500  # 0: only at the end (and on Ctrl-C)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 keeps them all
     progress: bool = True
+
+    def __post_init__(self):
+        at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "eval_batches": 1,
+                    "warmup_steps": 0, "eval_every": 0, "save_every": 0, "keep_checkpoints": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: expected an integer >= {low}, got {getattr(self, name)}")
+        ranges = {"lr": (0, None), "min_lr_ratio": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1), "grad_clip": (0, None)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high) or (name == "lr" and value == 0):
+                expected = f"in [{low}, {high}]" if high is not None else ("> 0" if name == "lr" else f">= {low}")
+                raise ConfigError(f"{name}: expected a number {expected}, got {value}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
     from tinylm.data.text import load_shard_info
 
     info = load_shard_info(run_dir / "data" / "shards")
-    engine = Engine.from_dir(final, device="cpu")
+    engine = Engine.from_dir(final, device=cfg.train.device)
     validation = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)(engine.model)
     world = builtin.World(cfg.data.builtin_seed)
     facts = evaluate_facts(engine, builtin.heldout_facts(world))

@@ -260,17 +260,23 @@ def build_token_shards(paths: Iterable[str | Path], tokenizer, out_dir: str | Pa
     return ShardInfo(out_dir, meta)
 
 
-def _inputs_fingerprint(paths: list[Path], tokenizer, text_field, txt_split, val_fraction, seed) -> str:
-    """SHA-256 of everything the shards depend on."""
+def sources_fingerprint(paths: Iterable[str | Path], **settings) -> str:
+    """SHA-256 of the files (path, size, modification time) and ``settings``: the key of anything
+    built from them, so a changed file or setting means building again."""
     sources = []
-    for path in paths:
+    for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         stat = path.stat()
         sources.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    key = {"version": SHARD_VERSION, "sources": sources, "text_field": text_field, "txt_split": txt_split,
-           "val_fraction": val_fraction, "seed": seed, "tokenizer": tokenizer.fingerprint()}
+    key = {"sources": sources, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _inputs_fingerprint(paths: list[Path], tokenizer, text_field, txt_split, val_fraction, seed) -> str:
+    """SHA-256 of everything the shards depend on."""
+    return sources_fingerprint(paths, version=SHARD_VERSION, text_field=text_field, txt_split=txt_split,
+                               val_fraction=val_fraction, seed=seed, tokenizer=tokenizer.fingerprint())
 
 
 def _cached_shards(out_dir: Path, fingerprint: str) -> ShardInfo | None:

@@ -109,6 +109,13 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     state = load_file(path / "model.safetensors")
+    own = model.state_dict()
+    changed = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if changed:
+        raise ModelDirError(
+            f"{path}: checkpoint does not fit the model ({'; '.join(changed[:3])}): the model config changed "
+            "since this run started; resume with the config it was started with (see config.yaml in the run)"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if meta["tied_embeddings"] else set()
     if set(missing) - allowed_missing or unexpected:

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from tinylm.modeldir import atomic_write_text
+
 
 class MetricsLog:
     """Appends one JSON line per record; flushed at once so a crash loses nothing already logged."""
@@ -21,18 +23,26 @@ class MetricsLog:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint's step (they will be logged again)."""
+        """Drop records logged after ``step``: on resume those steps will be logged again, and a fresh
+        run (step 0) starts an empty log. The file is replaced atomically."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The logged records; a line cut short by a crash mid-write is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path | None:

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylm.config import PretrainConfig, save_config
+from tinylm.config import ConfigError, PretrainConfig, save_config
 from tinylm.model.llama import CausalLM
-from tinylm.modeldir import load_model_dir, save_model_dir
+from tinylm.modeldir import atomic_write_text, load_model_dir, save_model_dir
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
 from tinylm.train.trainer import FitResult, Task, fit
+
+TOKENIZER_STAMP = "trained_on.sha256"  # in the run's tokenizer/: the key of the corpus and settings it came from
 
 
 class WindowBatches:
@@ -51,18 +53,22 @@ def corpus_files(cfg: PretrainConfig, run_dir: Path) -> list[Path]:
 
 def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, main: bool):
     """Load the configured tokenizer, the one of ``init_from``, the run's own, or train a new one."""
+    from tinylm.data.text import sources_fingerprint
     from tinylm.tokenizer import Tokenizer, train_tokenizer_from_files
 
     source = cfg.data.tokenizer or cfg.init_from
     if source:
         return Tokenizer.load(source)
     own = run_dir / "tokenizer"
-    if not (own / "tokenizer.json").exists():
-        if main:
-            print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
-            tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
-            tokenizer.save(own)
-        distributed_barrier()
+    # the run's tokenizer is reused only while the corpus and the settings it was trained with are unchanged
+    key = sources_fingerprint(files, vocab_size=cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
+    stamp = own / TOKENIZER_STAMP
+    if main and not (stamp.exists() and stamp.read_text(encoding="utf-8").strip() == key):
+        print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
+        tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
+        tokenizer.save(own)
+        atomic_write_text(stamp, key + "\n")
+    distributed_barrier()
     return Tokenizer.load(own)
 
 
@@ -136,6 +142,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         info = build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
                                   val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+        cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
+        if cfg.train.seq_len > model.config.max_position_embeddings:
+            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context (model.max_position_embeddings) "
+                              f"is {model.config.max_position_embeddings}: lower one or raise the other")
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             print(f"model: {model.config.model_type}, {model.num_parameters() / 1e6:.2f}M parameters; "

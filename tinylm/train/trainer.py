@@ -14,6 +14,7 @@ import contextlib
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,11 @@ def fit(
     """Train ``task`` for ``cfg.max_steps`` optimizer steps, logging and checkpointing into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (existing := ckpt.list_checkpoints(run_dir)):
+        raise ValueError(
+            f"{run_dir} already holds a training run (checkpoint {existing[-1].name}): "
+            "pass --resume to continue it, or choose another output directory"
+        )
     device, main = dist.device, dist.is_main
     model = task.model.to(device)
     model.train()
@@ -123,12 +129,12 @@ def fit(
         state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         task.batches.load_state_dict(state["data"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        log.truncate_after(step)
         if main:
             print(f"resumed from {path} (step {step})", file=sys.stderr)
     elif resume and main:
         print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
 
+    log.truncate_after(step)  # records after the checkpoint (or, starting afresh, all) are from an abandoned run
     data_state = task.batches.state_dict()  # the data position as of the last completed step
     train_model = model
     if cfg.compile:
@@ -155,73 +161,105 @@ def fit(
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), file=sys.stderr, unit="step", dynamic_ncols=True)
     last: dict = {}
+    saved_step = step  # the step of the newest checkpoint (on resume: the one just loaded)
     interrupted = False
     window_tokens, window_start = 0, time.perf_counter()
-    restore_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if main else None
-    try:
-        while step < cfg.max_steps:
-            started = time.perf_counter()
-            micro = [move(task.batches.next_batch(), device) for _ in range(cfg.grad_accum)]
-            targets = dist.all_reduce_sum(sum(task.objective.count(b) for b in micro))
-            loss_sum = torch.zeros((), device=device)
-            for i, batch in enumerate(micro):
-                sync = i == len(micro) - 1 or not dist.enabled
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = task.objective(train_model, batch)
-                (loss * dist.world_size / max(targets, 1)).backward()
-                loss_sum += loss.detach()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_tokens = int(dist.all_reduce_sum(sum(task.tokens_per_batch(b) for b in micro)))
-            tokens += step_tokens
-            data_state = task.batches.state_dict()
-            window_tokens += step_tokens
-            elapsed += time.perf_counter() - started
+    with StopRequest(announce=main) as stop:
+        try:
+            while step < cfg.max_steps:
+                started = time.perf_counter()
+                micro = [move(task.batches.next_batch(), device) for _ in range(cfg.grad_accum)]
+                targets = dist.all_reduce_sum(sum(task.objective.count(b) for b in micro))
+                loss_sum = torch.zeros((), device=device)
+                for i, batch in enumerate(micro):
+                    sync = i == len(micro) - 1 or not dist.enabled
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                        loss = task.objective(train_model, batch)
+                    (loss * dist.world_size / max(targets, 1)).backward()
+                    loss_sum += loss.detach()
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_tokens = int(dist.all_reduce_sum(sum(task.tokens_per_batch(b) for b in micro)))
+                tokens += step_tokens
+                data_state = task.batches.state_dict()
+                window_tokens += step_tokens
+                elapsed += time.perf_counter() - started
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss_value = dist.all_reduce_sum(loss_sum.item()) / max(targets, 1)
-                now = time.perf_counter()
-                last = {
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens": tokens,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": round(elapsed, 3),
-                }
-                window_tokens, window_start = 0, now
-                log.write(last)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-            if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-                metrics = {"step": step, **evaluate()}
-                log.write(metrics)
-                last.update(metrics)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    loss_value = dist.all_reduce_sum(loss_sum.item()) / max(targets, 1)
+                    now = time.perf_counter()
+                    last = {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens": tokens,
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "elapsed_s": round(elapsed, 3),
+                    }
+                    window_tokens, window_start = 0, now
+                    log.write(last)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+                if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                    metrics = {"step": step, **evaluate()}
+                    log.write(metrics)
+                    last.update(metrics)
+                    if main:
+                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                    save(step)
+                    saved_step = step
+                bar.update(1)
+                for callback in callbacks:
+                    callback(step, last)
+                # every process stops after the same step, so the checkpoint below is one consistent state
+                if (dist.all_reduce_sum(int(stop.requested)) if dist.enabled else stop.requested) and step < cfg.max_steps:
+                    interrupted = True
+                    break
+            if interrupted and step > saved_step:
+                bar.close()
                 if main:
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                    print(f"saving a checkpoint at step {step} (resume with --resume)", file=sys.stderr)
                 save(step)
-            bar.update(1)
-            for callback in callbacks:
-                callback(step, last)
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.close()
-        if main:
-            print(f"\ninterrupted: saving a checkpoint at step {step} (resume with --resume)", file=sys.stderr)
-        if step > 0 and not ckpt.checkpoint_dir(run_dir, step).exists():
-            save(step)
-    finally:
-        bar.close()
-        if restore_sigterm is not None:
-            signal.signal(signal.SIGTERM, restore_sigterm)
-        if main:
-            plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
+        except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest complete checkpoint stays as it was
+            interrupted = True
+            bar.close()
+            if main:
+                print(f"\naborted at step {step}; the newest complete checkpoint is step {saved_step}", file=sys.stderr)
+        finally:
+            bar.close()
+            if main:
+                plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
     return FitResult(step=step, tokens=tokens, elapsed_s=elapsed, last_metrics=last, interrupted=interrupted)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class StopRequest:
+    """Ctrl-C or SIGTERM during training asks the loop to stop after the step in progress and save a
+    checkpoint there, so weights, optimizer, data position and step always agree. A second Ctrl-C
+    quits at once (the newest complete checkpoint is untouched: checkpoints are written aside and
+    renamed). Outside the main thread signals cannot be caught, and nothing is installed."""
+
+    def __init__(self, announce: bool = True):
+        self.requested = False
+        self.announce = announce
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested and self.announce:
+            sys.stderr.write("\nstopping after this step to save a checkpoint (Ctrl-C again quits at once)\n")
+        self.requested = True
