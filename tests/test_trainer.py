@@ -72,6 +72,21 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert steps == list(range(1, 21))  # records after the checkpoint were replaced, not duplicated
 
 
+def test_pretraining_resume_after_kill_9_is_bit_identical(tmp_path):
+    """The same through the real recipe: token shards, packed windows and their data position."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"body": f"Story {i}: the fox met {i % 7} dogs. 狐狸遇到了{i % 5}只狗。"}, ensure_ascii=False) for i in range(200)]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_worker(straight, "pretrain", str(corpus)).returncode == 0
+    died = run_worker(killed, "pretrain-kill-at-8", str(corpus))
+    assert died.returncode == -9 and [p.name for p in ckpt.list_checkpoints(killed)] == ["step-000005"]
+    resumed = run_worker(killed, "pretrain-resume", str(corpus))
+    assert resumed.returncode == 0 and "step-000005" in resumed.stderr, resumed.stderr
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_stops_after_the_step_and_resumes_bit_identically(tmp_path):
     def ctrl_c(step, _):
         if step == 7:  # the signal arrives while step 7 is being wrapped up; the loop stops there
@@ -128,11 +143,14 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_matches_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("per_process", [("batch_size=4", "grad_accum=1"), ("batch_size=2", "grad_accum=2")], ids=["ddp", "ddp+accumulation"])
+def test_ddp_on_two_cpu_processes_matches_gradient_accumulation(tmp_path, per_process):
+    """8 windows per step either way: one process with 2 micro-batches of 4, or 2 processes with
+    per_process (with accumulation, the first micro-batch's backward runs under no_sync)."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     one = run_worker(single, "plain", "batch_size=4", "grad_accum=2", "max_steps=8")
     assert one.returncode == 0, one.stderr
-    two = run_worker(ddp, "plain", "batch_size=4", "grad_accum=1", "max_steps=8", torchrun=True)
+    two = run_worker(ddp, "plain", *per_process, "max_steps=8", torchrun=True)
     assert two.returncode == 0, two.stderr
     a, b = load_file(single / "weights.safetensors"), load_file(ddp / "weights.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

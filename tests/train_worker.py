@@ -1,5 +1,7 @@
 """A tiny, self-contained training job for the trainer tests, also runnable as a script (kill -9 and
-torchrun tests need a separate process): ``python tests/train_worker.py RUN_DIR MODE [KEY=VALUE ...]``."""
+torchrun tests need a separate process): ``python tests/train_worker.py RUN_DIR MODE [KEY=VALUE ...]``.
+Modes starting with "pretrain" run the real pretraining recipe instead (token shards, packed windows):
+``python tests/train_worker.py RUN_DIR pretrain|pretrain-kill-at-8|pretrain-resume CORPUS.jsonl``."""
 
 import os
 import signal
@@ -57,8 +59,27 @@ def train_config(**overrides):
     return TrainConfig(**{**base, **overrides})
 
 
+PRETRAIN = [
+    "--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
+    "--data.source=files", "--data.text_field=body", "--data.vocab_size=300", "--train.seq_len=32", "--train.batch_size=4",
+    "--train.max_steps=12", "--train.save_every=5", "--train.warmup_steps=2", "--train.eval_every=0", "--train.eval_batches=2",
+    "--train.progress=false", "--train.device=cpu",
+]
+
+
+def pretrain_main(run_dir, mode, corpus):
+    from tinylm.config import PretrainConfig, load_config
+    from tinylm.train.recipes import pretrain
+
+    cfg = load_config(PretrainConfig, None, [*PRETRAIN, f"--data.files=[{corpus}]"])
+    callbacks = [lambda step, _: step == 8 and os.kill(os.getpid(), signal.SIGKILL)] if mode == "pretrain-kill-at-8" else []
+    pretrain(cfg, run_dir, resume=mode == "pretrain-resume", callbacks=callbacks)
+
+
 def main():
     run_dir, mode, *pairs = sys.argv[1:]
+    if mode.startswith("pretrain"):
+        return pretrain_main(run_dir, mode, *pairs)
     overrides = {k: int(v) for k, v in (p.split("=") for p in pairs)}
     cfg = train_config(**overrides)
     dist = distributed.setup("cpu")
