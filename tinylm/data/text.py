@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -234,6 +235,8 @@ def build_token_shards(paths: Iterable[str | Path], tokenizer, out_dir: str | Pa
         return cached
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".build-*"):  # scratch of a build that was killed; only one process builds
+        shutil.rmtree(leftover, ignore_errors=True)
     dtype = token_dtype(tokenizer.vocab_size)
     documents = itertools.chain.from_iterable(read_documents(p, text_field, txt_split) for p in paths)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as scratch:

@@ -99,6 +99,7 @@ def latest_checkpoint(run_dir) -> Path | None:
         try:
             if verify_manifest(path):
                 return path
+            print(f"skipping checkpoint {path.name}: it has no SHA256SUMS, so it cannot be verified", file=sys.stderr)
         except ModelDirError as e:
             print(f"skipping checkpoint {path.name}: {e}", file=sys.stderr)
     return None
