@@ -37,22 +37,27 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         block_rows = max(1, BLOCK_ELEMENTS.get(hidden.device.type, 1 << 24) // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, block_rows)
-    return sum((_block_loss(logits, y)[0] for logits, y in _logit_blocks(hidden, weight, labels, block_rows)), torch.zeros((), device=hidden.device))
-
-
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the matmuls run in: autocast's, when it is on (the blocks turn it off inside)."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-
-
-def _logit_blocks(hidden, weight, labels, block_rows):
-    """(float32 logits, labels) for consecutive blocks of rows."""
-    dtype = _compute_dtype(hidden.device, hidden.dtype)
-    w = weight.to(dtype)
+    total = torch.zeros((), device=hidden.device)
+    dtype = _matmul_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], block_rows):
-            h = hidden[start : start + block_rows].to(dtype)
-            yield (h @ w.T).float(), labels[start : start + block_rows]
+        for _, _, logits, block_labels in _blocks(hidden, weight.to(dtype), labels, block_rows):
+            total += _block_loss(logits, block_labels)[0]
+    return total
+
+
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when autocast is on, else the inputs' own. Callers then turn autocast off, so
+    every operation runs in exactly the precision written here."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _blocks(hidden, weight, labels, block_rows):
+    """(rows, hidden rows in weight's dtype, their float32 logits, their labels), block after block."""
+    for start in range(0, hidden.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        h = hidden[rows].to(weight.dtype)
+        yield rows, h, (h @ weight.T).float(), labels[rows]
 
 
 def _block_loss(logits: torch.Tensor, labels: torch.Tensor):
@@ -67,24 +72,20 @@ def _block_loss(logits: torch.Tensor, labels: torch.Tensor):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, block_rows):
-        device = hidden.device
-        dtype = _compute_dtype(device, hidden.dtype)
-        w = weight.to(dtype)
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32)
-        with torch.autocast(device.type, enabled=False):
-            for start in range(0, hidden.shape[0], block_rows):
-                h = hidden[start : start + block_rows].to(dtype)
-                logits = (h @ w.T).float()
-                loss, lse, safe_labels, labelled = _block_loss(logits, labels[start : start + block_rows])
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        dtype = _matmul_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for rows, h, logits, block_labels in _blocks(hidden, w, labels, block_rows):
+                loss, lse, safe_labels, labelled = _block_loss(logits, block_labels)
                 total += loss
-                # d loss / d logits = softmax − onehot(label), zero on unlabelled rows; in place
+                # d loss / d logits = softmax − onehot(label), zero on unlabelled rows; formed in place
                 grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(grad), device=device), safe_labels] -= 1
-                grad.mul_(labelled[:, None])
-                grad = grad.to(dtype)
-                grad_hidden[start : start + block_rows] = grad @ w
+                grad[torch.arange(len(grad), device=grad.device), safe_labels] -= 1
+                grad = grad.mul_(labelled[:, None]).to(dtype)
+                grad_hidden[rows] = grad @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad.T, h)
                 else:
@@ -97,4 +98,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype), None, None
-
