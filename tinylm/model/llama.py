@@ -230,6 +230,14 @@ def attention_mask(padding: torch.Tensor | None, query_len: int, key_len: int) -
     return mask
 
 
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B, 1, T, T] for rows that pack several sequences: a query attends to earlier
+    positions of its own segment only. ``segments`` [B, T] gives each token's sequence number."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, device=None):
         super().__init__()
