@@ -3,6 +3,7 @@
 import io
 import re
 
+import pytest
 import torch
 
 from tinylm.infer.chat import PLAIN, render_plain, run_chat
@@ -114,3 +115,24 @@ def test_chat_over_a_real_engine():
     second = engine.complete([render_plain(history[:3])], stops)[0].strip()
     assert [m["content"] for m in history] == ["hi", first, "and you?", second]
     assert output.getvalue().count("\n") >= 3
+
+
+def test_prompts_file_is_answered_in_one_batch(tmp_path):
+    from tinylm.infer.chat import answer_prompts, read_prompts
+
+    tokenizer = train_tokenizer(["User: hi\nAssistant: hello there, how are you?"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256)
+    engine = Engine(CausalLM(config), tokenizer)
+    (tmp_path / "p.txt").write_text("hi\n\nwho are you?\n你好\n", encoding="utf-8")
+    prompts = read_prompts(tmp_path / "p.txt")
+    assert prompts == ["hi", "who are you?", "你好"]
+    settings = SamplingSettings(max_new_tokens=6, temperature=0)
+    records = answer_prompts(engine, prompts, system="Be brief.", settings=settings)
+    stops = SamplingSettings(max_new_tokens=6, temperature=0, stop_strings=list(PLAIN.stop_strings))
+    for record in records:  # the batch gives each prompt what it gets alone
+        alone = engine.complete([render_plain([{"role": "system", "content": "Be brief."}, {"role": "user", "content": record["prompt"]}])], stops)[0]
+        assert record["answer"] == alone.strip() and record["finish_reason"] in ("stop", "length")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n{"text": "no"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: expected an object with a string field 'prompt'"):
+        read_prompts(tmp_path / "p.jsonl")

@@ -3,6 +3,7 @@
     tinylm quickstart --out runs/quickstart
     tinylm tokenizer train --data a.txt b.jsonl --vocab-size 6400 --out runs/tok
     tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
+    tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
     tinylm chat runs/tiny/final [--system TEXT]
     tinylm plot runs/tiny
@@ -14,6 +15,7 @@ the culprit, not a traceback; set TINYLM_DEBUG=1 to see the traceback anyway.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -79,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="run directory")
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     pre.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning on conversations; extra --section.key=value override the config")
+    sft.add_argument("--config", default="sft-cpu-tiny", help="config name or YAML path")
+    sft.add_argument("--init", required=True, help="the model directory to fine-tune (tinylm, or a local Llama/Qwen2/Qwen3)")
+    sft.add_argument("--data", nargs="+", default=None, help=".json / .jsonl / .parquet conversations (default: the built-in ones)")
+    sft.add_argument("--format", default=None, choices=["auto", "openai", "sharegpt", "alpaca"], help="conversation format (default: auto)")
+    sft.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
+    sft.add_argument("--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping")
+    sft.add_argument("--out", required=True, help="run directory")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    sft.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
@@ -88,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="multi-turn chat in the terminal")
     chat.add_argument("model_dir")
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--prompts", default=None, help="answer each prompt of this file (.txt: one per line; .jsonl: {\"prompt\": ...}) and exit")
+    chat.add_argument("--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them")
     add_sampling_args(chat)
 
     plot = commands.add_parser("plot", help="(re)draw loss.png of a run from its metrics.jsonl")
@@ -95,11 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_overrides(args) -> list[str]:
+    """The command-line flags that are config keys, as --section.key=value overrides (flags win)."""
+    if args.command not in ("pretrain", "sft", "quickstart"):
+        return []
+    pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None)}
+    if args.command == "sft":
+        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None})
+        if args.data:
+            pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
+    return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]
+
+
 def run(args, overrides: list[str]) -> int:
-    if overrides and args.command not in ("pretrain", "quickstart"):
+    if overrides and args.command not in ("pretrain", "sft", "quickstart"):
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
-    if getattr(args, "device", None) and args.command in ("pretrain", "quickstart"):
-        overrides = [*overrides, f"--train.device={args.device}"]
+    overrides = [*overrides, *flag_overrides(args)]
 
     if args.command == "quickstart":
         from tinylm.quickstart import quickstart
@@ -124,6 +151,14 @@ def run(args, overrides: list[str]) -> int:
         _, result = pretrain(cfg, args.out, resume=args.resume)
         if result.interrupted:
             return 130
+    elif args.command == "sft":
+        from tinylm.config import SFTConfig, load_config
+        from tinylm.train.recipes import sft
+
+        cfg = load_config(SFTConfig, resolve_config_path(args.config), overrides)
+        _, result = sft(cfg, args.out, resume=args.resume)
+        if result.interrupted:
+            return 130
     elif args.command == "generate":
         from tinylm.infer.engine import Engine
 
@@ -133,10 +168,23 @@ def run(args, overrides: list[str]) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     elif args.command == "chat":
-        from tinylm.infer.chat import run_chat
+        from tinylm.infer.chat import answer_prompts, chat_format_for, read_prompts, run_chat
         from tinylm.infer.engine import Engine
+        from tinylm.modeldir import atomic_write_text
 
-        run_chat(Engine.from_dir(args.model_dir, device=args.device, compile=args.compile), system=args.system, settings=sampling_settings(args))
+        engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
+        chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+        if args.prompts:
+            records = answer_prompts(engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format)
+            lines = [json.dumps(r, ensure_ascii=False) for r in records]
+            if args.output:
+                atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+                print(f"wrote {len(lines)} answers to {args.output}", file=sys.stderr)
+            else:
+                for record in records:
+                    print(f"> {record['prompt']}\n{record['answer']}\n")
+        else:
+            run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format)
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

@@ -83,6 +83,25 @@ class PretrainConfig:
     init_from: str | None = None  # a model directory to continue pretraining from
 
 
+@dataclass
+class ChatDataConfig:
+    source: str = "builtin"  # "builtin" (the built-in conversations) or "files"
+    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet conversations, when source is "files"
+    format: str = "auto"  # auto | openai | sharegpt | alpaca (auto: detected per record)
+    template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
+    skip_bad: bool = False  # skip invalid conversations (and report how many) instead of stopping
+    packing: bool = True  # several conversations per row (attention kept inside each)
+    val_fraction: float = 0.02
+    builtin_seed: int = 0
+
+
+@dataclass
+class SFTConfig:
+    init_from: str | None = None  # the model directory to fine-tune (tinylm or a local transformers Llama/Qwen)
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 # -- building dataclasses from plain data -------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
+from tinylm.chat_template import find_template
 from tinylm.modeldir import atomic_write_text
 
 # The special tokens, at ids 0..15 in this order. Later stages give the reserved ones their meaning.
@@ -64,6 +65,9 @@ MODEL_MAX_LENGTH = 32768
 
 # Names that mean "end of document" in other families, tried when a foreign directory does not say.
 KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
+
+# Where transformers keeps a chat template's Jinja next to tokenizer_config.json (and prefers it to the config key).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -124,12 +128,16 @@ class Tokenizer:
 
     ``encode`` never adds tokens of its own (no BOS, no EOS): the data pipeline and the chat template
     decide where special tokens go. Special-token strings written in the text do become their ids.
+
+    ``chat_template`` is the Jinja text that transformers' ``apply_chat_template`` runs (see
+    ``tinylm.chat_template``); it travels with the tokenizer through ``save`` and ``load``.
     """
 
     def __init__(self, rust: RustTokenizer, eos_token: str = EOS_TOKEN, bos_token: str | None = None,
-                 model_max_length: int = MODEL_MAX_LENGTH):
+                 model_max_length: int = MODEL_MAX_LENGTH, chat_template: str | None = None):
         self._rust = rust
         self.eos_token, self.bos_token, self.model_max_length = eos_token, bos_token, model_max_length
+        self.chat_template = chat_template
         eos_id = rust.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"the end-of-document token {eos_token!r} is not in the vocabulary")
@@ -141,12 +149,31 @@ class Tokenizer:
         }
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, chat_template={self.chat_template_name!r})"
+
+    @property
+    def chat_template_name(self) -> str | None:
+        """The name of the tinylm template whose Jinja ``chat_template`` is, character for character;
+        None when there is no template or a foreign/edited one."""
+        template = find_template(self.chat_template)
+        return template.name if template else None
+
+    def with_chat_template(self, chat_template: str | None) -> Tokenizer:
+        """The same tokenizer carrying another Jinja chat template (the vocabulary is shared, not copied)."""
+        return Tokenizer(self._rust, self.eos_token, self.bos_token, self.model_max_length, chat_template)
 
     # -- text ↔ ids ----------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         return self._rust.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and, per token, the ``(start, end)`` character span of ``text`` it came from.
+
+        A character that BPE split into several byte tokens (an emoji, a rare Chinese character) gives
+        each of them that character's span. The chat template uses the starts to label tokens."""
+        encoding = self._rust.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads; cap them with RAYON_NUM_THREADS)."""
@@ -177,6 +204,9 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by
         ``transformers.AutoTokenizer`` as a fast tokenizer that encodes exactly as ``encode`` does.
+        A chat template is written twice, as ``chat_template`` in tokenizer_config.json and as
+        chat_template.jinja (where transformers ≥ 4.50 looks first); without one, a stale
+        chat_template.jinja is removed so that loading the directory gives back this tokenizer.
 
         No ``add_bos_token`` key is written: transformers would then rebuild the post-processor, and a
         foreign one (Llama 3 prepends its BOS that way) must survive a load/save round trip."""
@@ -196,10 +226,16 @@ class Tokenizer:
                 for index, t in added
             },
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         specials_map = {role: token for role, token in roles.items() if token is not None}
         atomic_write_text(directory / "tokenizer.json", self.to_json())
         atomic_write_text(directory / "tokenizer_config.json", _json_text(config))
         atomic_write_text(directory / "special_tokens_map.json", _json_text(specials_map))
+        if self.chat_template is not None:
+            atomic_write_text(directory / CHAT_TEMPLATE_FILE, self.chat_template)
+        else:
+            (directory / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -208,6 +244,7 @@ class Tokenizer:
 
         The end-of-document token is, in order: ``eos_token`` of tokenizer_config.json, ``eos_token_id``
         of generation_config.json, or the first of <|endoftext|>, </s>, <|end_of_text|> in the vocabulary.
+        The chat template comes from where transformers puts it (see ``_chat_template``), or is None.
         """
         directory = Path(directory)
         path = directory / "tokenizer.json"
@@ -226,6 +263,7 @@ class Tokenizer:
             eos_token=_eos_token(rust, config, _read_json(directory / "generation_config.json"), directory),
             bos_token=_token_content(config.get("bos_token")),
             model_max_length=max_length if isinstance(max_length, int) and max_length < 2**40 else MODEL_MAX_LENGTH,
+            chat_template=_chat_template(directory, config),
         )
 
 
@@ -249,6 +287,24 @@ def _read_json(path: Path) -> dict:
 def _token_content(token) -> str | None:
     """tokenizer_config.json writes a token as a string or as {"content": ...}."""
     return token.get("content") if isinstance(token, dict) else token
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    """The Jinja chat template of a tokenizer directory, looked for as transformers does: the
+    chat_template.jinja file; else ``chat_template`` in tokenizer_config.json, either a string or a
+    list of ``{"name", "template"}`` of which the one named "default"; else chat_template.json, where
+    multimodal processors (LLaVA) keep it."""
+    path = directory / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None:
+        template = _read_json(directory / "chat_template.json").get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{directory}: chat_template must be a Jinja string, got {type(template).__name__}")
+    return template
 
 
 def _eos_token(rust: RustTokenizer, config: dict, generation: dict, directory: Path) -> str:

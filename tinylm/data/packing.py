@@ -174,7 +174,7 @@ class RowBatches:
         self.rows, self.batch_size, self.seed, self.rank, self.world_size = rows, batch_size, seed, rank, world_size
         self.per_rank = len(rows) // world_size
         if self.per_rank == 0:
-            raise ValueError(f"{len(rows)} packed rows are too few for {world_size} process(es): add data or lower train.seq_len")
+            raise ValueError(f"{len(rows)} packed rows are too few for {world_size} process(es): add conversations")
         self.epoch, self.cursor = 0, 0
         self.order = self._rank_order(0)
 

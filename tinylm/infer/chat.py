@@ -21,9 +21,11 @@ Ctrl-D quits. Ctrl-C while the model is writing stops that reply and returns to 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TextIO
 
 from tinylm.infer.engine import SamplingSettings
@@ -34,10 +36,20 @@ PROMPT = "> "
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How a conversation becomes prompt text, and which text ends the assistant's turn."""
+    """How a conversation becomes prompt text, and which text (or tokens) end the assistant's turn."""
 
     render: Callable[[list[dict]], str]
     stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    def settings(self, settings: SamplingSettings, tokenizer) -> SamplingSettings:
+        """``settings`` that also stop where this format's turn ends (and at the tokenizer's eos)."""
+        stop_ids = None
+        if self.stop_token_ids:
+            base = settings.stop_token_ids if settings.stop_token_ids is not None else [tokenizer.eos_id]
+            stop_ids = sorted({*base, *self.stop_token_ids})
+        return replace(settings, stop_strings=[*settings.stop_strings, *self.stop_strings],
+                       stop_token_ids=stop_ids if stop_ids is not None else settings.stop_token_ids)
 
 
 def render_plain(messages: list[dict]) -> str:
@@ -48,6 +60,44 @@ def render_plain(messages: list[dict]) -> str:
 
 
 PLAIN = ChatFormat(render_plain, stop_strings=("\nUser:",))
+
+
+def chat_format_for(tokenizer, eos_token_ids=()) -> ChatFormat:
+    """The model's own format: its tinylm template; else the Jinja ``chat_template`` a foreign model
+    (a local Qwen or Llama directory) ships, stopping at its eos tokens; else PLAIN for a base model."""
+    from tinylm.chat_template import find_template
+
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not jinja:
+        return PLAIN
+    template = find_template(jinja)
+    if template is not None:
+        return ChatFormat(lambda messages: template.render(messages, add_generation_prompt=True),
+                          tuple(template.stop_strings), tuple(template.stop_token_ids(tokenizer)))
+    return ChatFormat(jinja_renderer(jinja, tokenizer), stop_token_ids=tuple(eos_token_ids) or (tokenizer.eos_id,))
+
+
+def jinja_renderer(jinja: str, tokenizer) -> Callable[[list[dict]], str]:
+    """Render a foreign Jinja chat template as transformers does, in a sandbox (the template came with
+    a model directory, so it is not trusted to touch anything)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(jinja)
+    specials = {"bos_token": getattr(tokenizer, "bos_token", None) or "", "eos_token": getattr(tokenizer, "eos_token", "")}
+
+    def render(messages: list[dict]) -> str:
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=True, **specials)
+        except TemplateError as e:
+            raise ValueError(f"the model's chat_template refused the conversation: {e}") from None
+
+    return render
 
 
 def run_chat(
@@ -64,8 +114,7 @@ def run_chat(
     """
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
-    settings = settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95)
-    settings = replace(settings, stop_strings=[*settings.stop_strings, *chat_format.stop_strings])
+    settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer)
     history: list[dict] = []
     say = lambda text: print(text, file=output, flush=True)  # noqa: E731
     say(HELP)
@@ -137,3 +186,40 @@ def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO
     output.write("\n")
     output.flush()
     return "".join(shown).rstrip()
+
+
+def answer_prompts(engine, prompts: list[str], system: str | None = None, settings: SamplingSettings | None = None,
+                   chat_format: ChatFormat = PLAIN) -> list[dict]:
+    """Each prompt as a one-turn conversation, answered in one batch: a scripted check of a chat model.
+    Returns one record per prompt: {"prompt", "answer", "finish_reason"}."""
+    if engine.tokenizer is None:
+        raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
+    settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0), engine.tokenizer)
+    rendered = [chat_format.render(with_system(system, [{"role": "user", "content": p}])) for p in prompts]
+    completions = engine.run(rendered, settings)
+    return [{"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)]
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a file: one per line in a .txt (blank lines skipped), or {"prompt": ...} per line
+    in a .jsonl. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompts file")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a string field 'prompt'")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
+    return prompts

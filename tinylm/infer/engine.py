@@ -403,8 +403,7 @@ class Engine:
             return set(settings.stop_token_ids)
         if self.tokenizer is not None:
             return {self.tokenizer.eos_id}
-        eos = self.model.config.eos_token_id
-        return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+        return set(self.model.config.eos_token_ids())
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

@@ -71,6 +71,11 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
+    def eos_token_ids(self) -> list[int]:
+        """eos_token_id as a list (config.json allows one id, a list, or none)."""
+        eos = self.eos_token_id
+        return list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+
     @property
     def model_type(self) -> str:
         """Which transformers architecture these switches describe."""

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylm.config import ConfigError, PretrainConfig, save_config
+from tinylm.config import ConfigError, PretrainConfig, SFTConfig, save_config
 from tinylm.model.llama import CausalLM
 from tinylm.modeldir import atomic_write_text, load_model_dir, save_model_dir
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
-from tinylm.train.trainer import FitResult, Task, fit
+from tinylm.train.trainer import FitResult, Task, fit, move
 
 TOKENIZER_STAMP = "trained_on.sha256"  # in the run's tokenizer/: the key of the corpus and settings it came from
 
@@ -153,6 +153,104 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         windows = PackedWindows(info.train_bin, cfg.train.seq_len, info.dtype, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
         evaluate = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)
         task = Task(model=model, batches=WindowBatches(windows, cfg.train.batch_size), objective=NextTokenLoss(), evaluate=evaluate)
+        result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        final = run_dir / "final"
+        if dist.is_main and not result.interrupted:
+            save_model_dir(model.cpu(), final, tokenizer=tokenizer)
+            print(f"saved {final}", file=sys.stderr)
+        return final, result
+    finally:
+        distributed.teardown()
+
+
+# -- supervised fine-tuning ---------------------------------------------------------------------
+
+
+def chat_conversations(cfg: SFTConfig, run_dir: Path):
+    """The conversations to fine-tune on, validated, and how reading them went."""
+    from tinylm.data.chat import read_conversations
+
+    if cfg.data.source == "builtin":
+        from tinylm.data import builtin
+
+        files = builtin.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
+    elif cfg.data.source == "files":
+        if not cfg.data.files:
+            raise ValueError("data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files")
+        files = [Path(f) for f in cfg.data.files]
+    else:
+        raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
+    return read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` of the items (none when there are fewer than 20)."""
+    count = int(len(items) * fraction) if len(items) >= 20 else 0
+    chosen = set(np.random.default_rng(seed).permutation(len(items))[:count].tolist())
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+def row_evaluator(rows, batch_size: int, max_batches: int):
+    """Validation loss (nats per assistant token) over packed validation rows."""
+    from tinylm.data.packing import rows_batch
+
+    batches = [range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)][:max_batches]
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        if not batches:
+            return {}
+        device = next(model.parameters()).device
+        total = count = 0
+        for picks in batches:
+            batch = move(rows_batch(rows, picks), device)
+            total += NextTokenLoss()(model, batch).item()
+            count += NextTokenLoss().count(batch)
+        return {"val_loss": total / max(count, 1)}
+
+    return evaluate
+
+
+def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+    """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``."""
+    from tinylm.chat_template import get_template
+    from tinylm.data.packing import RowBatches, encode_conversations, pack, real_tokens
+
+    if not cfg.init_from:
+        raise ValueError("init_from is not set: give the model directory to fine-tune (--init MODEL_DIR)")
+    run_dir = Path(out_dir)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_model_dir(cfg.init_from)
+        if tokenizer is None:
+            raise ValueError(f"{cfg.init_from}: has no tokenizer.json; SFT needs the model's tokenizer")
+        model = model.float().train()
+        if cfg.train.seq_len > model.config.max_position_embeddings:
+            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context is {model.config.max_position_embeddings}")
+        template = get_template(cfg.data.template)
+        tokenizer = template.attach(tokenizer)
+        model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
+
+        conversations, read_report = chat_conversations(cfg, run_dir)
+        train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
+        train_examples, fit_report = encode_conversations(train_set, template, tokenizer, cfg.train.seq_len)
+        if not train_examples:
+            raise ValueError(f"no conversation fits in train.seq_len={cfg.train.seq_len} tokens with the {template.name} template "
+                             f"({fit_report.summary()}): raise train.seq_len")
+        val_examples, _ = encode_conversations(val_set, template, tokenizer, cfg.train.seq_len)
+        pad = tokenizer.eos_id
+        train_rows = pack(train_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)
+        val_rows = pack(val_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            print(f"data: {read_report.summary()}", file=sys.stderr)
+            print(f"train: {fit_report.summary()} in {len(train_rows):,} rows of {cfg.train.seq_len} "
+                  f"({train_rows.real_tokens / max(train_rows.input_ids.size, 1):.0%} real tokens); "
+                  f"validation: {len(val_examples):,} conversations", file=sys.stderr)
+        batches = RowBatches(train_rows, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        evaluate = row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches)
+        task = Task(model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
