@@ -57,13 +57,21 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
 def test_quickstart_writes_its_report(tmp_path):
     from tinylm.quickstart import quickstart
 
-    report = quickstart(tmp_path / "qs", str(CONFIGS / "cpu-tiny.yaml"), [*TINY, "--train.max_steps=40", "--train.batch_size=8"])
+    sft_tiny = ["--train.max_steps=10", "--train.batch_size=8", "--train.seq_len=128", "--train.eval_every=10", "--train.eval_batches=1",
+                "--train.progress=false"]
+    report = quickstart(tmp_path / "qs", str(CONFIGS / "cpu-tiny.yaml"), [*TINY, "--train.max_steps=40", "--train.batch_size=8"],
+                        sft_overrides=sft_tiny)
     assert (tmp_path / "qs" / "report.md").exists() and (tmp_path / "qs" / "loss.png").exists()
     saved = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert saved["facts"]["total"] > 20 and 0 <= saved["facts"]["accuracy"] <= 1
     # even 40 steps of a 40k-parameter model learn more than token frequencies
     assert saved["validation"]["bpb"] < 0.95 * saved["validation"]["unigram_bpb"]
     assert len(report["samples"]) == 4
+    questions = saved["sft"]["questions"]
+    assert questions["chat"]["total"] == questions["base"]["total"] > 100 and 0 <= questions["chat"]["accuracy"] <= 1
+    assert [m["role"] for m in saved["sft"]["chat"]] == ["user", "assistant"] * 4
+    assert (tmp_path / "qs" / "sft" / "final" / "chat_template.jinja").exists()
+    assert "Fine-tuned into a chat model" in (tmp_path / "qs" / "report.md").read_text(encoding="utf-8")
 
 
 def test_tokenizer_train_command(tmp_path, corpus):

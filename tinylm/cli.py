@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--format", default=None, choices=["auto", "openai", "sharegpt", "alpaca"], help="conversation format (default: auto)")
     sft.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
     sft.add_argument("--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping")
+    sft.add_argument("--identity-name", default=None, help="the identity recipe: teach the assistant this name (mixed with the data)")
+    sft.add_argument("--identity-author", default=None, help="... and this author (who made it)")
     sft.add_argument("--out", required=True, help="run directory")
     sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     sft.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
@@ -117,7 +119,9 @@ def flag_overrides(args) -> list[str]:
         return []
     pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None)}
     if args.command == "sft":
-        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None})
+        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
+                      "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),
+                      "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False)})
         if args.data:
             pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]

@@ -91,6 +91,8 @@ class ChatDataConfig:
     template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
     skip_bad: bool = False  # skip invalid conversations (and report how many) instead of stopping
     packing: bool = True  # several conversations per row (attention kept inside each)
+    identity_name: str | None = None  # teach the assistant this name ("who are you?"): the identity recipe
+    identity_author: str | None = None  # ... and who made it
     val_fraction: float = 0.02
     builtin_seed: int = 0
 

@@ -3,6 +3,8 @@
     built-in corpus → BPE tokenizer → token shards → pretraining → final model directory
     → validation loss and bits per byte against a unigram baseline
     → held-out facts completed greedily, a few samples
+    → supervised fine-tuning on the built-in conversations (chatml) → a chat model in sft/final
+    → held-out questions answered by the base model and by the chat model, a short chat
     → report.json and report.md in the run directory
 """
 
@@ -13,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from tinylm.config import PretrainConfig, load_config
+from tinylm.config import PretrainConfig, SFTConfig, load_config
 from tinylm.modeldir import atomic_write_text
 
 SAMPLE_PROMPTS = ["Once upon a time", "从前，", "12 + 7 =", "The "]
+SFT_CONFIG = Path(__file__).parent / "configs" / "sft-cpu-tiny.yaml"
+# A short chat shown in the report: a fact, a follow-up about the same creature, who the assistant is.
+CHAT_TURNS = ["What colour is the Zorven?", "And how many legs does it have?", "Who are you?", "哒丁兽住在哪里？"]
 
 
 def evaluate_facts(engine, items) -> dict:
@@ -50,7 +55,7 @@ def render_report(report: dict) -> str:
         "",
         f"- model: {report['model']['type']}, {report['model']['parameters']:,} parameters",
         f"- training: {report['training']['steps']} steps, {report['training']['tokens']:,} tokens, "
-        f"{report['training']['seconds']:.0f} s of training ({report['total_seconds']:.0f} s in all)",
+        f"{report['training']['seconds']:.0f} s of training ({report['pretraining_seconds']:.0f} s with data and evaluation; {report['total_seconds']:.0f} s for the whole quickstart)",
         f"- validation loss: {val['loss']:.3f} nats/token, {val['bpb']:.3f} bits/byte "
         f"(unigram baseline {val['unigram_bpb']:.3f} bits/byte)",
         f"- held-out facts completed correctly (greedy): {facts['correct']}/{facts['total']} = {facts['accuracy']:.1%}",
@@ -60,15 +65,31 @@ def render_report(report: dict) -> str:
     lines += [f"- {'✓' if e['correct'] else '✗'} `{e['prompt']}` → `{e['completion'].strip()[:40]}` (answer `{e['answer']}`)" for e in facts["examples"]]
     lines += ["", "## Samples (temperature 0.8, seed 0)", ""]
     lines += [f"- `{s['prompt']}` → {s['text']!r}" for s in report["samples"]]
-    lines += ["", "The loss curve is in loss.png; every logged step is in metrics.jsonl.", ""]
+    chat = report["sft"]
+    questions = chat["questions"]
+    lines += [
+        "",
+        "## Fine-tuned into a chat model (sft/)",
+        "",
+        f"- supervised fine-tuning: {chat['steps']} steps, {chat['tokens']:,} conversation tokens, {chat['seconds']:.0f} s; "
+        f"validation loss {chat['val_loss']:.3f} nats per answer token",
+        f"- held-out questions answered correctly (greedy): chat model {questions['chat']['correct']}/{questions['chat']['total']} = "
+        f"{questions['chat']['accuracy']:.1%}; the pretrained model before fine-tuning {questions['base']['accuracy']:.1%}",
+    ]
+    lines += [f"  - {kind}: {share:.1%} (before: {questions['base']['by_kind'].get(kind, 0):.1%})" for kind, share in questions["chat"]["by_kind"].items()]
+    lines += ["", "A short chat (greedy):", ""]
+    lines += [f"- **{m['role']}**: {m['content']}" for m in chat["chat"]]
+    lines += ["", "The loss curves are in loss.png and sft/loss.png; every logged step is in metrics.jsonl.",
+              f"Chat with it: `tinylm chat {report['run_dir']}/sft/final`", ""]
     return "\n".join(lines)
 
 
-def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Run the whole foundation and write report.json / report.md into ``out_dir``."""
+def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str] | None = None,
+               sft_config_path: str | Path = SFT_CONFIG, sft_overrides: list[str] | None = None) -> dict:
+    """Pretrain, then fine-tune into a chat model; write report.json / report.md into ``out_dir``."""
     from tinylm.data import builtin
     from tinylm.infer.engine import Engine, SamplingSettings
-    from tinylm.train.recipes import evaluator, pretrain, unigram_bpb
+    from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
 
     started = time.perf_counter()
     cfg = load_config(PretrainConfig, config_path, overrides)
@@ -86,6 +107,13 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
     facts = evaluate_facts(engine, builtin.heldout_facts(world))
     sample_settings = SamplingSettings(max_new_tokens=48, temperature=0.8, top_k=50, seed=0)
     samples = [{"prompt": p, "text": engine.complete([p], sample_settings)[0]} for p in SAMPLE_PROMPTS]
+    pretraining_seconds = time.perf_counter() - started
+
+    sft_cfg = load_config(SFTConfig, sft_config_path, [*(sft_overrides or []), f"--init_from={final}", f"--train.device={cfg.train.device}"])
+    chat_final, chat_result = sft(sft_cfg, run_dir / "sft", resume=True)
+    if chat_result.interrupted:
+        raise SystemExit(130)
+    chat_engine = Engine.from_dir(chat_final, device=cfg.train.device)
     report = {
         "run_dir": str(run_dir),
         "model": {"type": engine.model.config.model_type, "parameters": engine.model.num_parameters()},
@@ -97,6 +125,15 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
         },
         "facts": facts,
         "samples": samples,
+        "pretraining_seconds": pretraining_seconds,
+        "sft": {
+            "steps": chat_result.step,
+            "tokens": chat_result.tokens,
+            "seconds": chat_result.elapsed_s,
+            "val_loss": chat_result.last_metrics.get("val_loss"),
+            "questions": evaluate_questions(engine, chat_engine, builtin.heldout_questions(world)),
+            "chat": short_chat(chat_engine, CHAT_TURNS),
+        },
         "total_seconds": time.perf_counter() - started,
     }
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -104,3 +141,29 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
     atomic_write_text(run_dir / "report.md", text)
     print(text)
     return report
+
+
+def evaluate_questions(base_engine, chat_engine, items) -> dict:
+    """Held-out questions answered greedily by the chat model in its template, and for contrast by the
+    base model in the plain labelled-lines format (the best it can do before fine-tuning)."""
+    from tinylm.eval.questions import chat_accuracy
+    from tinylm.infer.chat import chat_format_for
+
+    chat = chat_accuracy(chat_engine, items, chat_format_for(chat_engine.tokenizer, chat_engine.model.config.eos_token_ids()))
+    base = chat_accuracy(base_engine, items, chat_format_for(base_engine.tokenizer))
+    return {"chat": chat, "base": {k: base[k] for k in ("accuracy", "correct", "total", "by_kind")}}
+
+
+def short_chat(engine, turns: list[str]) -> list[dict]:
+    """One multi-turn conversation, answered greedily turn by turn with the history in the prompt."""
+    from tinylm.infer.chat import chat_format_for
+    from tinylm.infer.engine import SamplingSettings
+
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    settings = chat_format.settings(SamplingSettings(max_new_tokens=48, temperature=0), engine.tokenizer)
+    messages: list[dict] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        reply = engine.complete([chat_format.render(messages)], settings)[0].strip()
+        messages.append({"role": "assistant", "content": reply})
+    return messages

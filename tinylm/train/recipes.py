@@ -5,6 +5,7 @@ Each recipe is a plain function (``pretrain(cfg, out_dir)``); the CLI only parse
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -166,21 +167,71 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
 # -- supervised fine-tuning ---------------------------------------------------------------------
 
 
-def chat_conversations(cfg: SFTConfig, run_dir: Path):
-    """The conversations to fine-tune on, validated, and how reading them went."""
-    from tinylm.data.chat import read_conversations
+def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
+    """The conversations to fine-tune on, validated, and a line saying where they came from.
 
-    if cfg.data.source == "builtin":
-        from tinylm.data import builtin
+    With ``data.identity_name`` set (the identity recipe), the identity templates filled with that name
+    and author are mixed in, and the built-in conversations answer "who are you?" with it too.
+    """
+    from tinylm.data import builtin
+    from tinylm.data.chat import Conversation, read_conversations
 
-        files = builtin.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
-    elif cfg.data.source == "files":
-        if not cfg.data.files:
+    name, author = identity(cfg)
+    if cfg.data.source == "builtin" and name:
+        found = builtin.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
+        conversations, summary = [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)], f"built-in: {len(found):,} conversations"
+    elif cfg.data.source in ("builtin", "files"):
+        if cfg.data.source == "builtin":
+            files = builtin.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
+        elif not cfg.data.files:
             raise ValueError("data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files")
-        files = [Path(f) for f in cfg.data.files]
+        else:
+            files = [Path(f) for f in cfg.data.files]
+        conversations, report = read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
+        summary = report.summary()
     else:
         raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
-    return read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
+    if name:
+        extra = builtin.identity_conversations(name, author)
+        conversations = conversations + [Conversation(m, f"identity template {i}") for i, m in enumerate(extra)]
+        summary += f"; identity: {len(extra)} conversations naming {name!r} by {author!r}"
+    return conversations, summary
+
+
+def identity(cfg: SFTConfig) -> tuple[str | None, str | None]:
+    """(name, author) of the identity recipe, or (None, None) when it is off."""
+    from tinylm.data import builtin
+
+    if not cfg.data.identity_name:
+        if cfg.data.identity_author:
+            raise ConfigError("data.identity_author is set but data.identity_name is not: give both (--identity-name)")
+        return None, None
+    return cfg.data.identity_name, cfg.data.identity_author or builtin.DEFAULT_AUTHOR
+
+
+def identity_report(engine, cfg: SFTConfig) -> dict:
+    """How well the identity took: held-out paraphrased "who are you / who made you" questions answered
+    with the new name or author, and how often replies to general questions mention the name (they
+    should not: the model must not answer everything with its name)."""
+    from tinylm.data import builtin
+    from tinylm.eval.questions import chat_accuracy
+    from tinylm.infer.chat import chat_format_for
+
+    name, author = identity(cfg)
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    asked = chat_accuracy(engine, builtin.identity_questions(name, author), chat_format)
+    general = chat_accuracy(engine, builtin.general_questions(builtin.World(cfg.data.builtin_seed)), chat_format, examples=10**6)
+    mentions = sum(name.lower() in e["reply"].lower() for e in general["examples"])
+    return {
+        "name": name,
+        "author": author,
+        "identity_accuracy": asked["accuracy"],
+        "identity_questions": asked["total"],
+        "general_accuracy": general["accuracy"],
+        "general_questions": general["total"],
+        "general_mentioning_name": mentions / max(general["total"], 1),
+        "examples": asked["examples"],
+    }
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -232,7 +283,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
 
-        conversations, read_report = chat_conversations(cfg, run_dir)
+        conversations, data_summary = chat_conversations(cfg, run_dir)
         train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
         train_examples, fit_report = encode_conversations(train_set, template, tokenizer, cfg.train.seq_len)
         if not train_examples:
@@ -244,7 +295,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         val_rows = pack(val_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            print(f"data: {read_report.summary()}", file=sys.stderr)
+            print(f"data: {data_summary}", file=sys.stderr)
             print(f"train: {fit_report.summary()} in {len(train_rows):,} rows of {cfg.train.seq_len} "
                   f"({train_rows.real_tokens / max(train_rows.input_ids.size, 1):.0%} real tokens); "
                   f"validation: {len(val_examples):,} conversations", file=sys.stderr)
@@ -256,6 +307,15 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         if dist.is_main and not result.interrupted:
             save_model_dir(model.cpu(), final, tokenizer=tokenizer)
             print(f"saved {final}", file=sys.stderr)
+            if cfg.data.identity_name:
+                from tinylm.infer.engine import Engine
+
+                measured = identity_report(Engine(model.eval(), tokenizer), cfg)
+                atomic_write_text(run_dir / "identity.json", json.dumps(measured, indent=2, ensure_ascii=False) + "\n")
+                print(f"identity: {measured['identity_accuracy']:.0%} of {measured['identity_questions']} held-out questions answered "
+                      f"as {measured['name']!r} / {measured['author']!r}; {measured['general_mentioning_name']:.1%} of "
+                      f"{measured['general_questions']} general answers mention the name (accuracy on them "
+                      f"{measured['general_accuracy']:.0%}); details in {run_dir / 'identity.json'}", file=sys.stderr)
         return final, result
     finally:
         distributed.teardown()
