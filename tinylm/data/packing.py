@@ -72,14 +72,20 @@ def encode_for_training(ids: Sequence[int], mask: Sequence[bool]) -> Encoded:
 def fit_conversation(template, tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool], int] | None:
     """Encode ``messages``, dropping whole exchanges from the left (after any system prompt) until it is
     at most ``max_tokens`` long. Returns (ids, mask, exchanges dropped), or None if nothing fits."""
+    ids, mask = template.encode(tokenizer, messages)
+    if len(ids) <= max_tokens:
+        return ids, mask, 0  # the usual case: it fits whole
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     exchange_starts = [i for i, message in enumerate(turns) if message["role"] == "user"]
-    for dropped, start in enumerate(exchange_starts):
+    # Grow from the newest exchange leftwards while it fits: as many encodes as exchanges kept, not dropped.
+    fitted = None
+    for kept, start in enumerate(reversed(exchange_starts[1:]), 1):
         ids, mask = template.encode(tokenizer, system + turns[start:])
-        if len(ids) <= max_tokens:
-            return ids, mask, dropped
-    return None
+        if len(ids) > max_tokens:
+            break
+        fitted = ids, mask, len(exchange_starts) - kept
+    return fitted
 
 
 def encode_conversations(conversations, template, tokenizer, seq_len: int) -> tuple[list[Encoded], FitReport]:
