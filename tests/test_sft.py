@@ -125,3 +125,27 @@ def test_chat_formats_follow_the_models_template():
     assert rendered == chatml.render(messages, add_generation_prompt=True).replace("<|im_start|>", "<|im_start|> ")
     with pytest.raises(ValueError, match="refused the conversation"):
         jinja_renderer("{{ raise_exception('no system prompts') }}", tokenizer)(messages)
+
+
+def test_sft_fine_tunes_a_local_transformers_qwen2_directory(base_and_chats, tmp_path):
+    """An existing model saved by transformers (here a tiny random Qwen2 with our tokenizer) is
+    fine-tuned by the same command, and the result is still a Qwen2 that transformers loads."""
+    transformers = pytest.importorskip("transformers")
+    _, base, chats = base_and_chats
+    _, tokenizer = load_model_dir(base)
+    config = transformers.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+                                      eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    qwen = tmp_path / "qwen"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(qwen)
+    tokenizer.save(qwen)
+    run = tmp_path / "run"
+    assert main(["sft", "--init", str(qwen), "--data", str(chats), "--out", str(run), *TRAIN, "--train.max_steps=5"]) == 0
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert saved["model_type"] == "qwen2" and saved["architectures"] == ["Qwen2ForCausalLM"]
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(run / "final")
+    ours, _ = load_model_dir(run / "final")
+    ids = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():
+        assert torch.allclose(tuned(ids).logits, ours(ids), atol=1e-4)
