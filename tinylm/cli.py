@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description="Build a small language model end to end.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    quick = commands.add_parser("quickstart", help="corpus → tokenizer → pretraining → what the model learned, in minutes")
+    quick = commands.add_parser("quickstart", help="corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes")
     quick.add_argument("--out", required=True, help="run directory")
     quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
     quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
