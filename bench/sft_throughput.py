@@ -65,7 +65,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -78,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import hf_model, synchronize  # noqa: E402
+from train_throughput import hf_model, print_summary, synchronize  # noqa: E402
 
 from tinylm.chat_template import TEMPLATES, get_template  # noqa: E402
 from tinylm.config import PretrainConfig, SFTConfig, load_config  # noqa: E402
@@ -332,21 +331,7 @@ def bench(args, device: torch.device) -> str:
             rows_out.append(row)
         busy.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
-    def print_row(label: str, ours_: float, ours_loop: float, theirs_: float) -> None:
-        print(f"{label:>7} {ours_:>12,.0f} {ours_loop:>12,.0f} {theirs_:>13,.0f} {ours_ / theirs_:>6.2f}x", flush=True)
-
-    columns = ("ours", "ours_loop", "theirs")
-    print_row("median", *(statistics.median(r[key] for r in rows_out) for key in columns))
-    print_row("best", *(max(r[key] for r in rows_out) for key in columns))  # least disturbed by other processes
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and max(busy) > cores + 0.5:
-        print(
-            f"note: the load average reached {max(busy):.1f} on {cores} cores: other processes shared the CPU, "
-            "so single rounds are noisy (trust 'best' and the median ratio; rerun idle or with more --rounds)",
-            flush=True,
-        )
-    # the round whose ratio is the median (the lower middle one for an even count), so the line adds up
-    middle = sorted(rows_out, key=lambda r: r["ratio"])[(len(rows_out) - 1) // 2]
+    middle = print_summary(rows_out, busy, device)
     return (
         f"{name} SFT: ours (packed) {middle['ours']:,.0f} useful tok/s, transformers ({padding}) "
         f"{middle['theirs']:,.0f} useful tok/s, ratio {middle['ratio']:.2f}x (median of {len(rows_out)})"

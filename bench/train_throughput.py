@@ -142,6 +142,27 @@ def hf_model(cfg: PretrainConfig):
     return transformers.LlamaForCausalLM(config)
 
 
+def print_summary(rows: list[dict], busy: list[float], device: torch.device) -> dict:
+    """Print the per-column median and best of the timed rounds (and a note when other processes shared
+    the CPU); return the round whose ratio is the median (the lower middle one for an even count), so
+    a summary line quoting it adds up."""
+
+    def print_row(label: str, ours: float, ours_loop: float, theirs: float) -> None:
+        print(f"{label:>7} {ours:>12,.0f} {ours_loop:>12,.0f} {theirs:>13,.0f} {ours / theirs:>6.2f}x", flush=True)
+
+    columns = ("ours", "ours_loop", "theirs")
+    print_row("median", *(statistics.median(r[key] for r in rows) for key in columns))
+    print_row("best", *(max(r[key] for r in rows) for key in columns))  # least disturbed by other processes
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and max(busy) > cores + 0.5:
+        print(
+            f"note: the load average reached {max(busy):.1f} on {cores} cores: other processes shared the CPU, "
+            "so single rounds are noisy (trust 'best' and the median ratio; rerun idle or with more --rounds)",
+            flush=True,
+        )
+    return sorted(rows, key=lambda r: r["ratio"])[(len(rows) - 1) // 2]
+
+
 def bench_config(name: str, args, device: torch.device) -> dict:
     cfg = load_config(PretrainConfig, CONFIGS[name])
     defaults = CPU_DEFAULTS[name] if device.type == "cpu" else dict(batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, steps=GPU_STEPS)
@@ -206,21 +227,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
             rows.append(row)
         busy.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
-    def print_row(label: str, ours: float, ours_loop: float, theirs: float) -> None:
-        print(f"{label:>7} {ours:>12,.0f} {ours_loop:>12,.0f} {theirs:>13,.0f} {ours / theirs:>6.2f}x", flush=True)
-
-    columns = ("ours", "ours_loop", "theirs")
-    print_row("median", *(statistics.median(r[key] for r in rows) for key in columns))
-    print_row("best", *(max(r[key] for r in rows) for key in columns))  # least disturbed by other processes
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and max(busy) > cores + 0.5:
-        print(
-            f"note: the load average reached {max(busy):.1f} on {cores} cores: other processes shared the CPU, "
-            "so single rounds are noisy (trust 'best' and the median ratio; rerun idle or with more --rounds)",
-            flush=True,
-        )
-    # the round whose ratio is the median (the lower middle one for an even count), so the line adds up
-    middle = sorted(rows, key=lambda r: r["ratio"])[(len(rows) - 1) // 2]
+    middle = print_summary(rows, busy, device)
     line = (
         f"{name}: ours {middle['ours']:,.0f} tok/s, transformers {middle['theirs']:,.0f} tok/s, "
         f"ratio {middle['ratio']:.2f}x (median of {len(rows)})"
