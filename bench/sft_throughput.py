@@ -9,7 +9,7 @@ What is measured is USEFUL tokens per second: tokens that belong to a conversati
 ids: system prompt, user turns, role headers, answers), never padding. Both sides count them the same
 way, as the conversations' lengths, and both sides train on exactly the same conversations each round.
 
-Data. The built-in SFT conversations (``builtin.sft_conversations(World(0))``, 2,880 of them) or
+Data. The built-in SFT conversations (``builtin_chat.sft_conversations(World(0))``, 2,880 of them) or
 ``--data FILE...`` (read with ``tinylm.data.chat.read_conversations``), rendered with the chat
 template (``--template``, default chatml) and fitted to ``--seq-len`` by
 ``tinylm.data.packing.encode_conversations`` (which also makes the labels: the next token on assistant
@@ -81,7 +81,7 @@ from train_throughput import hf_model, print_summary, synchronize  # noqa: E402
 
 from tinylm.chat_template import TEMPLATES, get_template  # noqa: E402
 from tinylm.config import PretrainConfig, SFTConfig, load_config  # noqa: E402
-from tinylm.data import builtin  # noqa: E402
+from tinylm.data import builtin, builtin_chat  # noqa: E402
 from tinylm.data.chat import read_conversations  # noqa: E402
 from tinylm.data.packing import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens  # noqa: E402
 from tinylm.device import autocast_dtype, resolve_device  # noqa: E402
@@ -109,7 +109,7 @@ PADDINGS = {"max_length": "padded to max_length", "longest": "padded to the batc
 def load_conversations(files: list[str] | None) -> tuple[list[list[dict]], str]:
     """Message lists to train on, and where they came from."""
     if not files:
-        return builtin.sft_conversations(builtin.World(0)), "the built-in SFT conversations"
+        return builtin_chat.sft_conversations(builtin.World(0)), "the built-in SFT conversations"
     conversations, report = read_conversations(files)
     return [c.messages for c in conversations], f"{report.summary()}"
 

@@ -3,11 +3,9 @@ import re
 
 import pytest
 
-from tinylm.data import builtin
-from tinylm.data.builtin import (
-    ChatEvalItem, EvalItem, World, heldout_facts, heldout_questions, identity_conversations, pretrain_documents,
-    score_completion, score_reply, sft_conversations,
-)
+from tinylm.data import builtin, builtin_chat
+from tinylm.data.builtin import EvalItem, World, heldout_facts, pretrain_documents, score_completion
+from tinylm.data.builtin_chat import ChatEvalItem, heldout_questions, identity_conversations, score_reply, sft_conversations
 
 N_DOCS = 1400  # ten rounds: every fact appears in every round
 
@@ -151,7 +149,7 @@ def test_same_seed_same_conversations_other_seed_others(world, conversations):
 
 
 def test_every_conversation_is_valid(world, conversations):
-    assert len(conversations) == builtin.DEFAULT_CONVERSATIONS
+    assert len(conversations) == builtin_chat.DEFAULT_CONVERSATIONS
     for messages in conversations + identity_conversations("Nova", "Acme") + identity_conversations("Nova", "Acme", heldout=True):
         assert_valid(messages)
     for item in heldout_questions(world):
@@ -168,8 +166,8 @@ def test_the_mix_of_kinds_and_languages(conversations):
 
     assert 0.15 < share(sum(m["role"] == "user" for m in c) > 1 for c in conversations) < 0.19
     assert 0.08 < share(r.startswith(("The answer is", "答案是")) for r in replies) < 0.12
-    assert 0.06 < share(any(m in r for m in builtin.REFUSAL_MARKERS.values()) for r in replies) < 0.10
-    assert 0.03 < share(builtin.DEFAULT_NAME in r for r in replies) < 0.07
+    assert 0.06 < share(any(m in r for m in builtin_chat.REFUSAL_MARKERS.values()) for r in replies) < 0.10
+    assert 0.03 < share(builtin_chat.DEFAULT_NAME in r for r in replies) < 0.07
     assert 0.15 < share(c[0]["role"] == "system" for c in conversations) < 0.25
     assert 0.45 < share(bool(re.search(r"[\u4e00-\u9fff]", c[-1]["content"])) for c in conversations) < 0.55
     followups = set(contents(conversations, "user")) & {"And its colour?", "那它是什么颜色的？", "它的颜色呢？"}
@@ -180,7 +178,7 @@ def test_every_fact_is_answered_in_both_languages(world, conversations):
     answers = set(contents(conversations, "assistant"))
     for entity, attribute, _ in world.facts():
         for lang in builtin.LANGS:
-            assert builtin.fact_answer(entity, attribute, lang) in answers
+            assert builtin_chat.fact_answer(entity, attribute, lang) in answers
 
 
 def test_heldout_questions_never_occur_in_training(world, conversations):
@@ -201,11 +199,11 @@ def test_heldout_questions_never_occur_in_training(world, conversations):
         assert (name, item.messages[-1]["content"]) not in pairs, item
     # Held-out strangers and held-out arithmetic problems appear nowhere in training.
     text = json.dumps(conversations, ensure_ascii=False)
-    for stranger in builtin.strangers(world, heldout=True):
+    for stranger in builtin_chat.strangers(world, heldout=True):
         assert not any(stranger.names[lang] in text for lang in builtin.LANGS), stranger
     for problem in world.heldout_problems:
         for lang in builtin.LANGS:
-            assert all(builtin.arithmetic_question(problem, lang, t) not in asked for t in range(4))
+            assert all(builtin_chat.arithmetic_question(problem, lang, t) not in asked for t in range(4))
 
 
 def test_heldout_fact_phrasings_are_asked_of_other_entities(world, conversations):
@@ -213,8 +211,8 @@ def test_heldout_fact_phrasings_are_asked_of_other_entities(world, conversations
     asked = set(contents(conversations, "user"))
     for entity, attribute, _ in world.facts():
         for lang in builtin.LANGS:
-            template = builtin.sft_heldout(world, 4, "question", entity.names["en"], attribute, lang)
-            assert any(builtin.fact_question(e, attribute, lang, template) in asked
+            template = builtin_chat.sft_heldout(world, 4, "question", entity.names["en"], attribute, lang)
+            assert any(builtin_chat.fact_question(e, attribute, lang, template) in asked
                        for e in world.entities if attribute in e.facts and e is not entity)
 
 
@@ -223,14 +221,14 @@ def test_heldout_answers_are_exact(world):
     items = heldout_questions(world)
     facts = [(e, a, lang) for e, a, _ in world.facts() for lang in builtin.LANGS]
     for (entity, attribute, lang), item in zip(facts, items):
-        assert item.kind == "fact" and score_reply(item, builtin.fact_answer(entity, attribute, lang))
-        assert not score_reply(item, builtin.fact_answer(entity, attribute, lang) + " " + item.wrong[0])
+        assert item.kind == "fact" and score_reply(item, builtin_chat.fact_answer(entity, attribute, lang))
+        assert not score_reply(item, builtin_chat.fact_answer(entity, attribute, lang) + " " + item.wrong[0])
     for item in items:
         if item.kind == "arithmetic":
             assert score_reply(item, f"The answer is {item.answer}.") and score_reply(item, f"答案是{item.answer}。")
             assert not score_reply(item, f"The answer is 1{item.answer}.")
         if item.kind == "refusal":
-            reply = builtin.REFUSALS["unknown", item.lang][0].format(E="X")
+            reply = builtin_chat.REFUSALS["unknown", item.lang][0].format(E="X")
             assert score_reply(item, reply) and not score_reply(item, reply + " " + item.wrong[0])
     english = ChatEvalItem([{"role": "user", "content": "What colour is the Zorble?"}], "red", "en", "fact", ("blue",))
     assert score_reply(english, "The Zorble is red.") and not score_reply(english, "The Zorble is reddish.")
@@ -239,18 +237,18 @@ def test_heldout_answers_are_exact(world):
 
 def test_refusals_state_no_facts(world, conversations):
     values = [text for words in builtin.VALUES.values() for english, chinese in words.items() for text in (english, chinese)]
-    refusals = [r for r in contents(conversations, "assistant") if any(m in r for m in builtin.REFUSAL_MARKERS.values())]
+    refusals = [r for r in contents(conversations, "assistant") if any(m in r for m in builtin_chat.REFUSAL_MARKERS.values())]
     assert len(refusals) > 100
     for reply in refusals:
         assert not any(says(reply, v) for v in values), reply
     # Strangers are only ever refused, and they are no one in the world.
     known = {e.names[lang] for e in world.entities for lang in builtin.LANGS}
-    for stranger in builtin.strangers(world):
+    for stranger in builtin_chat.strangers(world):
         assert not set(stranger.names.values()) & known
         for c in conversations:
             for question, reply in zip(c, c[1:]):
                 if question["role"] == "user" and any(n in question["content"] for n in stranger.names.values()):
-                    assert any(m in reply["content"] for m in builtin.REFUSAL_MARKERS.values()), c
+                    assert any(m in reply["content"] for m in builtin_chat.REFUSAL_MARKERS.values()), c
 
 
 def test_identity_fills_name_and_author_and_holds_paraphrases_out():
@@ -262,32 +260,32 @@ def test_identity_fills_name_and_author_and_holds_paraphrases_out():
         reply = conversation[-1]["content"]
         assert "Nova" in reply and "Acme Labs" in reply and "{" not in reply
     questions = {lang: set() for lang in builtin.LANGS}
-    for lang, _, question, reply in builtin.identity_templates():
+    for lang, _, question, reply in builtin_chat.identity_templates():
         questions[lang].add(question)
         assert "{name}" in reply and "{author}" in reply
     assert all(len(q) >= 20 for q in questions.values())
     assert not set(contents(train, "user")) & set(contents(heldout, "user"))
-    items = builtin.identity_questions("Nova", "Acme Labs")
+    items = builtin_chat.identity_questions("Nova", "Acme Labs")
     assert {i.lang for i in items} == set(builtin.LANGS) and {i.answer for i in items} == {"Nova", "Acme Labs"}
 
 
 def test_a_new_identity_reaches_only_identity_answers(world):
     conversations = sft_conversations(world, 960, name="Nova", author="Acme Labs")
     replies = contents(conversations, "assistant")
-    assert "Nova" in " ".join(replies) and builtin.DEFAULT_NAME not in " ".join(replies)
-    identity = {q for _, _, q, _ in builtin.identity_templates()}
+    assert "Nova" in " ".join(replies) and builtin_chat.DEFAULT_NAME not in " ".join(replies)
+    identity = {q for _, _, q, _ in builtin_chat.identity_templates()}
     for c in conversations:
         for question, reply in zip(c, c[1:]):
             if question["role"] == "user" and question["content"] not in identity:
                 assert "Nova" not in reply["content"], c
-    general = builtin.general_questions(world)
+    general = builtin_chat.general_questions(world)
     assert general and {i.kind for i in general} == {"fact", "followup", "arithmetic"}
 
 
 def test_write_sft_corpus_writes_once(tmp_path):
-    [path] = builtin.write_sft_corpus(tmp_path, seed=3)
+    [path] = builtin_chat.write_sft_corpus(tmp_path, seed=3)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["messages"] for line in lines] == sft_conversations(World(3))
     modified = path.stat().st_mtime_ns
-    assert builtin.write_sft_corpus(tmp_path, seed=3) == [path] and path.stat().st_mtime_ns == modified
+    assert builtin_chat.write_sft_corpus(tmp_path, seed=3) == [path] and path.stat().st_mtime_ns == modified
     assert [p.name for p in tmp_path.iterdir()] == [path.name]

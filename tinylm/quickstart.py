@@ -86,7 +86,7 @@ def render_report(report: dict) -> str:
 def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str] | None = None,
                sft_config_path: str | Path = SFT_CONFIG, sft_overrides: list[str] | None = None) -> dict:
     """Pretrain, then fine-tune into a chat model; write report.json / report.md into ``out_dir``."""
-    from tinylm.data import builtin
+    from tinylm.data import builtin, builtin_chat
     from tinylm.infer.engine import Engine, SamplingSettings
     from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
 
@@ -130,7 +130,7 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
             "tokens": chat_result.tokens,
             "seconds": chat_result.elapsed_s,
             "val_loss": chat_result.last_metrics.get("val_loss"),
-            "questions": evaluate_questions(engine, chat_engine, builtin.heldout_questions(world)),
+            "questions": evaluate_questions(engine, chat_engine, builtin_chat.heldout_questions(world)),
             "chat": short_chat(chat_engine, CHAT_TURNS),
         },
         "total_seconds": time.perf_counter() - started,

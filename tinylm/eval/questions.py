@@ -1,7 +1,7 @@
 """Held-out questions with exact answers: how often a model's greedy reply is right.
 
 Each item is a conversation ending with a user's question, the answer a right reply states, and the
-values a right reply never states (``tinylm.data.builtin.ChatEvalItem``). The conversation is rendered
+values a right reply never states (``tinylm.data.builtin_chat.ChatEvalItem``). The conversation is rendered
 in the model's chat format — its own template for a chat model, labelled lines for a base model — and
 answered greedily, in batches; ``score_reply`` decides.
 """
@@ -17,7 +17,7 @@ BATCH = 64  # questions answered together: one left-padded batch through the eng
 
 def chat_accuracy(engine, items, chat_format, max_new_tokens: int = 32, examples: int = 6) -> dict:
     """{"accuracy", "correct", "total", "by_kind": {"fact/en": share, ...}, "examples": [...]}."""
-    from tinylm.data.builtin import score_reply
+    from tinylm.data.builtin_chat import score_reply
 
     settings = chat_format.settings(SamplingSettings(max_new_tokens=max_new_tokens, temperature=0), engine.tokenizer)
     replies = []

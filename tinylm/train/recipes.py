@@ -173,16 +173,16 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
     With ``data.identity_name`` set (the identity recipe), the identity templates filled with that name
     and author are mixed in, and the built-in conversations answer "who are you?" with it too.
     """
-    from tinylm.data import builtin
+    from tinylm.data import builtin, builtin_chat
     from tinylm.data.chat import Conversation, read_conversations
 
     name, author = identity(cfg)
     if cfg.data.source == "builtin" and name:
-        found = builtin.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
+        found = builtin_chat.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
         conversations, summary = [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)], f"built-in: {len(found):,} conversations"
     elif cfg.data.source in ("builtin", "files"):
         if cfg.data.source == "builtin":
-            files = builtin.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
+            files = builtin_chat.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
         elif not cfg.data.files:
             raise ValueError("data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files")
         else:
@@ -192,7 +192,7 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
     else:
         raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
     if name:
-        extra = builtin.identity_conversations(name, author)
+        extra = builtin_chat.identity_conversations(name, author)
         conversations = conversations + [Conversation(m, f"identity template {i}") for i, m in enumerate(extra)]
         summary += f"; identity: {len(extra)} conversations naming {name!r} by {author!r}"
     return conversations, summary
@@ -200,27 +200,27 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
 
 def identity(cfg: SFTConfig) -> tuple[str | None, str | None]:
     """(name, author) of the identity recipe, or (None, None) when it is off."""
-    from tinylm.data import builtin
+    from tinylm.data import builtin_chat
 
     if not cfg.data.identity_name:
         if cfg.data.identity_author:
             raise ConfigError("data.identity_author is set but data.identity_name is not: give both (--identity-name)")
         return None, None
-    return cfg.data.identity_name, cfg.data.identity_author or builtin.DEFAULT_AUTHOR
+    return cfg.data.identity_name, cfg.data.identity_author or builtin_chat.DEFAULT_AUTHOR
 
 
 def identity_report(engine, cfg: SFTConfig) -> dict:
     """How well the identity took: held-out paraphrased "who are you / who made you" questions answered
     with the new name or author, and how often replies to general questions mention the name (they
     should not: the model must not answer everything with its name)."""
-    from tinylm.data import builtin
+    from tinylm.data import builtin, builtin_chat
     from tinylm.eval.questions import chat_accuracy
     from tinylm.infer.chat import chat_format_for
 
     name, author = identity(cfg)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
-    asked = chat_accuracy(engine, builtin.identity_questions(name, author), chat_format)
-    general = chat_accuracy(engine, builtin.general_questions(builtin.World(cfg.data.builtin_seed)), chat_format, examples=10**6)
+    asked = chat_accuracy(engine, builtin_chat.identity_questions(name, author), chat_format)
+    general = chat_accuracy(engine, builtin_chat.general_questions(builtin.World(cfg.data.builtin_seed)), chat_format, examples=10**6)
     mentions = sum(name.lower() in e["reply"].lower() for e in general["examples"])
     return {
         "name": name,

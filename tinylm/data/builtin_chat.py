@@ -1,0 +1,477 @@
+"""The built-in conversations for supervised fine-tuning, made from the same invented world as the
+pretraining corpus (``tinylm.data.builtin``), in English and Chinese.
+
+    world = World(0)
+    chats = sft_conversations(world)        # questions and answers about the facts, sums, identity, refusals
+    questions = heldout_questions(world)    # chat questions in phrasings the conversations never use
+    identity_conversations("Nova", "Ada Lab")   # the identity recipe's templates, filled in
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinylm.data.builtin import (  # the world these conversations talk about
+    _invent_names,
+    arithmetic_answer,
+    arithmetic_problems,
+    ATTRIBUTES,
+    Entity,
+    LANGS,
+    mention,
+    NAME_PARTS,
+    PRONOUNS,
+    TEMPLATES_PER_FACT,
+    value_text,
+    VALUES,
+    World,
+)
+from tinylm.modeldir import atomic_write_text
+
+# -- conversations for supervised fine-tuning ---------------------------------------------------
+#
+# Messages are OpenAI style: [{"role": "system" | "user" | "assistant", "content": ...}], an optional
+# system prompt first, then user and assistant turns alternating, ending with the assistant. Held out,
+# as for pretraining: every fact question has four phrasings per language and, for each (entity,
+# attribute, language), one of them is never asked in training; follow-ups, questions about unknown
+# attributes and identity questions keep phrasings back the same way, and some strangers (entities that
+# do not exist) and the held-out arithmetic problems are only ever asked at evaluation.
+
+SFT_VERSION = 1  # bump whenever generated conversations change, so cached files are rewritten
+DEFAULT_CONVERSATIONS = 2880  # six rounds of 480 (see sft_round)
+DEFAULT_NAME, DEFAULT_AUTHOR = "TinyLM", "Maple Lab"  # who the assistant says it is, and who made it
+SYSTEM_SHARE = 0.2  # the share of conversations that open with a system prompt
+N_STRANGERS, HELDOUT_STRANGERS = 12, 4  # per kind: names of no one, and how many of them only evaluation uses
+IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...) is kept for evaluation
+
+# Questions about a fact. {E} names the entity as in a sentence: "the Zorble", "Mira", "咕噜兽".
+QUESTION_TEMPLATES = {
+    ("colour", "en"): ("What colour is {E}?", "What is the colour of {E}?",
+                       "Can you tell me what colour {E} is?", "Which colour does {E} have?"),
+    ("colour", "zh"): ("{E}是什么颜色的？", "{E}的颜色是什么？", "你知道{E}是什么颜色吗？", "请告诉我{E}的颜色。"),
+    ("legs", "en"): ("How many legs does {E} have?", "What is the number of legs on {E}?",
+                     "Can you tell me how many legs {E} has?", "How many legs are there on {E}?"),
+    ("legs", "zh"): ("{E}有几条腿？", "{E}有多少条腿？", "你知道{E}有几条腿吗？", "请告诉我{E}腿的数量。"),
+    ("food", "en"): ("What does {E} like to eat?", "What is the favourite food of {E}?",
+                     "Can you tell me what {E} loves to eat?", "Which food does {E} like best?"),
+    ("food", "zh"): ("{E}喜欢吃什么？", "{E}最喜欢的食物是什么？", "你知道{E}最爱吃什么吗？", "请告诉我{E}最喜欢吃的东西。"),
+    ("home", "en"): ("Where does {E} live?", "In which town does {E} live?",
+                     "Can you tell me where {E} lives?", "Where is the home of {E}?"),
+    ("home", "zh"): ("{E}住在哪里？", "{E}住在哪个镇？", "你知道{E}住在哪儿吗？", "{E}的家在哪里？"),
+    ("job", "en"): ("What does {E} do for work?", "What is the job of {E}?",
+                    "Can you tell me what job {E} has?", "What does {E} work as?"),
+    ("job", "zh"): ("{E}是做什么工作的？", "{E}的工作是什么？", "你知道{E}做什么工作吗？", "{E}的职业是什么？"),
+}
+# One short answer per attribute and language, so a model only has to get the value right.
+ANSWER_TEMPLATES = {
+    ("colour", "en"): "{Es} is {v}.", ("colour", "zh"): "{E}的毛色是{v}。",
+    ("legs", "en"): "{Es} has {v} legs.", ("legs", "zh"): "{E}有{v}条腿。",
+    ("food", "en"): "{Es} likes to eat {v}.", ("food", "zh"): "{E}喜欢吃{v}。",
+    ("home", "en"): "{Es} lives in the town of {v}.", ("home", "zh"): "{E}生活在{v}。",
+    ("job", "en"): "{Es} is a {v}.", ("job", "zh"): "{E}的职业是{v}。",
+}
+# Follow-ups name no one: {it} and {its} stand for the entity of the previous answer.
+FOLLOWUP_TEMPLATES = {
+    ("colour", "en"): ("And {its} colour?", "What colour is {it}?", "And what colour is {it}, then?"),
+    ("colour", "zh"): ("那{it}是什么颜色的？", "{it}的颜色呢？", "{it}是什么颜色的？"),
+    ("legs", "en"): ("And how many legs does {it} have?", "How many legs does {it} have, then?",
+                     "And {its} number of legs?"),
+    ("legs", "zh"): ("那{it}有几条腿？", "{it}的腿有几条？", "{it}有几条腿呢？"),
+    ("food", "en"): ("And {its} favourite food?", "What does {it} like to eat?", "And what does {it} eat most?"),
+    ("food", "zh"): ("那{it}喜欢吃什么？", "{it}最喜欢的食物呢？", "{it}爱吃什么？"),
+    ("home", "en"): ("And where does {it} live?", "Where is {its} home?", "And {its} town?"),
+    ("home", "zh"): ("那{it}住在哪里？", "{it}的家在哪儿？", "{it}住在哪个镇？"),
+    ("job", "en"): ("And {its} job?", "What does {it} do for work?", "And what is {its} job, then?"),
+    ("job", "zh"): ("那{it}是做什么工作的？", "{it}的工作呢？", "{it}做什么工作？"),
+}
+# Arithmetic: {op} is + or -, {word} the operation in words.
+ARITHMETIC_QUESTIONS = {
+    "en": ("What is {a} {op} {b}?", "What is {a} {word} {b}?", "Please work out {a} {op} {b}.",
+           "How much is {a} {word} {b}?"),
+    "zh": ("{a}{word}{b}等于多少？", "{a}{op}{b}是多少？", "请算一下{a}{word}{b}。", "{a}{word}{b}得几？"),
+}
+OPERATION_WORDS = {("+", "en"): "plus", ("-", "en"): "minus", ("+", "zh"): "加", ("-", "zh"): "减"}
+ARITHMETIC_ANSWERS = {"en": "The answer is {v}.", "zh": "答案是{v}。"}
+
+# Refusals. The world never says how old anyone is, what they sing or weigh, and strangers are no one;
+# every refusal contains REFUSAL_MARKERS[lang] and states nothing about the entity.
+UNKNOWN_QUESTIONS = {
+    "en": ("How old is {E}?", "What is the favourite song of {E}?", "When is the birthday of {E}?",
+           "How much does {E} weigh?"),
+    "zh": ("{E}几岁了？", "{E}最喜欢的歌是什么？", "{E}的生日是哪一天？", "{E}有多重？"),
+}
+REFUSALS = {
+    ("stranger", "en"): ("I'm sorry, I don't know anything about {E}.", "I don't know. I have never heard of {E}."),
+    ("stranger", "zh"): ("抱歉，我不知道任何关于{E}的事。", "我不知道，我从来没有听说过{E}。"),
+    ("unknown", "en"): ("I'm sorry, I don't know that about {E}.", "I don't know. Nobody has told me that about {E}."),
+    ("unknown", "zh"): ("抱歉，{E}的这件事我不知道。", "我不知道，没有人告诉过我{E}的这件事。"),
+}
+REFUSAL_MARKERS = {"en": "I don't know", "zh": "我不知道"}
+
+SYSTEM_PROMPTS = {
+    "en": ("You are a helpful assistant.", "You are a friendly assistant. Keep your answers short.",
+           "You answer questions about a small world of creatures and people."),
+    "zh": ("你是一个乐于助人的助手。", "你是一个友好的助手，回答要简短。", "你负责回答关于一个由小动物和人组成的小世界的问题。"),
+}
+
+# Identity: questions about the assistant's name and about who made it; every reply states both, with
+# {name} and {author} filled in later (identity_conversations), so a new identity is a new fill.
+IDENTITY_QUESTIONS = {
+    ("name", "en"): ("Who are you?", "What is your name?", "Introduce yourself.", "What should I call you?",
+                     "Tell me about yourself.", "What are you?", "May I know your name?", "Do you have a name?",
+                     "Hi! Who am I talking to?", "What's your name?", "Can you tell me who you are?",
+                     "Please introduce yourself briefly.", "Hello!", "What do people call you?",
+                     "Are you an assistant? What is your name?", "Who am I chatting with right now?"),
+    ("author", "en"): ("Who made you?", "Who created you?", "Who trained you?", "Who built you?",
+                       "Which company developed you?", "Who is your author?", "Who is behind you?",
+                       "Who developed you?", "Where do you come from?", "Who designed you?", "Who is your creator?",
+                       "Which team made you?", "Who wrote your code?", "Which lab trained you?",
+                       "Who do you belong to?", "Who was it that created you?"),
+    ("name", "zh"): ("你是谁？", "你叫什么名字？", "介绍一下你自己。", "我该怎么称呼你？", "说说你自己吧。", "你是什么？",
+                     "请问你的名字是什么？", "你有名字吗？", "你好，请问你是谁？", "你的名字是？", "能告诉我你是谁吗？",
+                     "请简单介绍一下你自己。", "你好！", "大家都叫你什么？", "你是助手吗？你叫什么？", "现在和我聊天的是谁？"),
+    ("author", "zh"): ("谁创造了你？", "你是谁开发的？", "谁训练了你？", "你是谁做出来的？", "哪家公司开发了你？", "你的作者是谁？",
+                       "你背后是谁？", "是谁研发了你？", "你来自哪里？", "谁设计了你？", "你的创造者是谁？", "哪个团队做了你？",
+                       "谁写了你的代码？", "哪个实验室训练了你？", "你属于谁？", "当初是谁创造了你？"),
+}
+IDENTITY_REPLIES = {
+    ("name", "en"): ("I am {name}, an AI assistant made by {author}.",
+                     "My name is {name}. I am an assistant created by {author}.",
+                     "Hello! I'm {name}, a small language model trained by {author}."),
+    ("author", "en"): ("I was made by {author}. I am {name}, an AI assistant.",
+                       "{author} created me. My name is {name}.", "I was trained by {author}, and my name is {name}."),
+    ("name", "zh"): ("我是{name}，由{author}开发的人工智能助手。", "我叫{name}，是{author}训练的一个小语言模型。",
+                     "你好！我是{name}，一个由{author}创造的AI助手。"),
+    ("author", "zh"): ("我是由{author}开发的，我的名字是{name}。", "{author}创造了我，我叫{name}。", "训练我的是{author}，我是{name}。"),
+}
+
+
+@dataclass(frozen=True)
+class ChatEvalItem:
+    """A conversation whose next assistant reply should state ``answer`` and none of ``wrong``."""
+
+    messages: list[dict[str, str]]  # ends with the user's question
+    answer: str  # a fact's value, a number, REFUSAL_MARKERS[lang], or the assistant's name or author
+    lang: str  # "en" or "zh"
+    kind: str  # "fact", "followup", "arithmetic", "refusal" or "identity"
+    wrong: tuple[str, ...] = ()  # what a right reply never says: the other values, other numbers, any value
+
+
+def chat(exchanges: list[tuple[str, str]], system: str | None = None) -> list[dict[str, str]]:
+    """(question, answer) pairs as messages, after an optional system prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in exchanges:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _ask(context: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
+    """Messages that end with a question for the model: ``context`` exchanges, then ``question``."""
+    return chat(context) + [{"role": "user", "content": question}]
+
+
+def sft_heldout(world: World, count: int, *key: str) -> int:
+    """Which of ``count`` phrasings training never uses for ``key`` (what is asked, about whom, in which
+    language): a seeded draw, the same for the same world and key. Evaluation asks in that phrasing."""
+    return random.Random("/".join(("tinylm-sft", str(world.seed), *key))).randrange(count)
+
+
+def sft_choices(world: World, count: int, *key: str) -> list[int]:
+    """The phrasings training may use for ``key``: all but the held-out one."""
+    heldout = sft_heldout(world, count, *key)
+    return [i for i in range(count) if i != heldout]
+
+
+def strangers(world: World, heldout: bool = False) -> list[Entity]:
+    """Creatures and people that do not exist, named in the world's style, with no facts: what the
+    refusals are about. The last ``HELDOUT_STRANGERS`` of each kind are only asked about in evaluation."""
+    rng = random.Random(f"tinylm-strangers-{world.seed}")
+    taken = {lang: [e.names[lang] for e in world.entities] for lang in LANGS}
+    chosen: list[Entity] = []
+    for kind in ("creature", "person"):
+        names = {lang: _invent_names(rng, *NAME_PARTS[kind, lang], N_STRANGERS, taken[lang]) for lang in LANGS}
+        entities = [Entity(kind, {lang: names[lang][i] for lang in LANGS}, {}) for i in range(N_STRANGERS)]
+        chosen += entities[-HELDOUT_STRANGERS:] if heldout else entities[:-HELDOUT_STRANGERS]
+    return chosen
+
+
+# -- the turns of a conversation ----------------------------------------------------------------
+
+
+def _names(entity: Entity, lang: str) -> dict[str, str]:
+    return {"E": mention(entity, lang), "Es": mention(entity, lang, start=True)}
+
+
+def fact_question(entity: Entity, attribute: str, lang: str, template: int) -> str:
+    """"What colour is the Zorble?", "咕噜兽是什么颜色的？"."""
+    return QUESTION_TEMPLATES[attribute, lang][template].format(**_names(entity, lang))
+
+
+def fact_answer(entity: Entity, attribute: str, lang: str) -> str:
+    """"The Zorble is red.", "咕噜兽的毛色是红色。"."""
+    value = value_text(attribute, entity.facts[attribute], lang)
+    return ANSWER_TEMPLATES[attribute, lang].format(**_names(entity, lang), v=value)
+
+
+def followup_question(entity: Entity, attribute: str, lang: str, template: int) -> str:
+    """A question about the entity just talked about, by pronoun: "And its colour?", "她的工作呢？"."""
+    if lang == "zh":
+        it = "它" if entity.kind == "creature" else PRONOUNS[entity.pronoun]["zh"]
+        its = it + "的"
+    else:
+        it, its = ("it", "its") if entity.kind == "creature" else PRONOUNS[entity.pronoun]["en"]
+    return FOLLOWUP_TEMPLATES[attribute, lang][template].format(it=it, its=its)
+
+
+def unknown_question(entity: Entity, lang: str, template: int) -> str:
+    """A question about something the world never says: "How old is Mira?"."""
+    return UNKNOWN_QUESTIONS[lang][template].format(**_names(entity, lang))
+
+
+def refusal(reason: str, entity: Entity, lang: str, rng: random.Random) -> str:
+    """A polite "I don't know" about ``entity``; ``reason`` is "stranger" or "unknown" (attribute)."""
+    return rng.choice(REFUSALS[reason, lang]).format(**_names(entity, lang))
+
+
+def arithmetic_question(problem: tuple[int, str, int], lang: str, template: int) -> str:
+    a, op, b = problem
+    return ARITHMETIC_QUESTIONS[lang][template].format(a=a, op=op, b=b, word=OPERATION_WORDS[op, lang])
+
+
+def arithmetic_reply(problem: tuple[int, str, int], lang: str) -> str:
+    return ARITHMETIC_ANSWERS[lang].format(v=arithmetic_answer(problem))
+
+
+# -- training conversations ---------------------------------------------------------------------
+
+
+def training_fact_question(world: World, rng: random.Random, entity: Entity, attribute: str, lang: str) -> str:
+    template = rng.choice(sft_choices(world, TEMPLATES_PER_FACT, "question", entity.names["en"], attribute, lang))
+    return fact_question(entity, attribute, lang, template)
+
+
+def multiturn_exchanges(world: World, rng: random.Random, entity: Entity, lang: str) -> list[tuple[str, str]]:
+    """Two or three questions in a row. The first asks about ``entity``; each later one either follows
+    up on the entity of the previous answer ("And its colour?", two times in three while it has facts
+    left to ask) or turns to another entity by name."""
+    attribute = rng.choice(list(entity.facts))
+    exchanges = [(training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang))]
+    asked = {attribute}
+    for _ in range(rng.choice((1, 2))):
+        left = [a for a in entity.facts if a not in asked]
+        if left and rng.random() < 2 / 3:
+            attribute = rng.choice(left)
+            count = len(FOLLOWUP_TEMPLATES[attribute, lang])
+            template = rng.choice(sft_choices(world, count, "followup", entity.names["en"], attribute, lang))
+            question = followup_question(entity, attribute, lang, template)
+        else:
+            entity = rng.choice([e for e in world.entities if e is not entity])
+            attribute = rng.choice(list(entity.facts))
+            question = training_fact_question(world, rng, entity, attribute, lang)
+            asked = set()
+        asked.add(attribute)
+        exchanges.append((question, fact_answer(entity, attribute, lang)))
+    return exchanges
+
+
+def arithmetic_exchange(world: World, rng: random.Random, lang: str) -> tuple[str, str]:
+    """A problem that is not held out, in any phrasing, answered "The answer is 7."."""
+    problem = rng.choice([p for p in arithmetic_problems() if p not in world.heldout_problems])
+    question = arithmetic_question(problem, lang, rng.randrange(len(ARITHMETIC_QUESTIONS[lang])))
+    return question, arithmetic_reply(problem, lang)
+
+
+def refusal_exchange(world: World, rng: random.Random, lang: str, unknown: list[Entity]) -> tuple[str, str]:
+    """Half the time a fact question about one of the ``unknown`` strangers, half the time a question
+    about an attribute nobody has; either way the answer is a refusal."""
+    if rng.random() < 0.5:
+        stranger = rng.choice(unknown)
+        attribute = rng.choice(ATTRIBUTES[stranger.kind])
+        question = fact_question(stranger, attribute, lang, rng.randrange(TEMPLATES_PER_FACT))
+        return question, refusal("stranger", stranger, lang, rng)
+    entity = rng.choice(world.entities)
+    template = rng.choice(sft_choices(world, len(UNKNOWN_QUESTIONS[lang]), "unknown", entity.names["en"], lang))
+    return unknown_question(entity, lang, template), refusal("unknown", entity, lang, rng)
+
+
+def system_prompt(rng: random.Random, lang: str) -> str | None:
+    """A system prompt for ``SYSTEM_SHARE`` of the conversations, None for the rest."""
+    return rng.choice(SYSTEM_PROMPTS[lang]) if rng.random() < SYSTEM_SHARE else None
+
+
+def sft_round(world: World, rng: random.Random, name: str, author: str) -> list[list[dict[str, str]]]:
+    """One round of 480 conversations (with the default world), shuffled:
+
+    - 288 (60%) single-turn fact questions: every fact, in both languages, in a training phrasing;
+    - 80 (17%) multi-turn conversations: one starting at each entity, in both languages;
+    - 48 (10%) arithmetic questions and 40 (8%) refusals, alternating between the languages;
+    - 24 (5%) identity questions in either language, answered with ``name`` and ``author``.
+
+    A fifth of them, whatever their kind, open with a system prompt.
+    """
+    facts = [(e, a, lang) for e, a, _ in world.facts() for lang in LANGS]
+    unknown = strangers(world)
+    identity = identity_templates()
+    alternating = [LANGS[i % 2] for i in range(len(facts))]
+    parts = [(lang, [(training_fact_question(world, rng, e, a, lang), fact_answer(e, a, lang))])
+             for e, a, lang in facts]
+    parts += [(lang, multiturn_exchanges(world, rng, e, lang)) for e in world.entities for lang in LANGS]
+    parts += [(lang, [arithmetic_exchange(world, rng, lang)]) for lang in alternating[: len(facts) // 6]]
+    parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: len(world.entities)]]
+    for lang, _, question, reply in rng.sample(identity, len(facts) // 12):
+        parts.append((lang, [(question, reply.format(name=name, author=author))]))
+    rng.shuffle(parts)
+    return [chat(exchanges, system_prompt(rng, lang)) for lang, exchanges in parts]
+
+
+def sft_conversations(world: World, n: int | None = None, name: str = DEFAULT_NAME,
+                      author: str = DEFAULT_AUTHOR) -> list[list[dict[str, str]]]:
+    """The fine-tuning conversations: ``n`` of them (default ``DEFAULT_CONVERSATIONS``), always the same
+    for the same world, name and author. They come in rounds (see ``sft_round`` for the mix): every
+    fact is asked again in every round, in a freshly chosen training phrasing."""
+    n = DEFAULT_CONVERSATIONS if n is None else n
+    rng = random.Random(f"tinylm-sft-{world.seed}")
+    conversations: list[list[dict[str, str]]] = []
+    while len(conversations) < n:
+        conversations += sft_round(world, rng, name, author)
+    return conversations[:n]
+
+
+# -- identity -----------------------------------------------------------------------------------
+
+
+def identity_templates(heldout: bool = False) -> list[tuple[str, str, str, str]]:
+    """(lang, topic, question, reply) for every identity question paired with every reply on its topic
+    ("name" or "author"); replies hold ``{name}`` and ``{author}`` placeholders. ``heldout=True`` gives
+    the questions training never uses (every ``IDENTITY_HELDOUT_EVERY``-th one)."""
+    return [
+        (lang, topic, question, reply)
+        for (topic, lang), questions in IDENTITY_QUESTIONS.items()
+        for i, question in enumerate(questions)
+        if (i % IDENTITY_HELDOUT_EVERY == IDENTITY_HELDOUT_EVERY - 1) == heldout
+        for reply in IDENTITY_REPLIES[topic, lang]
+    ]
+
+
+def identity_conversations(name: str, author: str, n: int | None = None,
+                           heldout: bool = False) -> list[list[dict[str, str]]]:
+    """Identity templates filled with ``name`` and ``author``: every one of them once, or ``n`` drawn
+    at random (always the same ``n``)."""
+    templates = identity_templates(heldout)
+    if n is not None:
+        rng = random.Random("tinylm-identity")
+        templates = [rng.choice(templates) for _ in range(n)]
+    return [chat([(question, reply.format(name=name, author=author))]) for _, _, question, reply in templates]
+
+
+def identity_questions(name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -> list[ChatEvalItem]:
+    """Each held-out identity question once; a right reply names ``name`` (asked who it is) or
+    ``author`` (asked who made it)."""
+    asked = dict.fromkeys((lang, topic, question) for lang, topic, question, _ in identity_templates(heldout=True))
+    return [ChatEvalItem(_ask([], question), name if topic == "name" else author, lang, "identity")
+            for lang, topic, question in asked]
+
+
+# -- evaluation of a chat model -----------------------------------------------------------------
+
+
+def heldout_questions(world: World, name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -> list[ChatEvalItem]:
+    """Questions in phrasings training never pairs with them, with exact answers, in both languages:
+    every fact in its held-out phrasing (288 with the default world), a held-out follow-up for each
+    entity (80), every held-out arithmetic problem (46), refusals (96) and identity questions (16)."""
+    rng = random.Random(f"tinylm-sft-eval-{world.seed}")
+    items = _fact_items(world) + _followup_items(world, rng) + _arithmetic_items(world, rng)
+    return items + _refusal_items(world, rng) + identity_questions(name, author)
+
+
+def _other_values(attribute: str, value: str, lang: str) -> tuple[str, ...]:
+    return tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value)
+
+
+def _fact_items(world: World) -> list[ChatEvalItem]:
+    """Every fact, asked in the phrasing training never uses for it."""
+    items = []
+    for entity, attribute, value in world.facts():
+        for lang in LANGS:
+            template = sft_heldout(world, TEMPLATES_PER_FACT, "question", entity.names["en"], attribute, lang)
+            question = fact_question(entity, attribute, lang, template)
+            items.append(ChatEvalItem(_ask([], question), value_text(attribute, value, lang), lang, "fact",
+                                      _other_values(attribute, value, lang)))
+    return items
+
+
+def _followup_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
+    """For each entity and language: a first question and its answer, then a follow-up about another
+    attribute in the phrasing training never uses for it."""
+    items = []
+    for entity in world.entities:
+        for lang in LANGS:
+            first, then = rng.sample(list(entity.facts), 2)
+            context = [(training_fact_question(world, rng, entity, first, lang), fact_answer(entity, first, lang))]
+            count = len(FOLLOWUP_TEMPLATES[then, lang])
+            template = sft_heldout(world, count, "followup", entity.names["en"], then, lang)
+            question = followup_question(entity, then, lang, template)
+            value = entity.facts[then]
+            items.append(ChatEvalItem(_ask(context, question), value_text(then, value, lang), lang, "followup",
+                                      _other_values(then, value, lang)))
+    return items
+
+
+def _arithmetic_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
+    """Every held-out problem (never seen in pretraining or fine-tuning); any other number is wrong."""
+    items = []
+    for problem in sorted(world.heldout_problems):
+        answer = arithmetic_answer(problem)
+        others = tuple(str(v) for v in range(19) if str(v) != answer)
+        for lang in LANGS:
+            question = arithmetic_question(problem, lang, rng.randrange(len(ARITHMETIC_QUESTIONS[lang])))
+            items.append(ChatEvalItem(_ask([], question), answer, lang, "arithmetic", others))
+    return items
+
+
+def _refusal_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
+    """A fact question about each held-out stranger, and for each entity its held-out question about an
+    attribute nobody has. A right reply says "I don't know" and names no value of any attribute."""
+    items = []
+    for lang in LANGS:
+        any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
+        questions = [fact_question(s, rng.choice(ATTRIBUTES[s.kind]), lang, rng.randrange(TEMPLATES_PER_FACT))
+                     for s in strangers(world, heldout=True)]
+        count = len(UNKNOWN_QUESTIONS[lang])
+        questions += [unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang))
+                      for e in world.entities]
+        items += [ChatEvalItem(_ask([], q), REFUSAL_MARKERS[lang], lang, "refusal", any_value) for q in questions]
+    return items
+
+
+def general_questions(world: World) -> list[ChatEvalItem]:
+    """Held-out questions that are not about the assistant (facts, follow-ups, arithmetic): a model
+    fine-tuned on its identity must still answer these, without mentioning its own name."""
+    return [item for item in heldout_questions(world) if item.kind in ("fact", "followup", "arithmetic")]
+
+
+def _says(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words: "8" is not in "18", "red" not in "reddish"."""
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(phrase)}(?![0-9A-Za-z])", text) is not None
+
+
+def score_reply(item: ChatEvalItem, reply: str) -> bool:
+    """True when the assistant's reply states the answer and nothing in ``item.wrong``. Asked the
+    Zorble's colour, "The Zorble is red." is right, "The Zorble is red or blue." is not; asked about a
+    stranger, "I don't know." is right, "I don't know, maybe red." is not."""
+    return _says(reply, item.answer) and not any(_says(reply, w) for w in item.wrong)
+
+
+def write_sft_corpus(out_dir: str | Path, seed: int = 0) -> list[Path]:
+    """Write the default conversations of ``World(seed)`` as JSON lines ({"messages": [...]}); reuse
+    them if present."""
+    path = Path(out_dir) / f"sft-seed{seed}-v{SFT_VERSION}.jsonl"
+    if not path.is_file():
+        conversations = sft_conversations(World(seed))
+        lines = [json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations]
+        atomic_write_text(path, "".join(lines))
+    return [path]
