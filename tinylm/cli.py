@@ -6,6 +6,7 @@
     tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
     tinylm chat runs/tiny/final [--system TEXT]
+    tinylm merge runs/tiny/final runs/adapter runs/merged
     tinylm plot runs/tiny
 
 Errors in what the user handed us (a config key, a data file, a model directory) print one line naming
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them")
     add_sampling_args(chat)
 
+    merge = commands.add_parser("merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory")
+    merge.add_argument("model_dir")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out_dir")
+
     plot = commands.add_parser("plot", help="(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
     return parser
@@ -189,6 +195,14 @@ def run(args, overrides: list[str]) -> int:
                     print(f"> {record['prompt']}\n{record['answer']}\n")
         else:
             run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format)
+    elif args.command == "merge":
+        from tinylm.model.lora import load_adapter, merge_lora
+        from tinylm.modeldir import load_model_dir, save_model_dir
+
+        model, tokenizer = load_model_dir(args.model_dir)
+        config = load_adapter(model, args.adapter_dir)
+        save_model_dir(merge_lora(model), args.out_dir, tokenizer=tokenizer)
+        print(f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}", file=sys.stderr)
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

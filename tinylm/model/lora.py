@@ -1,0 +1,194 @@
+"""LoRA: fine-tune a big frozen matrix through a small low-rank correction.
+
+A linear layer computes ``y = W x``. LoRA (Hu et al., 2021) keeps W frozen and learns
+``y = W x + (alpha / r) · B A x`` with A [r, in] and B [out, r] for a small rank r: a few thousand
+numbers per layer instead of in × out. B starts at zero, so training starts from exactly the base
+model. Afterwards the correction can be kept apart as an *adapter* (a small file, loadable next to the
+base model) or *merged*: W' = W + (alpha / r) · B A gives a plain model with no LoRA left in it.
+
+rsLoRA (Kalajdzievski, 2023) scales by alpha / √r instead, which keeps the update's size steady as the
+rank grows.
+
+Adapters are saved in PEFT's layout, so ``peft.PeftModel.from_pretrained`` loads them onto the
+transformers model, and adapters made by PEFT load here:
+
+    adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight / .lora_B.weight
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tinylm.modeldir import ModelDirError, atomic_directory, write_manifest
+
+# Every linear layer of the decoder (the lm_head is left alone, as PEFT's "all-linear" does).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter tensor
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora r: expected a rank >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout: expected a probability in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora target_modules is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same ``weight`` and ``bias``, frozen) plus a trainable low-rank correction."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the very same tensors: nothing is copied
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear initialises; PEFT does too
+        nn.init.zeros_(self.lora_B.weight)  # the correction starts at zero: the base model, exactly
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear whose weight includes the correction."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap every linear layer whose name ends with one of ``config.target_modules``; freeze everything
+    but the new A and B matrices. Returns the wrapped layers' names."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.split(".")[-1] in config.target_modules:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, config))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"no linear layer is named like {config.target_modules}; the model has "
+                         f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA correction into its base weight and remove the LoRA layers (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.merged())
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names."""
+    return {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically."""
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.target_modules),
+        "use_rslora": config.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as scratch:
+        save_file(adapter_state_dict(model), scratch / "adapter_model.safetensors", metadata={"format": "pt"})
+        (scratch / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+        write_manifest(scratch)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter directory; options tinylm does not implement are refused by name."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (an adapter directory holds adapter_config.json and adapter_model.safetensors)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if raw.get("peft_type") != "LORA":
+        raise ModelDirError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+    for key, expected in unsupported.items():
+        if raw.get(key, expected) not in (expected, None):
+            raise ModelDirError(f"{path}: {key} is {raw[key]!r}; tinylm supports only {key}={expected!r}")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if raw.get(key):
+            raise ModelDirError(f"{path}: {key} is set ({raw[key]!r}); tinylm does not support it")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):  # PEFT also accepts "all-linear" or a regular expression
+        if targets != "all-linear":
+            raise ModelDirError(f"{path}: target_modules is the pattern {targets!r}; expected a list of module names or 'all-linear'")
+        targets = list(ALL_LINEAR)
+    names = sorted({t.split(".")[-1] for t in targets or []})  # full paths ("model.layers.0.mlp.up_proj") name the layer kind too
+    return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0), target_modules=names,
+                      rslora=bool(raw.get("use_rslora", False)))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
+    """Add LoRA layers to ``model`` as the adapter's config says and load its weights (ours or PEFT's)."""
+    from tinylm.modeldir import verify_manifest
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    verify_manifest(adapter_dir)  # a tinylm adapter carries SHA256SUMS; PEFT's has none
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: missing")
+    add_lora(model, config)
+    # PEFT writes no adapter name into the file, but older files may carry ".default"
+    saved = {k.removeprefix(KEY_PREFIX).replace(".default.", "."): v for k, v in load_file(weights_path).items()}
+    own = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        raise ModelDirError(f"{weights_path}: the adapter does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, param in own.items():
+            if saved[name].shape != param.shape:
+                raise ModelDirError(f"{weights_path}: {name} is {tuple(saved[name].shape)}, the model needs {tuple(param.shape)}")
+            param.copy_(saved[name])
+    return config
