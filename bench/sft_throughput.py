@@ -92,7 +92,7 @@ from tinylm.tokenizer import train_tokenizer  # noqa: E402
 from tinylm.train import checkpoint as ckpt  # noqa: E402
 from tinylm.train import distributed  # noqa: E402
 from tinylm.train.objectives import NextTokenLoss  # noqa: E402
-from tinylm.train.trainer import Task, fit, fused_adamw, lr_lambda, move, param_groups  # noqa: E402
+from tinylm.train.trainer import Task, build_optimizer, fit, move  # noqa: E402
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 SFT_CONFIG = ROOT / "configs" / "sft-cpu-tiny.yaml"  # the training hyper-parameters of tinylm's SFT recipe
@@ -175,13 +175,7 @@ def run_theirs(model, init_state, batches, train_cfg, device: torch.device, amp,
     start = time.perf_counter()
     model.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay),
-        lr=train_cfg.lr,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-        fused=fused_adamw(device),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+    optimizer, scheduler = build_optimizer(model, train_cfg, device)
     tokens = 0
     for conversations in batches:
         batch = move(collate(conversations, pad_to, pad_id), device)

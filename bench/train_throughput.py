@@ -50,7 +50,7 @@ from tinylm.model.llama import CausalLM  # noqa: E402
 from tinylm.train import checkpoint as ckpt  # noqa: E402
 from tinylm.train import distributed  # noqa: E402
 from tinylm.train.objectives import NextTokenLoss, shift_window  # noqa: E402
-from tinylm.train.trainer import Task, fit, fused_adamw, lr_lambda, param_groups  # noqa: E402
+from tinylm.train.trainer import Task, build_optimizer, fit  # noqa: E402
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 # Sized so that the whole benchmark (both configs) takes a few minutes on 2 CPU cores.
@@ -107,13 +107,7 @@ def run_theirs(model, init_state, windows, train_cfg: TrainConfig, device: torch
     start = time.perf_counter()
     model.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay),
-        lr=train_cfg.lr,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-        fused=fused_adamw(device),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+    optimizer, scheduler = build_optimizer(model, train_cfg, device)
     for _ in range(train_cfg.max_steps):
         batch = batches.next_batch()
         input_ids = batch["input_ids"].to(device, non_blocking=True)

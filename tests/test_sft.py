@@ -149,3 +149,23 @@ def test_sft_fine_tunes_a_local_transformers_qwen2_directory(base_and_chats, tmp
     ids = torch.tensor([[5, 9, 13, 2]])
     with torch.no_grad():
         assert torch.allclose(tuned(ids).logits, ours(ids), atol=1e-4)
+
+
+def test_identity_recipe_mixes_in_the_name_and_measures_it(base_and_chats, tmp_path, capsys):
+    _, base, chats = base_and_chats
+    run = tmp_path / "nova"
+    assert main(["sft", "--init", str(base), "--data", str(chats), "--out", str(run), *TRAIN, "--train.max_steps=3",
+                 "--train.seq_len=128", "--identity-name", "Nova", "--identity-author", "Ada Lab"]) == 0
+    err = capsys.readouterr().err
+    assert "identity: 144 conversations naming 'Nova' by 'Ada Lab'" in err
+    measured = json.loads((run / "identity.json").read_text(encoding="utf-8"))
+    assert measured["name"] == "Nova" and measured["identity_questions"] == 16 and measured["general_questions"] > 100
+    assert 0 <= measured["identity_accuracy"] <= 1 and 0 <= measured["general_mentioning_name"] <= 1
+    # what the run measured is what the saved model does
+    from tinylm.config import SFTConfig, load_config
+    from tinylm.train.recipes import identity_report
+
+    cfg = load_config(SFTConfig, None, ["--data.identity_name=Nova", "--data.identity_author=Ada Lab"])
+    again = identity_report(Engine.from_dir(run / "final", device="cpu"), cfg)
+    assert again["identity_accuracy"] == measured["identity_accuracy"]
+    assert again["general_mentioning_name"] == measured["general_mentioning_name"]

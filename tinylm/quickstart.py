@@ -28,23 +28,14 @@ def evaluate_facts(engine, items) -> dict:
     from tinylm.data.builtin import score_completion
     from tinylm.infer.engine import SamplingSettings
 
+    from tinylm.eval.questions import tally
+
     settings = SamplingSettings(max_new_tokens=12, temperature=0.0)
     completions = engine.complete([item.prompt for item in items], settings)
-    by_kind: dict[str, list[bool]] = {}
-    examples = []
-    for item, completion in zip(items, completions):
-        ok = score_completion(item, completion)
-        by_kind.setdefault(f"{item.kind}/{item.lang}", []).append(ok)
-        if len(examples) < 8:
-            examples.append({"prompt": item.prompt, "answer": item.answer, "completion": completion, "correct": ok})
-    correct = sum(sum(v) for v in by_kind.values())
-    return {
-        "accuracy": correct / max(len(items), 1),
-        "correct": correct,
-        "total": len(items),
-        "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "examples": examples,
-    }
+    verdicts = [score_completion(item, completion) for item, completion in zip(items, completions)]
+    examples = [{"prompt": item.prompt, "answer": item.answer, "completion": completion, "correct": ok}
+                for item, completion, ok in zip(items[:8], completions, verdicts)]
+    return tally(items, verdicts, examples)
 
 
 def render_report(report: dict) -> str:

@@ -214,14 +214,16 @@ def identity_report(engine, cfg: SFTConfig) -> dict:
     with the new name or author, and how often replies to general questions mention the name (they
     should not: the model must not answer everything with its name)."""
     from tinylm.data import builtin, builtin_chat
-    from tinylm.eval.questions import chat_accuracy
+    from tinylm.eval.questions import answer, chat_accuracy, tally
     from tinylm.infer.chat import chat_format_for
 
     name, author = identity(cfg)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     asked = chat_accuracy(engine, builtin_chat.identity_questions(name, author), chat_format)
-    general = chat_accuracy(engine, builtin_chat.general_questions(builtin.World(cfg.data.builtin_seed)), chat_format, examples=10**6)
-    mentions = sum(name.lower() in e["reply"].lower() for e in general["examples"])
+    questions = builtin_chat.general_questions(builtin.World(cfg.data.builtin_seed))
+    replies = answer(engine, questions, chat_format)
+    general = tally(questions, [builtin_chat.score_reply(q, r) for q, r in zip(questions, replies)], [])
+    mentions = sum(name.lower() in reply.lower() for reply in replies)
     return {
         "name": name,
         "author": author,

@@ -94,6 +94,14 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW over ``param_groups`` (fused where torch has it) and the warmup + cosine schedule."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device)
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
 def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -118,10 +126,7 @@ def fit(
     device, main = dist.device, dist.is_main
     model = task.model.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = build_optimizer(model, cfg, device)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
 
     step, tokens, elapsed = 0, 0, 0.0
