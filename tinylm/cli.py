@@ -47,6 +47,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after")
 
 
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA (more keys: --lora.dropout=0.05 --lora.target_modules=[q_proj,v_proj] --lora.rslora=true)")
+    group.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of the whole model; the output is the adapter")
+    group.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit NF4 copy of the frozen base (implies --lora)")
+    group.add_argument("--double-quant", action="store_true", help="QLoRA: quantize the 4-bit blocks' scales too")
+    group.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 8)")
+    group.add_argument("--lora-alpha", type=float, default=None, help="scaling numerator: the update is alpha / r · B A (default 16)")
+
+
+def lora_overrides(args) -> dict:
+    qlora = getattr(args, "qlora", False)
+    return {"lora.enabled": (getattr(args, "lora", False) or qlora) or None, "lora.quantize": "nf4" if qlora else None,
+            "lora.double_quant": getattr(args, "double_quant", False) or None,
+            "lora.r": getattr(args, "lora_r", None), "lora.alpha": getattr(args, "lora_alpha", None)}
+
+
 def sampling_settings(args):
     from tinylm.infer.engine import SamplingSettings
 
@@ -83,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     pre.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
     pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
+    add_lora_args(pre)
 
     sft = commands.add_parser("sft", help="supervised fine-tuning on conversations; extra --section.key=value override the config")
     sft.add_argument("--config", default="sft-cpu-tiny", help="config name or YAML path")
@@ -96,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="run directory")
     sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     sft.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_lora_args(sft)
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
@@ -123,7 +141,7 @@ def flag_overrides(args) -> list[str]:
     """The command-line flags that are config keys, as --section.key=value overrides (flags win)."""
     if args.command not in ("pretrain", "sft", "quickstart"):
         return []
-    pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None)}
+    pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None), **lora_overrides(args)}
     if args.command == "sft":
         pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
                       "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),

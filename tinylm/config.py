@@ -75,12 +75,45 @@ class TrainConfig:
             raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every decoder linear
+
+
+@dataclass
+class LoRASection:
+    """Train a LoRA adapter instead of the whole model (``--lora``); the run's output is the adapter."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    quantize: str = "none"  # "nf4": QLoRA, the frozen base held in 4-bit NormalFloat
+    double_quant: bool = False  # QLoRA: quantize the 4-bit blocks' scales too
+    block_size: int = 64  # QLoRA: weights per 4-bit block
+
+    def __post_init__(self):
+        if self.quantize not in ("none", "nf4"):
+            raise ConfigError(f"quantize: expected none or nf4, got {self.quantize!r}")
+        if self.block_size < 2 or self.block_size % 2:
+            raise ConfigError(f"block_size: expected an even integer >= 2, got {self.block_size}")
+        if (self.quantize != "none" or self.double_quant) and not self.enabled:
+            raise ConfigError("lora.quantize / lora.double_quant are set but lora.enabled is not: QLoRA trains an adapter (--lora)")
+        self.lora_config()  # checks r, dropout and target_modules
+
+    def lora_config(self):
+        from tinylm.model.lora import LoRAConfig
+
+        return LoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=list(self.target_modules), rslora=self.rslora)
+
+
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     init_from: str | None = None  # a model directory to continue pretraining from
+    lora: LoRASection = field(default_factory=LoRASection)
 
 
 @dataclass
@@ -102,6 +135,7 @@ class SFTConfig:
     init_from: str | None = None  # the model directory to fine-tune (tinylm or a local transformers Llama/Qwen)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
 
 
 # -- building dataclasses from plain data -------------------------------------------------------

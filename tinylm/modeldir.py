@@ -192,12 +192,17 @@ def load_config(directory: str | Path) -> ModelConfig:
 
 def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
     """Load a model directory → (CausalLM, Tokenizer or None). Verifies SHA256SUMS when present.
+    An adapter directory (adapter_config.json, no config.json) loads as its base with the adapter merged.
 
     ``dtype`` None keeps the dtype the weights were saved in.
     """
     directory = Path(path)
     if not directory.is_dir():
         raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+        from tinylm.model.lora import load_adapter_dir  # a LoRA run's output: its base model + the adapter
+
+        return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
     verify_manifest(directory)
     config = load_config(directory)
     state = load_weights(directory)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tinylm.config import LORA_TARGETS as ALL_LINEAR  # every decoder linear (not the lm_head, as PEFT's "all-linear")
 from tinylm.modeldir import ModelDirError, atomic_directory, write_manifest
 
-# Every linear layer of the decoder (the lm_head is left alone, as PEFT's "all-linear" does).
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter tensor
 
 
@@ -56,33 +56,80 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear (same ``weight`` and ``bias``, frozen) plus a trainable low-rank correction."""
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank correction.
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # the very same tensors: nothing is copied
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        device, dtype = base.weight.device, base.weight.dtype
+    The base is an ``nn.Linear`` (its ``weight`` and ``bias`` are kept under their own names, so the
+    model's tensor names do not change) or, for QLoRA, an ``NF4Linear`` holding 4-bit weights.
+    ``disabled`` switches the correction off: the base model again, with nothing copied (DPO uses that
+    as its reference model).
+    """
+
+    def __init__(self, base: nn.Module, config: LoRAConfig):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.quantized = None
+        if isinstance(base, nn.Linear):
+            self.weight, self.bias = base.weight, base.bias  # the very same tensors: nothing is copied
+            self.weight.requires_grad_(False)
+            device, dtype = base.weight.device, base.weight.dtype
+        else:  # a 4-bit base (tinylm.model.quant.NF4Linear): it dequantizes on the fly
+            self.quantized = base
+            self.register_parameter("weight", None)
+            device, dtype = base.weight_codes.device, base.compute_dtype or torch.float32
+            self.bias = None
+        if getattr(base, "bias", None) is not None:
+            base.bias.requires_grad_(False)
         self.lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear initialises; PEFT does too
         nn.init.zeros_(self.lora_B.weight)  # the correction starts at zero: the base model, exactly
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
+        self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        out = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
+        if self.disabled:
+            return out
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight if self.quantized is None else self.quantized.dequantize()
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear whose weight includes the correction."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        """A plain nn.Linear whose weight includes the correction (a 4-bit base is dequantized)."""
+        base = self.base_weight()
+        bias = self.bias if self.quantized is None else self.quantized.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
-        linear.bias = self.bias
+        linear.weight = nn.Parameter((base.float() + delta).to(self.lora_A.weight.dtype), requires_grad=False)
+        linear.bias = bias
         return linear
+
+    def extra_repr(self) -> str:
+        base = "4-bit" if self.quantized is not None else "fp"
+        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, base={base}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its base model: every LoRA correction off inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A linear layer LoRA can wrap: nn.Linear or a 4-bit NF4Linear."""
+    from tinylm.model.quant import NF4Linear
+
+    return isinstance(module, (nn.Linear, NF4Linear))
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -90,13 +137,13 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     but the new A and B matrices. Returns the wrapped layers' names."""
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.split(".")[-1] in config.target_modules:
+        if is_adaptable(module) and name.split(".")[-1] in config.target_modules:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, config))
             wrapped.append(name)
     if not wrapped:
         raise ValueError(f"no linear layer is named like {config.target_modules}; the model has "
-                         f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}")
+                         f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if is_adaptable(m)})}")
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return wrapped
@@ -116,8 +163,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically."""
+def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str | None = None,
+                 tokenizer=None, eos_token_id=None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically.
+
+    A training run's adapter also carries the tokenizer (with its chat template) and a
+    generation_config.json with the stop tokens, so ``tinylm chat ADAPTER_DIR`` works as for a model.
+    """
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -137,8 +189,47 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base
     with atomic_directory(out_dir) as scratch:
         save_file(adapter_state_dict(model), scratch / "adapter_model.safetensors", metadata={"format": "pt"})
         (scratch / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(scratch)
+        if eos_token_id is not None:
+            (scratch / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}, indent=2) + "\n")
         write_manifest(scratch)
     return out_dir
+
+
+def base_model_path(adapter_dir: Path) -> Path:
+    """The base model directory named by ``base_model_name_or_path`` (absolute, or relative to the
+    working directory or to the adapter)."""
+    raw = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not raw:
+        raise ModelDirError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is empty; "
+                            "name the base model explicitly (tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR)")
+    for candidate in (Path(raw), adapter_dir / raw):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelDirError(f"{adapter_dir / 'adapter_config.json'}: base model {raw!r} is not a local model directory "
+                        "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR")
+
+
+def load_adapter_dir(adapter_dir: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
+    """An adapter directory → (its base model with the adapter merged in, tokenizer). The tokenizer and
+    stop tokens saved with the adapter win over the base model's."""
+    from tinylm.modeldir import load_model_dir, read_json
+
+    adapter_dir = Path(adapter_dir)
+    model, tokenizer = load_model_dir(base_model_path(adapter_dir), with_tokenizer=with_tokenizer)
+    load_adapter(model.float(), adapter_dir)
+    merge_lora(model)
+    if (adapter_dir / "generation_config.json").is_file():
+        eos = read_json(adapter_dir / "generation_config.json").get("eos_token_id")
+        if eos is not None:
+            model.config.eos_token_id = eos
+    if with_tokenizer and (adapter_dir / "tokenizer.json").is_file():
+        from tinylm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(adapter_dir)
+    model = model.to(dtype) if dtype is not None else model
+    return (model.to(device) if device is not None else model).eval(), tokenizer
 
 
 def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:

@@ -61,6 +61,14 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: everything, or, when part of it is frozen (LoRA), only the
+    trainable tensors: the frozen rest is rebuilt from the model directory the run started from."""
+    if all(p.requires_grad for p in model.parameters()):
+        return model_state_dict(model)
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
     path = checkpoint_dir(run_dir, step)
@@ -71,9 +79,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_sta
         "scheduler": scheduler.state_dict(),
         "optimizer": optimizer_meta,
         "tied_embeddings": bool(model.config.tie_word_embeddings),
+        "trainable_only": not all(p.requires_grad for p in model.parameters()),
     }
     with atomic_directory(path) as scratch:
-        save_file(model_state_dict(model), scratch / "model.safetensors")
+        save_file(checkpoint_state(model), scratch / "model.safetensors")
         save_file(optimizer_tensors, scratch / "optimizer.safetensors")
         save_file(_rng_state(), scratch / "rng.safetensors")
         (scratch / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -119,6 +128,8 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if meta["tied_embeddings"] else set()
+    if meta.get("trainable_only"):  # a LoRA run: the frozen base came from the model directory
+        allowed_missing |= {name for name, p in model.named_parameters() if not p.requires_grad} | set(dict(model.named_buffers()))
     if set(missing) - allowed_missing or unexpected:
         raise ModelDirError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]))

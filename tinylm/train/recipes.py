@@ -122,6 +122,43 @@ def unigram_bpb(train_bin: Path, val_bin: Path, meta: dict, vocab_size: int, dty
     return float(nats / max(meta["val_bytes"], 1) / math.log(2))
 
 
+def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
+    """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
+    only the adapter trains. Returns the LoRAConfig, or None for full fine-tuning."""
+    if not section.enabled:
+        return None
+    from tinylm.model.lora import add_lora
+
+    config = section.lora_config()
+    total = model.num_parameters()
+    if section.quantize == "nf4":
+        from tinylm.model.quant import quantize_linear_layers
+
+        quantize_linear_layers(model, config.target_modules, block_size=section.block_size, double_quant=section.double_quant)
+    torch.manual_seed(seed)  # A's random start: the same run gives the same adapter
+    wrapped = add_lora(model, config)
+    if main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        base = "a 4-bit NF4 base" + (" (double quantized)" if section.double_quant else "") if section.quantize == "nf4" else "a frozen base"
+        print(f"lora: rank {config.r} on {len(wrapped)} layers over {base}: {trainable:,} trainable parameters "
+              f"({trainable / total:.2%} of {total:,})", file=sys.stderr)
+    return config
+
+
+def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> None:
+    """The run's result: a model directory, or, for a LoRA run, an adapter directory (PEFT layout, with
+    the tokenizer and stop tokens) over ``base_dir``."""
+    model = model.cpu()
+    if lora is None:
+        save_model_dir(model, final, tokenizer=tokenizer)
+    else:
+        from tinylm.model.lora import save_adapter
+
+        save_adapter(model, lora, final, base_model=str(Path(base_dir).resolve()), tokenizer=tokenizer,
+                     eos_token_id=model.config.eos_token_id)
+    print(f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr)
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
     """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``."""
     from tinylm.data.text import PackedWindows, build_token_shards
@@ -142,8 +179,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         distributed_barrier()
         info = build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
                                   val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
+        if cfg.lora.enabled and not cfg.init_from:
+            raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
         if cfg.train.seq_len > model.config.max_position_embeddings:
             raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context (model.max_position_embeddings) "
                               f"is {model.config.max_position_embeddings}: lower one or raise the other")
@@ -157,8 +197,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
-            save_model_dir(model.cpu(), final, tokenizer=tokenizer)
-            print(f"saved {final}", file=sys.stderr)
+            save_final(model, tokenizer, final, lora, cfg.init_from)
         return final, result
     finally:
         distributed.teardown()
@@ -284,6 +323,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         template = get_template(cfg.data.template)
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
 
         conversations, data_summary = chat_conversations(cfg, run_dir)
         train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
@@ -307,8 +347,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
-            save_model_dir(model.cpu(), final, tokenizer=tokenizer)
-            print(f"saved {final}", file=sys.stderr)
+            save_final(model, tokenizer, final, lora, cfg.init_from)
             if cfg.data.identity_name:
                 from tinylm.infer.engine import Engine
 

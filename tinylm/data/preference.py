@@ -1,0 +1,265 @@
+"""Preference-pair files (for DPO and the like) in the common formats → one validated form.
+
+    read_preferences(paths, format="auto", skip_bad=False) → (pairs, report)
+    detect_preference_format(record)                        → "minimind" | "llamafactory" | "hh-rlhf"
+
+Every reader produces ``PreferencePair(prompt, chosen, rejected, source)``: ``prompt`` is a list of
+valid messages by the rules of ``tinylm.data.chat`` (an optional system message, then user and
+assistant turns alternating) that ends with a user turn, and ``chosen`` and ``rejected`` are the
+preferred and the dispreferred assistant replies to it, two different non-empty texts. Anything else
+is a ``ChatDataError`` naming the file, the line (or item, or row) and the field, or, with
+``skip_bad=True``, a skipped record counted by reason in the ``ReadReport``.
+
+The formats, one record each (detected per record, or forced with ``format=``):
+
+    minimind      {"chosen": [{"role": "user", "content": ...}, {"role": "assistant", ...}],
+                   "rejected": [...]}
+                  two whole conversations that end with an assistant reply and agree on every message
+                  before it (the prompt); ShareGPT-style from/value messages are read too
+    llamafactory  {"conversations": [{"from": "human", "value": ...}, ...],
+                   "chosen": {"from": "gpt", "value": ...}, "rejected": {...}}
+                  also "messages" with role/content messages, and the replies as {"role", "content"}
+                  or plain strings (MedicalGPT); the conversation is the prompt and ends with the user
+    hh-rlhf       {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+                  Anthropic HH transcripts, split at the "Human:" and "Assistant:" markers that start a
+                  paragraph; each turn's text is stripped. A marker inside a paragraph stays text, so
+                  such a record usually fails as two turns of one speaker in a row ("alternation").
+
+All take an optional top-level ``"system"`` field, as chat.py does. Files: .jsonl, .json, .parquet as
+in chat.py, and gzip-compressed .jsonl.gz and .json.gz.
+
+Skip reasons beyond chat.py's (see ``ReadReport``): prompt_mismatch (chosen and rejected answer
+different prompts), identical_pair (the two replies are the same text), last_not_user (the prompt
+does not end with a user turn), bad_transcript (an hh-rlhf text that is not a Human/Assistant
+transcript). A KTO record (a "kto_tag" or "label" instead of chosen and rejected) is refused as
+"unsupported".
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinylm.data.chat import (MESSAGE_LISTS, ROLES, SHAREGPT_ROLES, ChatDataError, FileReport, ReadReport,
+                              _check_text_only, _field, _kind, _message_list_format, _openai_turns, _record_list,
+                              _role_error, _sharegpt_turns, _text_of_parts, _Turn, _validated, _with_system_field)
+from tinylm.data.chat import _records as _chat_records
+
+PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
+SIDES = ("chosen", "rejected")
+KTO_TAGS = ("kto_tag", "label")
+HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+@dataclass
+class PreferencePair:
+    """A prompt (validated messages ending with a user turn), the preferred and the dispreferred
+    assistant reply, and where the pair came from ("path:line", "path:item N" or "path:row N")."""
+
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    source: str
+
+
+def read_preferences(paths: str | Path | Iterable[str | Path], format: str = "auto",
+                     skip_bad: bool = False) -> tuple[list[PreferencePair], ReadReport]:
+    """Every valid preference pair of ``paths``, in order, and a report of what was read and skipped.
+
+    ``format`` is "auto" (detect each record) or forces one of "minimind", "llamafactory", "hh-rlhf".
+    A bad record raises ``ChatDataError``; with ``skip_bad`` it is skipped and counted by reason.
+    Problems with a whole file (missing, unsupported type, not JSON at all) always raise.
+    """
+    if format not in PREFERENCE_FORMATS:
+        raise ValueError(f"format {format!r}: expected one of {', '.join(PREFERENCE_FORMATS)}")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    pairs, report = [], ReadReport()
+    for path in map(Path, paths):
+        file_report = report.files.setdefault(str(path), FileReport())
+        for where, record in _records(path):
+            try:
+                record_format, prompt, chosen, rejected = _normalize(record, format)
+            except ChatDataError as e:
+                error = ChatDataError(f"{where}: {e}", e.reason)
+                if not skip_bad:
+                    raise error from None
+                file_report.skip(error)
+                continue
+            file_report.read[record_format] += 1
+            pairs.append(PreferencePair(prompt, chosen, rejected, where))
+    return pairs, report
+
+
+def detect_preference_format(record) -> str:
+    """The format of one record: "llamafactory" when it has a message list ("conversations" or
+    "messages"), else "minimind" when its "chosen" is a list of messages, "hh-rlhf" when a string."""
+    if not isinstance(record, dict):
+        raise ChatDataError(f"{_kind(record)}; expected an object (a preference record)", "wrong_type")
+    _check_not_kto(record)
+    if any(key in record for key in MESSAGE_LISTS):
+        return "llamafactory"
+    if isinstance(record.get("chosen"), list):
+        return "minimind"
+    if isinstance(record.get("chosen"), str):
+        return "hh-rlhf"
+    raise ChatDataError(
+        f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; expected 'chosen' and "
+        "'rejected' as message lists (minimind) or transcripts (hh-rlhf), or 'conversations' or 'messages' with "
+        "them as replies (llamafactory)", "unknown_format")
+
+
+def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
+    """(the record's format, its prompt, the chosen reply, the rejected reply), all validated."""
+    if isinstance(record, ChatDataError):
+        raise record
+    record_format = detect_preference_format(record) if format == "auto" else format
+    if not isinstance(record, dict):
+        raise ChatDataError(f"{_kind(record)}; expected an object with the fields of the {record_format} format",
+                            "wrong_type")
+    _check_not_kto(record)
+    _check_text_only(record)
+    chosen, rejected = READERS[record_format](record)
+    chosen_messages, rejected_messages = _validated(chosen), _validated(rejected)
+    _check_same_prompt(chosen[:-1], rejected[:-1])
+    chosen_reply, rejected_reply = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
+    if chosen_reply.strip() == rejected_reply.strip():
+        raise ChatDataError(f"{chosen[-1].content_field} and {rejected[-1].content_field}: the two replies are "
+                            "identical; expected a preferred and a dispreferred reply that differ", "identical_pair")
+    return record_format, chosen_messages[:-1], chosen_reply, rejected_reply
+
+
+def _check_not_kto(record: dict) -> None:
+    """Refuse a KTO record (LLaMA-Factory's "kto_tag", stored as "label" in its demo): one reply marked good
+    or bad is not a pair."""
+    tag = next((key for key in KTO_TAGS if key in record), None)
+    if tag and not any(side in record for side in SIDES):
+        raise ChatDataError(f"{tag}: a KTO record (one reply marked good or bad, no 'chosen' and 'rejected'); "
+                            "expected a preference pair with a chosen and a rejected reply", "unsupported")
+
+
+def _minimind_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+    """Two whole conversations, under "chosen" and "rejected"."""
+    sides = []
+    for side in SIDES:
+        messages = _field(record, side)
+        if not isinstance(messages, list):
+            raise ChatDataError(f"{side}: {_kind(messages)}; expected a list of messages", "wrong_type")
+        if not messages:
+            raise ChatDataError(f"{side}: empty conversation; expected at least a user and an assistant message",
+                                "empty_conversation")
+        reader = _sharegpt_turns if _message_list_format(messages) == "sharegpt" else _openai_turns
+        try:
+            turns = reader(messages)  # a bare list: fields are labelled "[0].role", ...
+        except ChatDataError as e:
+            raise ChatDataError(f"{side}{e}", e.reason) from None
+        turns = [_Turn(t.role, t.content, side + t.role_field, side + t.content_field) for t in turns]
+        sides.append(_with_system_field(record, turns))
+    return sides[0], sides[1]
+
+
+def _llamafactory_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+    """The conversation (the prompt) followed by the "chosen" reply, and by the "rejected" one."""
+    key = next((key for key in MESSAGE_LISTS if key in record), None)
+    sharegpt = key is not None and _message_list_format(record[key]) == "sharegpt"
+    prompt = (_sharegpt_turns if sharegpt else _openai_turns)(record)
+    if prompt[-1].role != "user":
+        raise ChatDataError(f"{prompt[-1].role_field}: the prompt ends with a {prompt[-1].role!r} message; expected it "
+                            "to end with the user turn that 'chosen' and 'rejected' answer", "last_not_user")
+    return prompt + [_reply(record, "chosen")], prompt + [_reply(record, "rejected")]
+
+
+def _reply(record: dict, side: str) -> _Turn:
+    """A reply given as a string, a ShareGPT message {from, value} or an OpenAI one {role, content}."""
+    reply = _field(record, side)
+    if not isinstance(reply, dict):
+        return _Turn("assistant", reply, side, side)
+    if "from" in reply or "value" in reply:
+        speaker, content = _field(reply, "from", side), _field(reply, "value", side)
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        role_field, content_field = f"{side}.from", f"{side}.value"
+    else:
+        speaker = _field(reply, "role", side)
+        role = speaker if speaker in ROLES else None
+        role_field, content_field = f"{side}.role", f"{side}.content"
+        content = _text_of_parts(_field(reply, "content", side), content_field)
+    if role is None:
+        raise _role_error(role_field, speaker, ("assistant",))
+    if role != "assistant":
+        raise ChatDataError(f"{role_field}: {speaker!r}; expected the assistant's reply", "alternation")
+    return _Turn(role, content, role_field, content_field)
+
+
+def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+    """Two transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...", under "chosen" and "rejected"."""
+    sides = []
+    for side in SIDES:
+        text = _field(record, side)
+        if not isinstance(text, str):
+            raise ChatDataError(f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)",
+                                "wrong_type")
+        parts = HH_MARKER.split(text.lstrip())
+        if len(parts) < 3 or parts[0].strip():
+            raise ChatDataError(f"{side}: {text.strip()[:40]!r} does not start with 'Human:'; expected a transcript "
+                                "'\\n\\nHuman: ...\\n\\nAssistant: ...'", "bad_transcript")
+        sides.append([_Turn("user" if speaker == "Human" else "assistant", content.strip(),
+                            f"{side} turn {number} ({speaker})", f"{side} turn {number} ({speaker})")
+                      for number, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), 1)])
+    return sides[0], sides[1]
+
+
+READERS = {"minimind": _minimind_sides, "llamafactory": _llamafactory_sides, "hh-rlhf": _hh_sides}
+
+
+def _check_same_prompt(chosen: list[_Turn], rejected: list[_Turn]) -> None:
+    """A "prompt_mismatch" error naming the first prompt message where chosen and rejected differ."""
+    for index in range(max(len(chosen), len(rejected))):
+        a, b = (turns[index] if index < len(turns) else None for turns in (chosen, rejected))
+        if a is None or b is None or a.role != b.role or a.content.strip() != b.content.strip():
+            show = [f"{t.content_field} {t.content.strip()[:40]!r}" if t else f"{side}: no such message"
+                    for t, side in ((a, "chosen"), (b, "rejected"))]
+            raise ChatDataError(f"prompt message {index} differs ({show[0]} vs {show[1]}); expected chosen and "
+                                "rejected to share every message before their final reply", "prompt_mismatch")
+
+
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """chat.py's (location, record) pairs of a file, also for gzip-compressed .jsonl.gz and .json.gz."""
+    if path.suffix.lower() != ".gz" or not path.is_file():
+        return _chat_records(path)
+    inner = Path(path.stem).suffix.lower()
+    if inner not in (".jsonl", ".json"):
+        raise ChatDataError(f"{path}: unsupported file type {inner or '(none)'}.gz; expected .jsonl.gz or .json.gz",
+                            "unsupported_file")
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
+    if inner == ".json":
+        try:
+            data = json.loads(raw)
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ChatDataError(f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text",
+                                "invalid_json") from None
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # else: JSON Lines under a .json name, read below
+                raise ChatDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})",
+                                    "invalid_json") from None
+        else:
+            return ((f"{path}:item {index}", record) for index, record in enumerate(_record_list(data, path)))
+    return (_line_record(f"{path}:{number}", line) for number, line in enumerate(raw.split(b"\n"), 1) if line.strip())
+
+
+def _line_record(where: str, line: bytes) -> tuple[str, object]:
+    try:
+        return where, json.loads(line)  # bytes: UTF-8, a leading BOM allowed
+    except UnicodeDecodeError as e:
+        return where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid UTF-8; "
+                                    "expected UTF-8 text", "invalid_json")
+    except json.JSONDecodeError as e:
+        return where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON value per line",
+                                    "invalid_json")
