@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_sft import TINY_MODEL, TRAIN, base_and_chats  # noqa: F401  (the fixture: a tiny base model and a chats file)
+from conftest import TINY_MODEL, TRAIN
 
 from tinylm.cli import main
 from tinylm.config import SFTConfig, load_config

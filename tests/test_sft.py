@@ -2,40 +2,17 @@
 stop tokens and answers agree between tinylm and transformers; the chat formats the engine uses."""
 
 import json
-import random
 
 import pytest
 import torch
+
+from conftest import TRAIN
 
 from tinylm.chat_template import get_template
 from tinylm.cli import main
 from tinylm.infer.chat import PLAIN, chat_format_for, jinja_renderer
 from tinylm.infer.engine import Engine, SamplingSettings
 from tinylm.modeldir import load_model_dir
-
-TINY_MODEL = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
-              "--data.vocab_size=300"]
-TRAIN = ["--train.seq_len=64", "--train.batch_size=8", "--train.eval_every=20", "--train.eval_batches=2", "--train.progress=false",
-         "--train.warmup_steps=2", "--train.save_every=0"]
-NAMES = {"Tom": "red", "Ann": "blue", "Bob": "green", "小明": "黄色", "小红": "白色"}
-
-
-@pytest.fixture(scope="module")
-def base_and_chats(tmp_path_factory):
-    """A tiny pretrained base model and a conversations file about who likes which colour."""
-    root = tmp_path_factory.mktemp("sft")
-    rng = random.Random(0)
-    chats, texts = root / "chats.jsonl", root / "text.jsonl"
-    with open(chats, "w", encoding="utf-8") as c, open(texts, "w", encoding="utf-8") as t:
-        for _ in range(300):
-            name = rng.choice(list(NAMES))
-            question, answer = f"What colour does {name} like?", f"{name} likes {NAMES[name]}."
-            c.write(json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
-            t.write(json.dumps({"text": f"{question} {answer}"}, ensure_ascii=False) + "\n")
-    base = root / "base"
-    assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=20", "--data.source=files", f"--data.files=[{texts}]"]) == 0
-    return root, base / "final", chats
-
 
 def test_sft_turns_a_base_model_into_a_chat_model(base_and_chats, tmp_path, capsys):
     _, base, chats = base_and_chats

@@ -3,7 +3,8 @@
     tinylm quickstart --out runs/quickstart
     tinylm tokenizer train --data a.txt b.jsonl --vocab-size 6400 --out runs/tok
     tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
-    tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml]
+    tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
+    tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
     tinylm chat runs/tiny/final [--system TEXT]
     tinylm merge runs/tiny/final runs/adapter runs/merged
@@ -115,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
     add_lora_args(sft)
 
+    dpo = commands.add_parser("dpo", help="align a chat model with preference pairs (DPO, SimPO, ORPO); extra --section.key=value override the config")
+    dpo.add_argument("--config", default="dpo-cpu-tiny", help="config name or YAML path")
+    dpo.add_argument("--init", required=True, help="the chat model to align (an SFT run's final/, or a local model directory)")
+    dpo.add_argument("--data", nargs="+", default=None, help=".json / .jsonl(.gz) / .parquet preference pairs (default: the built-in ones)")
+    dpo.add_argument("--format", default=None, choices=["auto", "minimind", "llamafactory", "hh-rlhf"], help="pair format (default: auto)")
+    dpo.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    dpo.add_argument("--loss", default=None, choices=["sigmoid", "orpo", "simpo"], help="sigmoid = DPO (default); orpo and simpo need no reference")
+    dpo.add_argument("--beta", type=float, default=None, help="DPO/SimPO reward scale, ORPO odds-ratio weight")
+    dpo.add_argument("--precompute-ref", action="store_true", help="score the reference once before training instead of batch by batch")
+    dpo.add_argument("--skip-bad", action="store_true", help="skip invalid pairs and report counts instead of stopping")
+    dpo.add_argument("--out", required=True, help="run directory")
+    dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    dpo.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_lora_args(dpo)
+
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", required=True)
@@ -137,22 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("quickstart", "pretrain", "sft", "dpo", "distill")  # the ones that take --section.key=value
+
+
 def flag_overrides(args) -> list[str]:
     """The command-line flags that are config keys, as --section.key=value overrides (flags win)."""
-    if args.command not in ("pretrain", "sft", "quickstart"):
+    if args.command not in TRAINING_COMMANDS:
         return []
     pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None), **lora_overrides(args)}
     if args.command == "sft":
         pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
                       "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),
                       "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False)})
-        if args.data:
-            pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
+    if args.command == "dpo":
+        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
+                      "dpo.loss": args.loss, "dpo.beta": args.beta, "dpo.reference": "precomputed" if args.precompute_ref else None})
+    if args.command in ("sft", "dpo") and args.data:
+        pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]
 
 
 def run(args, overrides: list[str]) -> int:
-    if overrides and args.command not in ("pretrain", "sft", "quickstart"):
+    if overrides and args.command not in TRAINING_COMMANDS:
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
     overrides = [*overrides, *flag_overrides(args)]
 
@@ -185,6 +207,14 @@ def run(args, overrides: list[str]) -> int:
 
         cfg = load_config(SFTConfig, resolve_config_path(args.config), overrides)
         _, result = sft(cfg, args.out, resume=args.resume)
+        if result.interrupted:
+            return 130
+    elif args.command == "dpo":
+        from tinylm.config import DPOConfig, load_config
+        from tinylm.train.dpo import dpo
+
+        cfg = load_config(DPOConfig, resolve_config_path(args.config), overrides)
+        _, result = dpo(cfg, args.out, resume=args.resume)
         if result.interrupted:
             return 130
     elif args.command == "generate":

@@ -138,6 +138,65 @@ class SFTConfig:
     lora: LoRASection = field(default_factory=LoRASection)
 
 
+@dataclass
+class PreferenceDataConfig:
+    source: str = "builtin"  # "builtin" (the built-in preference pairs) or "files"
+    files: list[str] = field(default_factory=list)  # .json / .jsonl(.gz) / .parquet pairs, when source is "files"
+    format: str = "auto"  # auto | minimind | llamafactory | hh-rlhf (auto: detected per record)
+    template: str | None = None  # None: the model's own chat template (the one SFT attached)
+    skip_bad: bool = False  # skip invalid pairs (and report how many) instead of stopping
+    val_fraction: float = 0.05  # files only; the built-in pairs keep their own held-out set
+    builtin_seed: int = 0
+
+
+@dataclass
+class DPOSection:
+    loss: str = "sigmoid"  # sigmoid (DPO) | orpo | simpo; ORPO and SimPO need no reference model
+    beta: float = 0.1  # DPO/SimPO: the reward scale; ORPO: the weight of the odds-ratio term
+    reference: str = "model"  # model: scored batch by batch (a frozen copy, or the base under a LoRA adapter) | precomputed: once, before training
+    sft_weight: float = 0.0  # add this × the chosen answers' cross-entropy per token (keeps the answers likely)
+    simpo_gamma: float = 0.5  # SimPO: the target reward margin
+
+    def __post_init__(self):
+        if self.loss not in ("sigmoid", "orpo", "simpo"):
+            raise ConfigError(f"loss: expected sigmoid, orpo or simpo, got {self.loss!r}")
+        if self.reference not in ("model", "precomputed"):
+            raise ConfigError(f"reference: expected model or precomputed, got {self.reference!r}")
+        if self.beta <= 0 or self.sft_weight < 0 or self.simpo_gamma < 0:
+            raise ConfigError(f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, {self.simpo_gamma})")
+
+
+@dataclass
+class DPOConfig:
+    init_from: str | None = None  # the chat model to align (usually an SFT run's final/)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+
+@dataclass
+class DistillSection:
+    teacher: str | None = None  # the teacher model directory (same tokenizer as the student)
+    temperature: float = 2.0  # both distributions are softened by it; the KL term is scaled by T²
+    kl_weight: float = 0.5  # loss = (1 - kl_weight) · cross-entropy + kl_weight · T² · KL(teacher ‖ student)
+
+    def __post_init__(self):
+        if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
+            raise ConfigError(f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})")
+
+
+@dataclass
+class DistillConfig:
+    """A student (a model directory, or a new model of ``model``'s shape) learns from a teacher."""
+
+    init_from: str | None = None  # the student's model directory; None: a new model built from ``model``
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # pretraining text (conversations: data.chat_files)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+
 # -- building dataclasses from plain data -------------------------------------------------------
 
 

@@ -172,23 +172,25 @@ def pack(examples: list[Encoded], seq_len: int, pad_id: int = 0, packed: bool = 
     return out
 
 
-class RowBatches:
-    """Trainer batches from packed rows: an endless, seeded, resumable walk over the rows, sharded
-    across processes like the pretraining windows (rank r takes rows r, r + world_size, ...)."""
+class SeededWalk:
+    """An endless, seeded, resumable walk over ``count`` training items in batches, sharded across
+    processes like the pretraining windows (rank r takes items r, r + world_size, ... of each epoch's
+    shuffled order). Subclasses turn the picked indices into a batch."""
 
-    def __init__(self, rows: PackedRows, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
-        self.rows, self.batch_size, self.seed, self.rank, self.world_size = rows, batch_size, seed, rank, world_size
-        self.per_rank = len(rows) // world_size
+    def __init__(self, count: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, what: str = "packed rows"):
+        self.count, self.batch_size, self.seed, self.rank, self.world_size = count, batch_size, seed, rank, world_size
+        self.what = what
+        self.per_rank = count // world_size
         if self.per_rank == 0:
-            raise ValueError(f"{len(rows)} packed rows are too few for {world_size} process(es): add conversations")
+            raise ValueError(f"{count} {what} are too few for {world_size} process(es): add data")
         self.epoch, self.cursor = 0, 0
         self.order = self._rank_order(0)
 
     def _rank_order(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
         return order[self.rank :: self.world_size][: self.per_rank]
 
-    def next_batch(self) -> dict:
+    def next_picks(self) -> list[int]:
         picks = []
         for _ in range(self.batch_size):
             if self.cursor == self.per_rank:
@@ -196,18 +198,29 @@ class RowBatches:
                 self.order = self._rank_order(self.epoch)
             picks.append(int(self.order[self.cursor]))
             self.cursor += 1
-        return rows_batch(self.rows, picks)
+        return picks
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "rows": len(self.rows), "world_size": self.world_size}
+        return {"epoch": self.epoch, "cursor": self.cursor, "rows": self.count, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["rows"] != len(self.rows):
-            raise ValueError(f"the saved data position is for {state['rows']} packed rows, this data has {len(self.rows)}; "
+        if state["rows"] != self.count:
+            raise ValueError(f"the saved data position is for {state['rows']} {self.what}, this data has {self.count}; "
                              "resume with the same data and settings")
         self.epoch = state["epoch"]
         self.cursor = min(state["cursor"] * state["world_size"] // self.world_size, self.per_rank)
         self.order = self._rank_order(self.epoch)
+
+
+class RowBatches(SeededWalk):
+    """Trainer batches from packed rows."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(len(rows), batch_size, seed=seed, rank=rank, world_size=world_size, what="packed rows")
+        self.rows = rows
+
+    def next_batch(self) -> dict:
+        return rows_batch(self.rows, self.next_picks())
 
 
 def rows_batch(rows: PackedRows, picks: Sequence[int]) -> dict:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.model.loss import linear_cross_entropy
+from tinylm.model.loss import IGNORE, linear_cross_entropy
 
 
 @dataclass
@@ -373,13 +373,20 @@ class CausalLM(nn.Module):
             cache.advance(x.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids=None, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids=None, labels: torch.Tensor | None = None, per_token: bool = False, **kwargs) -> torch.Tensor:
         """Logits [B, T, vocab]; or, given ``labels`` [B, T] (the token each position should predict,
         -100 for none), the SUMMED cross-entropy over labelled positions, computed block by block
-        without the full logits tensor (see tinylm.model.loss). Keyword arguments as in ``hidden_states``."""
+        without the full logits tensor (see tinylm.model.loss); or, with ``per_token=True``, the
+        log-probability of each label [B, T] (0 where there is none), from logits of the labelled
+        positions only (DPO scores whole answers this way). Keyword arguments as in ``hidden_states``."""
         hidden = self.hidden_states(input_ids, **kwargs)
         if labels is None:
             return self.lm_head(hidden)
+        if per_token:
+            labelled = labels != IGNORE
+            logits = self.lm_head(hidden[labelled]).float()
+            picked = logits.log_softmax(-1).gather(-1, labels[labelled][:, None]).squeeze(-1)
+            return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(labelled, picked)
         return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
 
     def num_parameters(self) -> int:

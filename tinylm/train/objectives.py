@@ -6,6 +6,7 @@ gradient accumulation and data parallelism give the same update as one big batch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tinylm.model.llama import segment_mask
 from tinylm.model.loss import IGNORE
@@ -33,3 +34,83 @@ class NextTokenLoss:
 def shift_window(window: torch.Tensor) -> dict:
     """A packed window of T+1 tokens → inputs (the first T) and labels (the last T)."""
     return {"input_ids": window[:, :-1], "labels": window[:, 1:]}
+
+
+# -- preference optimisation --------------------------------------------------------------------
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its labelled tokens (the answer), and their number."""
+    token_logps = model(batch["input_ids"], labels=batch["labels"], per_token=True)
+    return token_logps.sum(-1), (batch["labels"] != IGNORE).sum(-1)
+
+
+def preference_losses(kind: str, beta: float, logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None,
+                      simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards of the chosen and the rejected answers.
+
+    ``logps`` and ``lengths`` hold the chosen answers in the first half and the rejected in the second.
+        sigmoid (DPO, Rafailov et al. 2023): reward = β · (log π(y|x) − log π_ref(y|x));
+                 loss = −log σ(reward_chosen − reward_rejected)
+        simpo   (Meng et al. 2024): reward = β · mean token log π(y|x), no reference;
+                 loss = −log σ(reward_chosen − reward_rejected − γ)
+        orpo    (Hong et al. 2024): the chosen answer's cross-entropy + β · −log σ(log-odds ratio),
+                 where odds(y) = p / (1 − p) of the mean token probability p; reward = β · mean log π
+    """
+    pairs = logps.shape[0] // 2
+    mean = logps / lengths.clamp(min=1)
+    if kind == "sigmoid":
+        rewards = beta * (logps - ref_logps)
+        chosen, rejected = rewards[:pairs], rewards[pairs:]
+        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    rewards = beta * mean
+    chosen, rejected = rewards[:pairs], rewards[pairs:]
+    if kind == "simpo":
+        return -F.logsigmoid(chosen - rejected - simpo_gamma), chosen.detach(), rejected.detach()
+    if kind == "orpo":
+        log_odds = mean - torch.log1p(-torch.exp(mean).clamp(max=1 - 1e-6))
+        odds_ratio = log_odds[:pairs] - log_odds[pairs:]
+        return -mean[:pairs] - beta * F.logsigmoid(odds_ratio), chosen.detach(), rejected.detach()
+    raise ValueError(f"preference loss {kind!r}: expected sigmoid, simpo or orpo")
+
+
+class PreferenceLoss:
+    """DPO and its reference-free relatives on batches of answer pairs.
+
+    batch = {"input_ids", "labels"} [2P, T]: rows 0..P-1 are the prompts with their chosen answers,
+    rows P..2P-1 the same prompts with the rejected ones; labels mark the final answer only. The
+    reference log-probabilities come with the batch ("ref_logps" [2P], precomputed) or from
+    ``reference(batch)``. Adds up rewards, margins and accuracy for the log (``pop_metrics``).
+    """
+
+    def __init__(self, kind: str = "sigmoid", beta: float = 0.1, *, sft_weight: float = 0.0, simpo_gamma: float = 0.5, reference=None):
+        self.kind, self.beta, self.sft_weight, self.simpo_gamma, self.reference = kind, beta, sft_weight, simpo_gamma, reference
+        self.totals: dict[str, float] = {}
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # the loss is per pair
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logps, lengths = sequence_logps(model, batch)
+        ref_logps = None
+        if self.kind == "sigmoid":
+            ref_logps = batch["ref_logps"] if "ref_logps" in batch else self.reference(batch)
+        losses, chosen, rejected = preference_losses(self.kind, self.beta, logps, lengths, ref_logps, self.simpo_gamma)
+        if self.sft_weight:
+            pairs = logps.shape[0] // 2
+            losses = losses - self.sft_weight * logps[:pairs] / lengths[:pairs].clamp(min=1)
+        self._add(losses.detach(), chosen, rejected, logps.detach())
+        return losses.sum()
+
+    def _add(self, losses, chosen, rejected, logps) -> None:
+        pairs = losses.shape[0]
+        margin = chosen - rejected
+        for key, value in {"count": pairs, "rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
+                           "margin": margin.sum(), "accuracy": (margin > 0).sum(),
+                           "prefers_chosen": (logps[:pairs] > logps[pairs:]).sum()}.items():
+            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Sums since the last call ("count" pairs); the caller averages them over all processes."""
+        totals, self.totals = self.totals, {}
+        return totals

@@ -206,6 +206,7 @@ def fit(
                         "elapsed_s": round(elapsed, 3),
                     }
                     window_tokens, window_start = 0, now
+                    last.update(objective_metrics(task.objective, dist))
                     log.write(last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
                 if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
@@ -239,6 +240,17 @@ def fit(
             if main:
                 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
     return FitResult(step=step, tokens=tokens, elapsed_s=elapsed, last_metrics=last, interrupted=interrupted)
+
+
+def objective_metrics(objective, dist: Distributed) -> dict:
+    """What the objective adds up for the log (DPO: rewards, margin, accuracy), averaged over its
+    "count" across every process since the last log; {} for objectives that keep nothing."""
+    pop = getattr(objective, "pop_metrics", None)
+    if pop is None:
+        return {}
+    sums = pop()
+    count = dist.all_reduce_sum(sums.pop("count", 0))
+    return {key: dist.all_reduce_sum(value) / max(count, 1) for key, value in sums.items()}
 
 
 class StopRequest:

@@ -1,0 +1,262 @@
+"""Preference optimisation: teach a chat model which of two answers people prefer.
+
+Each example is a prompt with a chosen and a rejected answer. DPO (Rafailov et al., 2023) needs no
+reward model: it raises the chosen answer's log-probability relative to a frozen *reference* (the
+model before this stage) and lowers the rejected one's,
+
+    loss = −log σ( β·[log π(chosen) − log π_ref(chosen)] − β·[log π(rejected) − log π_ref(rejected)] )
+
+where each bracket, times β, is an answer's implicit *reward*. The reference is a frozen copy of the
+starting model, or, when training a LoRA adapter, the same model with its adapter switched off (no
+second copy); ``dpo.reference: precomputed`` scores every pair with it once, before training, and
+keeps only the numbers. SimPO and ORPO need no reference at all (see objectives.preference_losses).
+
+Only the final answer's tokens are scored (the end-of-turn marker included); the prompt, and any
+earlier turns of a multi-turn prompt, are context. Logged per step: loss, rewards/chosen,
+rewards/rejected, margin, accuracy (the share of pairs whose chosen reward is higher) and
+prefers_chosen (the share where the model itself gives the chosen answer the higher probability).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinylm.config import ConfigError, DPOConfig, save_config
+from tinylm.data.packing import Encoded, SeededWalk, encode_for_training
+from tinylm.model.loss import IGNORE
+from tinylm.modeldir import atomic_write_text, load_model_dir
+from tinylm.train import distributed
+from tinylm.train.objectives import PreferenceLoss, sequence_logps
+from tinylm.train.recipes import prepare_lora, save_final, split_validation
+from tinylm.train.trainer import FitResult, Task, fit, move
+
+
+@dataclass
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+    source: str
+
+
+def final_answer_only(mask: list[bool]) -> list[bool]:
+    """The loss mask of a whole conversation → the mask of its last assistant turn alone."""
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [start <= i < end for i in range(len(mask))]
+
+
+def encode_pairs(pairs, template, tokenizer, seq_len: int) -> tuple[list[EncodedPair], list[str]]:
+    """Each pair as two training sequences (prompt + chosen, prompt + rejected) whose labels mark the
+    answer; a pair whose longer side exceeds ``seq_len`` is skipped (their sources are returned)."""
+    encoded, skipped = [], []
+    for pair in pairs:
+        sides = []
+        for answer in (pair.chosen, pair.rejected):
+            ids, mask = template.encode(tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}])
+            sides.append((ids, final_answer_only(mask)))
+        if max(len(ids) for ids, _ in sides) > seq_len + 1:
+            skipped.append(pair.source)
+            continue
+        encoded.append(EncodedPair(*(encode_for_training(ids, mask) for ids, mask in sides), pair.source))
+    return encoded, skipped
+
+
+def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict:
+    """Rows 0..P-1: the picked pairs' chosen sides, rows P..2P-1: their rejected sides; right-padded
+    to the longest (padding after the answer changes nothing under causal attention)."""
+    rows = [pairs[i].chosen for i in picks] + [pairs[i].rejected for i in picks]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row.input_ids)
+        labels[r, : len(row)] = torch.tensor(row.labels)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if ref_logps is not None:
+        batch["ref_logps"] = torch.cat([ref_logps[picks, 0], ref_logps[picks, 1]])
+    return batch
+
+
+class PairBatches(SeededWalk):
+    """Trainer batches of preference pairs (with their precomputed reference scores, if any)."""
+
+    def __init__(self, pairs: list[EncodedPair], batch_size: int, pad_id: int, ref_logps=None, *, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(len(pairs), batch_size, seed=seed, rank=rank, world_size=world_size, what="preference pairs")
+        self.pairs, self.pad_id, self.ref_logps = pairs, pad_id, ref_logps
+
+    def next_batch(self) -> dict:
+        return pairs_batch(self.pairs, self.next_picks(), self.pad_id, self.ref_logps)
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """log π(chosen) and log π(rejected) of every pair under ``model``: [pairs, 2]."""
+    device, scores = next(model.parameters()).device, []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        picks = list(range(start, min(start + batch_size, len(pairs))))
+        logps, _ = sequence_logps(model, move(pairs_batch(pairs, picks, pad_id), device))
+        scores.append(logps.float().cpu().view(2, -1).T)
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0, 2)
+
+
+def reference_scorer(model, lora):
+    """The reference's log π of a batch's answers, scored as the batch arrives: the model with its
+    LoRA adapter switched off, or a frozen copy of the model as it is now."""
+    if lora is not None:
+        from tinylm.model.lora import adapters_disabled
+
+        def score(batch):
+            with torch.no_grad(), adapters_disabled(model):
+                return sequence_logps(model, batch)[0]
+
+        return score
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def score(batch):
+        if next(frozen.parameters()).device != batch["input_ids"].device:
+            frozen.to(batch["input_ids"].device)
+        with torch.no_grad():
+            return sequence_logps(frozen, batch)[0]
+
+    return score
+
+
+def pair_evaluator(pairs: list[EncodedPair], ref_logps, cfg: DPOConfig, pad_id: int):
+    """Held-out loss, reward accuracy, margin and prefers_chosen over the validation pairs."""
+    size = cfg.train.batch_size
+    batches = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)][: cfg.train.eval_batches]
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        if not batches:
+            return {}
+        device = next(model.parameters()).device
+        objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, simpo_gamma=cfg.dpo.simpo_gamma)
+        loss = sum(objective(model, move(pairs_batch(pairs, picks, pad_id, ref_logps), device)).item() for picks in batches)
+        totals = objective.pop_metrics()
+        count = totals.pop("count")
+        return {"val_loss": loss / count, **{f"val_{key}": value / count for key, value in totals.items()}}
+
+    return evaluate
+
+
+def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
+    """(training pairs, validation pairs, a line saying where they came from)."""
+    from tinylm.data.preference import read_preferences
+
+    if cfg.data.source == "builtin":
+        from tinylm.data.builtin import World
+        from tinylm.data.builtin_preference import preference_pairs
+
+        train, heldout = preference_pairs(World(cfg.data.builtin_seed))
+        return train, heldout, f"built-in: {len(train)} pairs, {len(heldout)} held-out pairs in phrasings training never uses"
+    if cfg.data.source != "files":
+        raise ConfigError(f"data.source {cfg.data.source!r}: expected builtin or files")
+    if not cfg.data.files:
+        raise ConfigError("data.source is files but data.files is empty: list preference-pair files (--data FILE ...)")
+    pairs, report = read_preferences(cfg.data.files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
+    train, val = split_validation(pairs, cfg.data.val_fraction, cfg.train.seed)
+    return train, val, report.summary()
+
+
+def chat_template_of(cfg: DPOConfig, tokenizer):
+    from tinylm.chat_template import find_template, get_template
+
+    if cfg.data.template:
+        return get_template(cfg.data.template)
+    template = find_template(tokenizer.chat_template)
+    if template is None:
+        raise ConfigError(f"{cfg.init_from}: its tokenizer has no tinylm chat template to score answers with; "
+                          "name one with --template (chatml, vicuna, llama-chinese, raw)")
+    return template
+
+
+def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+    """Align the chat model in ``cfg.init_from`` with preference pairs; save ``out_dir/final``."""
+    if not cfg.init_from:
+        raise ConfigError("init_from is not set: give the chat model to align (--init MODEL_DIR)")
+    run_dir = Path(out_dir)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_model_dir(cfg.init_from)
+        if tokenizer is None:
+            raise ConfigError(f"{cfg.init_from}: has no tokenizer.json; DPO needs the model's tokenizer")
+        model = model.float().to(dist.device)
+        template = chat_template_of(cfg, tokenizer)
+        tokenizer = template.attach(tokenizer)
+        model.config.eos_token_id = template.stop_token_ids(tokenizer)
+        train_pairs, val_pairs, summary = preference_data(cfg)
+        train_set, skipped = encode_pairs(train_pairs, template, tokenizer, cfg.train.seq_len)
+        val_set, _ = encode_pairs(val_pairs, template, tokenizer, cfg.train.seq_len)
+        if not train_set:
+            raise ValueError(f"no preference pair fits in train.seq_len={cfg.train.seq_len} tokens: raise train.seq_len")
+        pad = tokenizer.eos_id
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            print(f"data: {summary}", file=sys.stderr)
+            note = f"; {len(skipped):,} skipped, longer than train.seq_len (e.g. {', '.join(skipped[:3])})" if skipped else ""
+            print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
+
+        # The reference is the model as it is now: score the validation pairs (and, if asked, the
+        # training pairs) with it before anything changes.
+        val_ref = score_pairs(model, val_set, pad, cfg.train.batch_size)
+        train_ref = None
+        if cfg.dpo.loss == "sigmoid" and cfg.dpo.reference == "precomputed":
+            train_ref = score_pairs(model, train_set, pad, cfg.train.batch_size)
+        evaluate = pair_evaluator(val_set, val_ref, cfg, pad)
+        before = evaluate(model)
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
+        reference = reference_scorer(model, lora) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
+        objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight, simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
+        batches = PairBatches(train_set, cfg.train.batch_size, pad, train_ref, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
+        result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        final = run_dir / "final"
+        if dist.is_main and not result.interrupted:
+            after = {k: v for k, v in result.last_metrics.items() if k.startswith("val_")}
+            report = {"before": before, "after": after}
+            if cfg.data.source == "builtin":
+                report["heldout_qa"] = {"before": heldout_qa(cfg.init_from, cfg.data.builtin_seed), "after": None}
+            save_final(model, tokenizer, final, lora, cfg.init_from)
+            if cfg.data.source == "builtin":
+                report["heldout_qa"]["after"] = heldout_qa(final, cfg.data.builtin_seed)
+            atomic_write_text(run_dir / "dpo.json", json.dumps(report, indent=2) + "\n")
+            print(describe(report), file=sys.stderr)
+        return final, result
+    finally:
+        distributed.teardown()
+
+
+def heldout_qa(model_dir, seed: int) -> float:
+    """Accuracy on the built-in held-out chat questions: alignment must not cost the facts."""
+    from tinylm.data import builtin, builtin_chat
+    from tinylm.eval.questions import chat_accuracy
+    from tinylm.infer.chat import chat_format_for
+    from tinylm.infer.engine import Engine
+
+    engine = Engine.from_dir(model_dir, device="cpu")
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    return chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)["accuracy"]
+
+
+def describe(report: dict) -> str:
+    before, after = report["before"], report["after"]
+    lines = [f"held-out pairs: the model prefers the chosen answer in {before.get('val_prefers_chosen', 0):.1%} before, "
+             f"{after.get('val_prefers_chosen', 0):.1%} after; reward accuracy {after.get('val_accuracy', 0):.1%}, "
+             f"margin {after.get('val_margin', 0):.3f}"]
+    if "heldout_qa" in report:
+        qa = report["heldout_qa"]
+        lines.append(f"held-out questions answered right: {qa['before']:.1%} before, {qa['after']:.1%} after")
+    return "\n".join(lines)
