@@ -5,6 +5,7 @@
     tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
     tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
     tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
+    tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
     tinylm chat runs/tiny/final [--system TEXT]
     tinylm merge runs/tiny/final runs/adapter runs/merged
@@ -131,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
     add_lora_args(dpo)
 
+    dis = commands.add_parser("distill", help="train a small student on a teacher's next-token distributions; extra --section.key=value override the config")
+    dis.add_argument("--teacher", required=True, help="the teacher model directory")
+    dis.add_argument("--student", required=True, help="the student: a model directory, or a config (name or YAML) whose model section shapes a new one")
+    dis.add_argument("--config", default="cpu-tiny", help="data and training settings when --student is a model directory (default cpu-tiny)")
+    dis.add_argument("--data", nargs="+", default=None, help="text files (default: the built-in corpus); with --chat, conversation files")
+    dis.add_argument("--chat", action="store_true", help="distill on conversations (the assistant's tokens) instead of text")
+    dis.add_argument("--temperature", type=float, default=None, help="above 1 softens both distributions (default 1)")
+    dis.add_argument("--kl-weight", type=float, default=None, help="share of the teacher term in the loss (default 0.5)")
+    dis.add_argument("--out", required=True, help="run directory")
+    dis.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    dis.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", required=True)
@@ -153,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_model_dir(path: str) -> bool:
+    return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
+
+
 TRAINING_COMMANDS = ("quickstart", "pretrain", "sft", "dpo", "distill")  # the ones that take --section.key=value
 
 
@@ -170,6 +187,13 @@ def flag_overrides(args) -> list[str]:
                       "dpo.loss": args.loss, "dpo.beta": args.beta, "dpo.reference": "precomputed" if args.precompute_ref else None})
     if args.command in ("sft", "dpo") and args.data:
         pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
+    if args.command == "distill":
+        section = "chat" if args.chat else "data"
+        pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.on": "chat" if args.chat else None,
+                      "distill.temperature": args.temperature, "distill.kl_weight": args.kl_weight,
+                      "init_from": json.dumps(args.student) if is_model_dir(args.student) else None})
+        if args.data:
+            pairs.update({f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]
 
 
@@ -215,6 +239,15 @@ def run(args, overrides: list[str]) -> int:
 
         cfg = load_config(DPOConfig, resolve_config_path(args.config), overrides)
         _, result = dpo(cfg, args.out, resume=args.resume)
+        if result.interrupted:
+            return 130
+    elif args.command == "distill":
+        from tinylm.config import DistillConfig, load_config
+        from tinylm.train.distill import distill
+
+        config = args.config if is_model_dir(args.student) else args.student  # a config student brings its own settings
+        cfg = load_config(DistillConfig, resolve_config_path(config), overrides)
+        _, result = distill(cfg, args.out, resume=args.resume)
         if result.interrupted:
             return 130
     elif args.command == "generate":

@@ -178,10 +178,13 @@ class DPOConfig:
 @dataclass
 class DistillSection:
     teacher: str | None = None  # the teacher model directory (same tokenizer as the student)
-    temperature: float = 2.0  # both distributions are softened by it; the KL term is scaled by T²
+    temperature: float = 1.0  # > 1 softens both distributions; the KL term is scaled by T²
     kl_weight: float = 0.5  # loss = (1 - kl_weight) · cross-entropy + kl_weight · T² · KL(teacher ‖ student)
+    on: str = "text"  # text: pretraining text (``data``) | chat: conversations (``chat``), the assistant's tokens
 
     def __post_init__(self):
+        if self.on not in ("text", "chat"):
+            raise ConfigError(f"on: expected text or chat, got {self.on!r}")
         if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
             raise ConfigError(f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})")
 
@@ -192,7 +195,8 @@ class DistillConfig:
 
     init_from: str | None = None  # the student's model directory; None: a new model built from ``model``
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # pretraining text (conversations: data.chat_files)
+    data: DataConfig = field(default_factory=DataConfig)  # pretraining text, with distill.on: text
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.on: chat
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillSection = field(default_factory=DistillSection)
 

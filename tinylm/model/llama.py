@@ -373,13 +373,18 @@ class CausalLM(nn.Module):
             cache.advance(x.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids=None, labels: torch.Tensor | None = None, per_token: bool = False, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids=None, labels: torch.Tensor | None = None, per_token: bool = False,
+                logits_at: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Logits [B, T, vocab]; or, given ``labels`` [B, T] (the token each position should predict,
         -100 for none), the SUMMED cross-entropy over labelled positions, computed block by block
         without the full logits tensor (see tinylm.model.loss); or, with ``per_token=True``, the
         log-probability of each label [B, T] (0 where there is none), from logits of the labelled
-        positions only (DPO scores whole answers this way). Keyword arguments as in ``hidden_states``."""
+        positions only (DPO scores whole answers this way). ``logits_at`` (a boolean [B, T]) returns the
+        logits of those positions only, [N, vocab] (distillation compares them with a teacher's).
+        Keyword arguments as in ``hidden_states``."""
         hidden = self.hidden_states(input_ids, **kwargs)
+        if logits_at is not None:
+            return self.lm_head(hidden[logits_at])
         if labels is None:
             return self.lm_head(hidden)
         if per_token:

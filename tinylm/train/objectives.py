@@ -114,3 +114,43 @@ class PreferenceLoss:
         """Sums since the last call ("count" pairs); the caller averages them over all processes."""
         totals, self.totals = self.totals, {}
         return totals
+
+
+# -- distillation -------------------------------------------------------------------------------
+
+
+class DistillLoss:
+    """Knowledge distillation (Hinton et al., 2015): the student learns the data's next tokens AND the
+    teacher's whole next-token distribution, which says how plausible every other token is too.
+
+    Per labelled token: (1 − w) · cross-entropy(student, label) + w · T² · KL(teacher_T ‖ student_T),
+    where _T means softmax(logits / T). A temperature above 1 softens both distributions, so the
+    teacher's small probabilities carry signal; T² keeps the gradient's size independent of T.
+    The teacher is frozen and only ever runs forward.
+    """
+
+    def __init__(self, teacher, temperature: float = 2.0, kl_weight: float = 0.5):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.kl_weight = temperature, kl_weight
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        packed = {}
+        if "segments" in batch:
+            packed = {"position_ids": batch["position_ids"], "mask": segment_mask(batch["segments"])}
+        labels = batch["labels"]
+        labelled = labels != IGNORE
+        if next(self.teacher.parameters()).device != labels.device:
+            self.teacher.to(labels.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch["input_ids"], logits_at=labelled, **packed).float()
+        student_logits = model(batch["input_ids"], logits_at=labelled, **packed).float()
+        if teacher_logits.shape[-1] != student_logits.shape[-1]:
+            raise ValueError(f"the teacher predicts over {teacher_logits.shape[-1]:,} token ids, the student over "
+                             f"{student_logits.shape[-1]:,}: set the student's model.vocab_size to the teacher's")
+        t = self.temperature
+        ce = F.cross_entropy(student_logits, labels[labelled], reduction="sum")
+        kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True, reduction="sum")
+        return (1 - self.kl_weight) * ce + self.kl_weight * t * t * kl

@@ -159,8 +159,9 @@ def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> Non
     print(f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr)
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
-    """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``."""
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None) -> tuple[Path, FitResult]:
+    """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``.
+    ``objective``: the loss (default: next-token cross-entropy; distillation passes its own)."""
     from tinylm.data.text import PackedWindows, build_token_shards
 
     run_dir = Path(out_dir)
@@ -193,7 +194,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                   f"data: {info.train_tokens:,} training tokens", file=sys.stderr)
         windows = PackedWindows(info.train_bin, cfg.train.seq_len, info.dtype, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
         evaluate = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)
-        task = Task(model=model, batches=WindowBatches(windows, cfg.train.batch_size), objective=NextTokenLoss(), evaluate=evaluate)
+        task = Task(model=model, batches=WindowBatches(windows, cfg.train.batch_size), objective=objective or NextTokenLoss(), evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
@@ -303,8 +304,9 @@ def row_evaluator(rows, batch_size: int, max_batches: int):
     return evaluate
 
 
-def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
-    """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``."""
+def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None) -> tuple[Path, FitResult]:
+    """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``.
+    ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own)."""
     from tinylm.chat_template import get_template
     from tinylm.data.packing import RowBatches, encode_conversations, pack, real_tokens
 
@@ -343,7 +345,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
                   f"validation: {len(val_examples):,} conversations", file=sys.stderr)
         batches = RowBatches(train_rows, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
         evaluate = row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches)
-        task = Task(model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
+        task = Task(model=model, batches=batches, objective=objective or NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:

@@ -1,0 +1,56 @@
+"""Distillation: a small student learns from a larger teacher's next-token distributions.
+
+    tinylm distill --teacher runs/big/final --student cpu-tiny-student --out runs/student
+
+The student is a model directory, or a config whose ``model`` section shapes a new one (trained with
+the teacher's tokenizer). The data and the loop are pretraining's (``distill.on: text``) or SFT's
+(``distill.on: chat``, where only the assistant's tokens are learned); only the objective differs:
+``objectives.DistillLoss``. Validation reports the plain cross-entropy, so a distilled student and
+one trained on the data alone compare directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinylm.config import ConfigError, DistillConfig, PretrainConfig, SFTConfig, save_config
+from tinylm.modeldir import load_model_dir
+from tinylm.train.objectives import DistillLoss
+from tinylm.train.recipes import pretrain, sft
+from tinylm.train.trainer import FitResult
+
+
+def check_same_tokenizer(teacher, student, teacher_dir, student_dir) -> None:
+    """Distillation compares distributions token id by token id: both models must share a vocabulary."""
+    a, b = teacher._rust.get_vocab(with_added_tokens=True), student._rust.get_vocab(with_added_tokens=True)
+    if a != b:
+        differs = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])[:3]
+        raise ConfigError(f"the teacher {teacher_dir} and the student {student_dir} use different tokenizers "
+                          f"({len(a):,} vs {len(b):,} tokens; e.g. {differs}): distillation matches the two models' "
+                          "next-token distributions id by id, so the student must use the teacher's tokenizer")
+
+
+def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+    """Train the student (``init_from``, or a new model of ``cfg.model``'s shape) against the teacher."""
+    from tinylm.tokenizer import Tokenizer
+
+    if not cfg.distill.teacher:
+        raise ConfigError("distill.teacher is not set: give the teacher model directory (--teacher DIR)")
+    teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher)
+    if teacher_tokenizer is None:
+        raise ConfigError(f"{cfg.distill.teacher}: has no tokenizer.json; the student must share the teacher's tokenizer")
+    if cfg.init_from:
+        student_tokenizer = Tokenizer.load(cfg.init_from)
+        check_same_tokenizer(teacher_tokenizer, student_tokenizer, cfg.distill.teacher, cfg.init_from)
+    else:
+        cfg.data.tokenizer = cfg.distill.teacher  # a new student speaks the teacher's tokens
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(out_dir) / "distill.yaml")
+    objective = DistillLoss(teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight)
+    if cfg.distill.on == "text":
+        stage = PretrainConfig(model=cfg.model, data=cfg.data, train=cfg.train, init_from=cfg.init_from)
+        return pretrain(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
+    if not cfg.init_from:
+        raise ConfigError("distill.on is chat: the student must be a model directory (--student DIR) with a tokenizer")
+    stage = SFTConfig(init_from=cfg.init_from, data=cfg.chat, train=cfg.train)
+    return sft(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
