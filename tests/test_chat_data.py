@@ -303,3 +303,18 @@ def test_real_sft_files(shared_data, name):
         roles = [m["role"] for m in conversation.messages if m["role"] != "system"]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         assert all(m["content"].strip() for m in conversation.messages)
+
+
+def test_gzip_compressed_files(tmp_path):
+    import gzip
+
+    record = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi!"}]}
+    with gzip.open(tmp_path / "chats.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n{broken\n")
+    with pytest.raises(ChatDataError, match=r"chats\.jsonl\.gz:2: invalid JSON"):
+        read_conversations(tmp_path / "chats.jsonl.gz")
+    conversations, report = read_conversations(tmp_path / "chats.jsonl.gz", skip_bad=True)
+    assert conversations[0].messages == record["messages"] and report.skipped["invalid_json"] == 1
+    (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(ChatDataError, match="not a readable gzip file"):
+        read_conversations(tmp_path / "bad.json.gz")

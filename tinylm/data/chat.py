@@ -32,12 +32,13 @@ field), images/videos/audios, non-text content parts, and per-message loss weigh
 default (1 on assistant turns, 0 elsewhere).
 
 File types: ``.jsonl`` (one record per line), ``.json`` (an array of records, or an object whose one
-list field holds them; a ``.json`` file that is really JSON Lines is read as such) and ``.parquet``
-(one record per row; needs pyarrow).
+list field holds them; a ``.json`` file that is really JSON Lines is read as such), both also
+gzip-compressed (``.jsonl.gz``, ``.json.gz``), and ``.parquet`` (one record per row; needs pyarrow).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -146,13 +147,23 @@ def read_conversations(paths: str | Path | Iterable[str | Path], format: str = "
     """
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    found, report = read_records(paths, lambda record: _normalize(record, format), skip_bad)
+    return [Conversation(messages, where) for where, messages in found], report
+
+
+def read_records(paths, normalize, skip_bad: bool) -> tuple[list[tuple[str, object]], ReadReport]:
+    """(location, what ``normalize`` made of the record) for every record of ``paths`` that it accepts,
+    and the report. ``normalize(record)`` returns (format name, result) or raises ChatDataError, which
+    stops the reading, or with ``skip_bad`` is counted by its reason."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    conversations, report = [], ReadReport()
+    found, report = [], ReadReport()
     for path in map(Path, paths):
         file_report = report.files.setdefault(str(path), FileReport())
         for where, record in _records(path):
             try:
-                record_format, messages = _normalize(record, format)
+                if isinstance(record, ChatDataError):
+                    raise record
+                record_format, result = normalize(record)
             except ChatDataError as e:
                 error = ChatDataError(f"{where}: {e}", e.reason)
                 if not skip_bad:
@@ -160,44 +171,53 @@ def read_conversations(paths: str | Path | Iterable[str | Path], format: str = "
                 file_report.skip(error)
                 continue
             file_report.read[record_format] += 1
-            conversations.append(Conversation(messages, where))
-    return conversations, report
+            found.append((where, result))
+    return found, report
 
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(location, record) for each record of a file. A JSON Lines line that does not parse comes as
-    the ``ChatDataError`` it causes, so that ``skip_bad`` can count it and go on."""
+    """(location, record) for each record of a file (.jsonl, .json, .parquet; .jsonl.gz and .json.gz
+    are read through gzip). A JSON Lines line that does not parse comes as the ``ChatDataError`` it
+    causes, so that ``skip_bad`` can count it and go on."""
     if not path.is_file():
         raise ChatDataError(f"{path}: no such file", "missing_file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_records(path)
-    if suffix == ".json":
-        return _json_records(path)
-    if suffix == ".parquet":
+    compressed = path.suffix.lower() == ".gz"
+    suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
+    if suffix == ".parquet" and not compressed:
         return _parquet_records(path)
-    raise ChatDataError(f"{path}: unsupported file type {suffix or '(none)'}; expected .jsonl, .json or .parquet",
-                        "unsupported_file")
+    if suffix not in (".jsonl", ".json"):
+        raise ChatDataError(f"{path}: unsupported file type {suffix or '(none)'}{'.gz' if compressed else ''}; expected "
+                            ".jsonl, .json or .parquet (or .jsonl.gz, .json.gz)", "unsupported_file")
+    raw = _read_bytes(path, compressed)
+    return _jsonl_records(path, raw) if suffix == ".jsonl" else _json_records(path, raw)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                if line.strip():
-                    yield where, json.loads(line)
-            except UnicodeDecodeError as e:
-                yield where, ChatDataError(f"byte {raw[e.start]:#04x} at column {e.start + 1} is not valid "
-                                           "UTF-8; expected UTF-8 text", "invalid_json")
-            except json.JSONDecodeError as e:
-                yield where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON "
-                                           "value per line", "invalid_json")
+def _read_bytes(path: Path, compressed: bool) -> bytes:
+    if not compressed:
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, object]]:
-    raw = path.read_bytes()
+def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            if text.strip():
+                yield where, json.loads(text)
+        except UnicodeDecodeError as e:
+            yield where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid "
+                                       "UTF-8; expected UTF-8 text", "invalid_json")
+        except json.JSONDecodeError as e:
+            yield where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON "
+                                       "value per line", "invalid_json")
+
+
+def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -206,7 +226,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
                             "invalid_json") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a value followed by more values: JSON Lines under a .json name
-            return _jsonl_records(path)
+            return _jsonl_records(path, raw)
         raise ChatDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json") from None
     items = _record_list(data, path)
     return ((f"{path}:item {index}", record) for index, record in enumerate(items))
@@ -278,8 +298,6 @@ def _message_list_format(messages) -> str:
 
 def _normalize(record, format: str) -> tuple[str, list[dict]]:
     """(the record's format, its validated messages)."""
-    if isinstance(record, ChatDataError):
-        raise record
     record_format = detect_format(record) if format == "auto" else format
     if isinstance(record, dict):
         _check_text_only(record)

@@ -25,8 +25,8 @@ The formats, one record each (detected per record, or forced with ``format=``):
                   paragraph; each turn's text is stripped. A marker inside a paragraph stays text, so
                   such a record usually fails as two turns of one speaker in a row ("alternation").
 
-All take an optional top-level ``"system"`` field, as chat.py does. Files: .jsonl, .json, .parquet as
-in chat.py, and gzip-compressed .jsonl.gz and .json.gz.
+All take an optional top-level ``"system"`` field, as chat.py does. Files as in chat.py: .jsonl,
+.json, .parquet, and gzip-compressed .jsonl.gz and .json.gz.
 
 Skip reasons beyond chat.py's (see ``ReadReport``): prompt_mismatch (chosen and rejected answer
 different prompts), identical_pair (the two replies are the same text), last_not_user (the prompt
@@ -37,17 +37,14 @@ transcript). A KTO record (a "kto_tag" or "label" instead of chosen and rejected
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.data.chat import (MESSAGE_LISTS, ROLES, SHAREGPT_ROLES, ChatDataError, FileReport, ReadReport,
-                              _check_text_only, _field, _kind, _message_list_format, _openai_turns, _record_list,
-                              _role_error, _sharegpt_turns, _text_of_parts, _Turn, _validated, _with_system_field)
-from tinylm.data.chat import _records as _chat_records
+from tinylm.data.chat import (MESSAGE_LISTS, ROLES, SHAREGPT_ROLES, ChatDataError, ReadReport, _check_text_only, _field,
+                              _kind, _message_list_format, _openai_turns, _role_error, _sharegpt_turns, _text_of_parts,
+                              _Turn, _validated, _with_system_field, read_records)
 
 PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
 SIDES = ("chosen", "rejected")
@@ -76,22 +73,13 @@ def read_preferences(paths: str | Path | Iterable[str | Path], format: str = "au
     """
     if format not in PREFERENCE_FORMATS:
         raise ValueError(f"format {format!r}: expected one of {', '.join(PREFERENCE_FORMATS)}")
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    pairs, report = [], ReadReport()
-    for path in map(Path, paths):
-        file_report = report.files.setdefault(str(path), FileReport())
-        for where, record in _records(path):
-            try:
-                record_format, prompt, chosen, rejected = _normalize(record, format)
-            except ChatDataError as e:
-                error = ChatDataError(f"{where}: {e}", e.reason)
-                if not skip_bad:
-                    raise error from None
-                file_report.skip(error)
-                continue
-            file_report.read[record_format] += 1
-            pairs.append(PreferencePair(prompt, chosen, rejected, where))
-    return pairs, report
+
+    def normalize(record):
+        record_format, prompt, chosen, rejected = _normalize(record, format)
+        return record_format, (prompt, chosen, rejected)
+
+    found, report = read_records(paths, normalize, skip_bad)
+    return [PreferencePair(*pair, where) for where, pair in found], report
 
 
 def detect_preference_format(record) -> str:
@@ -114,8 +102,6 @@ def detect_preference_format(record) -> str:
 
 def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     """(the record's format, its prompt, the chosen reply, the rejected reply), all validated."""
-    if isinstance(record, ChatDataError):
-        raise record
     record_format = detect_preference_format(record) if format == "auto" else format
     if not isinstance(record, dict):
         raise ChatDataError(f"{_kind(record)}; expected an object with the fields of the {record_format} format",
@@ -223,43 +209,3 @@ def _check_same_prompt(chosen: list[_Turn], rejected: list[_Turn]) -> None:
                     for t, side in ((a, "chosen"), (b, "rejected"))]
             raise ChatDataError(f"prompt message {index} differs ({show[0]} vs {show[1]}); expected chosen and "
                                 "rejected to share every message before their final reply", "prompt_mismatch")
-
-
-def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """chat.py's (location, record) pairs of a file, also for gzip-compressed .jsonl.gz and .json.gz."""
-    if path.suffix.lower() != ".gz" or not path.is_file():
-        return _chat_records(path)
-    inner = Path(path.stem).suffix.lower()
-    if inner not in (".jsonl", ".json"):
-        raise ChatDataError(f"{path}: unsupported file type {inner or '(none)'}.gz; expected .jsonl.gz or .json.gz",
-                            "unsupported_file")
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
-    if inner == ".json":
-        try:
-            data = json.loads(raw)
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ChatDataError(f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text",
-                                "invalid_json") from None
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # else: JSON Lines under a .json name, read below
-                raise ChatDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})",
-                                    "invalid_json") from None
-        else:
-            return ((f"{path}:item {index}", record) for index, record in enumerate(_record_list(data, path)))
-    return (_line_record(f"{path}:{number}", line) for number, line in enumerate(raw.split(b"\n"), 1) if line.strip())
-
-
-def _line_record(where: str, line: bytes) -> tuple[str, object]:
-    try:
-        return where, json.loads(line)  # bytes: UTF-8, a leading BOM allowed
-    except UnicodeDecodeError as e:
-        return where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid UTF-8; "
-                                    "expected UTF-8 text", "invalid_json")
-    except json.JSONDecodeError as e:
-        return where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON value per line",
-                                    "invalid_json")
