@@ -45,7 +45,7 @@ def chat_and_pairs(base_and_chats):
 
 def dpo_args(chat, pairs, out, *extra):
     return ["dpo", "--init", str(chat), "--data", str(pairs), "--out", str(out), *TRAIN, "--train.eval_batches=4", "--data.val_fraction=0.1",
-            "--train.lr=0.0005", "--train.weight_decay=0", *extra]
+            "--train.lr=0.0005", "--train.weight_decay=0", "--dpo.sft_weight=0", *extra]
 
 
 def test_sigmoid_loss_is_the_dpo_formula():
@@ -78,8 +78,11 @@ def test_pairs_encode_prompt_plus_answer(base_and_chats):
     batch = pairs_batch([pair], [0], pad_id=tokenizer.eos_id)
     for row, answer in zip(batch["labels"], ["Tom likes red.", "No."]):
         assert tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|im_end|>"  # not "Hello!": it is context
-    _, skipped = encode_pairs([PreferencePair(prompt, "red " * 80, "No.", "file:3")], template, tokenizer, 64)
-    assert skipped == ["file:3"]
+    long_prompt = [{"role": "user", "content": "Tom? " * 60}]
+    (cut,), truncated = encode_pairs([PreferencePair(long_prompt, "red " * 80, "No.", "file:3")], template, tokenizer, 64)
+    assert truncated == ["file:3"] and len(cut.chosen) <= 64 and len(cut.rejected) <= 64
+    first_label = next(i for i, label in enumerate(cut.chosen.labels) if label != -100)  # input i predicts token i + 1
+    assert tokenizer.decode(cut.chosen.input_ids[: first_label + 1]).endswith("<|im_start|>assistant\n")  # the prompt lost its start, not its end
 
 
 def test_dpo_raises_the_margin_and_logs_rewards(chat_and_pairs, tmp_path, capsys):

@@ -12,7 +12,7 @@ second copy); ``dpo.reference: precomputed`` scores every pair with it once, bef
 keeps only the numbers. SimPO and ORPO need no reference at all (see objectives.preference_losses).
 
 Only the final answer's tokens are scored (the end-of-turn marker included); the prompt, and any
-earlier turns of a multi-turn prompt, are context. Logged per step: loss, rewards/chosen,
+earlier turns of a multi-turn prompt, are context. Pairs longer than the context are truncated. Logged per step: loss, rewards/chosen,
 rewards/rejected, margin, accuracy (the share of pairs whose chosen reward is higher) and
 prefers_chosen (the share where the model itself gives the chosen answer the higher probability).
 """
@@ -55,18 +55,25 @@ def final_answer_only(mask: list[bool]) -> list[bool]:
 
 def encode_pairs(pairs, template, tokenizer, seq_len: int) -> tuple[list[EncodedPair], list[str]]:
     """Each pair as two training sequences (prompt + chosen, prompt + rejected) whose labels mark the
-    answer; a pair whose longer side exceeds ``seq_len`` is skipped (their sources are returned)."""
-    encoded, skipped = [], []
+    answer. A pair longer than ``seq_len`` is truncated, as preference trainers commonly do: the
+    prompt loses tokens from its start (but keeps at least half the context when the answers are
+    long), the answers lose their ends. Returns the pairs and the sources of the truncated ones."""
+    budget = seq_len + 1  # inputs and the shifted labels come from seq_len + 1 tokens
+    encoded, truncated = [], []
     for pair in pairs:
         sides = []
         for answer in (pair.chosen, pair.rejected):
             ids, mask = template.encode(tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}])
-            sides.append((ids, final_answer_only(mask)))
-        if max(len(ids) for ids, _ in sides) > seq_len + 1:
-            skipped.append(pair.source)
-            continue
-        encoded.append(EncodedPair(*(encode_for_training(ids, mask) for ids, mask in sides), pair.source))
-    return encoded, skipped
+            mask = final_answer_only(mask)
+            start, end = mask.index(True), len(mask) - mask[::-1].index(True)
+            sides.append((ids[:start], ids[start:end]))  # what follows the end-of-turn marker is not the answer
+        prompt_len, answer_len = max(len(p) for p, _ in sides), max(len(a) for _, a in sides)
+        if prompt_len + answer_len > budget:
+            keep_prompt = min(prompt_len, max(budget - answer_len, budget // 2))
+            sides = [(p[len(p) - min(len(p), keep_prompt):], a[: budget - keep_prompt]) for p, a in sides]
+            truncated.append(pair.source)
+        encoded.append(EncodedPair(*(encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides), pair.source))
+    return encoded, truncated
 
 
 def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict:
@@ -198,15 +205,16 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)
         train_pairs, val_pairs, summary = preference_data(cfg)
-        train_set, skipped = encode_pairs(train_pairs, template, tokenizer, cfg.train.seq_len)
+        train_set, truncated = encode_pairs(train_pairs, template, tokenizer, cfg.train.seq_len)
         val_set, _ = encode_pairs(val_pairs, template, tokenizer, cfg.train.seq_len)
         if not train_set:
-            raise ValueError(f"no preference pair fits in train.seq_len={cfg.train.seq_len} tokens: raise train.seq_len")
+            raise ValueError(f"no preference pairs to train on ({summary})")
         pad = tokenizer.eos_id
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             print(f"data: {summary}", file=sys.stderr)
-            note = f"; {len(skipped):,} skipped, longer than train.seq_len (e.g. {', '.join(skipped[:3])})" if skipped else ""
+            note = (f" ({len(truncated):,} truncated to train.seq_len={cfg.train.seq_len}, e.g. {', '.join(truncated[:2])})"
+                    if truncated else "")
             print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
 
         # The reference is the model as it is now: score the validation pairs (and, if asked, the
@@ -253,6 +261,8 @@ def heldout_qa(model_dir, seed: int) -> float:
 
 def describe(report: dict) -> str:
     before, after = report["before"], report["after"]
+    if not before:
+        return "no validation pairs: nothing held out to measure (data.val_fraction, or more pairs)"
     lines = [f"held-out pairs: the model prefers the chosen answer in {before.get('val_prefers_chosen', 0):.1%} before, "
              f"{after.get('val_prefers_chosen', 0):.1%} after; reward accuracy {after.get('val_accuracy', 0):.1%}, "
              f"margin {after.get('val_margin', 0):.3f}"]
