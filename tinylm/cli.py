@@ -170,7 +170,14 @@ def is_model_dir(path: str) -> bool:
     return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
 
 
-TRAINING_COMMANDS = ("quickstart", "pretrain", "sft", "dpo", "distill")  # the ones that take --section.key=value
+# training command → (its config class in tinylm.config, the module and function of its recipe)
+STAGES = {
+    "pretrain": ("PretrainConfig", "tinylm.train.recipes", "pretrain"),
+    "sft": ("SFTConfig", "tinylm.train.recipes", "sft"),
+    "dpo": ("DPOConfig", "tinylm.train.dpo", "dpo"),
+    "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
+}
+TRAINING_COMMANDS = ("quickstart", *STAGES)  # the ones that take --section.key=value
 
 
 def flag_overrides(args) -> list[str]:
@@ -217,37 +224,16 @@ def run(args, overrides: list[str]) -> int:
             tokenizer = train_tokenizer(builtin.pretrain_documents(builtin.World(0)), args.vocab_size)
         tokenizer.save(args.out)
         print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}", file=sys.stderr)
-    elif args.command == "pretrain":
-        from tinylm.config import PretrainConfig, load_config
-        from tinylm.train.recipes import pretrain
+    elif args.command in STAGES:
+        import importlib
 
-        cfg = load_config(PretrainConfig, resolve_config_path(args.config), overrides)
-        _, result = pretrain(cfg, args.out, resume=args.resume)
-        if result.interrupted:
-            return 130
-    elif args.command == "sft":
-        from tinylm.config import SFTConfig, load_config
-        from tinylm.train.recipes import sft
+        from tinylm import config as configs
 
-        cfg = load_config(SFTConfig, resolve_config_path(args.config), overrides)
-        _, result = sft(cfg, args.out, resume=args.resume)
-        if result.interrupted:
-            return 130
-    elif args.command == "dpo":
-        from tinylm.config import DPOConfig, load_config
-        from tinylm.train.dpo import dpo
-
-        cfg = load_config(DPOConfig, resolve_config_path(args.config), overrides)
-        _, result = dpo(cfg, args.out, resume=args.resume)
-        if result.interrupted:
-            return 130
-    elif args.command == "distill":
-        from tinylm.config import DistillConfig, load_config
-        from tinylm.train.distill import distill
-
-        config = args.config if is_model_dir(args.student) else args.student  # a config student brings its own settings
-        cfg = load_config(DistillConfig, resolve_config_path(config), overrides)
-        _, result = distill(cfg, args.out, resume=args.resume)
+        class_name, module, function = STAGES[args.command]
+        # a distillation student given as a config brings its own data and training settings
+        name = args.student if args.command == "distill" and not is_model_dir(args.student) else args.config
+        cfg = configs.load_config(getattr(configs, class_name), resolve_config_path(name), overrides)
+        _, result = getattr(importlib.import_module(module), function)(cfg, args.out, resume=args.resume)
         if result.interrupted:
             return 130
     elif args.command == "generate":

@@ -30,10 +30,10 @@ import torch
 from tinylm.config import ConfigError, DPOConfig, save_config
 from tinylm.data.packing import Encoded, SeededWalk, encode_for_training
 from tinylm.model.loss import IGNORE
-from tinylm.modeldir import atomic_write_text, load_model_dir
+from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
-from tinylm.train.recipes import prepare_lora, save_final, split_validation
+from tinylm.train.recipes import load_to_fine_tune, prepare_lora, save_final, split_validation
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 
@@ -197,10 +197,8 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     dist = distributed.setup(cfg.train.device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = load_model_dir(cfg.init_from)
-        if tokenizer is None:
-            raise ConfigError(f"{cfg.init_from}: has no tokenizer.json; DPO needs the model's tokenizer")
-        model = model.float().to(dist.device)
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
+        model = model.to(dist.device)
         template = chat_template_of(cfg, tokenizer)
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)

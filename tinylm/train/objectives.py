@@ -24,11 +24,16 @@ class NextTokenLoss:
         return int((batch["labels"] != IGNORE).sum())
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        packed = {}
-        if "segments" in batch:
-            packed = {"position_ids": batch["position_ids"], "mask": segment_mask(batch["segments"])}
         # the model computes the loss block by block from its hidden states (no [B, T, vocab] logits)
-        return model(batch["input_ids"], labels=batch["labels"], **packed)
+        return model(batch["input_ids"], labels=batch["labels"], **packing(batch))
+
+
+def packing(batch: dict) -> dict:
+    """The model's keyword arguments for rows that pack several conversations: positions that restart
+    for each, and attention kept inside each (none for plain rows)."""
+    if "segments" not in batch:
+        return {}
+    return {"position_ids": batch["position_ids"], "mask": segment_mask(batch["segments"])}
 
 
 def shift_window(window: torch.Tensor) -> dict:
@@ -137,9 +142,7 @@ class DistillLoss:
         return int((batch["labels"] != IGNORE).sum())
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        packed = {}
-        if "segments" in batch:
-            packed = {"position_ids": batch["position_ids"], "mask": segment_mask(batch["segments"])}
+        packed = packing(batch)
         labels = batch["labels"]
         labelled = labels != IGNORE
         if next(self.teacher.parameters()).device != labels.device:

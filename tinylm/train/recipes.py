@@ -276,6 +276,14 @@ def identity_report(engine, cfg: SFTConfig) -> dict:
     }
 
 
+def load_to_fine_tune(model_dir: str, stage: str):
+    """(model in fp32, its tokenizer) of a model directory that ``stage`` starts from."""
+    model, tokenizer = load_model_dir(model_dir)
+    if tokenizer is None:
+        raise ConfigError(f"{model_dir}: has no tokenizer.json; {stage} needs the model's tokenizer")
+    return model.float().train(), tokenizer
+
+
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random ``fraction`` of the items (none when there are fewer than 20)."""
     count = int(len(items) * fraction) if len(items) >= 20 else 0
@@ -316,10 +324,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     dist = distributed.setup(cfg.train.device)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = load_model_dir(cfg.init_from)
-        if tokenizer is None:
-            raise ValueError(f"{cfg.init_from}: has no tokenizer.json; SFT needs the model's tokenizer")
-        model = model.float().train()
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")
         if cfg.train.seq_len > model.config.max_position_embeddings:
             raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context is {model.config.max_position_embeddings}")
         template = get_template(cfg.data.template)
