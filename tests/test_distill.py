@@ -57,9 +57,13 @@ def test_distilled_student_beats_the_same_student_on_data_alone(teacher, tmp_pat
 def test_distill_on_conversations(teacher, base_and_chats, tmp_path):
     teacher_dir, _ = teacher
     _, base, chats = base_and_chats  # same tokenizer? base trained its own on the same text with the same settings
+    run = tmp_path / "chat"
     assert main(["distill", "--teacher", str(teacher_dir), "--student", str(base), "--chat", "--data", str(chats), "--out",
-                 str(tmp_path / "chat"), *TRAIN, "--train.max_steps=20"]) == 0
-    assert (tmp_path / "chat" / "final" / "chat_template.jinja").exists()
+                 str(run), *TRAIN, "--train.max_steps=40", "--train.lr=0.005"]) == 0
+    assert (run / "final" / "chat_template.jinja").exists()  # SFT's pipeline: the chat template was attached
+    assert "corpus: chat" in (run / "distill.yaml").read_text()
+    val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < 0.9 * val[0]  # the assistant's answers are being learned
 
 
 def test_different_tokenizers_are_refused(teacher, tmp_path, capsys):

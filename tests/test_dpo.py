@@ -12,6 +12,7 @@ from conftest import NAMES, TINY_MODEL, TRAIN
 from tinylm.chat_template import get_template
 from tinylm.cli import main
 from tinylm.config import DPOConfig, load_config
+from tinylm.modeldir import load_model_dir
 from tinylm.train.dpo import encode_pairs, final_answer_only, pairs_batch
 from tinylm.train.objectives import PreferenceLoss, preference_losses
 
@@ -59,7 +60,10 @@ def test_sigmoid_loss_is_the_dpo_formula():
     assert torch.allclose(c - r, torch.tensor([2 * (-1 - -2.0), 2 * (-1 - -0.9)]))
     assert torch.allclose(simpo, -torch.nn.functional.logsigmoid(c - r - 0.5))
     orpo, _, _ = preference_losses("orpo", 0.1, logps, torch.tensor([3, 5, 2, 5]), None)
-    assert orpo[0] > 1.0 and torch.isfinite(orpo).all()  # the chosen answer's NLL (1 per token) plus the odds-ratio term
+    mean = [-1.0, -1.0, -2.0, -0.9]  # mean token log-probabilities: chosen of pairs 0, 1, then rejected
+    log_odds = [m - math.log(1 - math.exp(m)) for m in mean]
+    expected = [-mean[i] + 0.1 * math.log1p(math.exp(-(log_odds[i] - log_odds[i + 2]))) for i in range(2)]
+    assert torch.allclose(orpo, torch.tensor(expected), atol=1e-6)
 
 
 def test_only_the_final_answer_is_scored():
@@ -73,8 +77,8 @@ def test_pairs_encode_prompt_plus_answer(base_and_chats):
     _, base, _ = base_and_chats
     tokenizer, template = Tokenizer.load(base), get_template("chatml")
     prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tom?"}]
-    (pair,), skipped = encode_pairs([PreferencePair(prompt, "Tom likes red.", "No.", "x")], template, tokenizer, 64)
-    assert not skipped
+    (pair,), truncated = encode_pairs([PreferencePair(prompt, "Tom likes red.", "No.", "x")], template, tokenizer, 64)
+    assert not truncated
     batch = pairs_batch([pair], [0], pad_id=tokenizer.eos_id)
     for row, answer in zip(batch["labels"], ["Tom likes red.", "No."]):
         assert tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|im_end|>"  # not "Hello!": it is context
@@ -117,16 +121,35 @@ def test_precomputed_reference_trains_like_the_live_one(chat_and_pairs, tmp_path
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
 
 
-def test_dpo_with_lora_uses_the_base_as_reference(chat_and_pairs, tmp_path, capsys):
+@pytest.mark.parametrize("method", [["--lora"], ["--qlora", "--double-quant"], ["--qlora", "--precompute-ref"]])
+def test_dpo_with_lora_uses_the_base_as_reference(chat_and_pairs, tmp_path, method):
     chat, pairs = chat_and_pairs
     run = tmp_path / "lora"
-    assert main(dpo_args(chat, pairs, run, "--train.max_steps=30", "--lora", "--lora-r", "8", "--lora-alpha", "16", "--train.lr=0.01",
-                         "--train.log_every=1")) == 0
+    assert main(dpo_args(chat, pairs, run, "--train.max_steps=30", *method, "--lora-r", "8", "--lora-alpha", "16", "--train.lr=0.01",
+                         "--train.log_every=1", "--lora.block_size=32")) == 0
     assert (run / "final" / "adapter_config.json").exists() and not (run / "final" / "model.safetensors").exists()
     train = [r for r in metrics(run) if "loss" in r]
-    # step 1 is scored before any update: the adapter-free base is the reference, so every reward is exactly 0
+    # step 1 is scored before any update: the reference is the adapter-free (for QLoRA: 4-bit) base, so
+    # every reward is exactly 0, whether it is scored live or was scored up front
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert train[-1]["margin"] > 1.0
+
+
+def test_a_lora_stage_can_start_from_an_adapter(chat_and_pairs, tmp_path):
+    """sft --lora → adapter A; dpo --init A --lora → adapter B over A: B loads (the chain is followed),
+    and merging B into A's merged model gives the same model."""
+    chat, pairs = chat_and_pairs
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(dpo_args(chat, pairs, first, "--train.max_steps=4", "--lora")) == 0
+    assert main(dpo_args(first / "final", pairs, second, "--train.max_steps=4", "--lora")) == 0
+    model, tokenizer = load_model_dir(second / "final")
+    assert tokenizer.chat_template_name == "chatml"
+    assert main(["merge", str(first / "final"), str(second / "final"), str(tmp_path / "merged")]) == 0
+    merged, merged_tokenizer = load_model_dir(tmp_path / "merged")
+    ids = torch.tensor([[3, 5, 7, 11]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), model(ids), atol=1e-5)
+    assert merged_tokenizer.chat_template_name == "chatml" and merged.config.eos_token_ids() == model.config.eos_token_ids()
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
@@ -150,6 +173,12 @@ def test_dpo_errors_name_the_problem(chat_and_pairs, base_and_chats, tmp_path, c
     assert "has no tinylm chat template" in capsys.readouterr().err
     with pytest.raises(ValueError, match="loss: expected sigmoid, orpo or simpo"):
         load_config(DPOConfig, None, ["--dpo.loss=ppo"])
+    with pytest.raises(ValueError, match="uses no reference model"):
+        load_config(DPOConfig, None, ["--dpo.loss=simpo", "--dpo.reference=precomputed"])
+    with pytest.raises(ValueError, match="ORPO already includes"):
+        load_config(DPOConfig, None, ["--dpo.loss=orpo", "--dpo.sft_weight=1"])
+    assert load_config(DPOConfig, None, ["--dpo.loss=simpo"]).dpo.beta == 2.0  # each loss its own default beta
+    assert load_config(DPOConfig, None, []).dpo.beta == 0.1
 
 
 def test_preference_loss_counts_pairs():

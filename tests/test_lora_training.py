@@ -59,7 +59,8 @@ def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path
 
     merged = tmp_path / "merged"
     assert main(["merge", str(base), str(final), str(merged)]) == 0
-    plain, _ = load_model_dir(merged)
+    plain, plain_tokenizer = load_model_dir(merged)
+    assert plain_tokenizer.chat_template == tokenizer.chat_template and plain.config.eos_token_ids() == model.config.eos_token_ids()
     base_model, _ = load_model_dir(base)
     with torch.no_grad():
         assert torch.allclose(plain(IDS), model(IDS), atol=1e-5) and not torch.allclose(plain(IDS), base_model(IDS), atol=1e-3)
@@ -102,8 +103,12 @@ def test_lora_options_are_checked(base_and_chats, tmp_path, capsys):
     args = ["sft", "--init", str(base), "--data", str(chats), "--out", str(tmp_path / "x"), *TRAIN]
     assert main([*args, "--lora.quantize=nf4"]) == 2
     assert "lora.enabled is not" in capsys.readouterr().err
-    assert main([*args, "--lora", "--lora.target_modules=[nothing]"]) == 2
-    assert "no linear layer is named like ['nothing']" in capsys.readouterr().err
+    assert main([*args, "--lora", "--lora.target_modules=[lm_head]"]) == 2
+    assert "['lm_head'] are not decoder linear layers" in capsys.readouterr().err
+    assert main([*args, "--lora-r", "4"]) == 2  # a LoRA option without --lora would silently fine-tune everything
+    assert "--lora-r given without --lora" in capsys.readouterr().err
+    assert main([*args, "--lora", "--double-quant"]) == 2
+    assert "use it with --qlora" in capsys.readouterr().err
     assert main([*args, "--lora", "--lora-r", "0"]) == 2
     assert "rank >= 1" in capsys.readouterr().err
 

@@ -60,6 +60,12 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
 
 def lora_overrides(args) -> dict:
     qlora = getattr(args, "qlora", False)
+    given = [flag for flag, value in (("--lora-r", getattr(args, "lora_r", None)), ("--lora-alpha", getattr(args, "lora_alpha", None)),
+                                      ("--double-quant", getattr(args, "double_quant", False) or None)) if value is not None]
+    if given and not (getattr(args, "lora", False) or qlora):
+        raise ValueError(f"{', '.join(given)} given without --lora or --qlora: add one, or the run fine-tunes every weight")
+    if getattr(args, "double_quant", False) and not qlora:
+        raise ValueError("--double-quant is part of QLoRA: use it with --qlora")
     return {"lora.enabled": (getattr(args, "lora", False) or qlora) or None, "lora.quantize": "nf4" if qlora else None,
             "lora.double_quant": getattr(args, "double_quant", False) or None,
             "lora.r": getattr(args, "lora_r", None), "lora.alpha": getattr(args, "lora_alpha", None)}
@@ -196,7 +202,7 @@ def flag_overrides(args) -> list[str]:
         pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     if args.command == "distill":
         section = "chat" if args.chat else "data"
-        pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.on": "chat" if args.chat else None,
+        pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.corpus": "chat" if args.chat else None,
                       "distill.temperature": args.temperature, "distill.kl_weight": args.kl_weight,
                       "init_from": json.dumps(args.student) if is_model_dir(args.student) else None})
         if args.data:
@@ -263,12 +269,12 @@ def run(args, overrides: list[str]) -> int:
         else:
             run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format)
     elif args.command == "merge":
-        from tinylm.model.lora import load_adapter, merge_lora
-        from tinylm.modeldir import load_model_dir, save_model_dir
+        from tinylm.model.lora import load_adapter_dir, read_adapter_config
+        from tinylm.modeldir import save_model_dir
 
-        model, tokenizer = load_model_dir(args.model_dir)
-        config = load_adapter(model, args.adapter_dir)
-        save_model_dir(merge_lora(model), args.out_dir, tokenizer=tokenizer)
+        config = read_adapter_config(args.adapter_dir)
+        model, tokenizer = load_adapter_dir(args.adapter_dir, base_dir=args.model_dir)  # the adapter's tokenizer and stop tokens win
+        save_model_dir(model, args.out_dir, tokenizer=tokenizer)
         print(f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}", file=sys.stderr)
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses

@@ -95,6 +95,11 @@ class LoRASection:
     def __post_init__(self):
         if self.quantize not in ("none", "nf4"):
             raise ConfigError(f"quantize: expected none or nf4, got {self.quantize!r}")
+        if self.double_quant and self.quantize != "nf4":
+            raise ConfigError("double_quant is set but quantize is not nf4: double quantization is part of QLoRA (--qlora)")
+        if unknown := sorted(set(self.target_modules) - set(LORA_TARGETS)):
+            raise ConfigError(f"target_modules: {unknown} are not decoder linear layers; expected some of {LORA_TARGETS} "
+                              "(the lm_head computes the loss from its weight directly, so an adapter there would not train)")
         if self.block_size < 2 or self.block_size % 2:
             raise ConfigError(f"block_size: expected an even integer >= 2, got {self.block_size}")
         if (self.quantize != "none" or self.double_quant) and not self.enabled:
@@ -152,8 +157,8 @@ class PreferenceDataConfig:
 @dataclass
 class DPOSection:
     loss: str = "sigmoid"  # sigmoid (DPO) | orpo | simpo; ORPO and SimPO need no reference model
-    beta: float = 0.1  # DPO/SimPO: the reward scale; ORPO: the weight of the odds-ratio term
-    reference: str = "model"  # model: scored batch by batch (a frozen copy, or the base under a LoRA adapter) | precomputed: once, before training
+    beta: float | None = None  # DPO/SimPO: the reward scale; ORPO: the odds-ratio weight (None: 0.1, SimPO 2.0)
+    reference: str = "model"  # DPO: model (scored batch by batch: a frozen copy, or the base under a LoRA adapter) | precomputed (once, before training)
     sft_weight: float = 0.0  # add this × the chosen answers' cross-entropy per token (keeps the answers likely)
     simpo_gamma: float = 0.5  # SimPO: the target reward margin
 
@@ -162,6 +167,12 @@ class DPOSection:
             raise ConfigError(f"loss: expected sigmoid, orpo or simpo, got {self.loss!r}")
         if self.reference not in ("model", "precomputed"):
             raise ConfigError(f"reference: expected model or precomputed, got {self.reference!r}")
+        if self.reference == "precomputed" and self.loss != "sigmoid":
+            raise ConfigError(f"reference is precomputed but loss {self.loss} uses no reference model: drop one of them")
+        if self.loss == "orpo" and self.sft_weight:
+            raise ConfigError("sft_weight is set but ORPO already includes the chosen answers' cross-entropy: leave it at 0")
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
         if self.beta <= 0 or self.sft_weight < 0 or self.simpo_gamma < 0:
             raise ConfigError(f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, {self.simpo_gamma})")
 
@@ -180,11 +191,11 @@ class DistillSection:
     teacher: str | None = None  # the teacher model directory (same tokenizer as the student)
     temperature: float = 1.0  # > 1 softens both distributions; the KL term is scaled by T²
     kl_weight: float = 0.5  # loss = (1 - kl_weight) · cross-entropy + kl_weight · T² · KL(teacher ‖ student)
-    on: str = "text"  # text: pretraining text (``data``) | chat: conversations (``chat``), the assistant's tokens
+    corpus: str = "text"  # text: pretraining text (``data``) | chat: conversations (``chat``), the assistant's tokens
 
     def __post_init__(self):
-        if self.on not in ("text", "chat"):
-            raise ConfigError(f"on: expected text or chat, got {self.on!r}")
+        if self.corpus not in ("text", "chat"):
+            raise ConfigError(f"corpus: expected text or chat, got {self.corpus!r}")
         if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
             raise ConfigError(f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})")
 
@@ -195,8 +206,8 @@ class DistillConfig:
 
     init_from: str | None = None  # the student's model directory; None: a new model built from ``model``
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # pretraining text, with distill.on: text
-    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.on: chat
+    data: DataConfig = field(default_factory=DataConfig)  # pretraining text, with distill.corpus: text
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.corpus: chat
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillSection = field(default_factory=DistillSection)
 

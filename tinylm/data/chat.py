@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -188,36 +189,37 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
     if suffix not in (".jsonl", ".json"):
         raise ChatDataError(f"{path}: unsupported file type {suffix or '(none)'}{'.gz' if compressed else ''}; expected "
                             ".jsonl, .json or .parquet (or .jsonl.gz, .json.gz)", "unsupported_file")
-    raw = _read_bytes(path, compressed)
-    return _jsonl_records(path, raw) if suffix == ".jsonl" else _json_records(path, raw)
+    return _jsonl_records(path, compressed) if suffix == ".jsonl" else _json_records(path, compressed)
 
 
-def _read_bytes(path: Path, compressed: bool) -> bytes:
-    if not compressed:
-        return path.read_bytes()
+def _read(path: Path, compressed: bool, read):
+    """``read(binary file)``, through gzip for a .gz file; a broken gzip stream names the file."""
     try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError) as e:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            yield from read(f)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
 
 
-def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        where = f"{path}:{number}"
-        try:
-            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
-            if text.strip():
-                yield where, json.loads(text)
-        except UnicodeDecodeError as e:
-            yield where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid "
-                                       "UTF-8; expected UTF-8 text", "invalid_json")
-        except json.JSONDecodeError as e:
-            yield where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON "
-                                       "value per line", "invalid_json")
+def _jsonl_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
+    """Line by line (a big file is never read whole)."""
+    return _read(path, compressed, lambda f: (_line_record(f"{path}:{number}", number, line) for number, line in enumerate(f, 1)
+                                              if line.strip()))
 
 
-def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
+def _line_record(where: str, number: int, line: bytes) -> tuple[str, object]:
+    try:
+        return where, json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+        return where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid "
+                                    "UTF-8; expected UTF-8 text", "invalid_json")
+    except json.JSONDecodeError as e:
+        return where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON "
+                                    "value per line", "invalid_json")
+
+
+def _json_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
+    (raw,) = _read(path, compressed, lambda f: [f.read()])
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -226,7 +228,7 @@ def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
                             "invalid_json") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a value followed by more values: JSON Lines under a .json name
-            return _jsonl_records(path, raw)
+            return _jsonl_records(path, compressed)
         raise ChatDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json") from None
     items = _record_list(data, path)
     return ((f"{path}:item {index}", record) for index, record in enumerate(items))

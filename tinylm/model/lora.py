@@ -199,25 +199,32 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base
 
 def base_model_path(adapter_dir: Path) -> Path:
     """The base model directory named by ``base_model_name_or_path`` (absolute, or relative to the
-    working directory or to the adapter)."""
-    raw = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    working directory or to the adapter). It may itself be an adapter directory: a LoRA stage started
+    from another LoRA run's output (tinylm follows the chain; PEFT does not)."""
+    from tinylm.modeldir import read_json
+
+    config_path = adapter_dir / "adapter_config.json"
+    raw = read_json(config_path).get("base_model_name_or_path")
     if not raw:
-        raise ModelDirError(f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is empty; "
+        raise ModelDirError(f"{config_path}: base_model_name_or_path is empty; "
                             "name the base model explicitly (tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR)")
     for candidate in (Path(raw), adapter_dir / raw):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ModelDirError(f"{adapter_dir / 'adapter_config.json'}: base model {raw!r} is not a local model directory "
+    raise ModelDirError(f"{config_path}: base model {raw!r} is not a local model directory "
                         "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR")
 
 
-def load_adapter_dir(adapter_dir: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
-    """An adapter directory → (its base model with the adapter merged in, tokenizer). The tokenizer and
-    stop tokens saved with the adapter win over the base model's."""
+def load_adapter_dir(adapter_dir: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True,
+                     base_dir: str | Path | None = None):
+    """An adapter directory → (its base model with the adapter merged in, tokenizer). The base is
+    ``base_dir``, or the one adapter_config.json names. The tokenizer (with its chat template) and the
+    stop tokens saved with the adapter win over the base model's. ``dtype`` None keeps the base's."""
     from tinylm.modeldir import load_model_dir, read_json
 
     adapter_dir = Path(adapter_dir)
-    model, tokenizer = load_model_dir(base_model_path(adapter_dir), with_tokenizer=with_tokenizer)
+    model, tokenizer = load_model_dir(base_dir or base_model_path(adapter_dir), with_tokenizer=with_tokenizer)
+    saved_dtype = model.lm_head.weight.dtype
     load_adapter(model.float(), adapter_dir)
     merge_lora(model)
     if (adapter_dir / "generation_config.json").is_file():
@@ -228,7 +235,7 @@ def load_adapter_dir(adapter_dir: str | Path, device=None, dtype: torch.dtype | 
         from tinylm.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(adapter_dir)
-    model = model.to(dtype) if dtype is not None else model
+    model = model.to(dtype or saved_dtype)
     return (model.to(device) if device is not None else model).eval(), tokenizer
 
 

@@ -91,7 +91,7 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight, in its original shape: level[code] · absmax of the code's block."""
         codes = torch.stack((self.codes >> 4, self.codes & 0x0F), dim=-1).flatten()
-        values = nf4_code_book(codes.device)[codes.long()].view(-1, self.block_size)
+        values = nf4_code_book(codes.device)[codes.int()].view(-1, self.block_size)  # int32 indices: a quarter of int64's
         values = values * self.block_absmax()[:, None]
         return values.flatten()[: math.prod(self.shape)].view(self.shape).to(dtype)
 

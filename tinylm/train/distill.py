@@ -3,8 +3,8 @@
     tinylm distill --teacher runs/big/final --student cpu-tiny-student --out runs/student
 
 The student is a model directory, or a config whose ``model`` section shapes a new one (trained with
-the teacher's tokenizer). The data and the loop are pretraining's (``distill.on: text``) or SFT's
-(``distill.on: chat``, where only the assistant's tokens are learned); only the objective differs:
+the teacher's tokenizer). The data and the loop are pretraining's (``distill.corpus: text``) or SFT's
+(``distill.corpus: chat``, where only the assistant's tokens are learned); only the objective differs:
 ``objectives.DistillLoss``. Validation reports the plain cross-entropy, so a distilled student and
 one trained on the data alone compare directly.
 """
@@ -46,11 +46,11 @@ def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, ca
         cfg.data.tokenizer = cfg.distill.teacher  # a new student speaks the teacher's tokens
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(out_dir) / "distill.yaml")
-    objective = DistillLoss(teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight)
-    if cfg.distill.on == "text":
+    objective = DistillLoss(teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight, vocab_size=teacher_tokenizer.vocab_size)
+    if cfg.distill.corpus == "text":
         stage = PretrainConfig(model=cfg.model, data=cfg.data, train=cfg.train, init_from=cfg.init_from)
         return pretrain(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
     if not cfg.init_from:
-        raise ConfigError("distill.on is chat: the student must be a model directory (--student DIR) with a tokenizer")
+        raise ConfigError("distill.corpus is chat: the student must be a model directory (--student DIR) with a tokenizer")
     stage = SFTConfig(init_from=cfg.init_from, data=cfg.chat, train=cfg.train)
     return sft(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)

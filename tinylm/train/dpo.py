@@ -19,6 +19,7 @@ prefers_chosen (the share where the model itself gives the chosen answer the hig
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -29,6 +30,7 @@ import torch
 
 from tinylm.config import ConfigError, DPOConfig, save_config
 from tinylm.data.packing import Encoded, SeededWalk, encode_for_training
+from tinylm.device import autocast_dtype
 from tinylm.model.loss import IGNORE
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
@@ -198,6 +200,11 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
+        if cfg.train.seq_len > model.config.max_position_embeddings:
+            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context is {model.config.max_position_embeddings}")
+        # Adapters (and QLoRA's 4-bit base) go in first, on the CPU: B starts at zero, so the model
+        # scored below as the reference is exactly the one the adapter-off reference will be.
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
         model = model.to(dist.device)
         template = chat_template_of(cfg, tokenizer)
         tokenizer = template.attach(tokenizer)
@@ -216,14 +223,13 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
 
         # The reference is the model as it is now: score the validation pairs (and, if asked, the
-        # training pairs) with it before anything changes.
-        val_ref = score_pairs(model, val_set, pad, cfg.train.batch_size)
-        train_ref = None
-        if cfg.dpo.loss == "sigmoid" and cfg.dpo.reference == "precomputed":
-            train_ref = score_pairs(model, train_set, pad, cfg.train.batch_size)
-        evaluate = pair_evaluator(val_set, val_ref, cfg, pad)
-        before = evaluate(model)
-        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
+        # training pairs) with it before anything changes, in the precision training will use.
+        amp = autocast_dtype(cfg.train.precision, dist.device)
+        with torch.autocast(dist.device.type, dtype=amp) if amp else contextlib.nullcontext():
+            val_ref = score_pairs(model, val_set, pad, cfg.train.batch_size)
+            train_ref = score_pairs(model, train_set, pad, cfg.train.batch_size) if cfg.dpo.reference == "precomputed" else None
+            evaluate = pair_evaluator(val_set, val_ref, cfg, pad)
+            before = evaluate(model)
         reference = reference_scorer(model, lora) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
         objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight, simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
         batches = PairBatches(train_set, cfg.train.batch_size, pad, train_ref, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)

@@ -134,9 +134,9 @@ class DistillLoss:
     The teacher is frozen and only ever runs forward.
     """
 
-    def __init__(self, teacher, temperature: float = 2.0, kl_weight: float = 0.5):
+    def __init__(self, teacher, temperature: float = 1.0, kl_weight: float = 0.5, vocab_size: int | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.temperature, self.kl_weight = temperature, kl_weight
+        self.temperature, self.kl_weight, self.vocab_size = temperature, kl_weight, vocab_size
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE).sum())
@@ -147,12 +147,14 @@ class DistillLoss:
         labelled = labels != IGNORE
         if next(self.teacher.parameters()).device != labels.device:
             self.teacher.to(labels.device)
+        # Models may pad their vocabulary (Qwen: 151,936 rows for 151,665 tokens): the distributions are
+        # compared over the shared tokenizer's ids only.
         with torch.no_grad():
-            teacher_logits = self.teacher(batch["input_ids"], logits_at=labelled, **packed).float()
-        student_logits = model(batch["input_ids"], logits_at=labelled, **packed).float()
+            teacher_logits = self.teacher(batch["input_ids"], logits_at=labelled, **packed)[:, : self.vocab_size].float()
+        student_logits = model(batch["input_ids"], logits_at=labelled, **packed)[:, : self.vocab_size].float()
         if teacher_logits.shape[-1] != student_logits.shape[-1]:
             raise ValueError(f"the teacher predicts over {teacher_logits.shape[-1]:,} token ids, the student over "
-                             f"{student_logits.shape[-1]:,}: set the student's model.vocab_size to the teacher's")
+                             f"{student_logits.shape[-1]:,}: give DistillLoss the shared tokenizer's vocab_size")
         t = self.temperature
         ce = F.cross_entropy(student_logits, labels[labelled], reduction="sum")
         kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True, reduction="sum")

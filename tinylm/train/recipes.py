@@ -164,6 +164,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     ``objective``: the loss (default: next-token cross-entropy; distillation passes its own)."""
     from tinylm.data.text import PackedWindows, build_token_shards
 
+    if cfg.lora.enabled and not cfg.init_from:
+        raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
     run_dir = Path(out_dir)
     dist = distributed.setup(cfg.train.device)
     try:
@@ -180,8 +182,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         distributed_barrier()
         info = build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
                                   val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
-        if cfg.lora.enabled and not cfg.init_from:
-            raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
