@@ -147,3 +147,21 @@ def test_lora_over_nf4_disables_and_merges():
         merged = merge_lora(model)(IDS)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())  # merging dequantizes
     assert torch.allclose(adapted, merged, atol=1e-4) and not torch.allclose(adapted, quantized_base, atol=1e-3)
+
+
+def test_peft_loads_the_adapter_a_run_wrote(trained_base, tmp_path):
+    """The output of `tinylm sft --lora` is a PEFT adapter: PeftModel on the transformers-loaded base
+    (the path adapter_config.json names) gives tinylm's logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base, chats = trained_base
+    run = tmp_path / "lora"
+    assert main(["sft", "--init", str(base), "--data", str(chats), "--out", str(run), *TRAIN, *LORA, "--lora.rslora=true",
+                 "--train.max_steps=10", "--train.lr=0.01"]) == 0
+    named = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(named)
+    peft_model = peft.PeftModel.from_pretrained(hf, run / "final").eval()
+    ours, _ = load_model_dir(run / "final")
+    with torch.no_grad():
+        theirs, mine = peft_model(IDS).logits, ours(IDS)
+    assert torch.allclose(theirs, mine, atol=1e-5), (theirs - mine).abs().max()
