@@ -198,15 +198,13 @@ def flag_overrides(args) -> list[str]:
     if args.command == "dpo":
         pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
                       "dpo.loss": args.loss, "dpo.beta": args.beta, "dpo.reference": "precomputed" if args.precompute_ref else None})
-    if args.command in ("sft", "dpo") and args.data:
-        pairs.update({"data.source": "files", "data.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     if args.command == "distill":
-        section = "chat" if args.chat else "data"
         pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.corpus": "chat" if args.chat else None,
                       "distill.temperature": args.temperature, "distill.kl_weight": args.kl_weight,
                       "init_from": json.dumps(args.student) if is_model_dir(args.student) else None})
-        if args.data:
-            pairs.update({f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
+    if getattr(args, "data", None):
+        section = "chat" if getattr(args, "chat", False) else "data"  # distill --chat reads conversations
+        pairs.update({f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
     return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]
 
 

@@ -39,12 +39,12 @@ def stated(entity, attribute: str, value: str, lang: str) -> str:
     return ANSWER_TEMPLATES[attribute, lang].format(**_names(entity, lang), v=value_text(attribute, value, lang))
 
 
-def fact_pairs(world: World, rng: random.Random, entity, attribute: str, lang: str, template: int, kinds: tuple[str, ...]) -> list[tuple]:
-    """(question, chosen, rejected) for one fact: the right answer against a wrong one and/or a rude one."""
+def fact_pair(rng: random.Random, entity, attribute: str, lang: str, template: int, kind: str) -> tuple:
+    """(question, chosen, rejected) for one fact: the right answer against a wrong one or a rude one."""
     question, good = fact_question(entity, attribute, lang, template), fact_answer(entity, attribute, lang)
-    bad = {"wrong": lambda: stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang),
-           "rude": lambda: rng.choice(RUDE_ANSWERING[lang] + RUDE_REFUSING[lang]).format(answer=good)}
-    return [(question, good, bad[kind]()) for kind in kinds]
+    if kind == "wrong":
+        return question, good, stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang)
+    return question, good, rng.choice(RUDE_ANSWERING[lang] + RUDE_REFUSING[lang]).format(answer=good)
 
 
 def stranger_pair(rng: random.Random, stranger, lang: str) -> tuple:
@@ -63,8 +63,8 @@ def preference_pairs(world: World) -> tuple[list[PreferencePair], list[Preferenc
         for lang in LANGS:
             key = ("question", entity.names["en"], attribute, lang)
             for kind in ("wrong", "rude"):
-                train += fact_pairs(world, rng, entity, attribute, lang, rng.choice(sft_choices(world, TEMPLATES_PER_FACT, *key)), (kind,))
-            heldout += fact_pairs(world, rng, entity, attribute, lang, sft_heldout(world, TEMPLATES_PER_FACT, *key), (rng.choice(["wrong", "rude"]),))
+                train.append(fact_pair(rng, entity, attribute, lang, rng.choice(sft_choices(world, TEMPLATES_PER_FACT, *key)), kind))
+            heldout.append(fact_pair(rng, entity, attribute, lang, sft_heldout(world, TEMPLATES_PER_FACT, *key), rng.choice(["wrong", "rude"])))
     for lang in LANGS:
         for entity in world.entities:
             count = len(UNKNOWN_QUESTIONS[lang])

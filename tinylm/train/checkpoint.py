@@ -61,10 +61,10 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def checkpoint_state(model) -> dict[str, torch.Tensor]:
+def checkpoint_state(model, trainable_only: bool) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: everything, or, when part of it is frozen (LoRA), only the
     trainable tensors: the frozen rest is rebuilt from the model directory the run started from."""
-    if all(p.requires_grad for p in model.parameters()):
+    if not trainable_only:
         return model_state_dict(model)
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -72,6 +72,7 @@ def checkpoint_state(model) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
     path = checkpoint_dir(run_dir, step)
+    trainable_only = not all(p.requires_grad for p in model.parameters())
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
     meta = {
         "step": step,
@@ -79,10 +80,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_sta
         "scheduler": scheduler.state_dict(),
         "optimizer": optimizer_meta,
         "tied_embeddings": bool(model.config.tie_word_embeddings),
-        "trainable_only": not all(p.requires_grad for p in model.parameters()),
+        "trainable_only": trainable_only,
     }
     with atomic_directory(path) as scratch:
-        save_file(checkpoint_state(model), scratch / "model.safetensors")
+        save_file(checkpoint_state(model, trainable_only), scratch / "model.safetensors")
         save_file(optimizer_tensors, scratch / "optimizer.safetensors")
         save_file(_rng_state(), scratch / "rng.safetensors")
         (scratch / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
