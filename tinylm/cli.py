@@ -6,8 +6,11 @@
     tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
     tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
     tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
+    tinylm vlm quickstart --out runs/vlm
+    tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR] [--data captions.jsonl | --coco captions.json]
+    tinylm vlm sft --init runs/vlm1/final --out runs/vlm2 [--data conversations.jsonl] [--lora]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
-    tinylm chat runs/tiny/final [--system TEXT]
+    tinylm chat runs/tiny/final [--system TEXT] [--image PATH]
     tinylm merge runs/tiny/final runs/adapter runs/merged
     tinylm plot runs/tiny
 
@@ -150,9 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     dis.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
+    vlm = commands.add_parser("vlm", help="vision-language models: two-stage training and a quickstart")
+    vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True)
+    vlm_quick = vlm_commands.add_parser("quickstart", help="built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes")
+    vlm_quick.add_argument("--out", required=True, help="run directory")
+    vlm_quick.add_argument("--llm", default=None, help="the language model to start from (default: pretrain a small one on the built-in corpus)")
+    vlm_quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
+    for stage, about in (("pretrain", "stage 1: image-caption pairs train the projector (and --train-vision the encoder); the language model is frozen"),
+                         ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)")):
+        sub = vlm_commands.add_parser(stage, help=about + "; extra --section.key=value override the config")
+        sub.add_argument("--config", default=f"vlm-{stage}-cpu-tiny", help="config name or YAML path")
+        sub.add_argument("--init", required=True, help="the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)")
+        sub.add_argument("--data", nargs="+", default=None, help="LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)")
+        sub.add_argument("--image-root", default=None, help="where relative image paths are found (default: beside each data file)")
+        sub.add_argument("--skip-bad", action="store_true", help="skip invalid samples and report counts instead of stopping")
+        sub.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
+        sub.add_argument("--train-vision", action="store_true", help="train the vision encoder too")
+        sub.add_argument("--out", required=True, help="run directory")
+        sub.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        sub.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+        if stage == "pretrain":
+            sub.add_argument("--vision", default=None, help="a local SigLIP/CLIP directory as the encoder (default: a new built-in ViT)")
+            sub.add_argument("--feature-layer", type=int, default=None, help="the encoder layer that feeds the projector (default -1, the last)")
+            sub.add_argument("--coco", nargs="+", default=None, help="COCO caption annotations (captions_*.json) instead of --data")
+            sub.add_argument("--coco-images", default=None, help="the COCO image folder (default: found beside the annotations)")
+        else:
+            add_lora_args(sub)
+
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=None, help="a vision-language model: an image for each <image> tag of the prompt")
     add_sampling_args(gen)
 
     chat = commands.add_parser("chat", help="multi-turn chat in the terminal")
@@ -160,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--prompts", default=None, help="answer each prompt of this file (.txt: one per line; .jsonl: {\"prompt\": ...}) and exit")
     chat.add_argument("--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them")
+    chat.add_argument("--image", action="append", default=None, help="a vision-language model: show it this picture with the first message "
+                      "(with --prompts: with every prompt); repeat for several")
     add_sampling_args(chat)
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory")
@@ -183,7 +216,7 @@ STAGES = {
     "dpo": ("DPOConfig", "tinylm.train.dpo", "dpo"),
     "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
 }
-TRAINING_COMMANDS = ("quickstart", *STAGES)  # the ones that take --section.key=value
+TRAINING_COMMANDS = ("quickstart", "vlm", *STAGES)  # the ones that take --section.key=value
 
 
 def flag_overrides(args) -> list[str]:
@@ -202,6 +235,16 @@ def flag_overrides(args) -> list[str]:
         pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.corpus": "chat" if args.chat else None,
                       "distill.temperature": args.temperature, "distill.kl_weight": args.kl_weight,
                       "init_from": json.dumps(args.student) if is_model_dir(args.student) else None})
+    if args.command == "vlm" and args.vlm_command != "quickstart":
+        pairs.update({"data.image_root": args.image_root and json.dumps(args.image_root), "data.skip_bad": args.skip_bad or None,
+                      "data.template": args.template, "vision.train": args.train_vision or None})
+        if args.vlm_command == "pretrain":
+            pairs.update({"vision.tower": args.vision and json.dumps(args.vision), "vision.feature_layer": args.feature_layer,
+                          "data.coco_images": args.coco_images and json.dumps(args.coco_images)})
+            if args.coco and args.data:
+                raise ValueError("give --data or --coco, not both")
+            if args.coco:
+                pairs.update({"data.source": "coco", "data.files": "[" + ", ".join(json.dumps(f) for f in args.coco) + "]"})
     if getattr(args, "data", None):
         section = "chat" if getattr(args, "chat", False) else "data"  # distill --chat reads conversations
         pairs.update({f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
@@ -217,6 +260,18 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.quickstart import quickstart
 
         quickstart(args.out, resolve_config_path(args.config), overrides)
+    elif args.command == "vlm" and args.vlm_command == "quickstart":
+        from tinylm.vlm_quickstart import vlm_quickstart
+
+        vlm_quickstart(args.out, llm=args.llm, device=args.device, overrides=overrides)
+    elif args.command == "vlm":
+        from tinylm import config as configs
+        from tinylm.train.vlm import train_vlm
+
+        cfg = configs.load_config(configs.VLMStageConfig, resolve_config_path(args.config), overrides)
+        _, result = train_vlm(cfg, args.out, args.vlm_command, resume=args.resume)
+        if result.interrupted:
+            return 130
     elif args.command == "tokenizer":
         from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
 
@@ -244,7 +299,7 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.infer.engine import Engine
 
         engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
-        for piece in engine.stream(args.prompt, sampling_settings(args)):
+        for piece in engine.stream(args.prompt, sampling_settings(args), images=args.image):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -256,7 +311,7 @@ def run(args, overrides: list[str]) -> int:
         engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
         if args.prompts:
-            records = answer_prompts(engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format)
+            records = answer_prompts(engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format, images=args.image)
             lines = [json.dumps(r, ensure_ascii=False) for r in records]
             if args.output:
                 atomic_write_text(args.output, "".join(line + "\n" for line in lines))
@@ -265,7 +320,7 @@ def run(args, overrides: list[str]) -> int:
                 for record in records:
                     print(f"> {record['prompt']}\n{record['answer']}\n")
         else:
-            run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format)
+            run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format, images=args.image)
     elif args.command == "merge":
         from tinylm.model.lora import load_adapter_dir, read_adapter_config
         from tinylm.modeldir import save_model_dir

@@ -212,6 +212,49 @@ class DistillConfig:
     distill: DistillSection = field(default_factory=DistillSection)
 
 
+@dataclass
+class VisionSection:
+    """The vision encoder of ``tinylm vlm pretrain``: a pretrained tower from a local directory, or a new
+    built-in ViT of the shape below (trained from scratch, so ``train`` should be true)."""
+
+    tower: str | None = None  # a local SigLIP/CLIP directory (transformers layout); None: a new built-in ViT
+    image_size: int = 64  # the built-in ViT's shape (ignored with a tower, which brings its own)
+    patch_size: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    feature_layer: int = -1  # which layer's output feeds the projector (-1 the last, -2 the one before)
+    train: bool = False  # train the encoder too (the LLM's side: stage 1 never, stage 2 always)
+
+
+@dataclass
+class ImageDataConfig:
+    source: str = "builtin"  # builtin (the generated pictures) | files (image conversations) | coco (caption annotations)
+    files: list[str] = field(default_factory=list)  # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet;
+    # coco: captions_*.json; records without images (text-only conversations) may be mixed in with files
+    image_root: str | None = None  # relative image paths are looked up here (default: beside the data file)
+    coco_images: str | None = None  # coco: the image folder (default: found beside the annotations)
+    caption_prompt: str = "Describe the picture."  # the user turn of caption records and COCO captions
+    template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
+    skip_bad: bool = False  # skip invalid samples (and report how many) instead of stopping
+    val_fraction: float = 0.02
+    builtin_seed: int = 0
+    builtin_images: int = 2000  # training pictures of the built-in corpus (captions for stage 1, questions for stage 2)
+
+
+@dataclass
+class VLMStageConfig:
+    """``tinylm vlm pretrain`` (stage 1: the projector learns, the language model is frozen) and
+    ``tinylm vlm sft`` (stage 2: the projector and the language model learn, fully or with LoRA)."""
+
+    init_from: str | None = None  # stage 1: a language model directory (or a VLM to continue); stage 2: a stage-1 VLM
+    vision: VisionSection = field(default_factory=VisionSection)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+
+
 # -- building dataclasses from plain data -------------------------------------------------------
 
 

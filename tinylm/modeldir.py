@@ -122,9 +122,17 @@ def verify_manifest(directory: str | Path) -> bool:
 def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
     """The tensors to save: contiguous, on CPU, with a tied lm_head left out (transformers re-ties it)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    for name in tied_head_names(model):
+        state.pop(name, None)
     return state
+
+
+def tied_head_names(model) -> set[str]:
+    """The lm_head weights that are the embeddings themselves (a language model's, or one inside a
+    vision-language model), which are saved once, as the embeddings."""
+    if not model.config.tie_word_embeddings:
+        return set()
+    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name.split(".")[-2:] == ["lm_head", "weight"]}
 
 
 def generation_config(config: ModelConfig, eos_token_id=None) -> dict:

@@ -34,7 +34,7 @@ CELLS = {  # (row, column) → (English, Chinese)
 }
 NUMBERS = {1: ("one", "一"), 2: ("two", "两"), 3: ("three", "三"), 4: ("four", "四")}
 BACKGROUND = (245, 245, 240)
-IMAGE_VERSION = 1  # bump whenever generated images or texts change, so cached corpora are rewritten
+IMAGE_VERSION = 2  # bump whenever generated images or texts change, so cached corpora are rewritten
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def questions(scene: Scene) -> list[ImageQuestion]:
                               f"It is {where}." if en else f"它在{where}。", places),
             ]
         else:
-            numbers = tuple(str(n) for n in NUMBERS)
+            numbers = tuple(str(n) for n in NUMBERS if n > 1)  # only scenes of two or more shapes are asked
             asked += [
                 ImageQuestion("count", lang, f"How many {plural} are there?" if en else f"图中有几个{shape_zh}？", str(scene.count),
                               f"There are {scene.count} {plural}." if en else f"有{scene.count}个{shape_zh}。", numbers),

@@ -15,8 +15,13 @@ ordinary text — labelled lines, ending with the cue for the assistant to speak
 and a reply ends where the model starts writing the user's next line ("\\nUser:"). A model fine-tuned on
 a chat template gets a ChatFormat built from that template instead.
 
-Commands: /reset starts over, /system TEXT sets the system prompt (/system alone removes it), /exit or
-Ctrl-D quits. Ctrl-C while the model is writing stops that reply and returns to the prompt.
+Commands: /reset starts over, /system TEXT sets the system prompt (/system alone removes it), /image PATH
+shows a vision-language model a picture with the next message, /exit or Ctrl-D quits. Ctrl-C while the
+model is writing stops that reply and returns to the prompt.
+
+An image goes into the conversation as an ``<image>`` tag at the start of the user message it came
+with; the message keeps its images, so they stay in the prompt (and in order) as long as the message
+does, and leave with it when the oldest exchanges no longer fit.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import TextIO
 from tinylm.infer.engine import SamplingSettings
 
 HELP = "commands: /reset starts over, /system TEXT sets the system prompt, /exit quits (or Ctrl-D); Ctrl-C stops a reply"
+IMAGE_HELP = "/image PATH shows the model a picture with your next message"
 PROMPT = "> "
 
 
@@ -107,17 +113,22 @@ def run_chat(
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
     chat_format: ChatFormat = PLAIN,
+    images: list | None = None,
 ) -> list[dict]:
-    """Chat until /exit or end of input; return the conversation (system message first, if any).
+    """Chat until /exit or end of input; return the conversation (system message first, if any; a
+    message that came with images holds them under "images").
 
-    ``input_fn`` and ``output`` default to the terminal; tests pass a scripted input and a StringIO.
+    ``images`` go with the first message (as /image does). ``input_fn`` and ``output`` default to the
+    terminal; tests pass a scripted input and a StringIO.
     """
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
     settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer)
     history: list[dict] = []
     say = lambda text: print(text, file=output, flush=True)  # noqa: E731
-    say(HELP)
+    sees = getattr(engine, "vlm", None) is not None
+    pending = [attach_image(engine, image) for image in images or []]
+    say(HELP + (f"; {IMAGE_HELP}" if sees else ""))
     while True:
         try:
             line = input_fn(PROMPT).strip()
@@ -135,21 +146,53 @@ def run_chat(
         elif command == "/system":
             system = argument.strip() or None
             say(f"(system prompt: {system})" if system else "(no system prompt)")
+        elif command == "/image":
+            try:
+                pending.append(attach_image(engine, argument.strip()))
+                say(f"(image {argument.strip()} goes with your next message)")
+            except ValueError as e:
+                say(f"({e})")
         elif command.startswith("/"):
             say(f"unknown command {command}; {HELP}")
         else:
-            history.append({"role": "user", "content": line})
+            message = {"role": "user", "content": IMAGE_PREFIX * len(pending) + line}
+            if pending:
+                message["images"], pending = pending, []
+            history.append(message)
             prompt = fit_to_context(engine, system, history, chat_format, settings.max_new_tokens, say)
             if prompt is None:
                 history.pop()
                 continue
-            reply = stream_reply(engine, prompt, settings, output)
+            reply = stream_reply(engine, prompt, settings, output, images_of(history))
             history.append({"role": "assistant", "content": reply})
     return with_system(system, history)
 
 
+IMAGE_PREFIX = "<image>\n"  # how an attached image enters its message, as in LLaVA's data
+
+
+def attach_image(engine, path: str):
+    """The image at ``path``, read now so that a wrong path is reported at once, not mid-reply."""
+    from tinylm.data.images import load_image
+
+    if getattr(engine, "vlm", None) is None:
+        raise ValueError("this model has no vision tower, so it cannot see images (train one with tinylm vlm)")
+    if not path:
+        raise ValueError("/image needs a path: /image picture.png")
+    return load_image(path)
+
+
+def images_of(history: list[dict]) -> list:
+    return [image for message in history for image in message.get("images", ())]
+
+
 def with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def text_only(messages: list[dict]) -> list[dict]:
+    """The messages as the chat format renders them: role and content (images travel separately)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str | None:
@@ -158,8 +201,8 @@ def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str
     does not fit."""
     room = min(reply_room, engine.context_length // 2)
     while True:
-        prompt = chat_format.render(with_system(system, history))
-        if len(engine.tokenizer.encode(prompt)) + room <= engine.context_length:
+        prompt = chat_format.render(text_only(with_system(system, history)))
+        if len(prompt_ids(engine, prompt, len(images_of(history)))) + room <= engine.context_length:
             return prompt
         if len(history) == 1:
             say(f"(that message is too long for the model's context of {engine.context_length} tokens)")
@@ -168,12 +211,17 @@ def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str
         say("(the oldest exchange no longer fits in the context and was forgotten)")
 
 
-def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO) -> str:
+def prompt_ids(engine, prompt: str, images: int) -> list[int]:
+    """The prompt's ids as the engine will see them (image tags expanded), for engines that can say."""
+    return engine.encode(prompt, images) if hasattr(engine, "encode") else engine.tokenizer.encode(prompt)
+
+
+def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO, images: list | None = None) -> str:
     """Write the reply to ``output`` as it is generated and return it. Ctrl-C ends it early; what was
     shown until then stays in the conversation."""
     shown: list[str] = []
     try:
-        for piece in engine.stream(prompt, settings):
+        for piece in (engine.stream(prompt, settings, images=images) if images else engine.stream(prompt, settings)):
             if not shown:  # the prompt ends with "Assistant:", so the reply starts with a space
                 piece = piece.lstrip()
                 if not piece:
@@ -189,14 +237,16 @@ def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO
 
 
 def answer_prompts(engine, prompts: list[str], system: str | None = None, settings: SamplingSettings | None = None,
-                   chat_format: ChatFormat = PLAIN) -> list[dict]:
+                   chat_format: ChatFormat = PLAIN, images: list | None = None) -> list[dict]:
     """Each prompt as a one-turn conversation, answered in one batch: a scripted check of a chat model.
-    Returns one record per prompt: {"prompt", "answer", "finish_reason"}."""
+    ``images`` (a vision-language model) go with every prompt. Returns one record per prompt:
+    {"prompt", "answer", "finish_reason"}."""
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
     settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0), engine.tokenizer)
-    rendered = [chat_format.render(with_system(system, [{"role": "user", "content": p}])) for p in prompts]
-    completions = engine.run(rendered, settings)
+    pictures = [attach_image(engine, image) for image in images or []]
+    rendered = [chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}])) for p in prompts]
+    completions = engine.run(rendered, settings, images=[pictures] * len(prompts)) if pictures else engine.run(rendered, settings)
     return [{"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)]
 
 

@@ -19,6 +19,13 @@ evaluation and the quickstart — goes through ``Engine``, so there is one place
     engine.complete(["Once upon a time"], SamplingSettings(max_new_tokens=32, temperature=0))
     for piece in engine.stream("Once upon a time", SamplingSettings(temperature=0.8, seed=0)):
         print(piece, end="", flush=True)
+
+A vision-language model directory (LLaVA) gives an engine that also takes images: each ``<image>`` tag
+in a prompt stands for one image, in order. The prefill then runs on embeddings in which the image's
+placeholder tokens are replaced by its projected patch features; decoding is the language model's alone.
+
+    engine = Engine.from_dir("runs/vlm/sft/final")
+    engine.stream("<image>\nWhat colour is the shape?", settings, images=["circle.png"])
 """
 
 from __future__ import annotations
@@ -311,9 +318,16 @@ class Engine:
     docs/generate.md for when that pays off.
     """
 
-    def __init__(self, model: CausalLM, tokenizer=None, device: str | torch.device | None = None, compile: bool = False):
+    def __init__(self, model: CausalLM, tokenizer=None, device: str | torch.device | None = None, compile: bool = False,
+                 processor=None):
         if device is not None:
             model = model.to(resolve_device(device) if isinstance(device, str) else device)
+        self.vlm = None  # a VisionLanguageModel: its language model generates, its tower and projector see
+        if hasattr(model, "language_model"):
+            if processor is None:
+                raise ValueError("a vision-language model needs its image processor (preprocessor_config.json)")
+            self.vlm, model = model.eval(), model.language_model
+        self.processor = processor
         self.model = model.eval()
         self.tokenizer = tokenizer
         weight = model.lm_head.weight
@@ -326,9 +340,14 @@ class Engine:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, compile: bool = False) -> Engine:
-        """Load a model directory (weights, and the tokenizer when there is one) onto ``device``."""
+        """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
+        vision-language model directory with its image processor too."""
+        from tinylm.model.vlm import is_vlm_dir, load_vlm_dir
         from tinylm.modeldir import load_model_dir
 
+        if is_vlm_dir(path):
+            model, tokenizer, processor = load_vlm_dir(path, device=resolve_device(device), dtype=dtype)
+            return cls(model, tokenizer, compile=compile, processor=processor)
         model, tokenizer = load_model_dir(path, device=resolve_device(device), dtype=dtype)
         return cls(model, tokenizer, compile=compile)
 
@@ -343,22 +362,31 @@ class Engine:
         """Texts in, generated texts out, decoded as one batch."""
         return [c.text for c in self.run(prompts, settings)]
 
-    def stream(self, prompt: str | list[int], settings: SamplingSettings) -> TextStream:
+    def stream(self, prompt: str | list[int], settings: SamplingSettings, images: Sequence | None = None) -> TextStream:
         """Yield the generated text piece by piece as tokens come out: whole characters only, and
-        nothing of a stop string. After the loop, ``.completion`` holds the ids and the finish reason."""
-        row = self._row(self._prompt_ids(prompt), settings, detokenize=True)
-        return TextStream(self._stream_pieces(row, settings), row.completion)
+        nothing of a stop string. After the loop, ``.completion`` holds the ids and the finish reason.
+        ``images`` (paths, bytes or PIL images): one per ``<image>`` tag of the prompt, in order."""
+        row = self._row(self._prompt_ids(prompt, images), settings, detokenize=True)
+        pixels = self.pixels([images or []])
+        return TextStream(self._stream_pieces(row, settings, pixels), row.completion)
 
-    def run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings) -> list[Completion]:
-        """Generate for a batch of prompts (texts or ids) and return each one's full ``Completion``."""
-        return self._run(prompts, settings, detokenize=self.tokenizer is not None)
+    def run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings,
+            images: Sequence[Sequence] | None = None) -> list[Completion]:
+        """Generate for a batch of prompts (texts or ids) and return each one's full ``Completion``.
+        ``images``: per prompt, the images of its ``<image>`` tags (a vision-language model only)."""
+        return self._run(prompts, settings, detokenize=self.tokenizer is not None, images=images)
 
-    def _run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings, detokenize: bool) -> list[Completion]:
+    def _run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings, detokenize: bool,
+             images: Sequence[Sequence] | None = None) -> list[Completion]:
         if not prompts:
             return []
-        rows = [self._row(self._prompt_ids(p), settings, detokenize) for p in prompts]
+        images = list(images) if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} lists of images: give one list per prompt")
+        rows = [self._row(self._prompt_ids(p, i), settings, detokenize) for p, i in zip(prompts, images)]
         steps = max(row.budget for row in rows)
-        for tokens in self._token_steps([r.completion.prompt_ids for r in rows], settings, steps):
+        pixels = self.pixels(images)
+        for tokens in self._token_steps([r.completion.prompt_ids for r in rows], settings, steps, pixels):
             for row, token in zip(rows, tokens):
                 if not row.done:
                     row.push(token)
@@ -366,8 +394,8 @@ class Engine:
                 break
         return [row.completion for row in rows]
 
-    def _stream_pieces(self, row: _Row, settings: SamplingSettings) -> Iterator[str]:
-        for (token,) in self._token_steps([row.completion.prompt_ids], settings, row.budget):
+    def _stream_pieces(self, row: _Row, settings: SamplingSettings, pixels: torch.Tensor | None) -> Iterator[str]:
+        for (token,) in self._token_steps([row.completion.prompt_ids], settings, row.budget, pixels):
             piece = row.push(token)
             if piece:
                 yield piece
@@ -376,9 +404,30 @@ class Engine:
 
     # -- prompts and limits ---------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, text: str, images: int = 0) -> list[int]:
+        """A text prompt's ids; for a vision-language model each ``<image>`` tag (there must be
+        ``images`` of them) becomes the image's run of placeholder tokens."""
+        tokenizer = self._require_tokenizer("a text prompt")
+        if self.vlm is not None:
+            from tinylm.model.vlm import expand_image_tags
+
+            text = expand_image_tags(text, images, self.vlm.config.image_seq_length)
+        elif images:
+            raise ValueError("this model has no vision tower, so it cannot take images (train one with tinylm vlm)")
+        return tokenizer.encode(text)
+
+    def pixels(self, images: Sequence[Sequence]) -> torch.Tensor | None:
+        """The images of every prompt, in order, as one pixel tensor for the vision tower (None if none)."""
+        flat = [image for row in images for image in (row or [])]
+        if not flat:
+            return None
+        if self.vlm is None:
+            raise ValueError("this model has no vision tower, so it cannot take images (train one with tinylm vlm)")
+        return self.processor(flat)
+
+    def _prompt_ids(self, prompt: str | list[int], images: Sequence | None = None) -> list[int]:
         if isinstance(prompt, str):
-            ids = self._require_tokenizer("a text prompt").encode(prompt)
+            ids = self.encode(prompt, len(images or []))
         else:
             ids = [int(i) for i in prompt]
         if not ids:
@@ -413,7 +462,8 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _token_steps(self, prompts: list[list[int]], settings: SamplingSettings, steps: int) -> Iterator[list[int]]:
+    def _token_steps(self, prompts: list[list[int]], settings: SamplingSettings, steps: int,
+                     pixels: torch.Tensor | None = None) -> Iterator[list[int]]:
         """Prefill the prompts, then yield one new token per prompt, ``steps`` times.
 
         Deciding when a row is done is the caller's business; the caller stops iterating once all are.
@@ -422,6 +472,9 @@ class Engine:
         Prompts of different lengths are left-padded to the longest, so every row's newest token sits
         in the same column. Padding is masked out of attention, and each row's positions count its
         own tokens only, so a row generates exactly what it would alone.
+
+        ``pixels``: the images of all prompts in order; the prefill then runs on the vision-language
+        model's embeddings, with each image's features in place of its placeholder tokens.
         """
         tokens, padding = self._left_pad(prompts)
         batch, longest = tokens.shape
@@ -431,7 +484,12 @@ class Engine:
 
         # Prefill: the whole prompt at once; a causal mask (plus the padding, if any).
         mask = attention_mask(padding, longest, longest) if padded else None
-        logits = self._last_logits(tokens, positions, mask, cache)
+        if self.vlm is not None:
+            embeds = self.vlm.embed(tokens, None if pixels is None else pixels.to(self.device))
+            hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
+            logits = self.model.lm_head(hidden[:, -1])
+        else:
+            logits = self._last_logits(tokens, positions, mask, cache)
 
         # For one new query the mask is the padding row itself (the query is a real token, so it
         # always sees itself); one buffer, sliced to the cache length at each step.

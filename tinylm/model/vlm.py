@@ -18,7 +18,9 @@ with ``model_type: llava`` and the vision and text configs inside, tensors named
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +40,10 @@ class VLMConfig:
     def image_seq_length(self) -> int:
         """Language-model positions one image takes: the tower's patch count."""
         return self.vision.num_patches
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text.tie_word_embeddings
 
     def to_hf_dict(self) -> dict:
         vision = {**self.vision.to_hf_dict(), "vision_use_head": False} if self.vision.model_type != CLIP else self.vision.to_hf_dict()
@@ -81,10 +87,13 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = vision_tower if vision_tower is not None else VisionTransformer(config.vision)
         self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size)
         self.language_model = language_model if language_model is not None else CausalLM(config.text)
-        # What comes after the feature layer never runs (LLaVA reads a layer's output before the final
-        # norm): frozen, so no optimizer state is spent on it and DDP finds no unused parameters.
+        self.freeze_unused_vision_layers()
+
+    def freeze_unused_vision_layers(self) -> None:
+        """What comes after the feature layer never runs (LLaVA reads a layer's output before the final
+        norm): frozen, so no optimizer state is spent on it and DDP finds no unused parameters."""
         layers = self.vision_tower.encoder.layers
-        used = config.feature_layer % (len(layers) + 1)
+        used = self.config.feature_layer % (len(layers) + 1)
         for module in [*layers[used:], self.vision_tower.post_layernorm]:
             module.requires_grad_(False)
 
@@ -145,3 +154,144 @@ def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor]) -> Vi
         raise ValueError(f"the weights do not fit the LLaVA config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.load_state_dict(own, strict=False)
     return model
+
+
+# -- image tags in text -------------------------------------------------------------------------
+
+IMAGE_TAG = "<image>"  # what data files and users write: one tag per image
+IMAGE_TOKEN = "<|image|>"  # the tokenizer's placeholder; each tag becomes image_seq_length of them
+
+
+def count_image_tags(text: str) -> int:
+    return text.count(IMAGE_TAG)
+
+
+def expand_image_tags(text: str, images: int, seq_length: int, where: str = "the prompt") -> str:
+    """Each ``<image>`` tag → ``seq_length`` image tokens, after checking there is one tag per image."""
+    tags = count_image_tags(text)
+    if tags != images:
+        raise ValueError(f"{where} holds {tags} {IMAGE_TAG} tag(s) but {images} image(s) were given: put one tag where each image goes")
+    if IMAGE_TOKEN in text.replace(IMAGE_TAG, ""):
+        raise ValueError(f"{where} contains the image token {IMAGE_TOKEN} itself; write {IMAGE_TAG} where an image goes")
+    return text.replace(IMAGE_TAG, IMAGE_TOKEN * seq_length)
+
+
+def ensure_image_token(language_model: CausalLM, tokenizer):
+    """(tokenizer, id of IMAGE_TOKEN): tinylm's tokenizers have it; a foreign one (a local Llama or Qwen)
+    gets it added as a special token, and the embeddings grow by a row if its id is past them (a Qwen
+    vocabulary is padded, so it usually fits). The new row starts at the mean embedding; it is only ever
+    a placeholder, replaced by image features before the model sees it."""
+    index = tokenizer.token_to_id(IMAGE_TOKEN)
+    if index is None:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+
+        from tinylm.tokenizer import Tokenizer
+
+        rust = RustTokenizer.from_str(tokenizer.to_json())
+        rust.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+        tokenizer = Tokenizer(rust, tokenizer.eos_token, tokenizer.bos_token, tokenizer.model_max_length, tokenizer.chat_template)
+        index = tokenizer.token_to_id(IMAGE_TOKEN)
+    rows = language_model.model.embed_tokens.weight.shape[0]
+    if index >= rows:
+        grow_vocabulary(language_model, index + 1)
+    return tokenizer, index
+
+
+@torch.no_grad()
+def grow_vocabulary(model: CausalLM, size: int) -> None:
+    """Give the embeddings (and an untied lm_head) ``size`` rows; new rows start at the mean row."""
+    old = model.model.embed_tokens.weight
+    extra = size - old.shape[0]
+    model.model.embed_tokens.weight = nn.Parameter(torch.cat([old, old.mean(0, keepdim=True).expand(extra, -1)]))
+    model.model.embed_tokens.num_embeddings = size
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        head = model.lm_head.weight
+        model.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)]))
+    model.lm_head.out_features = size
+    model.config.vocab_size = size
+
+
+# -- model directories --------------------------------------------------------------------------
+
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+def is_vlm_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a vision-language model (config.json says llava)."""
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "llava"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def processor_config(config: VLMConfig) -> dict:
+    """processor_config.json for transformers' LlavaProcessor: it expands ``image_token`` in a prompt to
+    the same number of tokens tinylm does (patches, plus CLIP's class token that the "default" strategy drops)."""
+    clip = config.vision.model_type == CLIP
+    return {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
+            "vision_feature_select_strategy": "default" if clip else "full", "num_additional_image_tokens": int(clip)}
+
+
+def save_vlm_dir(model: VisionLanguageModel, out_dir: str | Path, tokenizer, processor) -> Path:
+    """Write a LLaVA model directory: config.json, model.safetensors, generation_config.json, the
+    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS.
+    Atomic, like every model directory."""
+    from safetensors.torch import save_file
+
+    from tinylm.modeldir import atomic_directory, generation_config, write_manifest
+
+    out_dir = Path(out_dir)
+    state = llava_state_dict(model)
+    hf = model.config.to_hf_dict()
+    hf["dtype"] = hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    with atomic_directory(out_dir) as scratch:
+        save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
+        (scratch / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (scratch / "generation_config.json").write_text(json.dumps(generation_config(model.config.text), indent=2) + "\n")
+        tokenizer.save(scratch)
+        processor.save(scratch)
+        (scratch / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(model.config), indent=2) + "\n", encoding="utf-8")
+        write_manifest(scratch)
+    return out_dir
+
+
+def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None):
+    """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
+    language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
+    from tinylm.data.images import ImageProcessor
+    from tinylm.modeldir import ModelDirError, load_weights, read_json, verify_manifest
+    from tinylm.model.llama import rope_frequencies
+    from tinylm.tokenizer import Tokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+    verify_manifest(directory)
+    try:
+        config = VLMConfig.from_hf_dict(read_json(directory / "config.json"))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ModelDirError):
+            raise
+        raise ModelDirError(f"{directory / 'config.json'}: {e}") from None
+    try:
+        model = vlm_from_state_dict(config, load_weights(directory))
+    except ValueError as e:
+        if isinstance(e, ModelDirError):
+            raise
+        raise ModelDirError(f"{directory}: {e}") from None
+    if dtype is not None:
+        model = model.to(dtype)
+    model.language_model.inv_freq = rope_frequencies(config.text)  # kept in float32 whatever the weights' dtype
+    if device is not None:
+        model = model.to(device)
+    if not (directory / "tokenizer.json").is_file():
+        raise ModelDirError(f"{directory / 'tokenizer.json'}: missing; a vision-language model needs its tokenizer")
+    tokenizer = Tokenizer.load(directory)
+    if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
+        raise ModelDirError(f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
+                            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}")
+    return model.eval(), tokenizer, ImageProcessor.load(directory)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinylm.modeldir import ModelDirError, atomic_directory, model_state_dict, verify_manifest, write_manifest
+from tinylm.modeldir import ModelDirError, atomic_directory, model_state_dict, tied_head_names, verify_manifest, write_manifest
 
 STEP_PREFIX = "step-"
 
@@ -128,7 +128,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
             "since this run started; resume with the config it was started with (see config.yaml in the run)"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {"lm_head.weight"} if meta["tied_embeddings"] else set()
+    allowed_missing = tied_head_names(model) if meta["tied_embeddings"] else set()
     if meta.get("trainable_only"):  # a LoRA run: the frozen base came from the model directory
         allowed_missing |= {name for name, p in model.named_parameters() if not p.requires_grad} | set(dict(model.named_buffers()))
     if set(missing) - allowed_missing or unexpected:

@@ -17,7 +17,8 @@ class NextTokenLoss:
 
     Pretraining labels every position; SFT labels only the assistant's tokens (the rest are IGNORE).
     Rows that pack several conversations also carry "position_ids" and "segments" [B, T]: positions
-    restart for each conversation, and attention stays inside it.
+    restart for each conversation, and attention stays inside it. Batches of a vision-language model
+    carry "pixel_values", the images whose features replace the image tokens.
     """
 
     def count(self, batch: dict) -> int:
@@ -25,7 +26,8 @@ class NextTokenLoss:
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         # the model computes the loss block by block from its hidden states (no [B, T, vocab] logits)
-        return model(batch["input_ids"], labels=batch["labels"], **packing(batch))
+        images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
+        return model(batch["input_ids"], labels=batch["labels"], **packing(batch), **images)
 
 
 def packing(batch: dict) -> dict:

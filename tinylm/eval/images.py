@@ -1,0 +1,89 @@
+"""How well a vision-language model sees: the built-in held-out questions, answered greedily.
+
+Each held-out question (``heldout.jsonl`` of the built-in pictures) has one exact answer among its
+``choices`` (every answer of its kind), so 1 / len(choices) is the chance rate. A reply is right when
+the answer is the only choice it names (a choice inside a longer named one, "at the top" inside "at the
+top left", does not count separately). The same questions asked about a blank picture are the control:
+what the model gets right without seeing anything (from the question's wording alone).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+KINDS = ("colour", "shape", "count", "position")
+
+
+def read_heldout(path: str | Path) -> list[dict]:
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for record in records:
+        record["image_path"] = path.parent / record["image"]
+    return records
+
+
+def named_choices(reply: str, choices) -> list[str]:
+    """The choices a reply names, leaving out any that is only part of a longer named one."""
+    found = [c for c in choices if c in reply]
+    return [c for c in found if not any(c != other and c in other for other in found)]
+
+
+def is_right(reply: str, record: dict) -> bool:
+    return named_choices(reply, record["choices"]) == [record["answer"]]
+
+
+def answer_questions(engine, records: list[dict], images: list, batch_size: int = 32) -> list[str]:
+    """Greedy replies to each record's question about its image (``images[i]`` for record i)."""
+    from tinylm.infer.chat import IMAGE_PREFIX, chat_format_for
+    from tinylm.infer.engine import SamplingSettings
+
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    settings = chat_format.settings(SamplingSettings(max_new_tokens=16, temperature=0), engine.tokenizer)
+    replies = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [chat_format.render([{"role": "user", "content": IMAGE_PREFIX + r["question"]}]) for r in chunk]
+        completions = engine.run(prompts, settings, images=[[image] for image in images[start : start + batch_size]])
+        replies += [c.text.strip() for c in completions]
+    return replies
+
+
+def tally(records: list[dict], replies: list[str]) -> dict:
+    """Accuracy per kind (with its chance rate and count) and overall."""
+    right, total, chance = defaultdict(int), defaultdict(int), {}
+    for record, reply in zip(records, replies):
+        kind = record["kind"]
+        total[kind] += 1
+        right[kind] += is_right(reply, record)
+        chance[kind] = 1 / len(record["choices"])
+    by_kind = {k: {"accuracy": right[k] / total[k], "chance": chance[k], "questions": total[k]} for k in KINDS if total[k]}
+    return {"accuracy": sum(right.values()) / max(sum(total.values()), 1), "questions": sum(total.values()), "by_kind": by_kind}
+
+
+def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -> dict:
+    """Held-out accuracy per kind against chance, the blank-picture control, and a few examples."""
+    from PIL import Image
+
+    from tinylm.data.builtin_images import BACKGROUND
+
+    records = read_heldout(heldout_path)[:limit]
+    replies = answer_questions(engine, records, [r["image_path"] for r in records])
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+    blank_replies = answer_questions(engine, records, [blank] * len(records))
+    report = tally(records, replies)
+    report["blank_picture"] = tally(records, blank_replies)
+    report["examples"] = [{"image": r["image"], "question": r["question"], "answer": r["answer"], "reply": reply, "right": is_right(reply, r)}
+                          for r, reply in list(zip(records, replies))[:: max(1, len(records) // 12)][:12]]
+    return report
+
+
+def render_heldout(report: dict) -> str:
+    """The report as a few lines: per kind, accuracy vs chance, and with a blank picture."""
+    lines = [f"held-out questions: {report['accuracy']:.1%} right of {report['questions']} "
+             f"(with a blank picture instead: {report['blank_picture']['accuracy']:.1%})"]
+    for kind, row in report["by_kind"].items():
+        blank = report["blank_picture"]["by_kind"][kind]["accuracy"]
+        lines.append(f"  {kind:<9} {row['accuracy']:6.1%}   chance {row['chance']:5.1%}   blank picture {blank:6.1%}   ({row['questions']} questions)")
+    return "\n".join(lines)

@@ -1,0 +1,333 @@
+"""A vision-language model, trained in two stages on the one training loop (LLaVA's recipe).
+
+    tinylm vlm pretrain --init runs/quickstart/sft/final --out runs/vlm/pretrain    # stage 1
+    tinylm vlm sft --init runs/vlm/pretrain/final --out runs/vlm/sft              # stage 2
+
+Stage 1 (``pretrain``) joins a language model and a vision encoder with a new projector and teaches the
+projector, on image–caption pairs, to turn patch features into "words" the frozen language model
+already reads. The encoder learns too with ``vision.train`` (a built-in ViT starts from random weights,
+so it must); a pretrained CLIP/SigLIP tower is usually left frozen.
+
+Stage 2 (``sft``) starts from stage 1's model and fine-tunes on image conversations (questions and
+answers): the projector and the language model learn, every weight or a LoRA adapter (which is merged
+into the saved model, so the result is one LLaVA directory); the encoder learns with ``vision.train``.
+
+Each sample is one conversation with its images. Every ``<image>`` tag becomes the encoder's patch
+count of placeholder tokens, the conversation is encoded with the chat template (loss on the
+assistant's tokens only), and a batch holds the rows padded to the longest, plus the pixels of all
+their images in order (none for text-only samples, which mix in freely). The objective is the usual
+next-token loss, computed by the vision-language model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinylm.config import ConfigError, VLMStageConfig, save_config
+from tinylm.model.loss import IGNORE
+from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN, VisionLanguageModel, VLMConfig, ensure_image_token, is_vlm_dir, load_vlm_dir
+from tinylm.modeldir import atomic_write_text
+from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss
+from tinylm.train.recipes import distributed_barrier, load_to_fine_tune, prepare_lora, split_validation
+from tinylm.train.trainer import FitResult, Task, fit, move
+
+STAGES = ("pretrain", "sft")
+PIXEL_CACHE_BYTES = 1 << 30  # preprocessed images kept in memory between epochs
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+def build_model(cfg: VLMStageConfig, stage: str):
+    """(VisionLanguageModel in fp32, tokenizer, image processor) that ``stage`` starts from."""
+    from tinylm.data.images import PROCESSOR_FILE, ImageProcessor
+    from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer, load_vision_tower
+
+    if not cfg.init_from:
+        what = "the language model to give eyes to" if stage == "pretrain" else "the stage-1 model (tinylm vlm pretrain's final/)"
+        raise ConfigError(f"init_from is not set: give {what} (--init DIR)")
+    if is_vlm_dir(cfg.init_from):
+        if cfg.vision.tower:
+            raise ConfigError(f"vision.tower is set, but {cfg.init_from} already has its vision tower: drop --vision")
+        model, tokenizer, processor = load_vlm_dir(cfg.init_from)
+        if cfg.vision.feature_layer != model.config.feature_layer:
+            raise ConfigError(f"vision.feature_layer is {cfg.vision.feature_layer}, but {cfg.init_from} was built on layer "
+                              f"{model.config.feature_layer}; it is fixed once stage 1 has trained the projector on it")
+        return model.float().train(), tokenizer, processor
+    if stage == "sft":
+        raise ConfigError(f"{cfg.init_from}: not a vision-language model (config.json is not llava); stage 2 starts from "
+                          "stage 1's output: run tinylm vlm pretrain first")
+    language_model, tokenizer = load_to_fine_tune(cfg.init_from, "vlm pretrain")
+    tokenizer, image_id = ensure_image_token(language_model, tokenizer)
+    if cfg.vision.tower:
+        tower = load_vision_tower(cfg.vision.tower)
+        saved = Path(cfg.vision.tower) / PROCESSOR_FILE
+        processor = ImageProcessor.load(cfg.vision.tower) if saved.is_file() else ImageProcessor(size=tower.config.image_size)
+    else:
+        v = cfg.vision
+        torch.manual_seed(cfg.train.seed)
+        tower = VisionTransformer(VisionConfig(model_type=SIGLIP, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                                               intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+                                               num_attention_heads=v.num_attention_heads))
+        processor = ImageProcessor(size=v.image_size)
+    if processor.size != tower.config.image_size:
+        raise ConfigError(f"{cfg.vision.tower}: the image processor resizes to {processor.size} px but the tower takes {tower.config.image_size} px")
+    layers = tower.config.num_hidden_layers
+    if not -layers - 1 <= cfg.vision.feature_layer <= layers:
+        raise ConfigError(f"vision.feature_layer {cfg.vision.feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})")
+    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=cfg.vision.feature_layer)
+    torch.manual_seed(cfg.train.seed)  # the projector's random start
+    return VisionLanguageModel(config, language_model=language_model, vision_tower=tower).train(), tokenizer, processor
+
+
+def set_trainable(model: VisionLanguageModel, stage: str, train_vision: bool) -> None:
+    """Stage 1: the projector (and the encoder with ``train_vision``); stage 2: the language model too."""
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    if train_vision:
+        model.vision_tower.requires_grad_(True)
+        model.freeze_unused_vision_layers()
+    if stage == "sft":
+        model.language_model.requires_grad_(True)
+
+
+def describe_trainable(model: VisionLanguageModel) -> str:
+    parts = {"vision tower": model.vision_tower, "projector": model.multi_modal_projector, "language model": model.language_model}
+    counts = []
+    for name, module in parts.items():
+        total = sum(p.numel() for p in module.parameters())
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        counts.append(f"{name} {trained:,} of {total:,}" + (" (frozen)" if not trained else ""))
+    return "trainable: " + "; ".join(counts)
+
+
+# -- the data -----------------------------------------------------------------------------------
+
+
+def image_conversations(cfg: VLMStageConfig, stage: str, run_dir: Path) -> tuple[list, str]:
+    """The samples of this stage (ImageConversation: messages with ``<image>`` tags + images) and a
+    line saying where they came from."""
+    from tinylm.data.image_data import read_coco_captions, read_image_conversations
+
+    data = cfg.data
+    if data.source == "builtin":
+        paths = builtin_corpus(cfg, run_dir)
+        files = [paths["captions" if stage == "pretrain" else "questions"]]
+        found, report = read_image_conversations(files)
+        return found, f"built-in pictures: {len(found):,} {'captions' if stage == 'pretrain' else 'questions'} from {files[0].parent}"
+    if not data.files:
+        raise ConfigError(f"data.source is {data.source} but data.files is empty: list the data files (--data ...)")
+    if data.source == "files":
+        found, report = read_image_conversations(data.files, image_root=data.image_root, skip_bad=data.skip_bad, prompt=data.caption_prompt)
+        return found, report.summary()
+    if data.source == "coco":
+        found = [c for f in data.files for c in read_coco_captions(f, data.coco_images, prompt=data.caption_prompt)]
+        return found, f"COCO captions: {len(found):,} from {', '.join(data.files)}"
+    raise ConfigError(f"data.source {data.source!r}: expected builtin, files or coco")
+
+
+def builtin_corpus(cfg: VLMStageConfig, run_dir: Path) -> dict[str, Path]:
+    from tinylm.data.builtin_images import write_image_corpus
+
+    return write_image_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed, train=cfg.data.builtin_images)
+
+
+@dataclass
+class ImageExample:
+    """One sample as training data: ids, next-token labels (IGNORE off the assistant's tokens), images."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list  # paths or bytes, one per image of the sample, in order
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_samples(samples, template, tokenizer, image_seq_length: int, seq_len: int) -> tuple[list[ImageExample], int, list[str]]:
+    """Encode each sample with its image tags expanded; (examples, how many were too long, a few of
+    their sources). A sample is never cut: that could separate image tokens from their image."""
+    from tinylm.data.packing import encode_for_training
+
+    examples, too_long, where = [], 0, []
+    for sample in samples:
+        messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TAG, IMAGE_TOKEN * image_seq_length)} for m in sample.messages]
+        ids, mask = template.encode(tokenizer, messages)
+        if len(ids) > seq_len + 1:
+            too_long += 1
+            where += [sample.source] if len(where) < 3 else []
+            continue
+        encoded = encode_for_training(ids, mask)
+        examples.append(ImageExample(encoded.input_ids, encoded.labels, list(sample.images)))
+    return examples, too_long, where
+
+
+class PixelCache:
+    """Preprocessed images by (sample, image) index, kept while they fit in ``budget`` bytes, so later
+    epochs skip decoding and resizing."""
+
+    def __init__(self, processor, budget: int = PIXEL_CACHE_BYTES):
+        self.processor, self.room = processor, budget // (3 * processor.size * processor.size * 4)
+        self.store: dict[tuple[int, int], torch.Tensor] = {}
+
+    def pixels(self, key: tuple[int, int], source, where: str) -> torch.Tensor:
+        from tinylm.data.images import load_image
+
+        found = self.store.get(key)
+        if found is None:
+            found = self.processor([load_image(source, where)])[0]
+            if len(self.store) < self.room:
+                self.store[key] = found
+        return found
+
+
+def image_batch(examples: list[ImageExample], picks, pad_id: int, cache: PixelCache) -> dict:
+    """Rows padded on the right to the longest; the pixels of their images in row order."""
+    longest = max(len(examples[i]) for i in picks)
+    input_ids = np.full((len(picks), longest), pad_id, dtype=np.int64)
+    labels = np.full((len(picks), longest), IGNORE, dtype=np.int64)
+    pixels = []
+    for row, index in enumerate(picks):
+        example = examples[index]
+        input_ids[row, : len(example)] = example.input_ids
+        labels[row, : len(example)] = example.labels
+        pixels += [cache.pixels((index, j), image, f"sample {index}") for j, image in enumerate(example.images)]
+    size = cache.processor.size
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
+        "lengths": torch.tensor([len(examples[i]) for i in picks]),
+    }
+
+
+def real_tokens(batch: dict) -> int:
+    return int(batch["lengths"].sum())
+
+
+class ImageBatches:
+    """Trainer batches: a seeded, resumable, sharded walk over the examples (as SFT's rows)."""
+
+    def __init__(self, examples: list[ImageExample], batch_size: int, pad_id: int, cache: PixelCache, *, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        from tinylm.data.packing import SeededWalk
+
+        self.walk = SeededWalk(len(examples), batch_size, seed=seed, rank=rank, world_size=world_size, what="samples")
+        self.examples, self.pad_id, self.cache = examples, pad_id, cache
+
+    def next_batch(self) -> dict:
+        return image_batch(self.examples, self.walk.next_picks(), self.pad_id, self.cache)
+
+    def state_dict(self) -> dict:
+        return self.walk.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.walk.load_state_dict(state)
+
+
+def evaluator(examples: list[ImageExample], batch_size: int, max_batches: int, pad_id: int, cache: PixelCache):
+    """Validation loss (nats per assistant token) over the validation samples."""
+    batches = [range(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)][:max_batches]
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        if not batches:
+            return {}
+        device = next(model.parameters()).device
+        total = count = 0
+        for picks in batches:
+            batch = move(image_batch(examples, list(picks), pad_id, cache), device)
+            total += NextTokenLoss()(model, batch).item()
+            count += NextTokenLoss().count(batch)
+        return {"val_loss": total / max(count, 1)}
+
+    return evaluate
+
+
+# -- the recipe ---------------------------------------------------------------------------------
+
+
+def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+    """Stage ``pretrain`` or ``sft``: build or load the model, encode the samples, train, save
+    ``out_dir/final`` (a LLaVA directory). On the built-in pictures stage 2 also answers the held-out
+    questions and writes ``heldout.json``."""
+    from tinylm.chat_template import get_template
+    from tinylm.model.vlm import save_vlm_dir
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected pretrain or sft")
+    if stage == "pretrain" and cfg.lora.enabled:
+        raise ConfigError("lora is for stage 2 (tinylm vlm sft): in stage 1 the language model is frozen anyway")
+    run_dir = Path(out_dir)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model, tokenizer, processor = build_model(cfg, stage)
+        if cfg.train.seq_len > model.config.text.max_position_embeddings:
+            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the language model's context is {model.config.text.max_position_embeddings}")
+        template = get_template(cfg.data.template)
+        tokenizer = template.attach(tokenizer)
+        model.config.text.eos_token_id = template.stop_token_ids(tokenizer)
+        set_trainable(model, stage, cfg.vision.train)
+        lora = prepare_lora(model.language_model, cfg.lora, cfg.train.seed, dist.is_main) if stage == "sft" else None
+
+        if dist.is_main and cfg.data.source == "builtin":
+            builtin_corpus(cfg, run_dir)  # written once, then read by every process
+        distributed_barrier()
+        samples, summary = image_conversations(cfg, stage, run_dir)
+        train_set, val_set = split_validation(samples, cfg.data.val_fraction, cfg.train.seed)
+        n = model.config.image_seq_length
+        train_examples, too_long, where = encode_samples(train_set, template, tokenizer, n, cfg.train.seq_len)
+        val_examples, _, _ = encode_samples(val_set, template, tokenizer, n, cfg.train.seq_len)
+        if not train_examples:
+            raise ConfigError(f"no sample fits in train.seq_len={cfg.train.seq_len} tokens (an image takes {n}; e.g. {', '.join(where)}): "
+                              "raise train.seq_len")
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            with_images = sum(bool(e.images) for e in train_examples)
+            print(f"data: {summary}", file=sys.stderr)
+            print(f"train: {len(train_examples):,} samples ({with_images:,} with images, {len(train_examples) - with_images:,} text-only); "
+                  f"validation: {len(val_examples):,}; each image is {n} tokens"
+                  + (f"; {too_long:,} skipped, longer than train.seq_len (e.g. {', '.join(where)})" if too_long else ""), file=sys.stderr)
+            print(f"model: {model.config.vision.model_type} tower (layer {model.config.feature_layer}) → projector → "
+                  f"{model.config.text.model_type}; {describe_trainable(model)}", file=sys.stderr)
+        cache = PixelCache(processor)
+        pad = tokenizer.eos_id
+        batches = ImageBatches(train_examples, cfg.train.batch_size, pad, cache, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        evaluate = evaluator(val_examples, cfg.train.batch_size, cfg.train.eval_batches, pad, cache)
+        task = Task(model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
+        result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        final = run_dir / "final"
+        if dist.is_main and not result.interrupted:
+            model = model.cpu()
+            if lora is not None:
+                from tinylm.model.lora import merge_lora
+
+                merge_lora(model.language_model)  # one LLaVA directory: the adapter folded into the language model
+            save_vlm_dir(model, final, tokenizer, processor)
+            print(f"saved {final}" + (" (the LoRA adapter merged into the language model)" if lora else ""), file=sys.stderr)
+            if stage == "sft" and cfg.data.source == "builtin":
+                from tinylm.eval.images import heldout_report, render_heldout
+                from tinylm.infer.engine import Engine
+
+                report = heldout_report(Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"])
+                atomic_write_text(run_dir / "heldout.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+                print(render_heldout(report), file=sys.stderr)
+        return final, result
+    finally:
+        distributed.teardown()
+
+
+def vlm_pretrain(cfg: VLMStageConfig, out_dir, *, resume: bool = False, callbacks=()):
+    return train_vlm(cfg, out_dir, "pretrain", resume=resume, callbacks=callbacks)
+
+
+def vlm_sft(cfg: VLMStageConfig, out_dir, *, resume: bool = False, callbacks=()):
+    return train_vlm(cfg, out_dir, "sft", resume=resume, callbacks=callbacks)
