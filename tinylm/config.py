@@ -225,7 +225,7 @@ class VisionSection:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     feature_layer: int = -1  # which layer's output feeds the projector (-1 the last, -2 the one before)
-    train: bool = False  # train the encoder too (the LLM's side: stage 1 never, stage 2 always)
+    train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
 
 
 @dataclass

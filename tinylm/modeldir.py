@@ -212,6 +212,9 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
 
         return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
     verify_manifest(directory)
+    if read_json(directory / "config.json").get("model_type") == "llava":
+        raise ModelDirError(f"{directory}: is a vision-language model (model_type llava); load it with Engine.from_dir "
+                            "or tinylm.model.vlm.load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init")
     config = load_config(directory)
     state = load_weights(directory)
     if config.tie_word_embeddings:

@@ -275,7 +275,8 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
         template = get_template(cfg.data.template)
         tokenizer = template.attach(tokenizer)
         model.config.text.eos_token_id = template.stop_token_ids(tokenizer)
-        set_trainable(model, stage, cfg.vision.train)
+        new_tower = stage == "pretrain" and not cfg.vision.tower and not is_vlm_dir(cfg.init_from)
+        set_trainable(model, stage, cfg.vision.train if cfg.vision.train is not None else new_tower)
         lora = prepare_lora(model.language_model, cfg.lora, cfg.train.seed, dist.is_main) if stage == "sft" else None
 
         if dist.is_main and cfg.data.source == "builtin":
