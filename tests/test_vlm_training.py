@@ -311,3 +311,28 @@ def test_vlm_quickstart_runs_every_part_and_reports_against_chance(base_and_chat
     assert set(report["seconds"]) >= {"stage 1 (captions)", "total"}
     printed = capsys.readouterr().out
     assert "| colour |" in printed and (out / "report.md").is_file() and (out / "sft" / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_data_parallel_stage2_with_batches_that_hold_no_picture(stage1, tmp_path):
+    """Two processes, one sample each per step, pictures and text-only samples alternating: a process whose
+    batch has no picture still reduces the tower's and projector's (zero) gradients, so neither hangs."""
+    import os
+    import subprocess
+    import sys
+
+    red = picture(tmp_path)
+    records = []
+    for i in range(24):
+        records.append({"image": red.name, "conversations": [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                                                              {"from": "gpt", "value": "It is red."}]})
+        records.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinylm.cli", "vlm", "sft",
+               "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), "--train-vision", "--device", "cpu",
+               *VLM_TRAIN, "--train.batch_size=1", "--train.max_steps=6", "--train.log_every=1"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(logged(out)) == 6 and (out / "final" / "model.safetensors").is_file()

@@ -109,12 +109,21 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if count:
                 raise ValueError(f"the ids hold {count} image tokens but no image was given")
-            return embeds
+            return embeds + self._zero_from_image_side(embeds)
         features = self.image_features(pixel_values).to(embeds.dtype)
         if count != features.shape[0] * features.shape[1]:
             raise ValueError(f"the ids hold {count} image tokens, but {features.shape[0]} image(s) give "
                              f"{features.shape[0]} × {features.shape[1]} = {features.shape[0] * features.shape[1]} features")
         return embeds.masked_scatter(placeholders[..., None], features.reshape(-1, features.shape[-1]))
+
+    def _zero_from_image_side(self, embeds: torch.Tensor) -> torch.Tensor | float:
+        """0, tied to every trainable weight of the tower and projector when training on a batch without
+        images: they then get (zero) gradients like every other batch, so data-parallel processes, which
+        must all reduce the same gradients, stay in step whether or not their batch held a picture."""
+        if not (self.training and torch.is_grad_enabled()):
+            return 0.0
+        weights = [p for m in (self.vision_tower, self.multi_modal_projector) for p in m.parameters() if p.requires_grad]
+        return sum(p.sum() for p in weights) * 0.0 if weights else 0.0
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:

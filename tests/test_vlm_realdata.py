@@ -1,0 +1,63 @@
+"""Both VLM stages on the real samples in ../shared/data/vlm (skipped without it): COCO captions for
+stage 1, LLaMA-Factory's and XTuner's image chats for stage 2."""
+
+import json
+
+import pytest
+
+from conftest import TINY_MODEL, TRAIN
+from test_vlm_training import TINY_VISION
+from tinylm.cli import main
+from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.model.vlm import load_vlm_dir
+
+pytestmark = pytest.mark.realdata
+
+
+def losses(run_dir, key="loss"):
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.fixture(scope="module")
+def coco_stage1(tmp_path_factory):
+    """Stage 1 on coco-mini's 400 training captions (80 pictures, resized to the tiny tower's 32 px)."""
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"realdata: {SHARED_DATA} is absent")
+    root = tmp_path_factory.mktemp("coco")
+    annotations = SHARED_DATA / "vlm" / "coco-mini" / "annotations" / "captions_train2017.json"
+    # a tiny language model that has read the captions' words (as LLaVA's has read the web), frozen in stage 1
+    texts = root / "captions.jsonl"
+    captions = [a["caption"].strip() for a in json.loads(annotations.read_text(encoding="utf-8"))["annotations"]]
+    texts.write_text("".join(json.dumps({"text": c}) + "\n" for c in captions), encoding="utf-8")
+    base = root / "llm"
+    assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=60", "--train.lr=0.01", "--data.source=files",
+                 f"--data.files=[{texts}]"]) == 0
+    base = base / "final"
+    out = root / "stage1"
+    assert main(["vlm", "pretrain", "--init", str(base), "--out", str(out), "--coco", str(annotations), "--train-vision",
+                 *TINY_VISION, *TRAIN, "--train.seq_len=192", "--train.max_steps=40", "--train.lr=0.01", "--train.log_every=5"]) == 0
+    return out
+
+
+def test_stage1_on_coco_captions_loss_falls(coco_stage1):
+    logged = losses(coco_stage1)
+    assert len(logged) == 8 and sum(logged[-2:]) / 2 < sum(logged[:2]) / 2, logged
+    config = json.loads((coco_stage1 / "final" / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["image_seq_length"] == 16
+
+
+@pytest.mark.parametrize("data", ["llamafactory_mllm_demo/mllm_demo.json", "xtuner/mllm_sft_single_image_example_data.jsonl",
+                                  "xtuner/mllm_pretrain_image_example_data.jsonl"])
+def test_stage2_on_real_image_chats(coco_stage1, shared_data, tmp_path, data):
+    out = tmp_path / "stage2"
+    # LLaMA-Factory's demo has several pictures in one conversation and long answers: a wider context
+    assert main(["vlm", "sft", "--init", str(coco_stage1 / "final"), "--out", str(out), "--data", str(shared_data / "vlm" / data),
+                 *TRAIN, "--train.seq_len=512", "--train.batch_size=2", "--train.max_steps=6", "--train.log_every=1"]) == 0
+    assert len(losses(out)) == 6
+    model, _, _ = load_vlm_dir(out / "final")
+    engine = Engine.from_dir(out / "final", device="cpu")
+    image = next((shared_data / "vlm" / "xtuner").glob("*.jpg"))
+    reply = engine.run(["<image>\nWhat is in the picture?"], SamplingSettings(max_new_tokens=4, temperature=0), images=[[image]])[0]
+    assert len(reply.token_ids) >= 1 and model.config.image_seq_length == 16
