@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import TINY_MODEL, TRAIN
+from conftest import TRAIN
 from test_vlm_training import TINY_VISION
 from tinylm.cli import main
 from tinylm.infer.engine import Engine, SamplingSettings
@@ -18,6 +18,11 @@ def losses(run_dir, key="loss"):
     return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
+# the language model: the quickstart's shape (128 wide, 4 layers), trained on the captions' text
+LLM = ["--model.hidden_size=128", "--model.num_hidden_layers=4", "--model.num_attention_heads=4", "--model.num_key_value_heads=2",
+       "--data.vocab_size=1000", "--train.max_steps=100", "--train.lr=0.004"]
+
+
 @pytest.fixture(scope="module")
 def coco_stage1(tmp_path_factory):
     """Stage 1 on coco-mini's 400 training captions (80 pictures, resized to the tiny tower's 32 px)."""
@@ -27,23 +32,24 @@ def coco_stage1(tmp_path_factory):
         pytest.skip(f"realdata: {SHARED_DATA} is absent")
     root = tmp_path_factory.mktemp("coco")
     annotations = SHARED_DATA / "vlm" / "coco-mini" / "annotations" / "captions_train2017.json"
-    # a tiny language model that has read the captions' words (as LLaVA's has read the web), frozen in stage 1
+    # a language model that has read the captions' words (as LLaVA's has read the web), frozen in stage 1
     texts = root / "captions.jsonl"
     captions = [a["caption"].strip() for a in json.loads(annotations.read_text(encoding="utf-8"))["annotations"]]
     texts.write_text("".join(json.dumps({"text": c}) + "\n" for c in captions), encoding="utf-8")
-    base = root / "llm"
-    assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=60", "--train.lr=0.01", "--data.source=files",
-                 f"--data.files=[{texts}]"]) == 0
-    base = base / "final"
+    assert main(["pretrain", "--out", str(root / "llm"), *TRAIN, *LLM, "--data.source=files", f"--data.files=[{texts}]"]) == 0
     out = root / "stage1"
-    assert main(["vlm", "pretrain", "--init", str(base), "--out", str(out), "--coco", str(annotations), "--train-vision",
-                 *TINY_VISION, *TRAIN, "--train.seq_len=192", "--train.max_steps=40", "--train.lr=0.01", "--train.log_every=5"]) == 0
+    assert main(["vlm", "pretrain", "--init", str(root / "llm" / "final"), "--out", str(out), "--coco", str(annotations), "--train-vision",
+                 *TINY_VISION, *TRAIN, "--train.seq_len=192", "--train.batch_size=16", "--train.max_steps=60", "--train.lr=0.003",
+                 "--train.log_every=10", "--train.eval_every=10"]) == 0
     return out
 
 
 def test_stage1_on_coco_captions_loss_falls(coco_stage1):
-    logged = losses(coco_stage1)
-    assert len(logged) == 8 and sum(logged[-2:]) / 2 < sum(logged[:2]) / 2, logged
+    # the validation captions (a fixed 2% of the 400) after every 10 steps: the loss falls. A frozen 1M-parameter
+    # language model can use little of a 32 px picture, so it falls by little (about 0.02 nats per token)
+    val = losses(coco_stage1, "val_loss")
+    assert len(val) == 6 and val[-1] < val[0], val
+    assert len(losses(coco_stage1)) == 6
     config = json.loads((coco_stage1 / "final" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["image_seq_length"] == 16
 

@@ -206,7 +206,8 @@ def test_stage1_trains_projector_and_encoder_and_leaves_the_language_model(stage
     assert tokenizer.chat_template_name == "chatml" and tokenizer.token_to_id(IMAGE_TOKEN) == model.config.image_token_id
 
 
-def test_stage2_with_lora_and_text_only_samples_mixed_in(stage1, tmp_path, capsys):
+@pytest.mark.parametrize("adapter", [["--lora"], ["--qlora"]], ids=["lora", "qlora"])
+def test_stage2_with_lora_and_text_only_samples_mixed_in(stage1, tmp_path, capsys, adapter):
     red, blue = picture(tmp_path), picture(tmp_path, "blue.png", "blue")
     records = []
     for i in range(30):
@@ -217,7 +218,7 @@ def test_stage2_with_lora_and_text_only_samples_mixed_in(stage1, tmp_path, capsy
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "stage2"
-    assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), "--lora", "--lora-r", "4",
+    assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), *adapter, "--lora-r", "4",
                  "--vision.train=false", *VLM_TRAIN, "--train.max_steps=20"]) == 0
     err = capsys.readouterr().err
     assert "text-only" in err and "LoRA adapter merged" in err
@@ -291,6 +292,10 @@ def test_chat_with_images(stage1, tmp_path, base_and_chats):
     assert main(["chat", str(stage1 / "final"), "--image", str(red), "--prompts", str(prompts), "--output", str(answers),
                  "--temperature", "0", "--max-new-tokens", "4"]) == 0
     assert len(answers.read_text().splitlines()) == 2
+    # generate, with the picture's tag in the prompt
+    assert main(["generate", str(stage1 / "final"), "--prompt", "<image>\nA picture of", "--image", str(red), "--temperature", "0",
+                 "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(stage1 / "final"), "--prompt", "A picture of", "--image", str(red)]) == 2
     # a text model refuses pictures with a clear message
     _, base, _ = base_and_chats
     lines = iter(["/image " + str(red), "/exit"])

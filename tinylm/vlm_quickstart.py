@@ -1,7 +1,6 @@
 """The vision-language quickstart: a model that sees, from nothing, in minutes on a laptop CPU.
 
-    built-in corpus + the pictures' captions and questions as plain text → a small language model that
-    knows the words (skipped with --llm)
+    built-in corpus → a small language model (skipped with --llm)
     → built-in pictures (coloured shapes in a 3×3 grid) with captions and questions, English and Chinese
     → stage 1: a new ViT and the projector learn from the captions; the language model is frozen
     → stage 2: the questions fine-tune projector, language model and ViT into a model that answers
@@ -25,7 +24,6 @@ LLM_STEPS = 300  # the language model only has to know the words; the pictures' 
 
 def vlm_quickstart(out_dir: str | Path, llm: str | None = None, device: str | None = None, overrides: list[str] | None = None) -> dict:
     """Run every part (resuming any that already finished), write and print the report."""
-    from tinylm.data import builtin
     from tinylm.train.recipes import pretrain
     from tinylm.train.vlm import train_vlm
 
@@ -34,9 +32,7 @@ def vlm_quickstart(out_dir: str | Path, llm: str | None = None, device: str | No
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if llm is None:
-        files = [*map(str, builtin.write_pretrain_corpus(run_dir / "llm" / "data" / "builtin")), str(picture_texts(run_dir / "llm" / "data"))]
-        cfg = load_config(PretrainConfig, CONFIGS / "cpu-tiny.yaml", [f"--train.max_steps={LLM_STEPS}", "--train.save_every=0", *device_override,
-                                                                      "--data.source=files", f"--data.files={json.dumps(files)}"])
+        cfg = load_config(PretrainConfig, CONFIGS / "cpu-tiny.yaml", [f"--train.max_steps={LLM_STEPS}", "--train.save_every=0", *device_override])
         final, result = pretrain(cfg, run_dir / "llm", resume=True)
         if result.interrupted:
             raise SystemExit(130)
@@ -62,23 +58,6 @@ def vlm_quickstart(out_dir: str | Path, llm: str | None = None, device: str | No
     atomic_write_text(run_dir / "report.md", text)
     print(text)
     return report
-
-
-def picture_texts(out_dir: Path, seed: int = 0) -> Path:
-    """The training pictures' captions and question–answer pairs as plain text documents, without the
-    pictures: a language model that has read them knows the words, as LLaVA's language model knows how
-    people describe images, and the two stages only have to teach it to see. (The held-out pictures'
-    texts are the same sentences; which sentence fits which picture is what the stages teach.)"""
-    from tinylm.data.builtin_images import image_scenes, questions
-
-    path = out_dir / f"picture-texts-seed{seed}.jsonl"
-    if not path.is_file():
-        lines = []
-        for scene in image_scenes(seed, 2000):
-            lines += [scene.caption("en"), scene.caption("zh")]
-            lines += [f"{q.question} {q.reply}" for q in questions(scene)]
-        atomic_write_text(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in lines))
-    return path
 
 
 def render_report(report: dict) -> str:

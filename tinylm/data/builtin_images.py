@@ -141,7 +141,7 @@ def write_image_corpus(out_dir: str | Path, seed: int = 0, train: int = 2000, he
     Returns {"captions", "questions", "heldout"} → file paths."""
     from tinylm.modeldir import atomic_write_text
 
-    root = Path(out_dir) / f"images-seed{seed}-{size}px-v{IMAGE_VERSION}"
+    root = Path(out_dir) / f"images-seed{seed}-{size}px-{train}+{heldout}-v{IMAGE_VERSION}"
     paths = {name: root / f"{name}.jsonl" for name in ("captions", "questions", "heldout")}
     if all(p.is_file() for p in paths.values()):
         return paths

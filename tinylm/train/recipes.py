@@ -295,7 +295,13 @@ def row_evaluator(rows, batch_size: int, max_batches: int):
     """Validation loss (nats per assistant token) over packed validation rows."""
     from tinylm.data.packing import rows_batch
 
-    batches = [range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)][:max_batches]
+    return loss_evaluator(len(rows), lambda picks: rows_batch(rows, picks), batch_size, max_batches)
+
+
+def loss_evaluator(size: int, make_batch, batch_size: int, max_batches: int):
+    """Validation loss (nats per labelled token) over the first ``max_batches`` batches of ``size`` items
+    in order; ``make_batch(indices)`` builds a batch."""
+    batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)][:max_batches]
 
     @torch.no_grad()
     def evaluate(model) -> dict:
@@ -304,7 +310,7 @@ def row_evaluator(rows, batch_size: int, max_batches: int):
         device = next(model.parameters()).device
         total = count = 0
         for picks in batches:
-            batch = move(rows_batch(rows, picks), device)
+            batch = move(make_batch(picks), device)
             total += NextTokenLoss()(model, batch).item()
             count += NextTokenLoss().count(batch)
         return {"val_loss": total / max(count, 1)}

@@ -35,8 +35,8 @@ from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN, VisionLanguageModel, VLMCon
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
-from tinylm.train.recipes import distributed_barrier, load_to_fine_tune, prepare_lora, split_validation
-from tinylm.train.trainer import FitResult, Task, fit, move
+from tinylm.train.recipes import distributed_barrier, load_to_fine_tune, loss_evaluator, prepare_lora, split_validation
+from tinylm.train.trainer import FitResult, Task, fit
 
 STAGES = ("pretrain", "sft")
 PIXEL_CACHE_BYTES = 1 << 30  # preprocessed images kept in memory between epochs
@@ -232,25 +232,6 @@ class ImageBatches:
         self.walk.load_state_dict(state)
 
 
-def evaluator(examples: list[ImageExample], batch_size: int, max_batches: int, pad_id: int, cache: PixelCache):
-    """Validation loss (nats per assistant token) over the validation samples."""
-    batches = [range(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)][:max_batches]
-
-    @torch.no_grad()
-    def evaluate(model) -> dict:
-        if not batches:
-            return {}
-        device = next(model.parameters()).device
-        total = count = 0
-        for picks in batches:
-            batch = move(image_batch(examples, list(picks), pad_id, cache), device)
-            total += NextTokenLoss()(model, batch).item()
-            count += NextTokenLoss().count(batch)
-        return {"val_loss": total / max(count, 1)}
-
-    return evaluate
-
-
 # -- the recipe ---------------------------------------------------------------------------------
 
 
@@ -302,7 +283,8 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
         cache = PixelCache(processor)
         pad = tokenizer.eos_id
         batches = ImageBatches(train_examples, cfg.train.batch_size, pad, cache, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
-        evaluate = evaluator(val_examples, cfg.train.batch_size, cfg.train.eval_batches, pad, cache)
+        evaluate = loss_evaluator(len(val_examples), lambda picks: image_batch(val_examples, picks, pad, cache), cfg.train.batch_size,
+                                  cfg.train.eval_batches)
         task = Task(model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
