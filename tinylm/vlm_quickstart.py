@@ -51,7 +51,8 @@ def vlm_quickstart(out_dir: str | Path, llm: str | None = None, device: str | No
         seconds["stage 1 (captions)" if stage == "pretrain" else "stage 2 (questions) and held-out answers"] = time.perf_counter() - began
     seconds["total"] = time.perf_counter() - started
 
-    report = {"run_dir": str(run_dir), "language_model": llm, "model": str(finals["sft"]),
+    pictures = sorted((run_dir / "sft" / "data" / "builtin").glob("*/heldout/00000.png"))
+    report = {"run_dir": str(run_dir), "language_model": llm, "model": str(finals["sft"]), "picture": str(pictures[-1]) if pictures else None,
               "heldout": json.loads((run_dir / "sft" / "heldout.json").read_text(encoding="utf-8")), "seconds": seconds}
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = render_report(report)
@@ -73,6 +74,6 @@ def render_report(report: dict) -> str:
     lines += [f"- {'✓' if e['right'] else '✗'} `{e['image']}` {e['question']} → {e['reply']} (answer: {e['answer']})" for e in heldout["examples"]]
     lines += ["", "Wall time:", ""]
     lines += [f"- {part}: {value:.0f} s" for part, value in report["seconds"].items()]
-    lines += ["", f"Chat with it: `tinylm chat {report['model']} --image {report['run_dir']}/sft/data/builtin/.../heldout/00000.png`",
-              "(any picture works; it was trained on the built-in shapes only)", ""]
+    picture = report["picture"] or "PICTURE.png"
+    lines += ["", f"Chat with it: `tinylm chat {report['model']} --image {picture}` (a held-out picture; /image PATH shows it another)", ""]
     return "\n".join(lines)

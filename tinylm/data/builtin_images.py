@@ -137,7 +137,8 @@ def questions(scene: Scene) -> list[ImageQuestion]:
 
 def write_image_corpus(out_dir: str | Path, seed: int = 0, train: int = 2000, heldout: int = 200, size: int = 64) -> dict[str, Path]:
     """Write the pictures and, as JSON Lines in LLaVA's format ({"image", "conversations"}), the
-    captions (stage 1), the questions (stage 2) and the held-out questions; reuse them if present.
+    captions (stage 1), the questions (stage 2, one question per record) and the held-out questions;
+    reuse them if present.
     Returns {"captions", "questions", "heldout"} → file paths."""
     from tinylm.modeldir import atomic_write_text
 
