@@ -52,9 +52,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after")
 
 
-def add_lora_args(parser: argparse.ArgumentParser) -> None:
+def add_lora_args(parser: argparse.ArgumentParser, output: str = "the output is the adapter") -> None:
     group = parser.add_argument_group("LoRA (more keys: --lora.dropout=0.05 --lora.target_modules=[q_proj,v_proj] --lora.rslora=true)")
-    group.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of the whole model; the output is the adapter")
+    group.add_argument("--lora", action="store_true", help=f"train a LoRA adapter instead of the whole model; {output}")
     group.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit NF4 copy of the frozen base (implies --lora)")
     group.add_argument("--double-quant", action="store_true", help="QLoRA: quantize the 4-bit blocks' scales too")
     group.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 8)")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--coco", nargs="+", default=None, help="COCO caption annotations (captions_*.json) instead of --data")
             sub.add_argument("--coco-images", default=None, help="the COCO image folder (default: found beside the annotations)")
         else:
-            add_lora_args(sub)
+            add_lora_args(sub, output="it is merged into the saved model")
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")

@@ -215,7 +215,7 @@ class DistillConfig:
 @dataclass
 class VisionSection:
     """The vision encoder of ``tinylm vlm pretrain``: a pretrained tower from a local directory, or a new
-    built-in ViT of the shape below (trained from scratch, so ``train`` should be true)."""
+    built-in ViT of the shape below (trained from scratch: with ``train`` unset, it trains in stage 1)."""
 
     tower: str | None = None  # a local SigLIP/CLIP directory (transformers layout); None: a new built-in ViT
     image_size: int = 64  # the built-in ViT's shape (ignored with a tower, which brings its own)
@@ -224,7 +224,8 @@ class VisionSection:
     intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    feature_layer: int = -1  # which layer's output feeds the projector (-1 the last, -2 the one before)
+    feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
+    # -1 for a new model, and the loaded model's own in stage 2
     train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tinylm.infer.engine import SamplingSettings
+from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN
 
 HELP = "commands: /reset starts over, /system TEXT sets the system prompt, /exit quits (or Ctrl-D); Ctrl-C stops a reply"
 IMAGE_HELP = "/image PATH shows the model a picture with your next message"
@@ -142,8 +143,12 @@ def run_chat(
             break
         elif command == "/reset":
             history.clear()
+            pending.clear()
             say("(new conversation)")
         elif command == "/system":
+            if sees and has_image_markers(argument):
+                say(NO_MARKERS)
+                continue
             system = argument.strip() or None
             say(f"(system prompt: {system})" if system else "(no system prompt)")
         elif command == "/image":
@@ -154,6 +159,8 @@ def run_chat(
                 say(f"({e})")
         elif command.startswith("/"):
             say(f"unknown command {command}; {HELP}")
+        elif sees and has_image_markers(line):
+            say(NO_MARKERS)
         else:
             message = {"role": "user", "content": IMAGE_PREFIX * len(pending) + line}
             if pending:
@@ -161,14 +168,21 @@ def run_chat(
             history.append(message)
             prompt = fit_to_context(engine, system, history, chat_format, settings.max_new_tokens, say)
             if prompt is None:
-                history.pop()
+                pending = history.pop().get("images", [])  # the pictures wait for a shorter message
                 continue
             reply = stream_reply(engine, prompt, settings, output, images_of(history))
+            if sees:  # a reply that wrote a tag would make every later prompt hold more tags than pictures
+                reply = reply.replace(IMAGE_TAG, "").replace(IMAGE_TOKEN, "")
             history.append({"role": "assistant", "content": reply})
     return with_system(system, history)
 
 
-IMAGE_PREFIX = "<image>\n"  # how an attached image enters its message, as in LLaVA's data
+IMAGE_PREFIX = IMAGE_TAG + "\n"  # how an attached image enters its message, as in LLaVA's data
+NO_MARKERS = f"(pictures enter with /image PATH; a message cannot contain {IMAGE_TAG} or {IMAGE_TOKEN} itself)"
+
+
+def has_image_markers(text: str) -> bool:
+    return IMAGE_TAG in text or IMAGE_TOKEN in text
 
 
 def attach_image(engine, path: str):

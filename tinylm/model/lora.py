@@ -149,6 +149,19 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return wrapped
 
 
+def restore_full_precision(model: nn.Module, full: nn.Module) -> None:
+    """Give each 4-bit (QLoRA) layer of ``model`` back its full-precision base, taken from ``full`` (the
+    same model before quantization), so that merging adds the learned correction to the original
+    weights rather than to their 4-bit rounding."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.quantized is not None:
+            linear = full.get_submodule(name)
+            device = module.lora_A.weight.device
+            module.quantized = None
+            module.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+            module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA correction into its base weight and remove the LoRA layers (in place)."""
     for name, module in list(model.named_modules()):

@@ -161,6 +161,10 @@ def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor]) -> Vi
     missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"the weights do not fit the LLaVA config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    shapes = model.state_dict()
+    for name, tensor in own.items():
+        if tensor.shape != shapes[name].shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(shapes[name].shape)}")
     model.load_state_dict(own, strict=False)
     return model
 
@@ -286,14 +290,15 @@ def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None
         if isinstance(e, ModelDirError):
             raise
         raise ModelDirError(f"{directory / 'config.json'}: {e}") from None
+    state = load_weights(directory)
     try:
-        model = vlm_from_state_dict(config, load_weights(directory))
+        model = vlm_from_state_dict(config, state)
     except ValueError as e:
         if isinstance(e, ModelDirError):
             raise
         raise ModelDirError(f"{directory}: {e}") from None
-    if dtype is not None:
-        model = model.to(dtype)
+    saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model = model.to(dtype or saved)  # as load_model_dir: the saved dtype unless told otherwise
     model.language_model.inv_freq = rope_frequencies(config.text)  # kept in float32 whatever the weights' dtype
     if device is not None:
         model = model.to(device)

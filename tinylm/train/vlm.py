@@ -21,6 +21,7 @@ next-token loss, computed by the vision-language model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch
 
 from tinylm.config import ConfigError, VLMStageConfig, save_config
 from tinylm.model.loss import IGNORE
-from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN, VisionLanguageModel, VLMConfig, ensure_image_token, is_vlm_dir, load_vlm_dir
+from tinylm.model.vlm import (IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags, is_vlm_dir,
+                              load_vlm_dir)
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
@@ -57,7 +59,7 @@ def build_model(cfg: VLMStageConfig, stage: str):
         if cfg.vision.tower:
             raise ConfigError(f"vision.tower is set, but {cfg.init_from} already has its vision tower: drop --vision")
         model, tokenizer, processor = load_vlm_dir(cfg.init_from)
-        if cfg.vision.feature_layer != model.config.feature_layer:
+        if cfg.vision.feature_layer is not None and cfg.vision.feature_layer != model.config.feature_layer:
             raise ConfigError(f"vision.feature_layer is {cfg.vision.feature_layer}, but {cfg.init_from} was built on layer "
                               f"{model.config.feature_layer}; it is fixed once stage 1 has trained the projector on it")
         return model.float().train(), tokenizer, processor
@@ -79,10 +81,10 @@ def build_model(cfg: VLMStageConfig, stage: str):
         processor = ImageProcessor(size=v.image_size)
     if processor.size != tower.config.image_size:
         raise ConfigError(f"{cfg.vision.tower}: the image processor resizes to {processor.size} px but the tower takes {tower.config.image_size} px")
-    layers = tower.config.num_hidden_layers
-    if not -layers - 1 <= cfg.vision.feature_layer <= layers:
-        raise ConfigError(f"vision.feature_layer {cfg.vision.feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})")
-    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=cfg.vision.feature_layer)
+    layers, feature_layer = tower.config.num_hidden_layers, -1 if cfg.vision.feature_layer is None else cfg.vision.feature_layer
+    if not -layers - 1 <= feature_layer <= layers:
+        raise ConfigError(f"vision.feature_layer {feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})")
+    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=feature_layer)
     torch.manual_seed(cfg.train.seed)  # the projector's random start
     return VisionLanguageModel(config, language_model=language_model, vision_tower=tower).train(), tokenizer, processor
 
@@ -158,7 +160,9 @@ def encode_samples(samples, template, tokenizer, image_seq_length: int, seq_len:
 
     examples, too_long, where = [], 0, []
     for sample in samples:
-        messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TAG, IMAGE_TOKEN * image_seq_length)} for m in sample.messages]
+        images = [m["content"].count(IMAGE_TAG) for m in sample.messages]
+        messages = [{"role": m["role"], "content": expand_image_tags(m["content"], n, image_seq_length, where=sample.source)}
+                    for m, n in zip(sample.messages, images)]
         ids, mask = template.encode(tokenizer, messages)
         if len(ids) > seq_len + 1:
             too_long += 1
@@ -170,16 +174,17 @@ def encode_samples(samples, template, tokenizer, image_seq_length: int, seq_len:
 
 
 class PixelCache:
-    """Preprocessed images by (sample, image) index, kept while they fit in ``budget`` bytes, so later
-    epochs skip decoding and resizing."""
+    """Preprocessed images by source (a path, or a digest of the bytes), kept while they fit in
+    ``budget`` bytes, so later epochs skip decoding and resizing."""
 
     def __init__(self, processor, budget: int = PIXEL_CACHE_BYTES):
         self.processor, self.room = processor, budget // (3 * processor.size * processor.size * 4)
-        self.store: dict[tuple[int, int], torch.Tensor] = {}
+        self.store: dict[str | bytes, torch.Tensor] = {}
 
-    def pixels(self, key: tuple[int, int], source, where: str) -> torch.Tensor:
+    def pixels(self, source, where: str) -> torch.Tensor:
         from tinylm.data.images import load_image
 
+        key = hashlib.sha256(source).digest() if isinstance(source, (bytes, bytearray)) else str(Path(source).resolve())
         found = self.store.get(key)
         if found is None:
             found = self.processor([load_image(source, where)])[0]
@@ -198,7 +203,7 @@ def image_batch(examples: list[ImageExample], picks, pad_id: int, cache: PixelCa
         example = examples[index]
         input_ids[row, : len(example)] = example.input_ids
         labels[row, : len(example)] = example.labels
-        pixels += [cache.pixels((index, j), image, f"sample {index}") for j, image in enumerate(example.images)]
+        pixels += [cache.pixels(image, f"sample {index}") for image in example.images]
     size = cache.processor.size
     return {
         "input_ids": torch.from_numpy(input_ids),
@@ -280,8 +285,7 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
                   + (f"; {too_long:,} skipped, longer than train.seq_len (e.g. {', '.join(where)})" if too_long else ""), file=sys.stderr)
             print(f"model: {model.config.vision.model_type} tower (layer {model.config.feature_layer}) → projector → "
                   f"{model.config.text.model_type}; {describe_trainable(model)}", file=sys.stderr)
-        cache = PixelCache(processor)
-        pad = tokenizer.eos_id
+        pad, cache = tokenizer.eos_id, PixelCache(processor)
         batches = ImageBatches(train_examples, cfg.train.batch_size, pad, cache, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
         evaluate = loss_evaluator(len(val_examples), lambda picks: image_batch(val_examples, picks, pad, cache), cfg.train.batch_size,
                                   cfg.train.eval_batches)
@@ -289,12 +293,13 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
-            model = model.cpu()
             if lora is not None:
-                from tinylm.model.lora import merge_lora
+                from tinylm.model.lora import merge_lora, restore_full_precision
 
+                if cfg.lora.quantize != "none":  # QLoRA trained over 4-bit weights; the merge uses the originals
+                    restore_full_precision(model.language_model, load_vlm_dir(cfg.init_from)[0].language_model)
                 merge_lora(model.language_model)  # one LLaVA directory: the adapter folded into the language model
-            save_vlm_dir(model, final, tokenizer, processor)
+            save_vlm_dir(model, final, tokenizer, processor)  # (the tensors are copied to the CPU as they are saved)
             print(f"saved {final}" + (" (the LoRA adapter merged into the language model)" if lora else ""), file=sys.stderr)
             if stage == "sft" and cfg.data.source == "builtin":
                 from tinylm.eval.images import heldout_report, render_heldout
