@@ -56,11 +56,16 @@ def test_the_loss_trains_tower_projector_and_language_model():
         assert all(p.grad is not None for p in part.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("kind,layer", [(SIGLIP, -1), (CLIP, -2)])
-def test_our_llava_directory_loads_in_transformers_with_the_same_logits(kind, layer, tmp_path):
+@pytest.mark.parametrize("kind,layer,act,bias", [(SIGLIP, -1, "gelu", True), (CLIP, -2, "gelu", True), (SIGLIP, -1, "silu", False)])
+def test_our_llava_directory_loads_in_transformers_with_the_same_logits(kind, layer, act, bias, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = VisionLanguageModel(tiny_config(kind, layer)).eval()
+    config = tiny_config(kind, layer)
+    config.projector_act, config.projector_bias = act, bias
+    model = VisionLanguageModel(config).eval()
+    assert (model.multi_modal_projector.linear_1.bias is not None) == bias
+    read_back = VLMConfig.from_hf_dict(config.to_hf_dict())
+    assert (read_back.projector_act, read_back.projector_bias) == (act, bias)
     (tmp_path / "vlm").mkdir()
     save_file(llava_state_dict(model), tmp_path / "vlm" / "model.safetensors")
     (tmp_path / "vlm" / "config.json").write_text(json.dumps(model.config.to_hf_dict()))

@@ -227,6 +227,14 @@ class VisionSection:
     feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
     # -1 for a new model, and the loaded model's own in stage 2
     train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
+    projector_act: str = "gelu"  # the projector (Linear → act → Linear): gelu, gelu_pytorch_tanh, quick_gelu, relu or silu
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        from tinylm.model.vision import PROJECTOR_ACTIVATIONS
+
+        if self.projector_act not in PROJECTOR_ACTIVATIONS:
+            raise ConfigError(f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}")
 
 
 @dataclass

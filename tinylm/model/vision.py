@@ -196,17 +196,25 @@ class VisionTransformer(nn.Module):
         return features[:, 1:] if self.config.class_token else features
 
 
-class Projector(nn.Module):
-    """Vision features → language-model embeddings: Linear → GELU → Linear (LLaVA-1.5's MLP projector;
-    transformers' ``LlavaMultiModalProjector`` names the two layers linear_1 and linear_2)."""
+PROJECTOR_ACTIVATIONS = {**ACTIVATIONS, "relu": F.relu, "silu": F.silu}
 
-    def __init__(self, vision_size: int, text_size: int):
+
+class Projector(nn.Module):
+    """Vision features → language-model embeddings: Linear → activation → Linear (LLaVA-1.5's MLP
+    projector, GELU by default; transformers' ``LlavaMultiModalProjector`` names the two layers linear_1
+    and linear_2, and reads the activation and the biases from ``projector_hidden_act`` and
+    ``multimodal_projector_bias``)."""
+
+    def __init__(self, vision_size: int, text_size: int, act: str = "gelu", bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(vision_size, text_size)
-        self.linear_2 = nn.Linear(text_size, text_size)
+        if act not in PROJECTOR_ACTIVATIONS:
+            raise ValueError(f"projector activation {act!r}: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}")
+        self.linear_1 = nn.Linear(vision_size, text_size, bias=bias)
+        self.linear_2 = nn.Linear(text_size, text_size, bias=bias)
+        self.act = PROJECTOR_ACTIVATIONS[act]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(features)))
+        return self.linear_2(self.act(self.linear_1(features)))
 
 
 VISION_PREFIXES = ("vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",

@@ -35,6 +35,8 @@ class VLMConfig:
     text: ModelConfig = field(default_factory=ModelConfig)
     image_token_id: int = 0  # the id of the image placeholder token in the text vocabulary
     feature_layer: int = -1  # which vision layer feeds the projector (-1 the last, -2 the one before)
+    projector_act: str = "gelu"  # the projector's activation (gelu, gelu_pytorch_tanh, quick_gelu, relu, silu)
+    projector_bias: bool = True
 
     @property
     def image_seq_length(self) -> int:
@@ -54,8 +56,8 @@ class VLMConfig:
             "text_config": self.text.to_hf_dict(),
             "image_token_index": self.image_token_id,
             "image_seq_length": self.image_seq_length,
-            "projector_hidden_act": "gelu",
-            "multimodal_projector_bias": True,
+            "projector_hidden_act": self.projector_act,
+            "multimodal_projector_bias": self.projector_bias,
             "vision_feature_layer": self.feature_layer,
             # SigLIP has no class token to drop ("full"); CLIP's is dropped ("default")
             "vision_feature_select_strategy": "default" if self.vision.model_type == CLIP else "full",
@@ -75,7 +77,8 @@ class VLMConfig:
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
         return cls(vision=vision, text=ModelConfig.from_hf_dict(hf["text_config"]), image_token_id=hf["image_token_index"],
-                   feature_layer=layer)
+                   feature_layer=layer, projector_act=hf.get("projector_hidden_act", "gelu"),
+                   projector_bias=hf.get("multimodal_projector_bias", True))
 
 
 class VisionLanguageModel(nn.Module):
@@ -85,7 +88,7 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower if vision_tower is not None else VisionTransformer(config.vision)
-        self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size)
+        self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_act, config.projector_bias)
         self.language_model = language_model if language_model is not None else CausalLM(config.text)
         self.freeze_unused_vision_layers()
 

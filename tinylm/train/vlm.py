@@ -84,7 +84,8 @@ def build_model(cfg: VLMStageConfig, stage: str):
     layers, feature_layer = tower.config.num_hidden_layers, -1 if cfg.vision.feature_layer is None else cfg.vision.feature_layer
     if not -layers - 1 <= feature_layer <= layers:
         raise ConfigError(f"vision.feature_layer {feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})")
-    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=feature_layer)
+    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=feature_layer,
+                       projector_act=cfg.vision.projector_act, projector_bias=cfg.vision.projector_bias)
     torch.manual_seed(cfg.train.seed)  # the projector's random start
     return VisionLanguageModel(config, language_model=language_model, vision_tower=tower).train(), tokenizer, processor
 
