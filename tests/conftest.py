@@ -12,6 +12,11 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data, or skip: the project must pass without it."""

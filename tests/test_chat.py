@@ -22,12 +22,17 @@ class ByteTokenizer:
 class ScriptedEngine:
     """Replies from a script, word by word, and records every prompt it was given."""
 
+    vlm = None  # no vision tower
+
     def __init__(self, replies, context_length=10_000, interrupt_after=None):
         self.replies, self.prompts, self.settings = list(replies), [], []
         self.tokenizer, self.context_length = ByteTokenizer(), context_length
         self.interrupt_after = interrupt_after  # the next reply raises KeyboardInterrupt after this many pieces
 
-    def stream(self, prompt, settings):
+    def encode(self, text, images=0):
+        return self.tokenizer.encode(text)
+
+    def stream(self, prompt, settings, images=None):
         self.prompts.append(prompt)
         self.settings.append(settings)
         interrupt_after, self.interrupt_after = self.interrupt_after, None  # only the next reply

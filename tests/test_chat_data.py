@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from conftest import write_jsonl
+
 from tinylm.data.chat import ChatDataError, Conversation, detect_format, read_conversations
 from tinylm.data.text import DataError
 
@@ -11,11 +13,6 @@ USER_EN = {"role": "user", "content": "What is the capital of France?"}
 BOT_EN = {"role": "assistant", "content": "Paris."}
 USER_ZH = {"role": "user", "content": "法国的首都是哪里？"}
 BOT_ZH = {"role": "assistant", "content": "巴黎。"}
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def sharegpt(*messages):

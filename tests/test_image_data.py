@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_jsonl
+
 from tinylm.data.builtin_images import image_scenes, render, write_image_corpus
 from tinylm.data.chat import ChatDataError
 from tinylm.data.image_data import IMAGE_TAG, ImageConversation, read_coco_captions, read_image_conversations
@@ -21,11 +23,6 @@ def pictures(tmp_path) -> list[Path]:
         paths.append(folder / f"{i}.png")
         render(scene, size=16).save(paths[-1])
     return paths
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def read_one(tmp_path, record, **kwargs) -> ImageConversation:

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
+
 from tinylm.data.chat import ChatDataError
 from tinylm.data.preference import PreferencePair, detect_preference_format, read_preferences
 
@@ -21,11 +23,6 @@ MEDICALGPT = {"conversations": [{"from": "human", "value": USER_ZH["content"]}],
               "rejected": BAD_ZH}
 HH = {"chosen": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {GOOD_EN}",
       "rejected": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {BAD_EN}"}
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def read_one(tmp_path, record, **kwargs) -> PreferencePair:

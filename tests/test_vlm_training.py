@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN
+from conftest import TRAIN, write_jsonl
 from tinylm.cli import main
 from tinylm.data.builtin_images import Scene, render
 from tinylm.data.images import ImageProcessor
@@ -216,7 +216,7 @@ def test_stage2_with_lora_and_text_only_samples_mixed_in(stage1, tmp_path, capsy
                                                                 {"from": "gpt", "value": f"It is {colour}."}]})
         records.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
     data = tmp_path / "mixed.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(data, records)
     out = tmp_path / "stage2"
     assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), *adapter, "--lora-r", "4",
                  "--vision.train=false", *VLM_TRAIN, "--train.max_steps=20"]) == 0
@@ -361,7 +361,7 @@ def test_data_parallel_stage2_with_batches_that_hold_no_picture(stage1, tmp_path
                                                               {"from": "gpt", "value": "It is red."}]})
         records.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
     data = tmp_path / "mixed.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(data, records)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinylm.cli", "vlm", "sft",
                "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), "--train-vision", "--device", "cpu",

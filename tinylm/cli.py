@@ -52,6 +52,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after")
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--out, --resume and --device: what every training command takes."""
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+
+
 def add_lora_args(parser: argparse.ArgumentParser, output: str = "the output is the adapter") -> None:
     group = parser.add_argument_group("LoRA (more keys: --lora.dropout=0.05 --lora.target_modules=[q_proj,v_proj] --lora.rslora=true)")
     group.add_argument("--lora", action="store_true", help=f"train a LoRA adapter instead of the whole model; {output}")
@@ -106,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config")
     pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
-    pre.add_argument("--out", required=True, help="run directory")
-    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    pre.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_run_args(pre)
     pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
     add_lora_args(pre)
 
@@ -121,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping")
     sft.add_argument("--identity-name", default=None, help="the identity recipe: teach the assistant this name (mixed with the data)")
     sft.add_argument("--identity-author", default=None, help="... and this author (who made it)")
-    sft.add_argument("--out", required=True, help="run directory")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    sft.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_run_args(sft)
     add_lora_args(sft)
 
     dpo = commands.add_parser("dpo", help="align a chat model with preference pairs (DPO, SimPO, ORPO); extra --section.key=value override the config")
@@ -136,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--beta", type=float, default=None, help="DPO/SimPO reward scale, ORPO odds-ratio weight")
     dpo.add_argument("--precompute-ref", action="store_true", help="score the reference once before training instead of batch by batch")
     dpo.add_argument("--skip-bad", action="store_true", help="skip invalid pairs and report counts instead of stopping")
-    dpo.add_argument("--out", required=True, help="run directory")
-    dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    dpo.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_run_args(dpo)
     add_lora_args(dpo)
 
     dis = commands.add_parser("distill", help="train a small student on a teacher's next-token distributions; extra --section.key=value override the config")
@@ -149,9 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--chat", action="store_true", help="distill on conversations (the assistant's tokens) instead of text")
     dis.add_argument("--temperature", type=float, default=None, help="above 1 softens both distributions (default 1)")
     dis.add_argument("--kl-weight", type=float, default=None, help="share of the teacher term in the loss (default 0.5)")
-    dis.add_argument("--out", required=True, help="run directory")
-    dis.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    dis.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    add_run_args(dis)
 
     vlm = commands.add_parser("vlm", help="vision-language models: two-stage training and a quickstart")
     vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True)
@@ -169,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--skip-bad", action="store_true", help="skip invalid samples and report counts instead of stopping")
         sub.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
         sub.add_argument("--train-vision", action="store_true", help="train the vision encoder too")
-        sub.add_argument("--out", required=True, help="run directory")
-        sub.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-        sub.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+        add_run_args(sub)
         if stage == "pretrain":
             sub.add_argument("--vision", default=None, help="a local SigLIP/CLIP directory as the encoder (default: a new built-in ViT)")
             sub.add_argument("--feature-layer", type=int, default=None, help="the encoder layer that feeds the projector (default -1, the last)")

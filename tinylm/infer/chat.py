@@ -127,7 +127,7 @@ def run_chat(
     settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer)
     history: list[dict] = []
     say = lambda text: print(text, file=output, flush=True)  # noqa: E731
-    sees = getattr(engine, "vlm", None) is not None
+    sees = engine.vlm is not None
     pending = [attach_image(engine, image) for image in images or []]
     say(HELP + (f"; {IMAGE_HELP}" if sees else ""))
     while True:
@@ -170,7 +170,7 @@ def run_chat(
             if prompt is None:
                 pending = history.pop().get("images", [])  # the pictures wait for a shorter message
                 continue
-            reply = stream_reply(engine, prompt, settings, output, images_of(history))
+            reply = stream_reply(engine, prompt, settings, output, images_of(history) or None)
             if sees:  # a reply that wrote a tag would make every later prompt hold more tags than pictures
                 reply = reply.replace(IMAGE_TAG, "").replace(IMAGE_TOKEN, "")
             history.append({"role": "assistant", "content": reply})
@@ -189,7 +189,7 @@ def attach_image(engine, path: str):
     """The image at ``path``, read now so that a wrong path is reported at once, not mid-reply."""
     from tinylm.data.images import load_image
 
-    if getattr(engine, "vlm", None) is None:
+    if engine.vlm is None:
         raise ValueError("this model has no vision tower, so it cannot see images (train one with tinylm vlm)")
     if not path:
         raise ValueError("/image needs a path: /image picture.png")
@@ -216,7 +216,7 @@ def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str
     room = min(reply_room, engine.context_length // 2)
     while True:
         prompt = chat_format.render(text_only(with_system(system, history)))
-        if len(prompt_ids(engine, prompt, len(images_of(history)))) + room <= engine.context_length:
+        if len(engine.encode(prompt, len(images_of(history)))) + room <= engine.context_length:
             return prompt
         if len(history) == 1:
             say(f"(that message is too long for the model's context of {engine.context_length} tokens)")
@@ -225,17 +225,12 @@ def fit_to_context(engine, system, history, chat_format, reply_room, say) -> str
         say("(the oldest exchange no longer fits in the context and was forgotten)")
 
 
-def prompt_ids(engine, prompt: str, images: int) -> list[int]:
-    """The prompt's ids as the engine will see them (image tags expanded), for engines that can say."""
-    return engine.encode(prompt, images) if hasattr(engine, "encode") else engine.tokenizer.encode(prompt)
-
-
 def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO, images: list | None = None) -> str:
     """Write the reply to ``output`` as it is generated and return it. Ctrl-C ends it early; what was
     shown until then stays in the conversation."""
     shown: list[str] = []
     try:
-        for piece in (engine.stream(prompt, settings, images=images) if images else engine.stream(prompt, settings)):
+        for piece in engine.stream(prompt, settings, images=images):
             if not shown:  # the prompt ends with "Assistant:", so the reply starts with a space
                 piece = piece.lstrip()
                 if not piece:
@@ -260,7 +255,7 @@ def answer_prompts(engine, prompts: list[str], system: str | None = None, settin
     settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0), engine.tokenizer)
     pictures = [attach_image(engine, image) for image in images or []]
     rendered = [chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}])) for p in prompts]
-    completions = engine.run(rendered, settings, images=[pictures] * len(prompts)) if pictures else engine.run(rendered, settings)
+    completions = engine.run(rendered, settings, images=[pictures] * len(prompts) if pictures else None)
     return [{"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)]
 
 

@@ -35,7 +35,7 @@ from tinylm.model.loss import IGNORE
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
-from tinylm.train.recipes import load_to_fine_tune, prepare_lora, save_final, split_validation
+from tinylm.train.recipes import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 
@@ -200,8 +200,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
-        if cfg.train.seq_len > model.config.max_position_embeddings:
-            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context is {model.config.max_position_embeddings}")
+        check_context(cfg.train.seq_len, model.config)
         # Adapters (and QLoRA's 4-bit base) go in first, on the CPU: B starts at zero, so the model
         # scored below as the reference is exactly the one the adapter-off reference will be.
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)

@@ -185,9 +185,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
-        if cfg.train.seq_len > model.config.max_position_embeddings:
-            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context (model.max_position_embeddings) "
-                              f"is {model.config.max_position_embeddings}: lower one or raise the other")
+        check_context(cfg.train.seq_len, model.config)
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             print(f"model: {model.config.model_type}, {model.num_parameters() / 1e6:.2f}M parameters; "
@@ -276,6 +274,13 @@ def identity_report(engine, cfg: SFTConfig) -> dict:
     }
 
 
+def check_context(seq_len: int, config) -> None:
+    """Training rows must fit the (language) model's context."""
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"train.seq_len is {seq_len} but the model's context (max_position_embeddings) is "
+                          f"{config.max_position_embeddings}: lower one or raise the other")
+
+
 def load_to_fine_tune(model_dir: str, stage: str):
     """(model in fp32, its tokenizer) of a model directory that ``stage`` starts from."""
     model, tokenizer = load_model_dir(model_dir)
@@ -331,8 +336,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")
-        if cfg.train.seq_len > model.config.max_position_embeddings:
-            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the model's context is {model.config.max_position_embeddings}")
+        check_context(cfg.train.seq_len, model.config)
         template = get_template(cfg.data.template)
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer

@@ -37,7 +37,7 @@ from tinylm.model.vlm import (IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
-from tinylm.train.recipes import distributed_barrier, load_to_fine_tune, loss_evaluator, prepare_lora, split_validation
+from tinylm.train.recipes import check_context, distributed_barrier, load_to_fine_tune, loss_evaluator, prepare_lora, split_validation
 from tinylm.train.trainer import FitResult, Task, fit
 
 STAGES = ("pretrain", "sft")
@@ -257,8 +257,7 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer, processor = build_model(cfg, stage)
-        if cfg.train.seq_len > model.config.text.max_position_embeddings:
-            raise ConfigError(f"train.seq_len is {cfg.train.seq_len} but the language model's context is {model.config.text.max_position_embeddings}")
+        check_context(cfg.train.seq_len, model.config.text)
         template = get_template(cfg.data.template)
         tokenizer = template.attach(tokenizer)
         model.config.text.eos_token_id = template.stop_token_ids(tokenizer)
