@@ -476,20 +476,9 @@ class Engine:
         ``pixels``: the images of all prompts in order; the prefill then runs on the vision-language
         model's embeddings, with each image's features in place of its placeholder tokens.
         """
-        tokens, padding = self._left_pad(prompts)
-        batch, longest = tokens.shape
-        positions = (padding.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, batch, longest + steps, self.device, self.dtype)  # prompt + every new token
+        logits, cache, padding = self.prefill(prompts, pixels, room=steps)
+        batch, longest = padding.shape
         padded = not bool(padding.all())
-
-        # Prefill: the whole prompt at once; a causal mask (plus the padding, if any).
-        mask = attention_mask(padding, longest, longest) if padded else None
-        if self.vlm is not None:
-            embeds = self.vlm.embed(tokens, None if pixels is None else pixels.to(self.device))
-            hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
-            logits = self.model.lm_head(hidden[:, -1])
-        else:
-            logits = self._last_logits(tokens, positions, mask, cache)
 
         # For one new query the mask is the padding row itself (the query is a real token, so it
         # always sees itself); one buffer, sliced to the cache length at each step.
@@ -498,7 +487,7 @@ class Engine:
             key_padding[:, :longest] = padding.bool()
         seen = self._seen_tokens(prompts) if settings.repetition_penalty != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.seed is not None else None
-        position = positions[:, -1:] + 1
+        position = padding.sum(dim=-1, keepdim=True)  # each row's next position: its own token count
         for step in range(steps):
             next_ids = sample_next(logits, settings, seen, generator)
             yield next_ids.tolist()
@@ -509,6 +498,27 @@ class Engine:
             mask = key_padding[:, None, None, : cache.length + 1] if padded else None
             logits = self._decode_step(next_ids[:, None], position, mask, cache)
             position += 1
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], pixels: torch.Tensor | None = None,
+                room: int = 0) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Run the prompts through the model at once, left-padded to the longest, into a new KVCache
+        with ``room`` free positions after them. Returns the last position's logits [batch, vocab], the
+        cache, and the 0/1 mask of real tokens [batch, longest].
+
+        Each row's positions count its own tokens only (padding is masked out of attention), so a row
+        gets exactly the keys, values and logits it would get alone.
+        """
+        tokens, padding = self._left_pad(prompts)
+        batch, longest = tokens.shape
+        positions = (padding.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = KVCache(self.model.config, batch, longest + room, self.device, self.dtype)
+        mask = attention_mask(padding, longest, longest) if not bool(padding.all()) else None
+        if self.vlm is not None:
+            embeds = self.vlm.embed(tokens, None if pixels is None else pixels.to(self.device))
+            hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
+            return self.model.lm_head(hidden[:, -1]), cache, padding
+        return self._last_logits(tokens, positions, mask, cache), cache, padding
 
     def _last_logits(self, tokens, positions, mask, cache) -> torch.Tensor:
         """Run the model over ``tokens`` [batch, t], appending to ``cache``; logits of the last position only."""

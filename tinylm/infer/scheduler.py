@@ -1,0 +1,413 @@
+"""Continuous batching: many requests share one model, joining and leaving between decode steps.
+
+A server answering one request at a time leaves most of the hardware idle: a decode step reads every
+weight of the model to produce one token, and reading them for eight rows costs hardly more than for
+one. So the ``Scheduler`` keeps one batch running in a background thread and lets requests in and
+out of it *between steps*:
+
+    submit     a request waits in a queue (bounded: a full queue refuses with ``QueueFull``)
+    admit      before each step, waiting requests that fit get slots; their prompts are prefilled
+               together (``Engine.prefill``) and their keys and values copied into their slots
+    step       every running sequence samples one token from its last logits, and the batch runs one
+               decode step over all of them at once
+    leave      a sequence that finished (stop token, stop string, length) or whose request was
+               cancelled gives its slot back at once; the next waiting request takes it
+
+The keys and values live in a ``SlotCache``: one row of ``max_len`` positions per slot, each row
+filled to its own length. A decode step writes each row's new key at that row's own position and
+masks each row's attention to its own length, so rows of different ages decode side by side and each
+one gets exactly the tokens it would get alone. Running rows are kept in slots 0..n-1 (a leaving row's
+slot is filled by moving the last one into it), so a step reads plain slices of the cache, never a
+gathered copy.
+
+Each request carries its own sampling settings. Sampling is done for the whole batch at once
+(``sample_rows``), with one random generator per sequence, so a seeded request draws the same
+tokens however many others run beside it. Events go back through the request's callback, from the
+scheduler's thread: the server hands them to its event loop.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tinylm.infer.engine import Engine, SamplingSettings, _Row
+from tinylm.model.llama import ModelConfig
+
+__all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "SlotCache", "TokenLogprob", "sample_rows"]
+
+
+class QueueFull(RuntimeError):
+    """The scheduler already holds as many waiting requests as it was told to."""
+
+
+@dataclass
+class Request:
+    """What one API call asks for: a prompt, how to sample, and how many choices.
+
+    presence_penalty, frequency_penalty  OpenAI's: subtract ``presence`` from the logit of every token
+                                         already generated, and ``frequency`` times its count (-2..2).
+    logprobs                             None: none; k >= 0: each token's log-probability and the k
+                                         most likely alternatives (under the model's raw distribution).
+    images                               one per image tag of the prompt (a vision-language model).
+    """
+
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    images: Sequence = ()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob), most likely first
+
+
+@dataclass
+class Event:
+    """One step of one choice: the text it made safe to show (maybe ""), the token's log-probability
+    when asked for, and on the choice's last event its finish reason ("stop" or "length").
+    ``error`` (with ``index`` -1) says the whole request failed."""
+
+    index: int
+    text: str = ""
+    token_id: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Choice:
+    """One of a request's n sequences while it runs: its slot's bookkeeping and random generator."""
+
+    def __init__(self, ticket: Ticket, index: int, row: _Row, seed: int):
+        self.ticket, self.index, self.row = ticket, index, row
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+
+
+class Ticket:
+    """A submitted request: ``cancel()`` ends its generation at the next step."""
+
+    def __init__(self, request: Request, on_event: Callable[[Event], None]):
+        self.request, self.on_event = request, on_event
+        self.cancelled = False
+        self.running = 0  # choices still generating
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to the caller; a caller that has gone away cannot stop the scheduler."""
+        try:
+            self.on_event(event)
+        except Exception:
+            self.cancelled = True
+
+
+class SlotCache:
+    """Keys and values for ``slots`` sequences of up to ``max_len`` tokens each, every row filled to
+    its own length. A decode step runs over rows 0..active-1 (``begin_step``): the model's attention
+    calls ``update`` per layer, which writes each row's new key at that row's length, and ``advance``
+    after the last layer."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * slots  # filled positions per slot (kept on the host: no device sync to read)
+        self.active = 0
+        self._positions = self._rows = None
+
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def fill(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put a prefilled prompt's keys and values [layers, kv_heads, length, head_dim] in ``slot``."""
+        length = k.shape[2]
+        self.k[:, slot, :, :length] = k
+        self.v[:, slot, :, :length] = v
+        self.lengths[slot] = length
+
+    def move(self, source: int, target: int) -> None:
+        """Copy one slot's filled positions into another (a leaving row's slot gets the last row)."""
+        length = self.lengths[source]
+        self.k[:, target, :, :length] = self.k[:, source, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
+        self.lengths[target] = length
+
+    def begin_step(self, active: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a one-token step over slots 0..active-1: their positions [active, 1] (each row's own
+        length) and the attention mask [active, 1, 1, end] (each row sees its filled positions and
+        the new one)."""
+        self.active = active
+        self.end = max(self.lengths[:active]) + 1
+        self._positions = torch.tensor(self.lengths[:active], device=self.k.device)
+        self._rows = torch.arange(active, device=self.k.device)
+        mask = torch.arange(self.end, device=self.k.device)[None, :] <= self._positions[:, None]
+        return self._positions[:, None], mask[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer, self._rows, :, self._positions] = k[:, :, 0]
+        self.v[layer, self._rows, :, self._positions] = v[:, :, 0]
+        return self.k[layer, : self.active, :, : self.end], self.v[layer, : self.active, :, : self.end]
+
+    def advance(self, t: int) -> None:
+        for slot in range(self.active):
+            self.lengths[slot] += t
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row from logits [rows, vocab], each row with its own settings (tensors [rows]).
+
+    A temperature of 0 is greedy. Otherwise the logits are divided by the temperature, cut to the
+    top k (0 = off) and then to the nucleus of probability top_p (1 = off), and the token is read off
+    the cumulative distribution at ``uniform`` (a draw in [0, 1) from the row's own generator).
+    """
+    greedy = logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    scaled = logits.float() / temperature.clamp(min=1e-5)[:, None]
+    ranked, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    ranked = ranked.masked_fill(rank >= torch.where(top_k > 0, top_k, vocab)[:, None], float("-inf"))
+    probs = ranked.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # the probability of every token ranked above this one
+    ranked = ranked.masked_fill((mass_above >= top_p[:, None]) & (top_p < 1)[:, None], float("-inf"))
+    cumulative = ranked.softmax(dim=-1).cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp(max=vocab - 1)
+    sampled = order.gather(1, picked).squeeze(1)
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+class Scheduler:
+    """Runs an ``Engine``'s model for many requests at once; see the module's docstring.
+
+        scheduler = Scheduler(engine, max_batch=16)
+        ticket = scheduler.submit(Request(ids, SamplingSettings(max_new_tokens=64)), on_event)
+        ...
+        scheduler.close()
+
+    ``max_len`` bounds prompt + reply per sequence (default: the model's context, at most 4096);
+    the cache holds ``max_batch`` × ``max_len`` positions. ``max_waiting`` bounds the queue.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 16, max_len: int | None = None, max_waiting: int = 256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_len = min(max_len or 4096, engine.context_length)
+        config = self.model.config
+        self.cache = SlotCache(config, max_batch, self.max_len, engine.device, engine.dtype)
+        vocab = config.vocab_size
+        self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=engine.device)  # prompt + output tokens
+        self.counts = torch.zeros(max_batch, vocab, device=engine.device)  # output tokens, for OpenAI's penalties
+        self.slots: list[Choice] = []  # running choices; choice i is in cache slot i
+        self.logits: torch.Tensor | None = None  # [len(slots), vocab]: each running choice's next-token logits
+        self.waiting: deque[Ticket] = deque()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.steps = 0  # decode steps run (for tests and the health page)
+        self.thread = threading.Thread(target=self._loop, name="tinylm-scheduler", daemon=True)
+        self.thread.start()
+
+    # -- the public side (any thread) -----------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Ticket:
+        """Queue a request; ``on_event`` is called from the scheduler's thread with every ``Event``.
+        Raises ValueError when the request can never run here, QueueFull when the queue is full."""
+        if not 1 <= request.n <= self.max_batch:
+            raise ValueError(f"n must be between 1 and {self.max_batch} (the server's --max-batch), got {request.n}")
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: give the model at least one token to continue")
+        if len(request.prompt_ids) + request.settings.max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
+                             f"({request.settings.max_new_tokens}) exceed the {self.max_len} tokens a sequence may hold")
+        ticket = Ticket(request, on_event)
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again shortly")
+            self.waiting.append(ticket)
+            self.lock.notify()
+        return ticket
+
+    def stats(self) -> dict:
+        return {"running": len(self.slots), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_len": self.max_len, "steps": self.steps}
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join(timeout=30)
+
+    # -- the loop (the scheduler's thread) ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.waiting and not self.slots:
+                    self.lock.wait()
+                if self.closed:
+                    break
+                admitted = self._take_admissible()
+            with torch.inference_mode():
+                running = len(self.slots)
+                try:
+                    self._admit(admitted)
+                except Exception as error:  # a request that cannot be prefilled fails alone
+                    del self.slots[running:]
+                    self._fail(admitted, error)
+                try:
+                    if self.slots:
+                        self._step()
+                except Exception as error:  # a failed step fails the requests in it, never the server
+                    self._fail({c.ticket for c in self.slots}, error)
+                    self.slots, self.logits = [], None
+        self._fail([*self.waiting, *{c.ticket for c in self.slots}], "the server is shutting down")
+
+    def _take_admissible(self) -> list[Ticket]:
+        """Waiting requests, first come first served, while their choices fit in the free slots."""
+        free, taken = self.max_batch - len(self.slots), []
+        while self.waiting and (self.waiting[0].cancelled or self.waiting[0].request.n <= free):
+            ticket = self.waiting.popleft()
+            if not ticket.cancelled:
+                taken.append(ticket)
+                free -= ticket.request.n
+        return taken
+
+    def _admit(self, tickets: list[Ticket]) -> None:
+        """Prefill the new requests together and give each of their choices a slot."""
+        if not tickets:
+            return
+        engine = self.engine
+        prompts = [t.request.prompt_ids for t in tickets]
+        pixels = engine.pixels([list(t.request.images) for t in tickets]) if engine.vlm is not None else None
+        logits, cache, padding = engine.prefill(prompts, pixels)
+        longest = padding.shape[1]
+        new_logits = []
+        for row, ticket in enumerate(tickets):
+            request = ticket.request
+            start = longest - len(request.prompt_ids)  # left padding
+            seed = request.settings.seed if request.settings.seed is not None else random.SystemRandom().getrandbits(62)
+            for index in range(request.n):
+                slot = len(self.slots)
+                self.cache.fill(slot, cache.k[:, row, :, start:longest], cache.v[:, row, :, start:longest])
+                self.seen[slot].zero_()
+                self.seen[slot, request.prompt_ids] = True
+                self.counts[slot].zero_()
+                budget = request.settings.max_new_tokens
+                choice_row = _Row(request.prompt_ids, budget, engine._stop_ids(request.settings), engine.tokenizer,
+                                  request.settings.stop_strings)
+                self.slots.append(Choice(ticket, index, choice_row, seed + index))
+                new_logits.append(logits[row])
+            ticket.running = request.n
+        stacked = torch.stack(new_logits)
+        self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
+
+    def _step(self) -> None:
+        """Sample a token for every running choice, report it, let finished ones leave, decode the rest."""
+        tokens, logprobs = self._sample()
+        rows = torch.arange(len(tokens), device=self.engine.device)
+        chosen = torch.tensor(tokens, device=self.engine.device)
+        self.counts[rows, chosen] += 1
+        self.seen[rows, chosen] = True
+        leaving = []
+        for slot, (choice, token) in enumerate(zip(self.slots, tokens)):
+            ticket = choice.ticket
+            if ticket.cancelled:
+                leaving.append(slot)
+                continue
+            text = choice.row.push(token)
+            event = Event(choice.index, text, token, logprobs[slot] if logprobs else None, choice.row.completion.finish_reason)
+            if event.finish_reason is not None:
+                leaving.append(slot)
+                ticket.running -= 1
+            ticket.emit(event)
+        for slot in reversed(leaving):
+            self._leave(slot, tokens)
+        if not self.slots:
+            self.logits = None
+            return
+        positions, mask = self.cache.begin_step(len(self.slots))
+        next_ids = torch.tensor(tokens[: len(self.slots)], device=self.engine.device)[:, None]
+        hidden = self.model.hidden_states(next_ids, position_ids=positions, mask=mask, cache=self.cache)
+        self.logits = self.model.lm_head(hidden[:, -1])
+        self.steps += 1
+
+    def _leave(self, slot: int, tokens: list[int]) -> None:
+        """Free ``slot``: the last running choice moves into it (with its cache row, penalties and token)."""
+        last = len(self.slots) - 1
+        if slot != last:
+            self.cache.move(last, slot)
+            self.seen[slot] = self.seen[last]
+            self.counts[slot] = self.counts[last]
+            self.slots[slot] = self.slots[last]
+            tokens[slot] = tokens[last]
+        self.slots.pop()
+
+    def _sample(self) -> tuple[list[int], list[TokenLogprob] | None]:
+        """Each running choice's next token under its own settings (and its log-probabilities, if asked)."""
+        rows = len(self.slots)
+        logits = self.logits.float()
+        requests = [c.ticket.request for c in self.slots]
+        device = logits.device
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        raw = logits
+        penalty = [r.settings.repetition_penalty for r in requests]
+        if any(p != 1.0 for p in penalty):
+            p = column(penalty)[:, None]
+            logits = torch.where(self.seen[:rows], torch.where(logits > 0, logits / p, logits * p), logits)
+        presence, frequency = [r.presence_penalty for r in requests], [r.frequency_penalty for r in requests]
+        if any(presence) or any(frequency):
+            counts = self.counts[:rows]
+            logits = logits - column(presence)[:, None] * (counts > 0) - column(frequency)[:, None] * counts
+        uniform = torch.stack([torch.rand((), generator=c.generator) for c in self.slots])
+        settings = [r.settings for r in requests]
+        if all(s.temperature == 0 for s in settings):
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = sample_rows(logits, column([s.temperature for s in settings]), column([s.top_k for s in settings], torch.long),
+                                 column([s.top_p for s in settings]), uniform.to(device)).tolist()
+        wanted = [r.logprobs for r in requests]
+        if all(w is None for w in wanted):
+            return tokens, None
+        return tokens, self._logprobs(raw, tokens, wanted)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
+        logp = logits.log_softmax(dim=-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(1).tolist()
+        k = max(w or 0 for w in wanted)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+        out = []
+        for row, want in enumerate(wanted):
+            if want is None:
+                out.append(None)
+                continue
+            top = list(zip(top_ids[row, :want].tolist(), top_values[row, :want].tolist())) if want else []
+            out.append(TokenLogprob(tokens[row], chosen[row], top))
+        return out
+
+    @staticmethod
+    def _fail(tickets, error: Exception | str) -> None:
+        for ticket in tickets:
+            ticket.cancelled = True
+            ticket.emit(Event(-1, error=str(error) or type(error).__name__))
