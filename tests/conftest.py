@@ -1,5 +1,7 @@
 import json
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,63 @@ def base_and_chats(tmp_path_factory):
     base = root / "base"
     assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=20", "--data.source=files", f"--data.files=[{texts}]"]) == 0
     return root, base / "final", chats
+
+
+# -- a live tinylm server on loopback (the serving tests, and the browser test) -----------------
+
+
+def tiny_chat_dir(path, max_len=128, seed=0):
+    """A random ~100k-parameter model with a bilingual 300-token tokenizer and the chatml template,
+    saved as a model directory. Its weights are spread wide, so greedy answers vary (and often end
+    in the middle of a Chinese character's bytes, which the streaming tests need)."""
+    import torch
+
+    from tinylm.chat_template import get_template
+    from tinylm.model.llama import CausalLM, ModelConfig
+    from tinylm.modeldir import save_model_dir
+    from tinylm.tokenizer import train_tokenizer
+
+    texts = ["the cat sat on the mat. the dog ran.", "User: hi\nAssistant: hello there", "你好 世界，小明喜欢黄色。"] * 20
+    template = get_template("chatml")
+    tokenizer = template.attach(train_tokenizer(texts, vocab_size=300))
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=max_len, eos_token_id=template.stop_token_ids(tokenizer))
+    model = CausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_model_dir(model, path, tokenizer)
+    return path
+
+
+class LiveServer:
+    """A tinylm server (``tinylm.serve.app.Server``) answering on a free loopback port, in a thread."""
+
+    def __init__(self, server):
+        import socket
+
+        import uvicorn
+
+        from tinylm.serve.app import create_app
+
+        self.server = server
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uvicorn.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=10)
+        self.server.scheduler.close()
+        self.socket.close()

@@ -192,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "(with --prompts: with every prompt); repeat for several")
     add_sampling_args(chat)
 
+    srv = commands.add_parser("serve", help="an OpenAI-compatible API and a web chat page, with continuous batching")
+    srv.add_argument("model_dir")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYLM_API_KEY; none: open)")
+    srv.add_argument("--name", default=None, help="the model's name in the API (default: the directory's, or its run's for .../final)")
+    srv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (each n>1 choice is one)")
+    srv.add_argument("--max-len", type=int, default=None, help="prompt + reply tokens per sequence (default: the model's context, at most 4096)")
+    srv.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch before new ones get 429")
+    srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (pictures travel inside it)")
+    srv.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
     merge = commands.add_parser("merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory")
     merge.add_argument("model_dir")
     merge.add_argument("adapter_dir")
@@ -318,6 +333,15 @@ def run(args, overrides: list[str]) -> int:
                     print(f"> {record['prompt']}\n{record['answer']}\n")
         else:
             run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format, images=args.image)
+    elif args.command == "serve":
+        import torch
+
+        from tinylm.serve.app import build_server, serve
+
+        server = build_server(args.model_dir, name=args.name, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                              max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting, api_key=args.api_key,
+                              max_body=int(args.max_body_mb * 2**20))
+        serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
         from tinylm.model.lora import load_adapter_dir, read_adapter_config
         from tinylm.modeldir import save_model_dir

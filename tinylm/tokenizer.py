@@ -18,6 +18,7 @@ Chinese, emoji, ``\\r\\n``, tabs, runs of spaces, control characters.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -191,6 +192,25 @@ class Tokenizer:
         """The vocabulary entry, in the byte alphabet (a leading space shows as ``Ġ``)."""
         return self._rust.id_to_token(index)
 
+    def token_bytes(self, index: int) -> bytes:
+        """The bytes one token stands for: part of a character, maybe (OpenAI's logprobs report them).
+
+        Byte-level BPE writes every byte as a printable character (``Ġ`` is the space byte), so the
+        entry maps back byte for byte; SentencePiece entries are text with ``▁`` for a space, or
+        ``<0xE4>`` for a single byte. Special tokens are their text."""
+        entry = self._rust.id_to_token(index)
+        if entry is None:
+            return b""
+        if index in self.special_ids.values():
+            return entry.encode("utf-8")
+        if type(self._rust.decoder).__name__ == "ByteLevel":
+            alphabet = _byte_alphabet()
+            if all(ch in alphabet for ch in entry):
+                return bytes(alphabet[ch] for ch in entry)
+        if len(entry) == 6 and entry.startswith("<0x") and entry.endswith(">"):
+            return bytes([int(entry[3:5], 16)])
+        return entry.replace("\u2581", " ").encode("utf-8")
+
     # -- files ---------------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -265,6 +285,17 @@ class Tokenizer:
             model_max_length=max_length if isinstance(max_length, int) and max_length < 2**40 else MODEL_MAX_LENGTH,
             chat_template=_chat_template(directory, config),
         )
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
+    themselves, and the other bytes (controls, space, ...) take the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
 
 
 def _json_text(data: dict) -> str:

@@ -1,0 +1,364 @@
+"""The HTTP side: OpenAI's endpoints over the scheduler, the web chat page, and the limits.
+
+    GET  /                      the web chat page (one static file, no external assets)
+    GET  /health                liveness, and how busy the scheduler is
+    GET  /v1/models             the one model served
+    POST /v1/chat/completions   a conversation in, the assistant's reply out (streamed or whole)
+    POST /v1/completions        a prompt in, its continuation out
+
+A request is read (at most ``max_body`` bytes), checked field by field (``protocol``), and submitted
+to the scheduler, all before the response starts: so every mistake gets OpenAI's error shape with the
+right status, and a streamed reply, once begun, only carries the model's output. The scheduler's
+thread hands each ``Event`` to the event loop; a client that goes away cancels its request, and the
+scheduler frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tinylm.infer.scheduler import Event, QueueFull, Scheduler
+from tinylm.serve.protocol import APIError, Defaults, Generation, chat_request, completion_request, parse_json
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"
+
+
+@dataclass
+class Server:
+    """What every route shares."""
+
+    engine: object
+    scheduler: Scheduler
+    name: str
+    defaults: Defaults
+    chat_format: object
+    api_key: str | None = None
+    max_body: int = 16 * 2**20
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tinylm",
+                "context_length": self.scheduler.max_len, "vision": self.engine.vlm is not None,
+                "defaults": self.defaults.as_dict()}
+
+
+def create_app(server: Server) -> Starlette:
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": server.name, **server.scheduler.stats()})
+
+    async def models(request: Request) -> Response:
+        authorize(server, request)
+        return JSONResponse({"object": "list", "data": [server.model_card()]})
+
+    async def model(request: Request) -> Response:
+        authorize(server, request)
+        if request.path_params["name"] != server.name:
+            raise APIError(f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found")
+        return JSONResponse(server.model_card())
+
+    async def chat(request: Request) -> Response:
+        return await generate(server, request, chat_request)
+
+    async def completions(request: Request) -> Response:
+        return await generate(server, request, completion_request)
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    handlers = {APIError: api_error, HTTPException: http_error, Exception: server_error}
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.scheduler.close()
+
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+async def api_error(request: Request, error: APIError) -> Response:
+    headers = {"Retry-After": "1"} if error.status == 429 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def http_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own (unknown path, wrong method) in OpenAI's shape."""
+    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    body = APIError(what.get(error.status_code, str(error.detail)), status=error.status_code).body()
+    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+async def server_error(request: Request, error: Exception) -> Response:
+    body = APIError(f"the server failed: {type(error).__name__}", status=500, type="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+def authorize(server: Server, request: Request) -> None:
+    if server.api_key is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), server.api_key.encode()):
+        message = "missing API key: send 'Authorization: Bearer KEY'" if not key else "incorrect API key"
+        raise APIError(message, status=401, code="invalid_api_key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be longer than ``limit``."""
+    too_big = APIError(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)", status=413,
+                       code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+async def generate(server: Server, request: Request, parse) -> Response:
+    authorize(server, request)
+    data = parse_json(await read_body(request, server.max_body))
+    try:
+        generation = parse(data, server)
+    except ValueError as e:  # the engine's own checks (image tags, prompt ids) are the client's input too
+        raise APIError(str(e)) from None
+    events = submit(server, generation)
+    answer = Answer(server, generation)
+    if generation.stream:
+        return StreamingResponse(answer.stream(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await whole(answer, events, request)
+
+
+def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, Event]]:
+    """Submit every request of ``generation`` now (so refusals become errors before any response);
+    returns the iterator of (choice index, event) that cancels them all when closed."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    tickets = []
+    try:
+        for i, request in enumerate(generation.requests):
+            def on_event(event, i=i):
+                loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+
+            tickets.append(server.scheduler.submit(request, on_event))
+    except (QueueFull, ValueError) as e:
+        for ticket in tickets:
+            ticket.cancel()
+        raise APIError(str(e), status=429 if isinstance(e, QueueFull) else 400,
+                       code="server_busy" if isinstance(e, QueueFull) else None) from None
+
+    async def events():
+        remaining = generation.n * len(generation.requests)
+        try:
+            while remaining:
+                i, event = await queue.get()
+                if event.error is not None:
+                    raise APIError(event.error, status=500, type="server_error")
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield i * generation.n + event.index, event
+        finally:
+            for ticket in tickets:
+                ticket.cancel()
+
+    return events()
+
+
+async def whole(answer: Answer, events, request: Request) -> Response:
+    """Wait for the whole answer, or for the client to go away (which cancels the generation)."""
+    async def collect():
+        async for index, event in events:
+            answer.add(index, event)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left (or the server is stopping): cancelling ends the tickets
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    work.result()  # re-raises a failed generation as its APIError
+    return JSONResponse(answer.body())
+
+
+class Answer:
+    """Builds the response of one request, event by event: the whole body, or its stream of chunks."""
+
+    def __init__(self, server: Server, generation: Generation):
+        self.server, self.generation = server, generation
+        self.id = ("chatcmpl-" if generation.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        choices = generation.n * len(generation.requests)
+        self.texts = [[] for _ in range(choices)]
+        self.started = [False] * choices  # a chat reply's leading whitespace is dropped
+        self.tokens = [0] * choices
+        self.logprobs = [[] for _ in range(choices)]
+        self.pending = [[] for _ in range(choices)]  # logprobs not yet sent with a stream chunk
+        self.offsets = [0] * choices
+        self.finish = [None] * choices
+        tokenizer = server.engine.tokenizer
+        self.token_text = lambda i: (tokenizer.decode([i]), tokenizer.token_bytes(i))
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def add(self, index: int, event: Event) -> str:
+        """Record one event; return the text it adds to the choice."""
+        text = event.text
+        if self.generation.chat and not self.started[index]:
+            text = text.lstrip()
+            self.started[index] = bool(text)
+        self.texts[index].append(text)
+        if event.token_id is not None:
+            self.tokens[index] += 1
+        if event.logprob is not None:
+            entry = self.logprob_entry(index, event)
+            self.logprobs[index].append(entry)
+            self.pending[index].append(entry)
+        self.finish[index] = event.finish_reason
+        return text
+
+    def logprob_entry(self, index: int, event: Event) -> dict:
+        token, raw = self.token_text(event.logprob.token_id)
+        top = [(self.token_text(t), lp) for t, lp in event.logprob.top]
+        entry = {"token": token, "logprob": event.logprob.logprob, "bytes": list(raw),
+                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for (t, b), lp in top]}
+        entry["offset"] = self.offsets[index]
+        self.offsets[index] += len(token)
+        return entry
+
+    def usage(self) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in self.generation.requests)
+        completion = sum(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def logprobs_field(self, entries: list[dict]) -> dict | None:
+        if self.generation.logprobs is None:
+            return None
+        if self.generation.chat:
+            return {"content": [{k: v for k, v in e.items() if k != "offset"} for e in entries]}
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": [e["offset"] for e in entries]}
+
+    # -- the whole answer ----------------------------------------------------------------------
+
+    def body(self) -> dict:
+        choices = []
+        for i, parts in enumerate(self.texts):
+            text = "".join(parts)
+            choice = {"index": i, "logprobs": self.logprobs_field(self.logprobs[i]), "finish_reason": self.finish[i]}
+            if self.generation.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        kind = "chat.completion" if self.generation.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.server.name,
+                "choices": choices, "usage": self.usage()}
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    async def stream(self, events) -> AsyncIterator[str]:
+        """Server-sent events: role first (chat), then text as it comes, the finish reason on each
+        choice's last chunk, the usage chunk when asked for, then [DONE]."""
+        try:
+            if self.generation.chat:
+                for i in range(len(self.texts)):
+                    yield self.sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            async for index, event in events:
+                text = self.add(index, event)
+                if text or event.finish_reason is not None:
+                    yield self.sse([self.stream_choice(index, text, event.finish_reason)])
+            if self.generation.include_usage:
+                yield self.sse([], usage=self.usage())
+        except APIError as error:  # the generation failed after the response began
+            yield f"data: {json.dumps(error.body())}\n\n"
+        finally:
+            await events.aclose()
+        yield "data: [DONE]\n\n"
+
+    def stream_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        logprobs, self.pending[index] = self.logprobs_field(self.pending[index]), []
+        if self.generation.chat:
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def sse(self, choices: list[dict], usage: dict | None = None) -> str:
+        kind = "chat.completion.chunk" if self.generation.chat else "text_completion"
+        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.server.name, "choices": choices}
+        if self.generation.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# -- running it ------------------------------------------------------------------------------------
+
+
+def build_server(model_dir: str | Path, *, name: str | None = None, device: str = "auto", dtype=None, max_batch: int = 16,
+                 max_len: int | None = None, max_waiting: int = 256, api_key: str | None = None,
+                 max_body: int = 16 * 2**20) -> Server:
+    """Load a model directory and start its scheduler."""
+    from tinylm.infer.chat import chat_format_for
+    from tinylm.infer.engine import Engine
+
+    path = Path(model_dir)
+    engine = Engine.from_dir(path, device=device, dtype=dtype)
+    if engine.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
+    scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    served = name or (path.resolve().parent.name if path.resolve().name == "final" else path.resolve().name)
+    return Server(engine, scheduler, served, Defaults.from_dir(path), chat_format, api_key, max_body)
+
+
+def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    kv = server.scheduler.cache.bytes() / 2**20
+    print(f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
+          f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
+          f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of KV cache")
+    print(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", flush=True)
+    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,417 @@
+"""OpenAI's request format, checked field by field, turned into scheduler requests.
+
+Every field is read through ``Fields``, which checks its type and range and, when it is wrong, raises
+an ``APIError`` that names it (``param``) and says what was expected: the client gets OpenAI's error
+shape with status 400, never a stack trace. Fields that would change the answer but are not supported
+here (tools, response formats, echo, ...) are refused by name rather than silently ignored.
+
+A chat request becomes one prompt through the model's chat template; a completions request may carry
+several prompts (strings or token ids). Each becomes one ``Request`` for the scheduler, with the same
+sampling settings, whose defaults come from the model directory's ``generation_config.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tinylm.infer.engine import SamplingSettings
+from tinylm.infer.scheduler import Request
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # chat; the completions endpoint allows 5
+MAX_MESSAGES = 1024
+MAX_IMAGES = 8  # per request
+IMAGE_TAGS = ("<image>", "<|image|>")
+IGNORED = {"user", "metadata", "store", "service_tier"}  # accepted, with no effect on the answer
+
+
+class APIError(Exception):
+    """An error the client caused (or must hear about), in OpenAI's shape."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Defaults:
+    """Sampling defaults for requests that leave a field out: the model's generation_config.json.
+    A model saved with ``do_sample: false`` (tinylm's own) answers greedily unless asked otherwise."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Defaults:
+        path = Path(directory) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        config = json.loads(path.read_text(encoding="utf-8"))
+        eos = config.get("eos_token_id")
+        defaults = cls(eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []))
+        if config.get("do_sample") is False:
+            defaults.temperature = 0.0
+        elif isinstance(config.get("temperature"), (int, float)):
+            defaults.temperature = float(config["temperature"])
+        for key in ("top_p", "top_k", "repetition_penalty"):
+            if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+                setattr(defaults, key, type(getattr(defaults, key))(config[key]))
+        if isinstance(config.get("max_new_tokens"), int):
+            defaults.max_tokens = config["max_new_tokens"]
+        return defaults
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens}
+
+
+def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object (NaN and Infinity are not JSON, and are refused)."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(body, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        raise APIError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(f"the request body must be a JSON object, not {json_type(data)}")
+    return data
+
+
+def json_type(value) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+class Fields:
+    """One JSON object's fields, each read once with its type and range checked; ``where`` prefixes
+    the field names in errors (``messages[2].content``)."""
+
+    def __init__(self, data: dict, where: str = ""):
+        self.data, self.where = data, where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kinds: tuple, expected: str, default=None):
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise APIError(f"'{self.name(key)}' must be {expected}, got {json_type(value)}", self.name(key))
+        return value
+
+    def number(self, key, default, low, high, low_open=False):
+        value = self.get(key, (int, float), "a number", default)
+        if value is None:
+            return None
+        too_low = value <= low if low_open else value < low
+        if too_low or value > high or math.isnan(value):
+            bracket = "(" if low_open else "["
+            raise APIError(f"'{self.name(key)}' must be in {bracket}{low}, {high}], got {value}", self.name(key))
+        return float(value)
+
+    def integer(self, key, default, low, high):
+        value = self.get(key, (int,), "an integer", default)
+        if value is not None and not low <= value <= high:
+            raise APIError(f"'{self.name(key)}' must be between {low} and {high}, got {value}", self.name(key))
+        return value
+
+    def boolean(self, key, default=False):
+        return self.get(key, (bool,), "a boolean", default)
+
+    def string(self, key, default=None):
+        return self.get(key, (str,), "a string", default)
+
+    def refuse_unknown(self, known: set[str]) -> None:
+        for key in self.data:
+            if key not in known and key not in IGNORED:
+                raise APIError(f"unrecognized request argument supplied: {self.name(key)}", self.name(key))
+
+
+# -- the parts both endpoints share -------------------------------------------------------------
+
+
+SAMPLING_FIELDS = {"model", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "max_tokens", "stop", "n", "seed", "stream", "stream_options", "logit_bias", "response_format"}
+
+
+@dataclass
+class Generation:
+    """A checked request: the scheduler requests to run, and how to answer."""
+
+    requests: list[Request]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: none; else how many alternatives per token
+    chat: bool
+
+
+def sampling(fields: Fields, defaults: Defaults, max_batch: int) -> tuple[SamplingSettings, dict]:
+    """The sampling fields of either endpoint: SamplingSettings (its max_new_tokens still to be
+    settled against the prompt) and the scheduler's extras."""
+    refuse_unsupported(fields)
+    temperature = fields.number("temperature", defaults.temperature, 0, 2)
+    top_p = fields.number("top_p", defaults.top_p, 0, 1)
+    top_k = fields.integer("top_k", defaults.top_k, -1, 1_000_000)
+    repetition = fields.number("repetition_penalty", defaults.repetition_penalty, 0, 10, low_open=True)
+    seed = fields.integer("seed", None, -(2**63), 2**64 - 1)
+    settings = SamplingSettings(
+        max_new_tokens=1,  # settled later
+        temperature=temperature,
+        top_k=max(top_k, 0),  # -1 is another way to say "off"
+        top_p=max(top_p, 1e-9),  # 0 keeps the single most likely token, as the smallest positive p does
+        repetition_penalty=repetition,
+        seed=None if seed is None else seed % 2**62,
+        stop_strings=stop_strings(fields),
+    )
+    extras = {
+        "n": fields.integer("n", 1, 1, max_batch),
+        "presence_penalty": fields.number("presence_penalty", 0.0, -2, 2),
+        "frequency_penalty": fields.number("frequency_penalty", 0.0, -2, 2),
+    }
+    return settings, extras
+
+
+def refuse_unsupported(fields: Fields) -> None:
+    logit_bias = fields.get("logit_bias", (dict,), "an object")
+    if logit_bias:
+        raise APIError("'logit_bias' is not supported by this server", "logit_bias")
+    response_format = fields.get("response_format", (dict,), "an object")
+    if response_format and response_format.get("type") != "text":
+        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by this server", "response_format")
+
+
+def stop_strings(fields: Fields) -> list[str]:
+    stop = fields.get("stop", (str, list), "a string or an array of strings")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise APIError(f"'stop[{i}]' must be a non-empty string, got {json_type(s)}", "stop")
+    return list(stops)
+
+
+def stream_fields(fields: Fields) -> tuple[bool, bool]:
+    stream = fields.boolean("stream")
+    options = fields.get("stream_options", (dict,), "an object")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise APIError("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    option_fields = Fields(options, "stream_options")
+    option_fields.refuse_unknown({"include_usage"})
+    return stream, option_fields.boolean("include_usage")
+
+
+def settle_length(settings: SamplingSettings, prompt_ids: list[int], fields: Fields, max_len: int,
+                  defaults: Defaults, param: str) -> SamplingSettings:
+    """Check the prompt against the context and settle max_new_tokens: the request's, which must fit
+    beside the prompt, or the default, cut to the room left."""
+    room = max_len - len(prompt_ids)
+    if room < 1:
+        raise APIError(f"the prompt is {len(prompt_ids)} tokens long, but this server's context is {max_len} tokens "
+                       f"(prompt + reply); shorten it to at most {max_len - 1} tokens", param, code="context_length_exceeded")
+    asked = fields.integer("max_completion_tokens", None, 1, 2**31)
+    if asked is None:
+        asked = fields.integer("max_tokens", None, 1, 2**31)
+    if asked is None:
+        return replace(settings, max_new_tokens=min(defaults.max_tokens, room))
+    if asked > room:
+        name = "max_completion_tokens" if "max_completion_tokens" in fields.data else "max_tokens"
+        raise APIError(f"'{name}' is {asked}, but the prompt is {len(prompt_ids)} tokens and this server's context is "
+                       f"{max_len} tokens: at most {room} can be generated", name, code="context_length_exceeded")
+    return replace(settings, max_new_tokens=asked)
+
+
+def check_model(fields: Fields, name: str) -> None:
+    model = fields.string("model")
+    if model is not None and model != name:
+        raise APIError(f"the model '{model}' does not exist; this server serves '{name}'", "model", status=404, code="model_not_found")
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+def chat_request(data: dict, server) -> Generation:
+    """POST /v1/chat/completions → a Generation. ``server`` gives the engine, chat format, limits."""
+    fields = Fields(data)
+    fields.refuse_unknown(SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
+    check_model(fields, server.name)
+    settings, extras = sampling(fields, server.defaults, server.scheduler.max_batch)
+    stream, include_usage = stream_fields(fields)
+    logprobs = None
+    if fields.boolean("logprobs"):
+        logprobs = fields.integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    elif fields.data.get("top_logprobs") is not None:
+        raise APIError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+    messages, images = chat_messages(data, server)
+    try:
+        prompt = server.chat_format.render(messages)
+    except ValueError as e:
+        raise APIError(str(e), "messages") from None
+    prompt_ids = server.engine.encode(prompt, len(images))
+    settings = settle_length(server.chat_format.settings(settings, server.engine.tokenizer), prompt_ids, fields,
+                             server.scheduler.max_len, server.defaults, "messages")
+    request = Request(prompt_ids, settings, logprobs=logprobs, images=images, **extras)
+    return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True)
+
+
+def chat_messages(data: dict, server) -> tuple[list[dict], list]:
+    """The conversation as the chat template takes it ({"role", "content"} with text content; each
+    picture becomes an image tag in its place), and the pictures in order."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty array of messages", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(f"'messages' may hold at most {MAX_MESSAGES} messages, got {len(messages)}", "messages")
+    rendered, images = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise APIError(f"'{where}' must be an object with 'role' and 'content', got {json_type(message)}", where)
+        fields = Fields(message, where)
+        fields.refuse_unknown({"role", "content", "name"})
+        fields.string("name")
+        role = fields.string("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise APIError(f"'{where}.role' must be one of system, developer, user, assistant; got {role!r}", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = content_parts(content, f"{where}.content", role, server, images)
+        else:
+            raise APIError(f"'{where}.content' must be a string or an array of content parts, got {json_type(content)}", f"{where}.content")
+        if server.engine.vlm is not None and any(tag in text for tag in IMAGE_TAGS):
+            raise APIError(f"'{where}.content' contains an image tag as text; send pictures as image_url parts", f"{where}.content")
+        rendered.append({"role": "system" if role == "developer" else role, "content": text})
+    return rendered, images
+
+
+def content_parts(parts: list, where: str, role: str, server, images: list) -> str:
+    """An array of text and image_url parts → the message's text, with an image tag per picture."""
+    from tinylm.infer.chat import IMAGE_PREFIX
+
+    pieces = []
+    for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise APIError(f"'{here}' must be a content part object, got {json_type(part)}", here)
+        kind = part.get("type")
+        if kind == "text":
+            Fields(part, here).refuse_unknown({"type", "text"})
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise APIError(f"'{here}.text' must be a string, got {json_type(text)}", f"{here}.text")
+            pieces.append(text)
+        elif kind == "image_url":
+            if role != "user":
+                raise APIError(f"'{here}': only user messages may carry images", here)
+            if server.engine.vlm is None:
+                raise APIError(f"'{here}': this model has no vision tower, so it cannot take images", here)
+            if len(images) >= MAX_IMAGES:
+                raise APIError(f"a request may carry at most {MAX_IMAGES} images", here)
+            images.append(read_image_url(part, here))
+            pieces.append(IMAGE_PREFIX)
+        else:
+            raise APIError(f"'{here}.type' must be 'text' or 'image_url', got {kind!r}", f"{here}.type")
+    return "".join(pieces)
+
+
+def read_image_url(part: dict, where: str):
+    """A picture from a ``data:image/...;base64,...`` URL (the server fetches nothing from the network)."""
+    from tinylm.data.images import load_image
+
+    fields = Fields(part, where)
+    fields.refuse_unknown({"type", "image_url"})
+    image_url = fields.get("image_url", (dict, str), "an object with a 'url'")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    param = f"{where}.image_url.url"
+    if not isinstance(url, str):
+        raise APIError(f"'{param}' must be a string, got {json_type(url)}", param)
+    header, comma, payload = url.partition(",")
+    if not (header.startswith("data:") and header.endswith(";base64") and comma):
+        raise APIError(f"'{param}' must be a data URL (data:image/png;base64,...); this server fetches nothing from the network", param)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(f"'{param}' is not valid base64", param) from None
+    try:
+        return load_image(raw)
+    except Exception as e:  # any decoder failure (including decompression bombs) is the client's input
+        raise APIError(f"'{param}' is not a readable image ({type(e).__name__}: {e})", param) from None
+
+
+# -- completions ----------------------------------------------------------------------------------
+
+
+def completion_request(data: dict, server) -> Generation:
+    """POST /v1/completions → a Generation, one scheduler request per prompt."""
+    fields = Fields(data)
+    fields.refuse_unknown(SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"})
+    check_model(fields, server.name)
+    if fields.boolean("echo"):
+        raise APIError("'echo' is not supported by this server", "echo")
+    if fields.string("suffix"):
+        raise APIError("'suffix' is not supported by this server", "suffix")
+    settings, extras = sampling(fields, server.defaults, server.scheduler.max_batch)
+    if fields.integer("best_of", extras["n"], 1, server.scheduler.max_batch) != extras["n"]:
+        raise APIError("'best_of' other than n is not supported by this server", "best_of")
+    stream, include_usage = stream_fields(fields)
+    logprobs = fields.integer("logprobs", None, 0, 5)
+    if server.defaults.eos_token_ids:
+        settings = replace(settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids}))
+    prompts = completion_prompts(data.get("prompt"), server)
+    if len(prompts) * extras["n"] > server.scheduler.max_batch:
+        raise APIError(f"{len(prompts)} prompts × n={extras['n']} is more than the {server.scheduler.max_batch} sequences "
+                       "this server runs at once (--max-batch)", "prompt")
+    requests = []
+    for i, ids in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        requests.append(Request(ids, settle_length(settings, ids, fields, server.scheduler.max_len, server.defaults, param),
+                                logprobs=logprobs, **extras))
+    return Generation(requests, extras["n"], stream, include_usage, logprobs, chat=False)
+
+
+def completion_prompts(prompt, server) -> list[list[int]]:
+    """``prompt``: a string, an array of strings, an array of token ids, or an array of those."""
+    vocab = server.engine.model.config.vocab_size
+
+    def ids_of(value, param) -> list[int]:
+        if isinstance(value, str):
+            ids = server.engine.encode(value)
+        elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            bad = [t for t in value if not 0 <= t < vocab]
+            if bad:
+                raise APIError(f"'{param}' holds token id {bad[0]}, outside the vocabulary (0..{vocab - 1})", param)
+            ids = list(value)
+        else:
+            raise APIError(f"'{param}' must be a string or an array of token ids", param)
+        if not ids:
+            raise APIError(f"'{param}' is empty: give the model at least one token to continue", param)
+        return ids
+
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        return [ids_of(prompt, "prompt")]
+    if isinstance(prompt, list) and prompt:
+        return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    raise APIError("'prompt' must be a non-empty string, array of strings, array of token ids, or array of those", "prompt")
