@@ -296,15 +296,20 @@ def chat_messages(data: dict, server) -> tuple[list[dict], list]:
             raise APIError(f"'{where}.role' must be one of system, developer, user, assistant; got {role!r}", f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
-            text = content
+            text = checked_text(content, f"{where}.content", server)
         elif isinstance(content, list):
             text = content_parts(content, f"{where}.content", role, server, images)
         else:
             raise APIError(f"'{where}.content' must be a string or an array of content parts, got {json_type(content)}", f"{where}.content")
-        if server.engine.vlm is not None and any(tag in text for tag in IMAGE_TAGS):
-            raise APIError(f"'{where}.content' contains an image tag as text; send pictures as image_url parts", f"{where}.content")
         rendered.append({"role": "system" if role == "developer" else role, "content": text})
     return rendered, images
+
+
+def checked_text(text: str, where: str, server) -> str:
+    """A message's text; for a vision-language model it may not fake a picture with an image tag."""
+    if server.engine.vlm is not None and any(tag in text for tag in IMAGE_TAGS):
+        raise APIError(f"'{where}' contains an image tag as text; send pictures as image_url parts", where)
+    return text
 
 
 def content_parts(parts: list, where: str, role: str, server, images: list) -> str:
@@ -322,7 +327,7 @@ def content_parts(parts: list, where: str, role: str, server, images: list) -> s
             text = part.get("text")
             if not isinstance(text, str):
                 raise APIError(f"'{here}.text' must be a string, got {json_type(text)}", f"{here}.text")
-            pieces.append(text)
+            pieces.append(checked_text(text, f"{here}.text", server))
         elif kind == "image_url":
             if role != "user":
                 raise APIError(f"'{here}': only user messages may carry images", here)
