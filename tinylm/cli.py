@@ -340,7 +340,7 @@ def run(args, overrides: list[str]) -> int:
 
         server = build_server(args.model_dir, name=args.name, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                               max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting, api_key=args.api_key,
-                              max_body=int(args.max_body_mb * 2**20))
+                              max_body=int(args.max_body_mb * 2**20), thread=False)
         serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
         from tinylm.model.lora import load_adapter_dir, read_adapter_config

@@ -330,7 +330,8 @@ class Answer:
         chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.server.name, "choices": choices}
         if self.generation.include_usage:
             chunk["usage"] = usage
-        return f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        # ASCII only: U+2028 and friends, raw, are line breaks to some clients' line splitters
+        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -338,8 +339,9 @@ class Answer:
 
 def build_server(model_dir: str | Path, *, name: str | None = None, device: str = "auto", dtype=None, max_batch: int = 16,
                  max_len: int | None = None, max_waiting: int = 256, api_key: str | None = None,
-                 max_body: int = 16 * 2**20) -> Server:
-    """Load a model directory and start its scheduler."""
+                 max_body: int = 16 * 2**20, thread: bool = True) -> Server:
+    """Load a model directory and make its scheduler (running in a thread of its own, unless
+    ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
     from tinylm.infer.chat import chat_format_for
     from tinylm.infer.engine import Engine
 
@@ -347,18 +349,45 @@ def build_server(model_dir: str | Path, *, name: str | None = None, device: str 
     engine = Engine.from_dir(path, device=device, dtype=dtype)
     if engine.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
-    scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=thread)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     served = name or (path.resolve().parent.name if path.resolve().name == "final" else path.resolve().name)
     return Server(engine, scheduler, served, Defaults.from_dir(path), chat_format, api_key, max_body)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Answer HTTP on ``host:port`` until Ctrl-C. The web side (uvicorn's event loop) runs in a
+    thread; the model runs in this one (see ``Scheduler``), so ``server`` must come from
+    ``build_server(..., thread=False)``."""
+    import threading
+
     import uvicorn
 
+    if server.scheduler.thread is not None:
+        raise ValueError("serve() runs the scheduler itself: build the server with thread=False")
     kv = server.scheduler.cache.bytes() / 2**20
     print(f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
           f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
           f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of KV cache")
-    print(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+
+    def answer_http():
+        try:
+            web.run()
+        finally:
+            server.scheduler.close()  # the web side stopped (or never started): so does the model's loop
+
+    thread = threading.Thread(target=answer_http, name="tinylm-http", daemon=True)
+    thread.start()
+    while not web.started and thread.is_alive():
+        time.sleep(0.05)
+    if not web.started:
+        raise OSError(f"the server could not listen on {host}:{port} (see the message above)")
+    print(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1   (Ctrl-C stops)", flush=True)
+    try:
+        server.scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)

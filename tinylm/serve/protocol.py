@@ -146,7 +146,7 @@ class Fields:
 # -- the parts both endpoints share -------------------------------------------------------------
 
 
-SAMPLING_FIELDS = {"model", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
+SAMPLING_FIELDS = {"model", "ignore_eos", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "max_tokens", "stop", "n", "seed", "stream", "stream_options", "logit_bias", "response_format"}
 
 
@@ -242,6 +242,12 @@ def settle_length(settings: SamplingSettings, prompt_ids: list[int], fields: Fie
     return replace(settings, max_new_tokens=asked)
 
 
+def end_tokens(settings: SamplingSettings, fields: Fields) -> SamplingSettings:
+    """``ignore_eos`` (an extra, as in vLLM): generate max_tokens whatever the model says (benchmarks
+    want a known length). Stop strings still apply."""
+    return replace(settings, stop_token_ids=[]) if fields.boolean("ignore_eos") else settings
+
+
 def check_model(fields: Fields, name: str) -> None:
     model = fields.string("model")
     if model is not None and model != name:
@@ -269,8 +275,8 @@ def chat_request(data: dict, server) -> Generation:
     except ValueError as e:
         raise APIError(str(e), "messages") from None
     prompt_ids = server.engine.encode(prompt, len(images))
-    settings = settle_length(server.chat_format.settings(settings, server.engine.tokenizer), prompt_ids, fields,
-                             server.scheduler.max_len, server.defaults, "messages")
+    settings = settle_length(end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields), prompt_ids,
+                             fields, server.scheduler.max_len, server.defaults, "messages")
     request = Request(prompt_ids, settings, logprobs=logprobs, images=images, **extras)
     return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True)
 
@@ -385,6 +391,7 @@ def completion_request(data: dict, server) -> Generation:
     logprobs = fields.integer("logprobs", None, 0, 5)
     if server.defaults.eos_token_ids:
         settings = replace(settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids}))
+    settings = end_tokens(settings, fields)
     prompts = completion_prompts(data.get("prompt"), server)
     if len(prompts) * extras["n"] > server.scheduler.max_batch:
         raise APIError(f"{len(prompts)} prompts × n={extras['n']} is more than the {server.scheduler.max_batch} sequences "
