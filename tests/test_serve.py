@@ -82,6 +82,19 @@ def test_chat_stream_follows_the_spec(client, live):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_chat_n_choices_stream_apart(client):
+    kwargs = dict(model="tiny-chat", messages=QUESTION, temperature=1.0, seed=5, max_tokens=12, n=2)
+    whole = client.chat.completions.create(**kwargs)
+    streamed, roles = {}, []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            roles += [choice.index] if choice.delta.role else []
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(roles) == [0, 1]
+    assert [streamed[i] for i in (0, 1)] == [c.message.content for c in whole.choices]
+    assert whole.choices[0].message.content != whole.choices[1].message.content
+
+
 def test_raw_stream_ends_with_done(live):
     body = {"messages": QUESTION, "max_tokens": 8, "stream": True}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body) as response:

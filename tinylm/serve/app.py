@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -150,8 +151,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def generate(server: Server, request: Request, parse) -> Response:
     authorize(server, request)
     data = parse_json(await read_body(request, server.max_body))
-    try:
-        generation = parse(data, server)
+    try:  # in a worker thread: tokenizing a long conversation or decoding pictures must not stall other streams
+        generation = await run_in_threadpool(parse, data, server)
     except ValueError as e:  # the engine's own checks (image tags, prompt ids) are the client's input too
         raise APIError(str(e)) from None
     events = submit(server, generation)
