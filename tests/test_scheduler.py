@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinylm.infer.engine import Engine, SamplingSettings
-from tinylm.infer.scheduler import Request, Scheduler, sample_rows
+from tinylm.infer.scheduler import QueueFull, Request, Scheduler, sample_rows
 from tinylm.tokenizer import train_tokenizer
 from tests.test_engine import greedy, make_model, recompute_greedy
 
@@ -218,3 +218,36 @@ def test_requests_that_cannot_fit_are_refused(engine):
             scheduler.submit(Request([], greedy(10)), Collector())
     finally:
         scheduler.close()
+
+
+def test_a_request_that_cannot_be_prefilled_fails_alone(engine):
+    scheduler = Scheduler(engine, max_batch=4, thread=False)
+    good, bad = Collector(), Collector()
+    scheduler.submit(Request(PROMPTS[1], greedy(10)), good)
+    scheduler.submit(Request([5, 10**6, 7], greedy(10)), bad)  # an id past the embedding table
+    loop = threading.Thread(target=scheduler.run)
+    loop.start()  # both are admitted in the same round
+    try:
+        assert good.wait().tokens[0] == recompute_greedy(engine.model, PROMPTS[1], 10)
+        assert bad.done.wait(10) and bad.error
+    finally:
+        scheduler.close()
+        loop.join()
+
+
+def test_admission_is_bounded_and_skips_cancelled(engine):
+    scheduler = Scheduler(engine, max_batch=8, max_waiting=3, max_prefill_tokens=30, thread=False)
+    tickets = [scheduler.submit(Request(list(range(1, 13)), greedy(4)), Collector()) for _ in range(3)]
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request([1], greedy(4)), Collector())
+    tickets[0].cancel()
+    last = scheduler.submit(Request([1], greedy(4)), Collector())  # the cancelled request no longer takes a place
+    # 12-token prompts under a 30-token prefill budget: two go together (2 x 12), the third waits
+    assert scheduler._take_admissible() == tickets[1:]
+    assert scheduler._take_admissible() == [last]
+    scheduler.close()
+
+
+def test_a_draw_of_zero_never_picks_an_impossible_token():
+    logits = torch.tensor([[float("-inf"), 1.0, 2.0]])
+    assert sample_rows(logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), torch.zeros(1)).item() == 1

@@ -151,7 +151,10 @@ def test_stop_strings_never_leak(client, live):
 def test_logprobs(client, live):
     out = client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3)
     entries = out.choices[0].logprobs.content
-    assert len(entries) == out.usage.completion_tokens
+    want = reference(live, QUESTION, max_new_tokens=10)
+    stop_ids = live.server.chat_format.settings(SamplingSettings(), live.server.engine.tokenizer).stop_token_ids
+    ended_by_token = want.token_ids[-1] in stop_ids
+    assert len(entries) == out.usage.completion_tokens - ended_by_token  # the stop token has no entry
     for entry in entries:
         assert len(entry.top_logprobs) == 3
         values = [t.logprob for t in entry.top_logprobs]
@@ -159,8 +162,10 @@ def test_logprobs(client, live):
         assert entry.logprob == pytest.approx(values[0])  # greedy picks the most likely token
     raw = b"".join(bytes(e.bytes) for e in entries)
     assert raw.decode("utf-8", errors="replace").lstrip().startswith(out.choices[0].message.content[:3])
-    legacy = client.completions.create(model="tiny-chat", prompt="the cat", max_tokens=5, temperature=0, logprobs=2)
+    legacy = client.completions.create(model="tiny-chat", prompt="the cat", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
     assert len(legacy.choices[0].logprobs.token_logprobs) == 5 and len(legacy.choices[0].logprobs.top_logprobs[0]) <= 2
+    offsets, text = legacy.choices[0].logprobs.text_offset, legacy.choices[0].text
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
 
 
 def test_penalties_and_extras_are_accepted(client):
@@ -249,17 +254,24 @@ def test_bad_completion_requests_name_the_field(live, body, param):
 
 def test_malformed_and_oversized_bodies(live):
     url = live.url + "/v1/chat/completions"
-    for raw in [b"{bad", b"", b"[1, 2]", b'"text"', b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000]:
-        error_of(httpx.post(url, content=raw, headers={"content-type": "application/json"}), 400)
-    error_of(httpx.post(url, content=b" " * (2**20 + 1)), 413)
-    status, body = raw_http(live, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}")
+    as_json = {"content-type": "application/json"}
+    for raw in [b"{bad", b"", b"[1, 2]", b'"text"', b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000,
+                b'{"prompt": "\\ud800", "max_tokens": 3}', b'{"model": "\\udfff"}', b'{"\\ud800": 1}']:
+        error_of(httpx.post(url, content=raw, headers=as_json), 400)
+    error_of(httpx.post(url, content=b" " * (2**20 + 1), headers=as_json), 413)
+    status, body = raw_http(live, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 99999999999\r\n\r\n{}")
     assert status == 413 and body["error"]["code"] == "request_too_large"  # refused before reading a byte of it
 
     def chunked():
         for _ in range(40):
             yield b" " * 65536
 
-    error_of(httpx.post(url, content=chunked()), 413)  # no content-length: counted as it arrives
+    error_of(httpx.post(url, content=chunked(), headers=as_json), 413)  # no content-length: counted as it arrives
+    # a form or plain-text post (what another web page can send unasked) is refused
+    for kind in ["text/plain", "application/x-www-form-urlencoded", None]:
+        headers = {"content-type": kind} if kind else {}
+        assert error_of(httpx.post(url, content=json.dumps({"messages": QUESTION}), headers=headers), 415)["code"] == "unsupported_media_type"
     error_of(httpx.get(live.url + "/v1/nowhere"), 404)
     error_of(httpx.get(url), 405)
 
@@ -274,6 +286,58 @@ def raw_http(live, request: bytes) -> tuple[int, dict]:
             reply += sock.recv(65536)
     head, body = reply.split(b"\r\n\r\n", 1)
     return int(head.split()[1]), json.loads(body)
+
+
+def test_huge_inputs_are_refused_at_once(live):
+    """Sizes that would cost time or memory are refused before the work: a prompt far longer than the
+    context is not tokenized, a list of prompts longer than the batch is not encoded, a long stop
+    string is not matched, and a stream elsewhere carries on meanwhile."""
+    url = live.url + "/v1/completions"
+    start = time.perf_counter()
+    big = error_of(httpx.post(url, json={"prompt": "the cat sat. " * 75_000, "max_tokens": 3}, timeout=60), 400)
+    many = error_of(httpx.post(url, json={"prompt": ["a"] * 200_000}, timeout=60), 400)
+    assert time.perf_counter() - start < 10
+    assert big["code"] == "context_length_exceeded" and many["param"] == "prompt"
+    assert error_of(httpx.post(url, json={"prompt": "a", "stop": "x" * 201}), 400)["param"] == "stop"
+
+
+def test_shutdown_tells_clients_why(tmp_path, monkeypatch):
+    model_dir = tiny_chat_dir(tmp_path / "closing")
+    with LiveServer(build_server(model_dir, max_batch=1)) as live:
+        model = live.server.engine.model
+        step = model.hidden_states
+
+        def slow_step(*args, **kwargs):  # 10 ms a step, so the reply is still running when the server closes
+            time.sleep(0.01)
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(model, "hidden_states", slow_step)
+        body = {"prompt": "the cat", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            queued = threading.Thread(target=lambda: results.append(httpx.post(live.url + "/v1/completions", json={"prompt": "a"}, timeout=30)))
+            results = []
+            queued.start()
+            time.sleep(0.2)
+            live.server.scheduler.close()
+            rest = [line for line in lines if line]
+        queued.join(timeout=30)
+        assert any('"shutting_down"' in line for line in rest) and rest[-1] == "data: [DONE]"
+        assert results and results[0].status_code == 503 and results[0].json()["error"]["code"] == "shutting_down"
+        assert error_of(httpx.post(live.url + "/v1/completions", json={"prompt": "a"}), 503)["code"] == "shutting_down"
+
+
+def test_loopback_server_answers_only_to_loopback_names(live):
+    live.server.allowed_hosts = {"127.0.0.1", "localhost", "[::1]"}
+    try:
+        assert httpx.get(live.url + "/health").status_code == 200
+        port = live.url.rsplit(":", 1)[1]
+        assert httpx.get(f"http://localhost:{port}/health").status_code == 200
+        rebound = httpx.get(live.url + "/v1/models", headers={"host": f"attacker.example:{port}"})
+        assert error_of(rebound, 400)["code"] == "invalid_host"
+    finally:
+        live.server.allowed_hosts = None
 
 
 def test_api_key(tmp_path):
@@ -292,7 +356,8 @@ def test_random_bad_input_never_gets_a_500(live):
     """A fuzzer: valid requests with fields replaced by values of every JSON type and edge values,
     fields dropped and added, and random bytes. Every answer is a 200 or a 4xx in OpenAI's shape."""
     rng = random.Random(0)
-    values = [None, True, False, 0, -1, 1, 2**70, -(2**70), 0.5, -0.0, 1e308, -1e308, "", "x", "😀" * 3, "<image>", [], [1], ["a"],
+    values = [None, True, False, 0, -1, 1, 2**70, -(2**70), 0.5, -0.0, 1e308, -1e308, "", "x", "😀" * 3, "<image>", "\ud800",
+              "s" * 5000, ["t" * 300], [], [1], ["a"],
               [[]], {}, {"a": 1}, {"type": "text"}, {"include_usage": "yes"}, [{"role": "user"}], [{"role": "user", "content": []}],
               [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]]
     fields = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
@@ -316,8 +381,8 @@ def test_random_bad_input_never_gets_a_500(live):
         if trial % 20 == 0:
             content = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
         else:
-            content = json.dumps(body).encode()
-        response = httpx.post(live.url + path, content=content, timeout=60)
+            content = json.dumps(body).encode()  # ASCII, with "\ud800" as a lone surrogate escape
+        response = httpx.post(live.url + path, content=content, timeout=60, headers={"content-type": "application/json"})
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code in (200, 400, 404), (body, response.text)
         if response.status_code != 200:
@@ -376,7 +441,7 @@ def test_a_non_streaming_client_that_leaves_cancels_its_generation(live):
     body = json.dumps({"prompt": "the cat", "max_tokens": 120, "temperature": 1.0, "stop": "zzzz"}).encode()
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.time() + 10
         while scheduler.stats()["running"] == 0 and time.time() < deadline:
@@ -430,6 +495,15 @@ def test_a_vision_language_model_sees_data_url_pictures(tmp_path):
         assert "not a readable image" in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": broken}), 400)["message"]
         tag = [{"role": "user", "content": "<image> what?"}]
         error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": tag}), 400)
+        image_token = live.server.engine.vlm.config.image_token_id
+        assert "image token" in error_of(httpx.post(live.url + "/v1/completions", json={"prompt": [5, image_token, 6]}), 400)["message"]
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (5000, 5000), "red").save(buffer, format="PNG")  # small on the wire, 75 MB decoded
+        huge = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}]}]
+        assert "5000x5000" in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": huge}), 400)["message"]
 
 
 def test_a_text_model_refuses_pictures(live):

@@ -192,6 +192,12 @@ class Tokenizer:
         """The vocabulary entry, in the byte alphabet (a leading space shows as ``Ġ``)."""
         return self._rust.id_to_token(index)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more characters of a text, so a
+        text of C characters has at least C / max_token_chars tokens (a bound known before encoding)."""
+        return max(len(entry) for entry in self._rust.get_vocab(with_added_tokens=True))
+
     def token_bytes(self, index: int) -> bytes:
         """The bytes one token stands for: part of a character, maybe (OpenAI's logprobs report them).
 

@@ -2,8 +2,8 @@
 
 A server answering one request at a time leaves most of the hardware idle: a decode step reads every
 weight of the model to produce one token, and reading them for eight rows costs hardly more than for
-one. So the ``Scheduler`` keeps one batch running in a background thread and lets requests in and
-out of it *between steps*:
+one. So the ``Scheduler`` keeps one batch running in a loop of its own (a background thread, or the
+main thread under ``tinylm serve``) and lets requests in and out of it *between steps*:
 
     submit     a request waits in a queue (bounded: a full queue refuses with ``QueueFull``)
     admit      before each step, waiting requests that fit get slots; their prompts are prefilled
@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,8 @@ class Request:
                                          already generated, and ``frequency`` times its count (-2..2).
     logprobs                             None: none; k >= 0: each token's log-probability and the k
                                          most likely alternatives (under the model's raw distribution).
-    images                               one per image tag of the prompt (a vision-language model).
+    pixels                               the prompt's pictures, one per image tag, as the vision
+                                         tower takes them (``Engine.pixels``): a vision-language model.
     """
 
     prompt_ids: list[int]
@@ -63,7 +64,7 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
-    images: Sequence = ()
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,8 +77,8 @@ class TokenLogprob:
 @dataclass
 class Event:
     """One step of one choice: the text it made safe to show (maybe ""), the token's log-probability
-    when asked for, and on the choice's last event its finish reason ("stop" or "length").
-    ``error`` (with ``index`` -1) says the whole request failed."""
+    when asked for (not for the stop token that ends a choice), and on the choice's last event its
+    finish reason ("stop" or "length"). ``error`` (with ``index`` -1) says the whole request failed."""
 
     index: int
     text: str = ""
@@ -101,7 +102,6 @@ class Ticket:
     def __init__(self, request: Request, on_event: Callable[[Event], None]):
         self.request, self.on_event = request, on_event
         self.cancelled = False
-        self.running = 0  # choices still generating
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -126,7 +126,7 @@ class SlotCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * slots  # filled positions per slot (kept on the host: no device sync to read)
-        self.active = 0
+        self.active = self.end = 0
         self._positions = self._rows = None
 
     def bytes(self) -> int:
@@ -187,7 +187,9 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         mass_above = probs.cumsum(dim=-1) - probs  # the probability of every token ranked above this one
         scaled = scaled.masked_fill((mass_above >= top_p[:, None]) & (top_p < 1)[:, None], float("-inf"))
     cumulative = scaled.softmax(dim=-1).cumsum(dim=-1)
-    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp(max=vocab - 1)
+    # the first token whose cumulative probability passes the draw (strictly: a draw of exactly 0
+    # must not pick a leading token of probability 0)
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True).clamp(max=vocab - 1)
     sampled = order.gather(1, picked).squeeze(1) if truncate else picked.squeeze(1)
     return torch.where(temperature == 0, greedy, sampled)
 
@@ -202,6 +204,8 @@ class Scheduler:
 
     ``max_len`` bounds prompt + reply per sequence (default: the model's context, at most 4096);
     the cache holds ``max_batch`` × ``max_len`` positions. ``max_waiting`` bounds the queue.
+    ``max_prefill_tokens`` bounds one admission's prefill (requests × longest prompt), so a crowd of
+    long prompts joins over a few steps instead of stalling the running streams at once.
 
     The loop runs in a thread of its own, or, with ``thread=False``, in whichever thread calls
     ``run()`` (until ``close()``). On the CPU the main thread is the faster home: PyTorch's OpenMP
@@ -210,12 +214,12 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_len: int | None = None, max_waiting: int = 256,
-                 thread: bool = True):
+                 max_prefill_tokens: int = 8192, thread: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
         self.model = engine.model
-        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.max_len = min(max_len or 4096, engine.context_length)
         config = self.model.config
         self.cache = SlotCache(config, max_batch, self.max_len, engine.device, engine.dtype)
@@ -236,7 +240,8 @@ class Scheduler:
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Ticket:
         """Queue a request; ``on_event`` is called from the scheduler's thread with every ``Event``.
-        Raises ValueError when the request can never run here, QueueFull when the queue is full."""
+        Raises ValueError when the request can never run here, QueueFull when the queue is full,
+        RuntimeError when the scheduler is closed."""
         if not 1 <= request.n <= self.max_batch:
             raise ValueError(f"n must be between 1 and {self.max_batch} (the server's --max-batch), got {request.n}")
         if not request.prompt_ids:
@@ -248,6 +253,8 @@ class Scheduler:
         with self.lock:
             if self.closed:
                 raise RuntimeError("the scheduler is closed")
+            if len(self.waiting) >= self.max_waiting:  # requests whose clients left no longer count
+                self.waiting = deque(t for t in self.waiting if not t.cancelled)
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again shortly")
             self.waiting.append(ticket)
@@ -269,29 +276,31 @@ class Scheduler:
     # -- the loop (the scheduler's thread) ------------------------------------------------------
 
     def run(self) -> None:
-        """Warm up, then admit, step, repeat, until ``close()``."""
-        self.warm_up()
-        while True:
+        """Warm up, then admit, step, repeat, until ``close()`` (or Ctrl-C in this thread): then every
+        request still waiting or running is told the server is shutting down."""
+        try:
+            self.warm_up()
+            while True:
+                with self.lock:
+                    while not self.closed and not self.waiting and not self.slots:
+                        self.lock.wait()
+                    if self.closed:
+                        break
+                    admitted = self._take_admissible()
+                with torch.inference_mode():
+                    self._admit_each(admitted)
+                    try:
+                        if self.slots:
+                            self._step()
+                    except Exception as error:  # a failed step fails the requests in it, never the server
+                        self._fail({c.ticket for c in self.slots}, error)
+                        self.slots, self.logits = [], None
+        finally:
             with self.lock:
-                while not self.closed and not self.waiting and not self.slots:
-                    self.lock.wait()
-                if self.closed:
-                    break
-                admitted = self._take_admissible()
-            with torch.inference_mode():
-                running = len(self.slots)
-                try:
-                    self._admit(admitted)
-                except Exception as error:  # a request that cannot be prefilled fails alone
-                    del self.slots[running:]
-                    self._fail(admitted, error)
-                try:
-                    if self.slots:
-                        self._step()
-                except Exception as error:  # a failed step fails the requests in it, never the server
-                    self._fail({c.ticket for c in self.slots}, error)
-                    self.slots, self.logits = [], None
-        self._fail([*self.waiting, *{c.ticket for c in self.slots}], "the server is shutting down")
+                self.closed = True
+                stranded = [*self.waiting, *{c.ticket for c in self.slots}]
+                self.waiting.clear()
+            self._fail(stranded, "the server is shutting down")
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -309,14 +318,34 @@ class Scheduler:
         self.cache.lengths = [0] * self.max_batch
 
     def _take_admissible(self) -> list[Ticket]:
-        """Waiting requests, first come first served, while their choices fit in the free slots."""
-        free, taken = self.max_batch - len(self.slots), []
-        while self.waiting and (self.waiting[0].cancelled or self.waiting[0].request.n <= free):
-            ticket = self.waiting.popleft()
-            if not ticket.cancelled:
-                taken.append(ticket)
-                free -= ticket.request.n
+        """Waiting requests, first come first served, while their choices fit in the free slots and
+        their prefill (requests × longest prompt) in ``max_prefill_tokens`` (the first always goes)."""
+        free, taken, longest = self.max_batch - len(self.slots), [], 0
+        while self.waiting:
+            ticket = self.waiting[0]
+            if ticket.cancelled:
+                self.waiting.popleft()
+                continue
+            length = max(longest, len(ticket.request.prompt_ids))
+            if ticket.request.n > free or (taken and length * (len(taken) + 1) > self.max_prefill_tokens):
+                break
+            taken.append(self.waiting.popleft())
+            free, longest = free - ticket.request.n, length
         return taken
+
+    def _admit_each(self, tickets: list[Ticket]) -> None:
+        """Admit the requests together; if that fails, one by one, so that only a bad one fails."""
+        running = len(self.slots)
+        try:
+            self._admit(tickets)
+            return
+        except Exception as error:
+            del self.slots[running:]
+            if len(tickets) == 1:
+                self._fail(tickets, error)
+                return
+        for ticket in tickets:
+            self._admit_each([ticket])
 
     def _admit(self, tickets: list[Ticket]) -> None:
         """Prefill the new requests together and give each of their choices a slot."""
@@ -324,8 +353,8 @@ class Scheduler:
             return
         engine = self.engine
         prompts = [t.request.prompt_ids for t in tickets]
-        pixels = engine.pixels([list(t.request.images) for t in tickets]) if engine.vlm is not None else None
-        logits, cache, padding = engine.prefill(prompts, pixels)
+        pictures = [t.request.pixels for t in tickets if t.request.pixels is not None]
+        logits, cache, padding = engine.prefill(prompts, torch.cat(pictures) if pictures else None)
         longest = padding.shape[1]
         new_logits = []
         for row, ticket in enumerate(tickets):
@@ -343,7 +372,6 @@ class Scheduler:
                                   request.settings.stop_strings)
                 self.slots.append(Choice(ticket, index, choice_row, seed + index))
                 new_logits.append(logits[row])
-            ticket.running = request.n
         stacked = torch.stack(new_logits)
         self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
 
@@ -361,10 +389,10 @@ class Scheduler:
                 leaving.append(slot)
                 continue
             text = choice.row.push(token)
-            event = Event(choice.index, text, token, logprobs[slot] if logprobs else None, choice.row.completion.finish_reason)
+            logprob = logprobs[slot] if logprobs and token not in choice.row.stop_ids else None
+            event = Event(choice.index, text, token, logprob, choice.row.completion.finish_reason)
             if event.finish_reason is not None:
                 leaving.append(slot)
-                ticket.running -= 1
             ticket.emit(event)
         for slot in reversed(leaving):
             self._leave(slot, tokens)

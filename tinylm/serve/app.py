@@ -32,24 +32,37 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tinylm.infer.chat import ChatFormat
+from tinylm.infer.engine import Engine
 from tinylm.infer.scheduler import Event, QueueFull, Scheduler
 from tinylm.serve.protocol import APIError, Defaults, Generation, chat_request, completion_request, parse_json
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
 PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"
+
+
+class JSON(JSONResponse):
+    """JSON in ASCII: a client's text repeated in an error, or a model's, can never break the encoding."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 @dataclass
 class Server:
-    """What every route shares."""
+    """What every route shares. ``allowed_hosts``: the Host names requests may carry (None: any);
+    a server on loopback answers only to loopback names, so a web page cannot reach it through a
+    DNS name of its own that points at 127.0.0.1."""
 
-    engine: object
+    engine: Engine
     scheduler: Scheduler
     name: str
     defaults: Defaults
-    chat_format: object
+    chat_format: ChatFormat
     api_key: str | None = None
     max_body: int = 16 * 2**20
+    allowed_hosts: set[str] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model_card(self) -> dict:
@@ -63,17 +76,17 @@ def create_app(server: Server) -> Starlette:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": server.name, **server.scheduler.stats()})
+        return JSON({"status": "ok", "model": server.name, **server.scheduler.stats()})
 
     async def models(request: Request) -> Response:
         authorize(server, request)
-        return JSONResponse({"object": "list", "data": [server.model_card()]})
+        return JSON({"object": "list", "data": [server.model_card()]})
 
     async def model(request: Request) -> Response:
         authorize(server, request)
         if request.path_params["name"] != server.name:
             raise APIError(f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found")
-        return JSONResponse(server.model_card())
+        return JSON(server.model_card())
 
     async def chat(request: Request) -> Response:
         return await generate(server, request, chat_request)
@@ -97,7 +110,26 @@ def create_app(server: Server) -> Starlette:
 
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
-    return app
+    return HostCheck(app, server)
+
+
+class HostCheck:
+    """ASGI middleware: refuse requests whose Host header is not one of the server's ``allowed_hosts``."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        allowed = self.server.allowed_hosts
+        if scope["type"] == "http" and allowed is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name.lower() not in allowed:
+                error = APIError(f"this server answers to {', '.join(sorted(allowed))}, not to the host {host!r}",
+                                 status=400, code="invalid_host")
+                await JSON(error.body(), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -105,19 +137,19 @@ def create_app(server: Server) -> Starlette:
 
 async def api_error(request: Request, error: APIError) -> Response:
     headers = {"Retry-After": "1"} if error.status == 429 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSON(error.body(), status_code=error.status, headers=headers)
 
 
 async def http_error(request: Request, error: HTTPException) -> Response:
     """Starlette's own (unknown path, wrong method) in OpenAI's shape."""
     what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     body = APIError(what.get(error.status_code, str(error.detail)), status=error.status_code).body()
-    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+    return JSON(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
 async def server_error(request: Request, error: Exception) -> Response:
     body = APIError(f"the server failed: {type(error).__name__}", status=500, type="server_error").body()
-    return JSONResponse(body, status_code=500)
+    return JSON(body, status_code=500)
 
 
 def authorize(server: Server, request: Request) -> None:
@@ -150,6 +182,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def generate(server: Server, request: Request, parse) -> Response:
     authorize(server, request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # also keeps other web pages' form posts out (they cannot send JSON unasked)
+        raise APIError(f"the request body must be JSON, sent with 'Content-Type: application/json' (got {kind or 'none'!r})",
+                       status=415, code="unsupported_media_type")
     data = parse_json(await read_body(request, server.max_body))
     try:  # in a worker thread: tokenizing a long conversation or decoding pictures must not stall other streams
         generation = await run_in_threadpool(parse, data, server)
@@ -175,11 +211,14 @@ def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, E
                 loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
             tickets.append(server.scheduler.submit(request, on_event))
-    except (QueueFull, ValueError) as e:
+    except (QueueFull, ValueError, RuntimeError) as e:
         for ticket in tickets:
             ticket.cancel()
-        raise APIError(str(e), status=429 if isinstance(e, QueueFull) else 400,
-                       code="server_busy" if isinstance(e, QueueFull) else None) from None
+        if isinstance(e, QueueFull):
+            raise APIError(str(e), status=429, code="server_busy") from None
+        if isinstance(e, ValueError):
+            raise APIError(str(e)) from None
+        raise APIError("the server is shutting down", status=503, type="server_error", code="shutting_down") from None
 
     async def events():
         remaining = generation.n * len(generation.requests)
@@ -187,7 +226,9 @@ def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, E
             while remaining:
                 i, event = await queue.get()
                 if event.error is not None:
-                    raise APIError(event.error, status=500, type="server_error")
+                    closing = server.scheduler.closed
+                    raise APIError(event.error, status=503 if closing else 500, type="server_error",
+                                   code="shutting_down" if closing else None)
                 if event.finish_reason is not None:
                     remaining -= 1
                 yield i * generation.n + event.index, event
@@ -220,7 +261,7 @@ async def whole(answer: Answer, events, request: Request) -> Response:
     if work.cancelled():
         return Response(status_code=499)  # nobody is listening any more
     work.result()  # re-raises a failed generation as its APIError
-    return JSONResponse(answer.body())
+    return JSON(answer.body())
 
 
 class Answer:
@@ -236,10 +277,7 @@ class Answer:
         self.tokens = [0] * choices
         self.logprobs = [[] for _ in range(choices)]
         self.pending = [[] for _ in range(choices)]  # logprobs not yet sent with a stream chunk
-        self.offsets = [0] * choices
         self.finish = [None] * choices
-        tokenizer = server.engine.tokenizer
-        self.token_text = lambda i: (tokenizer.decode([i]), tokenizer.token_bytes(i))
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -249,24 +287,27 @@ class Answer:
         if self.generation.chat and not self.started[index]:
             text = text.lstrip()
             self.started[index] = bool(text)
+        offset = sum(len(t) for t in self.texts[index])  # where this token's text begins in the choice's text
         self.texts[index].append(text)
         if event.token_id is not None:
             self.tokens[index] += 1
         if event.logprob is not None:
-            entry = self.logprob_entry(index, event)
+            entry = self.logprob_entry(event, offset)
             self.logprobs[index].append(entry)
             self.pending[index].append(entry)
         self.finish[index] = event.finish_reason
         return text
 
-    def logprob_entry(self, index: int, event: Event) -> dict:
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token as text (U+FFFD for part of a character) and as its exact bytes."""
+        tokenizer = self.server.engine.tokenizer
+        return tokenizer.decode([token_id]), tokenizer.token_bytes(token_id)
+
+    def logprob_entry(self, event: Event, offset: int) -> dict:
         token, raw = self.token_text(event.logprob.token_id)
         top = [(self.token_text(t), lp) for t, lp in event.logprob.top]
-        entry = {"token": token, "logprob": event.logprob.logprob, "bytes": list(raw),
-                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for (t, b), lp in top]}
-        entry["offset"] = self.offsets[index]
-        self.offsets[index] += len(token)
-        return entry
+        return {"token": token, "logprob": event.logprob.logprob, "bytes": list(raw), "offset": offset,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for (t, b), lp in top]}
 
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.generation.requests)
@@ -360,12 +401,15 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     """Answer HTTP on ``host:port`` until Ctrl-C. The web side (uvicorn's event loop) runs in a
     thread; the model runs in this one (see ``Scheduler``), so ``server`` must come from
     ``build_server(..., thread=False)``."""
+    import signal
     import threading
 
     import uvicorn
 
     if server.scheduler.thread is not None:
         raise ValueError("serve() runs the scheduler itself: build the server with thread=False")
+    if host in LOOPBACK:
+        server.allowed_hosts = LOOPBACK
     kv = server.scheduler.cache.bytes() / 2**20
     print(f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
           f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
@@ -384,7 +428,13 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
         time.sleep(0.05)
     if not web.started:
         raise OSError(f"the server could not listen on {host}:{port} (see the message above)")
-    print(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1   (Ctrl-C stops)", flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # listening everywhere: this machine's own address works
+    print(f"chat page: http://{shown}:{port}/   API: http://{shown}:{port}/v1   (Ctrl-C stops)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` stops it as Ctrl-C does: waiting clients hear why
     try:
         server.scheduler.run()
     except KeyboardInterrupt:

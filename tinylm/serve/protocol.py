@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,8 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the completions endpoint allows 5
 MAX_MESSAGES = 1024
 MAX_IMAGES = 8  # per request
+MAX_STOP_CHARS = 200  # per stop string: text is matched against every stop string at every token
+MAX_PIXELS = 4096 * 4096  # per picture, checked before it is decoded
 IMAGE_TAGS = ("<image>", "<|image|>")
 IGNORED = {"user", "metadata", "store", "service_tier"}  # accepted, with no effect on the answer
 
@@ -85,6 +88,9 @@ def parse_json(body: bytes) -> dict:
 
     try:
         data = json.loads(body, parse_constant=no_constants)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (a "\ud800" in the JSON) is no text
+    except UnicodeEncodeError:
+        raise APIError("the request body holds a lone UTF-16 surrogate escape, which is not a character") from None
     except (ValueError, RecursionError) as e:
         raise APIError(f"the request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -207,6 +213,8 @@ def stop_strings(fields: Fields) -> list[str]:
     for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
             raise APIError(f"'stop[{i}]' must be a non-empty string, got {json_type(s)}", "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise APIError(f"'stop[{i}]' is {len(s)} characters long; at most {MAX_STOP_CHARS} are allowed", "stop")
     return list(stops)
 
 
@@ -230,13 +238,12 @@ def settle_length(settings: SamplingSettings, prompt_ids: list[int], fields: Fie
     if room < 1:
         raise APIError(f"the prompt is {len(prompt_ids)} tokens long, but this server's context is {max_len} tokens "
                        f"(prompt + reply); shorten it to at most {max_len - 1} tokens", param, code="context_length_exceeded")
-    asked = fields.integer("max_completion_tokens", None, 1, 2**31)
+    name, asked = "max_completion_tokens", fields.integer("max_completion_tokens", None, 1, 2**31)
     if asked is None:
-        asked = fields.integer("max_tokens", None, 1, 2**31)
+        name, asked = "max_tokens", fields.integer("max_tokens", None, 1, 2**31)
     if asked is None:
         return replace(settings, max_new_tokens=min(defaults.max_tokens, room))
     if asked > room:
-        name = "max_completion_tokens" if "max_completion_tokens" in fields.data else "max_tokens"
         raise APIError(f"'{name}' is {asked}, but the prompt is {len(prompt_ids)} tokens and this server's context is "
                        f"{max_len} tokens: at most {room} can be generated", name, code="context_length_exceeded")
     return replace(settings, max_new_tokens=asked)
@@ -246,6 +253,16 @@ def end_tokens(settings: SamplingSettings, fields: Fields) -> SamplingSettings:
     """``ignore_eos`` (an extra, as in vLLM): generate max_tokens whatever the model says (benchmarks
     want a known length). Stop strings still apply."""
     return replace(settings, stop_token_ids=[]) if fields.boolean("ignore_eos") else settings
+
+
+def encode(server, text: str, images: int, param: str) -> list[int]:
+    """The prompt's ids; a text that cannot fit the context is refused before it is tokenized (no
+    token covers more than ``max_token_chars`` characters), so a huge prompt costs no time."""
+    tokenizer, max_len = server.engine.tokenizer, server.scheduler.max_len
+    if len(text) > max_len * tokenizer.max_token_chars:
+        raise APIError(f"the prompt is {len(text)} characters long: more than this server's context of {max_len} tokens can hold",
+                       param, code="context_length_exceeded")
+    return server.engine.encode(text, images)
 
 
 def check_model(fields: Fields, name: str) -> None:
@@ -274,10 +291,11 @@ def chat_request(data: dict, server) -> Generation:
         prompt = server.chat_format.render(messages)
     except ValueError as e:
         raise APIError(str(e), "messages") from None
-    prompt_ids = server.engine.encode(prompt, len(images))
+    prompt_ids = encode(server, prompt, len(images), "messages")
     settings = settle_length(end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields), prompt_ids,
                              fields, server.scheduler.max_len, server.defaults, "messages")
-    request = Request(prompt_ids, settings, logprobs=logprobs, images=images, **extras)
+    pixels = server.engine.pixels([images]) if images else None  # queued requests hold small tensors, not pictures
+    request = Request(prompt_ids, settings, logprobs=logprobs, pixels=pixels, **extras)
     return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True)
 
 
@@ -350,6 +368,8 @@ def content_parts(parts: list, where: str, role: str, server, images: list) -> s
 
 def read_image_url(part: dict, where: str):
     """A picture from a ``data:image/...;base64,...`` URL (the server fetches nothing from the network)."""
+    from PIL import Image
+
     from tinylm.data.images import load_image
 
     fields = Fields(part, where)
@@ -367,7 +387,13 @@ def read_image_url(part: dict, where: str):
     except (binascii.Error, ValueError):
         raise APIError(f"'{param}' is not valid base64", param) from None
     try:
-        return load_image(raw)
+        with Image.open(io.BytesIO(raw)) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise APIError(f"'{param}' is a {width}x{height} picture; at most {MAX_PIXELS:,} pixels are allowed", param)
+            return load_image(image)
+    except APIError:
+        raise
     except Exception as e:  # any decoder failure (including decompression bombs) is the client's input
         raise APIError(f"'{param}' is not a readable image ({type(e).__name__}: {e})", param) from None
 
@@ -392,10 +418,7 @@ def completion_request(data: dict, server) -> Generation:
     if server.defaults.eos_token_ids:
         settings = replace(settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids}))
     settings = end_tokens(settings, fields)
-    prompts = completion_prompts(data.get("prompt"), server)
-    if len(prompts) * extras["n"] > server.scheduler.max_batch:
-        raise APIError(f"{len(prompts)} prompts × n={extras['n']} is more than the {server.scheduler.max_batch} sequences "
-                       "this server runs at once (--max-batch)", "prompt")
+    prompts = completion_prompts(data.get("prompt"), server, extras["n"])
     requests = []
     for i, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -404,17 +427,21 @@ def completion_request(data: dict, server) -> Generation:
     return Generation(requests, extras["n"], stream, include_usage, logprobs, chat=False)
 
 
-def completion_prompts(prompt, server) -> list[list[int]]:
-    """``prompt``: a string, an array of strings, an array of token ids, or an array of those."""
+def completion_prompts(prompt, server, n: int) -> list[list[int]]:
+    """``prompt``: a string, an array of strings, an array of token ids, or an array of those; each
+    prompt runs ``n`` sequences, and all of them must fit in one batch."""
     vocab = server.engine.model.config.vocab_size
+    image_token = server.engine.vlm.config.image_token_id if server.engine.vlm is not None else None
 
     def ids_of(value, param) -> list[int]:
         if isinstance(value, str):
-            ids = server.engine.encode(value)
+            ids = encode(server, value, 0, param)
         elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             bad = [t for t in value if not 0 <= t < vocab]
             if bad:
                 raise APIError(f"'{param}' holds token id {bad[0]}, outside the vocabulary (0..{vocab - 1})", param)
+            if image_token in value:
+                raise APIError(f"'{param}' holds the image token {image_token}; pictures go through the chat endpoint", param)
             ids = list(value)
         else:
             raise APIError(f"'{param}' must be a string or an array of token ids", param)
@@ -425,5 +452,8 @@ def completion_prompts(prompt, server) -> list[list[int]]:
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
         return [ids_of(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:
+        if len(prompt) * n > server.scheduler.max_batch:
+            raise APIError(f"{len(prompt)} prompts × n={n} is more than the {server.scheduler.max_batch} sequences "
+                           "this server runs at once (--max-batch)", "prompt")
         return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
     raise APIError("'prompt' must be a non-empty string, array of strings, array of token ids, or array of those", "prompt")
