@@ -1,7 +1,9 @@
 """The web chat page end to end, in headless Chromium driven by Selenium: a reply streams into its
 bubble in pieces, equals what the API answers for the same conversation, and follow-ups and
 Regenerate work. Optional: skipped unless selenium, /usr/bin/chromium and /usr/bin/chromedriver are
-all there (on Debian: apt-get install -y chromium chromium-driver; pip install selenium)."""
+all there (on Debian: apt-get install -y chromium chromium-driver; pip install selenium). Also: a long chat over a
+short context drops its oldest exchanges and goes on, a stream cut short is labelled "interrupted",
+and attached pictures are shrunk."""
 
 import os
 import tempfile
@@ -70,9 +72,7 @@ def browser(live):
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(30)
-        driver.get(live.url + "/")
-        wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
-        driver.execute_script(RECORDER)
+        open_page(driver, live.url)
         yield driver
         errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
         assert errors == [], f"the page logged errors: {errors}"
@@ -86,6 +86,12 @@ def browser(live):
 
 def wait(driver, condition, timeout=20):
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+
+
+def open_page(driver, url):
+    driver.get(url + "/")
+    wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    driver.execute_script(RECORDER)
 
 
 def assistant_bubbles(driver):
@@ -184,3 +190,120 @@ def test_follow_up_and_regenerate(browser, live):
     regenerated = finished(browser, bubbles[-1])
     assert regenerated.get_dom_attribute("data-finish-reason") in ("stop", "length")
     assert reply_text(browser, regenerated).strip() == expected
+
+
+def test_long_chat_drops_the_oldest_exchange(browser, live, tmp_path):
+    # A 128-token context holds about two exchanges of these messages (37 tokens each, plus the
+    # template's and the replies' tokens): from the third on, the page must drop the oldest exchange
+    # and ask again, say so in a note, and the reply must be the API's for what is left.
+    model_dir = tiny_chat_dir(tmp_path / "short-chat", max_len=128)
+    message = "the cat sat on the mat. the dog ran. " * 2
+    with LiveServer(build_server(model_dir, max_batch=2)) as short:
+        open_page(browser, short.url)
+        try:
+            settings(browser, temperature=0, max_tokens=8)
+            for i in range(5):
+                last = send(browser, f"{i} {message}")
+            notes = [n.text for n in browser.find_elements(By.CSS_SELECTOR, "#messages .note")]
+            assert notes and all("dropped to fit the model's context" in n for n in notes), notes
+            kept = browser.find_elements(By.CSS_SELECTOR, "#messages .message:not(.dropped)")
+            assert len(kept) < 10 and kept[-1] == last
+            conversation = [{"role": "user" if "user" in b.get_attribute("class") else "assistant", "content": reply_text(browser, b)}
+                            for b in kept]
+            assert conversation[0]["role"] == "user"
+            assert conversation[-1]["content"].strip() == api_reply(short, conversation[:-1], temperature=0, max_tokens=8).strip()
+
+            # A message too long on its own: every older exchange goes, then it is refused, shown as
+            # not sent, and left out of the history, so the next message works.
+            browser.execute_script("document.getElementById('input').value = arguments[0]", message * 4)
+            browser.find_element(By.ID, "send").click()
+            wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .message.error"))
+            unsent = browser.find_elements(By.CSS_SELECTOR, "#messages .message.user")[-1]
+            assert unsent.get_dom_attribute("data-unsent") == "true"
+            assert "context" in browser.find_element(By.CSS_SELECTOR, "#messages .message.error").text
+            assert browser.find_elements(By.CSS_SELECTOR, "#messages .message:not(.dropped):not(.error)") == [unsent]
+            wait(browser, lambda d: d.find_element(By.ID, "send").is_enabled())
+            after = send(browser, "hi")
+            assert after.get_dom_attribute("data-finish-reason") in ("stop", "length")
+            assert reply_text(browser, after).strip() == api_reply(short, [{"role": "user", "content": "hi"}], temperature=0, max_tokens=8).strip()
+        finally:
+            # The refused requests are logged as failed loads: expected here, nothing else is.
+            logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            open_page(browser, live.url)
+        assert all("status of 400" in m for m in logged), logged
+
+
+# Replaces the page's fetch for chat requests: the answer is a stream that sends one piece of text
+# and then ends without "data: [DONE]" (cleanly, or with a network error), or a 503 error answer.
+FAKE_FETCH = """
+const how = arguments[0];
+window.realFetch = window.realFetch || window.fetch;
+window.fetch = async (path, options) => {
+  if (!String(path).endsWith("/chat/completions")) return window.realFetch(path, options);
+  if (how === "503") {
+    const error = {error: {message: "the server is shutting down", type: "server_error", param: null, code: "shutting_down"}};
+    return new Response(JSON.stringify(error), {status: 503, headers: {"Content-Type": "application/json"}});
+  }
+  const chunk = {choices: [{index: 0, delta: {content: "half a rep"}, finish_reason: null}]};
+  const body = new ReadableStream({start(controller) {
+    controller.enqueue(new TextEncoder().encode("data: " + JSON.stringify(chunk) + "\\n\\n"));
+    // later, so that the text is read first (an error discards what is still queued)
+    setTimeout(() => how === "close" ? controller.close() : controller.error(new TypeError("network error")), 50);
+  }});
+  return new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}});
+};
+"""
+
+
+def test_cut_stream_is_interrupted_and_503_is_shown(browser, live):
+    new_chat(browser)
+    try:
+        for how in ("close", "error"):
+            browser.execute_script(FAKE_FETCH, how)
+            bubble = send(browser, "hello")
+            assert bubble.get_dom_attribute("data-finish-reason") == "interrupted"
+            assert reply_text(browser, bubble) == "half a rep"
+            assert "interrupted" in bubble.find_element(By.CSS_SELECTOR, ".meta").text
+        browser.execute_script(FAKE_FETCH, "503")
+        browser.find_element(By.ID, "input").send_keys("are you there?")
+        browser.find_element(By.ID, "send").click()
+        error = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .message.error"))[0]
+        assert error.text == "the server is shutting down"
+    finally:
+        browser.execute_script("if (window.realFetch) window.fetch = window.realFetch")
+        new_chat(browser)
+
+
+def test_attached_picture_is_shrunk(browser, live):
+    # A 1600x1000 PNG of noise (several MB) becomes a 768x480 JPEG; a small PNG stays a PNG as it is.
+    # Both go through the file input's change handler, as a picked file would.
+    shrink = """
+    const [width, height, noisy, done] = arguments;
+    (async () => {
+      const canvas = Object.assign(document.createElement("canvas"), {width, height});
+      const ctx = canvas.getContext("2d");
+      const pixels = ctx.createImageData(width, height);
+      for (let i = 0; i < pixels.data.length; i++) pixels.data[i] = i % 4 === 3 ? 255 : noisy ? Math.random() * 256 : 128;
+      ctx.putImageData(pixels, 0, 0);
+      const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+      const input = document.getElementById("image"), transfer = new DataTransfer();
+      transfer.items.add(new File([blob], "picture.png", {type: "image/png"}));
+      input.files = transfer.files;
+      input.dispatchEvent(new Event("change"));
+      const preview = document.getElementById("preview-img");
+      while (!preview.getAttribute("src")) await new Promise((resolve) => setTimeout(resolve, 20));
+      await preview.decode();
+      done({url: preview.src.slice(0, 22), length: preview.src.length, file: blob.size,
+            width: preview.naturalWidth, height: preview.naturalHeight});
+    })().catch((e) => done({error: String(e)}));
+    """
+    browser.set_script_timeout(30)
+    try:
+        big = browser.execute_async_script(shrink, 1600, 1000, True)
+        assert big["url"] == "data:image/jpeg;base64" and (big["width"], big["height"]) == (768, 480), big
+        assert big["length"] < big["file"] / 4, big
+        browser.find_element(By.ID, "remove-image").click()
+        small = browser.execute_async_script(shrink, 300, 200, False)
+        assert small["url"] == "data:image/png;base64," and (small["width"], small["height"]) == (300, 200), small
+    finally:
+        browser.find_element(By.ID, "remove-image").click()
