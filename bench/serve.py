@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -62,7 +63,7 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tinylm.cli", "serve", str(model_dir), "--port", str(port), "--max-batch", str(max(args.clients)),
+    command = [sys.executable, "-X", "faulthandler", "-m", "tinylm.cli", "serve", str(model_dir), "--port", str(port), "--max-batch", str(max(args.clients)),
                "--device", args.device, "--log-level", "warning", "--max-len", str(args.prompt_tokens * 8 + args.new_tokens + 64)]
     if args.dtype:
         command += ["--dtype", args.dtype]
@@ -153,7 +154,12 @@ def main() -> None:
                       f"(time to first token {statistics.mean(ttft[clients]) * 1000:.0f} ms)")
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # show where it hangs (faulthandler prints every thread), then stop it
+                print("the server did not stop within 30 s of SIGTERM; its threads:", file=sys.stderr, flush=True)
+                server.send_signal(signal.SIGABRT)
+                server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -146,12 +146,16 @@ class SlotCache:
         self.v[:, target, :, :length] = self.v[:, source, :, :length]
         self.lengths[target] = length
 
+    BUCKET = 64  # attention reads the cache in whole buckets of positions (the rest of a bucket is masked)
+
     def begin_step(self, active: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a one-token step over slots 0..active-1: their positions [active, 1] (each row's own
         length) and the attention mask [active, 1, 1, end] (each row sees its filled positions and
-        the new one)."""
+        the new one). ``end`` is rounded up to a whole bucket, so the attention sees a few shapes
+        rather than a new one at every step: a GPU chooses (and loads) kernels per shape."""
         self.active = active
-        self.end = max(self.lengths[:active]) + 1
+        longest = max(self.lengths[:active]) + 1
+        self.end = min(-(-longest // self.BUCKET) * self.BUCKET, self.max_len)
         self._positions = torch.tensor(self.lengths[:active], device=self.k.device)
         self._rows = torch.arange(active, device=self.k.device)
         mask = torch.arange(self.end, device=self.k.device)[None, :] <= self._positions[:, None]
@@ -283,7 +287,9 @@ class Scheduler:
             while True:
                 with self.lock:
                     while not self.closed and not self.waiting and not self.slots:
-                        self.lock.wait()
+                        # never wait unboundedly: a signal the kernel hands to another thread (a GPU
+                        # driver's, say) reaches Python's handler only when this thread runs again
+                        self.lock.wait(timeout=0.5)
                     if self.closed:
                         break
                     admitted = self._take_admissible()
@@ -304,11 +310,15 @@ class Scheduler:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One decode step and one sampling at every batch size, with nothing running, so the first
-        requests do not pay for the device's first use of each shape (a GPU loads each kernel on its
-        first call: seconds in all, measured on an H200)."""
-        for rows in range(1, self.max_batch + 1):
-            self.cache.lengths[:rows] = [1] * rows
+        """On a GPU, a decode step and a sampling at every batch size and cache bucket before any
+        request, so the first requests do not pay for the device's first use of each shape (kernels
+        are loaded and chosen on first use: the first pass of bench/serve.py ran several times slower
+        than the second on an H200 without it). A CPU has nothing to warm."""
+        if self.engine.device.type != "cuda":
+            return
+        buckets = range(1, self.max_len + 1, SlotCache.BUCKET)
+        for rows, length in ((rows, length) for rows in range(1, self.max_batch + 1) for length in buckets):
+            self.cache.lengths[:rows] = [length - 1] * rows
             positions, mask = self.cache.begin_step(rows)
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.engine.device)
             logits = self.model.lm_head(self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=self.cache)[:, -1])
