@@ -5,6 +5,7 @@ all there (on Debian: apt-get install -y chromium chromium-driver; pip install s
 short context drops its oldest exchanges and goes on, a stream cut short is labelled "interrupted",
 and attached pictures are shrunk."""
 
+import json
 import os
 import tempfile
 
@@ -307,3 +308,52 @@ def test_attached_picture_is_shrunk(browser, live):
         assert small["url"] == "data:image/png;base64," and (small["width"], small["height"]) == (300, 200), small
     finally:
         browser.find_element(By.ID, "remove-image").click()
+
+
+def test_a_vision_model_answers_about_an_attached_picture(browser, live, tmp_path):
+    """Over a tiny vision-language model: the picture control shows, a picture picked in it travels
+    with the message, and the streamed reply equals the API's answer to the very request the page
+    sent (recorded from its fetch)."""
+    from tests.test_vlm_training import tiny_vlm_dir
+    from tinylm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["What colour is the shape? It is red.", "这个图形是什么颜色的？它是红色的。"] * 20, vocab_size=300)
+    with LiveServer(build_server(tiny_vlm_dir(tmp_path / "vlm", tokenizer), max_batch=2)) as vlm:
+        try:
+            open_page(browser, vlm.url)
+            assert browser.find_element(By.ID, "image").find_element(By.XPATH, "..").is_displayed()
+            browser.execute_script("""
+              window.sent = [];
+              const original = window.fetch;
+              window.fetch = (url, options = {}) => {
+                if (String(url).endsWith('/v1/chat/completions')) window.sent.push(options.body);
+                return original(url, options);
+              };""")
+            settings(browser, temperature=0, max_tokens=10)
+            browser.set_script_timeout(30)
+            browser.execute_async_script("""
+              const done = arguments[0];
+              const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 64});
+              const ctx = canvas.getContext("2d");
+              ctx.fillStyle = "white"; ctx.fillRect(0, 0, 64, 64);
+              ctx.fillStyle = "red"; ctx.beginPath(); ctx.arc(32, 32, 20, 0, 7); ctx.fill();
+              canvas.toBlob(async (blob) => {
+                const input = document.getElementById("image"), transfer = new DataTransfer();
+                transfer.items.add(new File([blob], "circle.png", {type: "image/png"}));
+                input.files = transfer.files;
+                input.dispatchEvent(new Event("change"));
+                const preview = document.getElementById("preview-img");
+                while (!preview.getAttribute("src")) await new Promise((resolve) => setTimeout(resolve, 20));
+                done();
+              }, "image/png");""")
+            bubble = send(browser, "What colour is the shape?")
+            body = json.loads(browser.execute_script("return window.sent[window.sent.length - 1]"))
+            parts = body["messages"][-1]["content"]
+            assert sorted(p["type"] for p in parts) == ["image_url", "text"]
+            body.update(stream=False)
+            body.pop("stream_options", None)
+            response = httpx.post(vlm.url + "/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            assert reply_text(browser, bubble).strip() == response.json()["choices"][0]["message"]["content"].strip()
+        finally:
+            open_page(browser, live.url)  # back to the module's server for any test after this one
