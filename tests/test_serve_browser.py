@@ -54,6 +54,21 @@ new MutationObserver((records) => {
 """
 
 
+# Picks a picture (a Blob) in the page's file input, as a person would, and resolves with the
+# preview image once the page has read it in.
+PICK = """
+async function pick(blob) {
+  const input = document.getElementById("image"), transfer = new DataTransfer();
+  transfer.items.add(new File([blob], "picture.png", {type: "image/png"}));
+  input.files = transfer.files;
+  input.dispatchEvent(new Event("change"));
+  const preview = document.getElementById("preview-img");
+  while (!preview.getAttribute("src")) await new Promise((resolve) => setTimeout(resolve, 20));
+  return preview;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     # 512 positions: the streaming reply (100 tokens) and a three-turn conversation must fit.
@@ -278,7 +293,7 @@ def test_cut_stream_is_interrupted_and_503_is_shown(browser, live):
 def test_attached_picture_is_shrunk(browser, live):
     # A 1600x1000 PNG of noise (several MB) becomes a 768x480 JPEG; a small PNG stays a PNG as it is.
     # Both go through the file input's change handler, as a picked file would.
-    shrink = """
+    shrink = PICK + """
     const [width, height, noisy, done] = arguments;
     (async () => {
       const canvas = Object.assign(document.createElement("canvas"), {width, height});
@@ -287,12 +302,7 @@ def test_attached_picture_is_shrunk(browser, live):
       for (let i = 0; i < pixels.data.length; i++) pixels.data[i] = i % 4 === 3 ? 255 : noisy ? Math.random() * 256 : 128;
       ctx.putImageData(pixels, 0, 0);
       const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
-      const input = document.getElementById("image"), transfer = new DataTransfer();
-      transfer.items.add(new File([blob], "picture.png", {type: "image/png"}));
-      input.files = transfer.files;
-      input.dispatchEvent(new Event("change"));
-      const preview = document.getElementById("preview-img");
-      while (!preview.getAttribute("src")) await new Promise((resolve) => setTimeout(resolve, 20));
+      const preview = await pick(blob);
       await preview.decode();
       done({url: preview.src.slice(0, 22), length: preview.src.length, file: blob.size,
             width: preview.naturalWidth, height: preview.naturalHeight});
@@ -331,21 +341,13 @@ def test_a_vision_model_answers_about_an_attached_picture(browser, live, tmp_pat
               };""")
             settings(browser, temperature=0, max_tokens=10)
             browser.set_script_timeout(30)
-            browser.execute_async_script("""
+            browser.execute_async_script(PICK + """
               const done = arguments[0];
               const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 64});
               const ctx = canvas.getContext("2d");
               ctx.fillStyle = "white"; ctx.fillRect(0, 0, 64, 64);
               ctx.fillStyle = "red"; ctx.beginPath(); ctx.arc(32, 32, 20, 0, 7); ctx.fill();
-              canvas.toBlob(async (blob) => {
-                const input = document.getElementById("image"), transfer = new DataTransfer();
-                transfer.items.add(new File([blob], "circle.png", {type: "image/png"}));
-                input.files = transfer.files;
-                input.dispatchEvent(new Event("change"));
-                const preview = document.getElementById("preview-img");
-                while (!preview.getAttribute("src")) await new Promise((resolve) => setTimeout(resolve, 20));
-                done();
-              }, "image/png");""")
+              canvas.toBlob((blob) => pick(blob).then(() => done()), "image/png");""")
             bubble = send(browser, "What colour is the shape?")
             body = json.loads(browser.execute_script("return window.sent[window.sent.length - 1]"))
             parts = body["messages"][-1]["content"]

@@ -28,6 +28,7 @@ scheduler's thread: the server hands them to its event loop.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections import deque
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinylm.infer.engine import Engine, SamplingSettings, _Row
+from tinylm.infer.engine import Engine, SamplingSettings, _Row, apply_repetition_penalty
 from tinylm.model.llama import ModelConfig
 
 __all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "SlotCache", "TokenLogprob", "sample_rows"]
@@ -120,6 +121,8 @@ class SlotCache:
     calls ``update`` per layer, which writes each row's new key at that row's length, and ``advance``
     after the last layer."""
 
+    BUCKET = 64  # attention reads the cache in whole buckets of positions (the rest of a bucket is masked)
+
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
         shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -145,8 +148,6 @@ class SlotCache:
         self.k[:, target, :, :length] = self.k[:, source, :, :length]
         self.v[:, target, :, :length] = self.v[:, source, :, :length]
         self.lengths[target] = length
-
-    BUCKET = 64  # attention reads the cache in whole buckets of positions (the rest of a bucket is masked)
 
     def begin_step(self, active: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a one-token step over slots 0..active-1: their positions [active, 1] (each row's own
@@ -316,9 +317,8 @@ class Scheduler:
         than the second on an H200 without it). A CPU has nothing to warm."""
         if self.engine.device.type != "cuda":
             return
-        buckets = range(1, self.max_len + 1, SlotCache.BUCKET)
-        for rows, length in ((rows, length) for rows in range(1, self.max_batch + 1) for length in buckets):
-            self.cache.lengths[:rows] = [length - 1] * rows
+        for rows, filled in itertools.product(range(1, self.max_batch + 1), range(0, self.max_len, SlotCache.BUCKET)):
+            self.cache.lengths[:rows] = [filled] * rows
             positions, mask = self.cache.begin_step(rows)
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.engine.device)
             logits = self.model.lm_head(self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=self.cache)[:, -1])
@@ -439,8 +439,7 @@ class Scheduler:
         raw = logits
         penalty = [r.settings.repetition_penalty for r in requests]
         if any(p != 1.0 for p in penalty):
-            p = column(penalty)[:, None]
-            logits = torch.where(self.seen[:rows], torch.where(logits > 0, logits / p, logits * p), logits)
+            logits = apply_repetition_penalty(logits, self.seen[:rows], column(penalty)[:, None])
         presence, frequency = [r.presence_penalty for r in requests], [r.frequency_penalty for r in requests]
         if any(presence) or any(frequency):
             counts = self.counts[:rows]

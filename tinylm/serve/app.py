@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tinylm.infer.chat import ChatFormat
+from tinylm.infer.chat import ChatFormat, chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.scheduler import Event, QueueFull, Scheduler
 from tinylm.serve.protocol import APIError, Defaults, Generation, chat_request, completion_request, parse_json
@@ -72,8 +72,10 @@ class Server:
 
 
 def create_app(server: Server) -> Starlette:
+    html = PAGE.read_text(encoding="utf-8")
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY})
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_POLICY})
 
     async def health(request: Request) -> Response:
         return JSON({"status": "ok", "model": server.name, **server.scheduler.stats()})
@@ -103,14 +105,13 @@ def create_app(server: Server) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     handlers = {APIError: api_error, HTTPException: http_error, Exception: server_error}
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         server.scheduler.close()
 
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.server = server
-    return HostCheck(app, server)
+    return HostCheck(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), server)
 
 
 class HostCheck:
@@ -273,6 +274,7 @@ class Answer:
         self.created = int(time.time())
         choices = generation.n * len(generation.requests)
         self.texts = [[] for _ in range(choices)]
+        self.chars = [0] * choices  # each choice's text length so far (where its next token's text begins)
         self.started = [False] * choices  # a chat reply's leading whitespace is dropped
         self.tokens = [0] * choices
         self.logprobs = [[] for _ in range(choices)]
@@ -287,8 +289,9 @@ class Answer:
         if self.generation.chat and not self.started[index]:
             text = text.lstrip()
             self.started[index] = bool(text)
-        offset = sum(len(t) for t in self.texts[index])  # where this token's text begins in the choice's text
+        offset = self.chars[index]
         self.texts[index].append(text)
+        self.chars[index] += len(text)
         if event.token_id is not None:
             self.tokens[index] += 1
         if event.logprob is not None:
@@ -384,9 +387,6 @@ def build_server(model_dir: str | Path, *, name: str | None = None, device: str 
                  max_body: int = 16 * 2**20, thread: bool = True) -> Server:
     """Load a model directory and make its scheduler (running in a thread of its own, unless
     ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
-    from tinylm.infer.chat import chat_format_for
-    from tinylm.infer.engine import Engine
-
     path = Path(model_dir)
     engine = Engine.from_dir(path, device=device, dtype=dtype)
     if engine.tokenizer is None:

@@ -59,10 +59,12 @@ class Defaults:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Defaults:
+        from tinylm.modeldir import read_json
+
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return cls()
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
         eos = config.get("eos_token_id")
         defaults = cls(eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []))
         if config.get("do_sample") is False:
