@@ -75,18 +75,26 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
 
     def transformers_generate():
         with torch.inference_mode():
-            out = hf.generate(prompt_tensor, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[], pad_token_id=0)
+            out = hf.generate(
+                prompt_tensor, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[], pad_token_id=0
+            )
         return out[0, len(prompt) :].tolist()
 
     runs["transformers"] = transformers_generate
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\n{name}: {params:.1f}M parameters, prompt {len(prompt)} tokens, {new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\n{name}: {params:.1f}M parameters, prompt {len(prompt)} tokens, {new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
     outputs = {label: run() for label, run in runs.items()}  # warm-up (and compilation)
     reference = outputs["transformers"]
     for label, tokens in outputs.items():
-        agree = "same tokens" if tokens == reference else f"DIFFERENT tokens from transformers ({len(tokens)} vs {len(reference)})"
+        agree = (
+            "same tokens"
+            if tokens == reference
+            else f"DIFFERENT tokens from transformers ({len(tokens)} vs {len(reference)})"
+        )
         print(f"  {label:>15}: {agree}")
 
     rates = {label: [] for label in runs}
@@ -101,11 +109,15 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
     medians = {label: statistics.median(r) for label, r in rates.items()}
     for label in contestants:
         ratio = statistics.median(a / b for a, b in zip(rates[label], rates["transformers"]))
-        print(f"  median: {label} {medians[label]:.0f} tok/s vs transformers {medians['transformers']:.0f} tok/s "
-              f"→ {ratio:.2f}x")
+        print(
+            f"  median: {label} {medians[label]:.0f} tok/s vs transformers {medians['transformers']:.0f} tok/s "
+            f"→ {ratio:.2f}x"
+        )
     ceiling = weight_streaming_ceiling(model)
-    print(f"  ceiling: one matrix-vector product per weight matrix alone runs at {ceiling:.0f} tok/s, "
-          f"{ceiling / medians['transformers']:.2f}x transformers: no fp32 engine can be further ahead")
+    print(
+        f"  ceiling: one matrix-vector product per weight matrix alone runs at {ceiling:.0f} tok/s, "
+        f"{ceiling / medians['transformers']:.2f}x transformers: no fp32 engine can be further ahead"
+    )
     return statistics.median(a / b for a, b in zip(rates["tinylm"], rates["transformers"]))
 
 
@@ -126,7 +138,9 @@ def main() -> None:
         model, _ = load_model_dir(args.model_dir, device="cpu", dtype=torch.float32, with_tokenizer=False)
         models = {args.model_dir: model}
     else:
-        models = {name: CausalLM(load_config(PretrainConfig, CONFIGS / f"{name}.yaml").model).eval() for name in args.sizes}
+        models = {
+            name: CausalLM(load_config(PretrainConfig, CONFIGS / f"{name}.yaml").model).eval() for name in args.sizes
+        }
     for name, model in models.items():
         prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
         compare(name, model, prompt, args.new_tokens, args.rounds, args.compile)

@@ -48,8 +48,13 @@ from tinylm.train.trainer import build_optimizer  # noqa: E402
 
 SHAPES = {
     "minimind2-small": [],
-    "100M": ["--model.hidden_size=768", "--model.num_hidden_layers=16", "--model.num_attention_heads=12",
-             "--model.num_key_value_heads=4", "--model.intermediate_size=2048"],
+    "100M": [
+        "--model.hidden_size=768",
+        "--model.num_hidden_layers=16",
+        "--model.num_attention_heads=12",
+        "--model.num_key_value_heads=4",
+        "--model.intermediate_size=2048",
+    ],
 }
 METHODS = {
     "full": LoRASection(),
@@ -77,8 +82,17 @@ def warm_up_runtime(cfg: PretrainConfig, device: torch.device) -> None:
     first use, and that (the same for every method) should not count as the method's memory."""
     import dataclasses
 
-    tiny = CausalLM(dataclasses.replace(cfg.model, hidden_size=64, num_hidden_layers=1, intermediate_size=128, num_attention_heads=4,
-                                        num_key_value_heads=2, head_dim=None)).to(device)
+    tiny = CausalLM(
+        dataclasses.replace(
+            cfg.model,
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=None,
+        )
+    ).to(device)
     prepare_lora(tiny, METHODS["qlora"], seed=0, main=False)
     ids = torch.randint(0, cfg.model.vocab_size, (1, 9), device=device)
     tiny(ids[:, :-1], labels=ids[:, 1:]).backward()
@@ -119,8 +133,16 @@ def measure(shape: str, method: str, steps: int, batch: int, seq_len: int, devic
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if cuda else resident_kb("VmHWM") * 1024
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"shape": shape, "method": method, "params": params, "trainable": trainable, "peak_mb": peak / 2**20,
-            "training_mb": (peak - before) / 2**20, "step_s": statistics.median(times), "loss": loss.item()}
+    return {
+        "shape": shape,
+        "method": method,
+        "params": params,
+        "trainable": trainable,
+        "peak_mb": peak / 2**20,
+        "training_mb": (peak - before) / 2**20,
+        "step_s": statistics.median(times),
+        "loss": loss.item(),
+    }
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -165,11 +187,28 @@ def main() -> None:
         print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq_len, device)))
         return
     rows = []
-    print(f"batch {args.batch} × {args.seq_len} tokens, {args.steps} timed steps, {device.type}; each row a fresh process", file=sys.stderr)
+    print(
+        f"batch {args.batch} × {args.seq_len} tokens, {args.steps} timed steps, {device.type}; each row a fresh "
+        "process",
+        file=sys.stderr,
+    )
     for shape in args.shapes:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--one", shape, method, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq-len", str(args.seq_len), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                shape,
+                method,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--device",
+                args.device,
+            ]
             timed = child(cmd, os.environ)
             # Memory in a second process whose allocator returns every freed tensor to the OS at once,
             # so the high-water mark is the peak of live tensors, not what malloc kept around.
@@ -180,9 +219,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         full = next((r for r in rows if r["shape"] == row["shape"] and r["method"] == "full"), row)
-        print(f"| {row['shape']} | {row['method']} | {row['params'] / 1e6:.1f}M | {row['trainable'] / 1e6:.2f}M | {row['peak_mb']:,.0f} MB "
-              f"| {row['training_mb']:,.0f} MB | {row['training_mb'] / full['training_mb']:.2f}× | {row['step_s']:.2f} s "
-              f"| {row['step_s'] / full['step_s']:.2f}× |")
+        print(
+            f"| {row['shape']} | {row['method']} | {row['params'] / 1e6:.1f}M | {row['trainable'] / 1e6:.2f}M | "
+            f"{row['peak_mb']:,.0f} MB "
+            f"| {row['training_mb']:,.0f} MB | {row['training_mb'] / full['training_mb']:.2f}× | {row['step_s']:.2f} s "
+            f"| {row['step_s'] / full['step_s']:.2f}× |"
+        )
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)

@@ -63,8 +63,25 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:
-    command = [sys.executable, "-X", "faulthandler", "-m", "tinylm.cli", "serve", str(model_dir), "--port", str(port), "--max-batch", str(max(args.clients)),
-               "--device", args.device, "--log-level", "warning", "--max-len", str(args.prompt_tokens * 8 + args.new_tokens + 64)]
+    command = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "tinylm.cli",
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max(args.clients)),
+        "--device",
+        args.device,
+        "--log-level",
+        "warning",
+        "--max-len",
+        str(args.prompt_tokens * 8 + args.new_tokens + 64),
+    ]
     if args.dtype:
         command += ["--dtype", args.dtype]
     server = subprocess.Popen(command)
@@ -99,8 +116,14 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[int, float
 
 async def level(url: str, clients: int, seconds: float, args, prompt: str) -> tuple[float, float]:
     """``clients`` streams, each sending requests back to back for ``seconds``: (tokens/s, median TTFT)."""
-    body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 1.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": args.new_tokens,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await one_request(client, body | {"max_tokens": 4})  # warm the connection and the model
@@ -135,8 +158,11 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             prompt = " ".join(["Once upon a time there was a little robot"] * (args.prompt_tokens // 8 + 1))
-            print(f"tinylm serve {model_dir} on {args.device}{' ' + args.dtype if args.dtype else ''}: {args.new_tokens} new tokens per "
-                  f"request, {args.seconds:.0f} s per level and pass, {os.cpu_count()} CPUs")
+            print(
+                f"tinylm serve {model_dir} on {args.device}{' ' + args.dtype if args.dtype else ''}: {args.new_tokens} "
+                "new tokens per "
+                f"request, {args.seconds:.0f} s per level and pass, {os.cpu_count()} CPUs"
+            )
             passes = [args.clients, list(reversed(args.clients))]
             rates: dict[int, list[float]] = {c: [] for c in args.clients}
             ttft: dict[int, list[float]] = {c: [] for c in args.clients}
@@ -145,13 +171,19 @@ def main() -> None:
                     rate, first = asyncio.run(level(url, clients, args.seconds, args, prompt))
                     rates[clients].append(rate)
                     ttft[clients].append(first)
-                    print(f"  {clients:>3} clients: {rate:8.1f} tokens/s, median time to first token {first * 1000:6.0f} ms", flush=True)
+                    print(
+                        f"  {clients:>3} clients: {rate:8.1f} tokens/s, median time to first token {first * 1000:6.0f} "
+                        "ms",
+                        flush=True,
+                    )
             base = statistics.mean(rates[args.clients[0]])
             print(f"\naggregate tokens/s as a ratio to {args.clients[0]} client(s) (mean of both passes):")
             for clients in args.clients:
                 mean = statistics.mean(rates[clients])
-                print(f"  {clients:>3} clients: {mean:8.1f} tokens/s  {mean / base:5.2f}x   "
-                      f"(time to first token {statistics.mean(ttft[clients]) * 1000:.0f} ms)")
+                print(
+                    f"  {clients:>3} clients: {mean:8.1f} tokens/s  {mean / base:5.2f}x   "
+                    f"(time to first token {statistics.mean(ttft[clients]) * 1000:.0f} ms)"
+                )
         finally:
             server.terminate()
             try:

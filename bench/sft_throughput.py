@@ -1,6 +1,6 @@
 """SFT throughput: tinylm's packed fine-tuning against padded transformers' LlamaForCausalLM, in one process.
 
-    python bench/sft_throughput.py                          # cpu-tiny shape, built-in conversations: a few minutes on 2 cores
+    python bench/sft_throughput.py                          # cpu-tiny, built-in conversations: minutes on 2 cores
     python bench/sft_throughput.py --baseline-pad longest   # the baseline pads each batch to its longest conversation
     python bench/sft_throughput.py --data chats.jsonl --model-dir runs/quickstart/final
     python bench/sft_throughput.py --device cuda --precision bf16 2>/dev/null   # hide the progress bars
@@ -98,7 +98,10 @@ CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": RO
 SFT_CONFIG = ROOT / "configs" / "sft-cpu-tiny.yaml"  # the training hyper-parameters of tinylm's SFT recipe
 # Sized so that the default run (cpu-tiny) takes a few minutes on 2 CPU cores.
 # The padded baseline takes about six of its steps per packed step of ours, so rounds are short.
-CPU_DEFAULTS = {"cpu-tiny": dict(batch_size=16, seq_len=256, steps=5), "minimind2-small": dict(batch_size=2, seq_len=128, steps=10)}
+CPU_DEFAULTS = {
+    "cpu-tiny": dict(batch_size=16, seq_len=256, steps=5),
+    "minimind2-small": dict(batch_size=2, seq_len=128, steps=10),
+}
 GPU_STEPS = 50  # on a GPU: the config's own batch and sequence length
 PADDINGS = {"max_length": "padded to max_length", "longest": "padded to the batch's longest"}
 
@@ -167,7 +170,9 @@ def run_ours(model, init_state, rows, train_cfg, dist) -> dict:
     return {"seconds": seconds, "loop_seconds": result.elapsed_s, "tokens": result.tokens}
 
 
-def run_theirs(model, init_state, batches, train_cfg, device: torch.device, amp, pad_to: int | None, pad_id: int) -> dict:
+def run_theirs(
+    model, init_state, batches, train_cfg, device: torch.device, amp, pad_to: int | None, pad_id: int
+) -> dict:
     """A plain transformers SFT loop over padded batches of conversations."""
     model.load_state_dict(init_state)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
@@ -182,8 +187,13 @@ def run_theirs(model, init_state, batches, train_cfg, device: torch.device, amp,
         tokens += sum(len(ids) for ids, _ in conversations)
         with autocast():
             # labels are already the next token of each position: hand them over as the shifted labels
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         shift_labels=batch["labels"], use_cache=False).loss
+            loss = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                shift_labels=batch["labels"],
+                use_cache=False,
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
@@ -195,7 +205,9 @@ def run_theirs(model, init_state, batches, train_cfg, device: torch.device, amp,
 
 
 @torch.no_grad()
-def same_loss_check(ours, theirs, init_state, rows, step_conversations, train_cfg, device, amp, pad_id) -> tuple[float, float]:
+def same_loss_check(
+    ours, theirs, init_state, rows, step_conversations, train_cfg, device, amp, pad_id
+) -> tuple[float, float]:
     """Mean loss per target of ours' first packed batch, and of its conversations padded in transformers."""
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     ours.load_state_dict(init_state)
@@ -206,8 +218,13 @@ def same_loss_check(ours, theirs, init_state, rows, step_conversations, train_cf
     padded = move(collate(step_conversations, train_cfg.seq_len, pad_id), device)
     with autocast():
         ours_loss = NextTokenLoss()(ours, packed).item() / NextTokenLoss().count(packed)
-        theirs_loss = theirs(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"],
-                             shift_labels=padded["labels"], use_cache=False).loss.item()
+        theirs_loss = theirs(
+            input_ids=padded["input_ids"],
+            attention_mask=padded["attention_mask"],
+            labels=padded["labels"],
+            shift_labels=padded["labels"],
+            use_cache=False,
+        ).loss.item()
     return ours_loss, theirs_loss
 
 
@@ -235,7 +252,8 @@ def bench(args, device: torch.device) -> str:
         shape_cfg = cfg.train
         texts = [message["content"] for messages in conversations for message in messages]
         tokenizer = train_tokenizer(texts, args.vocab_size)
-        tokenizer_note = f"a BPE tokenizer trained on the messages ({tokenizer.vocab_size:,} ids of --vocab-size {args.vocab_size:,})"
+        ids = f"{tokenizer.vocab_size:,} ids of --vocab-size {args.vocab_size:,}"
+        tokenizer_note = f"a BPE tokenizer trained on the messages ({ids})"
         cfg.model.vocab_size, cfg.model.eos_token_id = tokenizer.vocab_size, tokenizer.eos_id
         ours = None
 
@@ -292,21 +310,41 @@ def bench(args, device: torch.device) -> str:
     precision = "fp32" if amp is None else f"{amp}".replace("torch.", "") + " autocast"
     padding = f"{PADDINGS[args.baseline_pad]}" + (f" {seq_len}" if pad_to else "")
     print(
-        f"\n== {name}: {ours.num_parameters():,} parameters, {template.name} template, {tokenizer_note}, {precision}, {device}"
-        + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"),
+        f"\n== {name}: {ours.num_parameters():,} parameters, {template.name} template, {tokenizer_note}, {precision}, "
+        f"{device}"
+        + (
+            f", {torch.get_num_threads()} threads"
+            if device.type == "cpu"
+            else f" ({torch.cuda.get_device_name(device)})"
+        ),
         flush=True,
     )
-    print(f"data: {source}: {fit_report.summary()}; {lengths.sum():,} tokens, {lengths.mean():.1f} per conversation "
-          f"(median {np.median(lengths):.0f}, max {lengths.max()}), packed into {len(rows):,} rows of {seq_len} "
-          f"({rows.real_tokens / rows.input_ids.size:.0%} real)", flush=True)
-    print(f"per round, both sides: the same {len(work):,} conversations = {useful:,} useful tokens; "
-          f"{args.rounds} rounds + warmup", flush=True)
-    print(f"  ours:         {steps} steps of {batch_size} packed rows x {seq_len} ({useful / (steps * batch_size * seq_len):.0%} of positions useful)",
-          flush=True)
-    print(f"  transformers: {len(padded_batches)} steps of {batch_size} conversations {padding} "
-          f"({useful / theirs_positions:.0%} of positions useful)", flush=True)
-    print(f"check, initial weights, ours' first batch: loss {check[0]:.4f} packed (ours) / {check[1]:.4f} padded (transformers)",
-          flush=True)
+    print(
+        f"data: {source}: {fit_report.summary()}; {lengths.sum():,} tokens, {lengths.mean():.1f} per conversation "
+        f"(median {np.median(lengths):.0f}, max {lengths.max()}), packed into {len(rows):,} rows of {seq_len} "
+        f"({rows.real_tokens / rows.input_ids.size:.0%} real)",
+        flush=True,
+    )
+    print(
+        f"per round, both sides: the same {len(work):,} conversations = {useful:,} useful tokens; "
+        f"{args.rounds} rounds + warmup",
+        flush=True,
+    )
+    print(
+        f"  ours:         {steps} steps of {batch_size} packed rows x {seq_len} "
+        f"({useful / (steps * batch_size * seq_len):.0%} of positions useful)",
+        flush=True,
+    )
+    print(
+        f"  transformers: {len(padded_batches)} steps of {batch_size} conversations {padding} "
+        f"({useful / theirs_positions:.0%} of positions useful)",
+        flush=True,
+    )
+    print(
+        f"check, initial weights, ours' first batch: loss {check[0]:.4f} packed (ours) / {check[1]:.4f} padded "
+        "(transformers)",
+        flush=True,
+    )
 
     header = f"{'round':>7} {'ours tok/s':>12} {'ours (loop)':>12} {'transformers':>13} {'ratio':>7}"
     print(header, flush=True)
@@ -316,11 +354,17 @@ def bench(args, device: torch.device) -> str:
         o = run_ours(ours, init_state, rows, train_cfg, dist)
         t = run_theirs(theirs, init_state, padded_batches, theirs_cfg, device, amp, pad_to, pad_id)
         if o["tokens"] != useful or t["tokens"] != useful:
-            raise AssertionError(f"useful tokens differ: planned {useful}, ours {o['tokens']}, transformers {t['tokens']}")
+            raise AssertionError(
+                f"useful tokens differ: planned {useful}, ours {o['tokens']}, transformers {t['tokens']}"
+            )
         row = {"ours": useful / o["seconds"], "ours_loop": useful / o["loop_seconds"], "theirs": useful / t["seconds"]}
         row["ratio"] = row["ours"] / row["theirs"]
         label = "warmup" if round_ == 0 else str(round_)
-        print(f"{label:>7} {row['ours']:>12,.0f} {row['ours_loop']:>12,.0f} {row['theirs']:>13,.0f} {row['ratio']:>6.2f}x", flush=True)
+        print(
+            f"{label:>7} {row['ours']:>12,.0f} {row['ours_loop']:>12,.0f} {row['theirs']:>13,.0f} "
+            f"{row['ratio']:>6.2f}x",
+            flush=True,
+        )
         if round_ > 0:
             rows_out.append(row)
         busy.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
@@ -334,18 +378,43 @@ def bench(args, device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="cpu-tiny", help=f"the model's shape: {' | '.join(CONFIGS)} | a config YAML (default cpu-tiny)")
-    parser.add_argument("--model-dir", default=None, help="fine-tune this saved model with its tokenizer (instead of --config)")
-    parser.add_argument("--data", nargs="+", default=None, help="conversation files (.json/.jsonl/.parquet); default: the built-in ones")
+    parser.add_argument(
+        "--config",
+        default="cpu-tiny",
+        help=f"the model's shape: {' | '.join(CONFIGS)} | a config YAML (default cpu-tiny)",
+    )
+    parser.add_argument(
+        "--model-dir", default=None, help="fine-tune this saved model with its tokenizer (instead of --config)"
+    )
+    parser.add_argument(
+        "--data", nargs="+", default=None, help="conversation files (.json/.jsonl/.parquet); default: the built-in ones"
+    )
     parser.add_argument("--template", choices=list(TEMPLATES), default="chatml")
-    parser.add_argument("--vocab-size", type=int, default=2000, help="of the tokenizer trained on the data (without --model-dir)")
-    parser.add_argument("--baseline-pad", choices=list(PADDINGS), default="max_length",
-                        help="transformers batches: padded to --seq-len (max_length), or to the longest conversation of the batch")
-    parser.add_argument("--steps", type=int, default=None, help="ours' optimizer steps per round (default: per config and device)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=2000, help="of the tokenizer trained on the data (without --model-dir)"
+    )
+    parser.add_argument(
+        "--baseline-pad",
+        choices=list(PADDINGS),
+        default="max_length",
+        help="transformers batches: padded to --seq-len (max_length), or to the longest conversation of the batch",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="ours' optimizer steps per round (default: per config and device)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warmup round")
-    parser.add_argument("--batch-size", type=int, default=None, help="packed rows / padded conversations per step (default: per config and device)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row, and the max_length (default: per config and device)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="packed rows / padded conversations per step (default: per config and device)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per row, and the max_length (default: per config and device)"
+    )
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()

@@ -54,7 +54,10 @@ from tinylm.train.trainer import Task, build_optimizer, fit  # noqa: E402
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 # Sized so that the whole benchmark (both configs) takes a few minutes on 2 CPU cores.
-CPU_DEFAULTS = {"cpu-tiny": dict(batch_size=16, seq_len=256, steps=20), "minimind2-small": dict(batch_size=2, seq_len=128, steps=30)}
+CPU_DEFAULTS = {
+    "cpu-tiny": dict(batch_size=16, seq_len=256, steps=20),
+    "minimind2-small": dict(batch_size=2, seq_len=128, steps=30),
+}
 GPU_STEPS = 50  # on a GPU: the config's own batch and sequence length
 
 
@@ -159,7 +162,11 @@ def print_summary(rows: list[dict], busy: list[float], device: torch.device) -> 
 
 def bench_config(name: str, args, device: torch.device) -> dict:
     cfg = load_config(PretrainConfig, CONFIGS[name])
-    defaults = CPU_DEFAULTS[name] if device.type == "cpu" else dict(batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, steps=GPU_STEPS)
+    defaults = (
+        CPU_DEFAULTS[name]
+        if device.type == "cpu"
+        else dict(batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, steps=GPU_STEPS)
+    )
     batch_size = args.batch_size or defaults["batch_size"]
     seq_len = args.seq_len or defaults["seq_len"]
     steps = args.steps or defaults["steps"]
@@ -191,12 +198,18 @@ def bench_config(name: str, args, device: torch.device) -> dict:
     tokens = steps * batch_size * seq_len
     precision = "fp32" if amp is None else f"{amp}".replace("torch.", "") + " autocast"
     print(
-        f"\n== {name}: {ours.num_parameters():,} parameters, batch {batch_size} x seq {seq_len} = {batch_size * seq_len:,} "
+        f"\n== {name}: {ours.num_parameters():,} parameters, batch {batch_size} x seq {seq_len} = "
+        f"{batch_size * seq_len:,} "
         f"tokens/step, {steps} steps/round, {args.rounds} rounds + warmup, {precision}, {device}"
-        + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"),
+        + (
+            f", {torch.get_num_threads()} threads"
+            if device.type == "cpu"
+            else f" ({torch.cuda.get_device_name(device)})"
+        ),
         flush=True,
     )
-    header = f"{'round':>7} {'ours tok/s':>12} {'ours (loop)':>12} {'transformers':>13} {'ratio':>7}   final loss ours / transformers"
+    header = f"{'round':>7} {'ours tok/s':>12} {'ours (loop)':>12} {'transformers':>13} {'ratio':>7}"
+    header += "   final loss ours / transformers"
     print(header, flush=True)
     busy = []  # the 1-minute load average seen at each round, to flag a shared, busy machine
 
@@ -233,11 +246,19 @@ def bench_config(name: str, args, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per round (default: per config and device)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per round (default: per config and device)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warmup round")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: per config and device)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per config and device)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per step (default: per config and device)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: per config and device)"
+    )
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()

@@ -29,10 +29,22 @@ def shared_data() -> Path:
 
 # -- a tiny base model and conversations about who likes which colour (SFT, LoRA and DPO tests) --
 
-TINY_MODEL = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
-              "--data.vocab_size=300"]
-TRAIN = ["--train.seq_len=64", "--train.batch_size=8", "--train.eval_every=20", "--train.eval_batches=2", "--train.progress=false",
-         "--train.warmup_steps=2", "--train.save_every=0"]
+TINY_MODEL = [
+    "--model.hidden_size=32",
+    "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--model.num_key_value_heads=1",
+    "--data.vocab_size=300",
+]
+TRAIN = [
+    "--train.seq_len=64",
+    "--train.batch_size=8",
+    "--train.eval_every=20",
+    "--train.eval_batches=2",
+    "--train.progress=false",
+    "--train.warmup_steps=2",
+    "--train.save_every=0",
+]
 NAMES = {"Tom": "red", "Ann": "blue", "Bob": "green", "小明": "黄色", "小红": "白色"}
 
 
@@ -48,10 +60,30 @@ def base_and_chats(tmp_path_factory):
         for _ in range(300):
             name = rng.choice(list(NAMES))
             question, answer = f"What colour does {name} like?", f"{name} likes {NAMES[name]}."
-            c.write(json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
+            c.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             t.write(json.dumps({"text": f"{question} {answer}"}, ensure_ascii=False) + "\n")
     base = root / "base"
-    assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=20", "--data.source=files", f"--data.files=[{texts}]"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(base),
+                *TINY_MODEL,
+                *TRAIN,
+                "--train.max_steps=20",
+                "--data.source=files",
+                f"--data.files=[{texts}]",
+            ]
+        )
+        == 0
+    )
     return root, base / "final", chats
 
 
@@ -69,12 +101,24 @@ def tiny_chat_dir(path, max_len=128, seed=0):
     from tinylm.modeldir import save_model_dir
     from tinylm.tokenizer import train_tokenizer
 
-    texts = ["the cat sat on the mat. the dog ran.", "User: hi\nAssistant: hello there", "你好 世界，小明喜欢黄色。"] * 20
+    texts = [
+        "the cat sat on the mat. the dog ran.",
+        "User: hi\nAssistant: hello there",
+        "你好 世界，小明喜欢黄色。",
+    ] * 20
     template = get_template("chatml")
     tokenizer = template.attach(train_tokenizer(texts, vocab_size=300))
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=max_len, eos_token_id=template.stop_token_ids(tokenizer))
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_len,
+        eos_token_id=template.stop_token_ids(tokenizer),
+    )
     model = CausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -97,7 +141,9 @@ class LiveServer:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2))
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self):

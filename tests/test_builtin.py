@@ -1,3 +1,4 @@
+import itertools
 import json
 import re
 
@@ -5,7 +6,13 @@ import pytest
 
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin import EvalItem, World, heldout_facts, pretrain_documents, score_completion
-from tinylm.data.builtin_chat import ChatEvalItem, heldout_questions, identity_conversations, score_reply, sft_conversations
+from tinylm.data.builtin_chat import (
+    ChatEvalItem,
+    heldout_questions,
+    identity_conversations,
+    score_reply,
+    sft_conversations,
+)
 
 N_DOCS = 1400  # ten rounds: every fact appears in every round
 
@@ -53,14 +60,21 @@ def test_default_corpus_is_about_one_and_a_half_megabytes(world):
 def test_every_fact_is_stated_in_training_in_both_languages(world, corpus):
     for entity, attribute, _ in world.facts():
         for lang in builtin.LANGS:
-            stated = [builtin.fact_sentence(entity, attribute, lang, t) in corpus
-                      for t in world.training_templates(entity, attribute, lang)]
+            stated = [
+                builtin.fact_sentence(entity, attribute, lang, t) in corpus
+                for t in world.training_templates(entity, attribute, lang)
+            ]
             assert sum(stated) >= 2, (entity.names[lang], attribute, lang)
 
 
 def test_heldout_prompts_never_occur_in_training(world, corpus):
     items = heldout_facts(world)
-    assert {(i.kind, i.lang) for i in items} == {("fact", "en"), ("fact", "zh"), ("arithmetic", "en"), ("arithmetic", "zh")}
+    assert {(i.kind, i.lang) for i in items} == {
+        ("fact", "en"),
+        ("fact", "zh"),
+        ("arithmetic", "en"),
+        ("arithmetic", "zh"),
+    }
     for item in items:
         if item.kind == "fact":
             assert item.prompt not in corpus, item
@@ -73,8 +87,11 @@ def test_heldout_templates_are_used_for_other_entities(world, corpus):
     for entity, attribute, _ in world.facts():
         for lang in builtin.LANGS:
             template = world.heldout_template(entity, attribute, lang)
-            others = [e for e in world.entities
-                      if attribute in e.facts and world.heldout_template(e, attribute, lang) != template]
+            others = [
+                e
+                for e in world.entities
+                if attribute in e.facts and world.heldout_template(e, attribute, lang) != template
+            ]
             assert any(builtin.fact_sentence(e, attribute, lang, template) in corpus for e in others)
 
 
@@ -121,7 +138,7 @@ def assert_valid(messages):
     assert messages and messages[-1]["role"] == "assistant", messages
     roles = [m["role"] for m in messages]
     assert roles[0] in ("system", "user") and roles.count("system") <= 1, messages
-    assert all(ROLES_AFTER[a] == b for a, b in zip(roles, roles[1:])), messages
+    assert all(ROLES_AFTER[a] == b for a, b in itertools.pairwise(roles)), messages
     for message in messages:
         assert set(message) == {"role", "content"}, message
         assert isinstance(message["content"], str) and message["content"].strip(), message
@@ -150,10 +167,12 @@ def test_same_seed_same_conversations_other_seed_others(world, conversations):
 
 def test_every_conversation_is_valid(world, conversations):
     assert len(conversations) == builtin_chat.DEFAULT_CONVERSATIONS
-    for messages in conversations + identity_conversations("Nova", "Acme") + identity_conversations("Nova", "Acme", heldout=True):
+    for messages in (
+        conversations + identity_conversations("Nova", "Acme") + identity_conversations("Nova", "Acme", heldout=True)
+    ):
         assert_valid(messages)
     for item in heldout_questions(world):
-        assert_valid(item.messages + [{"role": "assistant", "content": "-"}])
+        assert_valid([*item.messages, {"role": "assistant", "content": "-"}])
 
 
 def test_the_mix_of_kinds_and_languages(conversations):
@@ -184,7 +203,8 @@ def test_every_fact_is_answered_in_both_languages(world, conversations):
 def test_heldout_questions_never_occur_in_training(world, conversations):
     items = heldout_questions(world)
     assert {(i.kind, i.lang) for i in items} == {
-        (kind, lang) for kind in ("fact", "followup", "arithmetic", "refusal", "identity") for lang in builtin.LANGS}
+        (kind, lang) for kind in ("fact", "followup", "arithmetic", "refusal", "identity") for lang in builtin.LANGS
+    }
     asked = set(contents(conversations, "user")) | set(contents(identity_conversations("Nova", "Acme"), "user"))
     for item in items:
         assert item.messages[-1]["role"] == "user" and item.answer
@@ -192,8 +212,13 @@ def test_heldout_questions_never_occur_in_training(world, conversations):
             assert item.messages[-1]["content"] not in asked, item
     # A held-out follow-up never comes right after an answer about the same entity.
     names = [e.names[lang] for e in world.entities for lang in builtin.LANGS]
-    pairs = {(name, c[i + 1]["content"]) for c in conversations for i in range(len(c) - 1)
-             for name in names if c[i]["role"] == "assistant" and name in c[i]["content"]}
+    pairs = {
+        (name, c[i + 1]["content"])
+        for c in conversations
+        for i in range(len(c) - 1)
+        for name in names
+        if c[i]["role"] == "assistant" and name in c[i]["content"]
+    }
     for item in (i for i in items if i.kind == "followup"):
         [name] = [n for n in names if n in item.messages[-2]["content"]]
         assert (name, item.messages[-1]["content"]) not in pairs, item
@@ -212,8 +237,11 @@ def test_heldout_fact_phrasings_are_asked_of_other_entities(world, conversations
     for entity, attribute, _ in world.facts():
         for lang in builtin.LANGS:
             template = builtin_chat.sft_heldout(world, 4, "question", entity.names["en"], attribute, lang)
-            assert any(builtin_chat.fact_question(e, attribute, lang, template) in asked
-                       for e in world.entities if attribute in e.facts and e is not entity)
+            assert any(
+                builtin_chat.fact_question(e, attribute, lang, template) in asked
+                for e in world.entities
+                if attribute in e.facts and e is not entity
+            )
 
 
 def test_heldout_answers_are_exact(world):
@@ -236,8 +264,12 @@ def test_heldout_answers_are_exact(world):
 
 
 def test_refusals_state_no_facts(world, conversations):
-    values = [text for words in builtin.VALUES.values() for english, chinese in words.items() for text in (english, chinese)]
-    refusals = [r for r in contents(conversations, "assistant") if any(m in r for m in builtin_chat.REFUSAL_MARKERS.values())]
+    values = [
+        text for words in builtin.VALUES.values() for english, chinese in words.items() for text in (english, chinese)
+    ]
+    refusals = [
+        r for r in contents(conversations, "assistant") if any(m in r for m in builtin_chat.REFUSAL_MARKERS.values())
+    ]
     assert len(refusals) > 100
     for reply in refusals:
         assert not any(says(reply, v) for v in values), reply
@@ -246,7 +278,7 @@ def test_refusals_state_no_facts(world, conversations):
     for stranger in builtin_chat.strangers(world):
         assert not set(stranger.names.values()) & known
         for c in conversations:
-            for question, reply in zip(c, c[1:]):
+            for question, reply in itertools.pairwise(c):
                 if question["role"] == "user" and any(n in question["content"] for n in stranger.names.values()):
                     assert any(m in reply["content"] for m in builtin_chat.REFUSAL_MARKERS.values()), c
 
@@ -275,7 +307,7 @@ def test_a_new_identity_reaches_only_identity_answers(world):
     assert "Nova" in " ".join(replies) and builtin_chat.DEFAULT_NAME not in " ".join(replies)
     identity = {q for _, _, q, _ in builtin_chat.identity_templates()}
     for c in conversations:
-        for question, reply in zip(c, c[1:]):
+        for question, reply in itertools.pairwise(c):
             if question["role"] == "user" and question["content"] not in identity:
                 assert "Nova" not in reply["content"], c
     general = builtin_chat.general_questions(world)

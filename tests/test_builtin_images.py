@@ -38,7 +38,9 @@ def test_every_answer_is_true_of_the_pixels():
 def test_captions_and_questions_in_both_languages():
     one = next(s for s in image_scenes(0, 10) if s.count == 1)
     many = next(s for s in image_scenes(0, 10) if s.count > 1)
-    assert one.caption("en").startswith(f"A {one.colour} {one.shape} ") and one.caption("zh").endswith(f"的{('圆形', '正方形', '三角形')[('circle', 'square', 'triangle').index(one.shape)]}。")
+    assert one.caption("en").startswith(f"A {one.colour} {one.shape} ") and one.caption("zh").endswith(
+        f"的{('圆形', '正方形', '三角形')[('circle', 'square', 'triangle').index(one.shape)]}。"
+    )
     assert many.caption("en").split()[0].lower() in ("two", "three", "four")
     kinds = {(q.kind, q.lang) for q in questions(one)} | {(q.kind, q.lang) for q in questions(many)}
     assert kinds == {(k, lang) for k in ("colour", "shape", "position", "count") for lang in ("en", "zh")}
@@ -53,5 +55,7 @@ def test_corpus_files(tmp_path):
     heldout = [json.loads(line) for line in paths["heldout"].read_text(encoding="utf-8").splitlines()]
     assert len(captions) == 12 and all(r["conversations"][0]["value"].startswith("<image>\n") for r in captions + asked)
     assert all((root / r["image"]).is_file() for r in captions + heldout)
-    assert {r["kind"] for r in heldout} <= {"colour", "shape", "position", "count"} and all(r["answer"] in r["choices"] for r in heldout)
+    assert {r["kind"] for r in heldout} <= {"colour", "shape", "position", "count"} and all(
+        r["answer"] in r["choices"] for r in heldout
+    )
     assert write_image_corpus(tmp_path, train=6, heldout=4, size=48) == paths  # reused, not rewritten

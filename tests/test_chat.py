@@ -60,7 +60,9 @@ def test_turns_commands_and_rendered_history():
     history = run_chat(
         engine,
         system="Be brief.",
-        input_fn=scripted_input("hi", "who is Tom?", "/reset", "/system Answer in French.", "again", "/exit", "never read"),
+        input_fn=scripted_input(
+            "hi", "who is Tom?", "/reset", "/system Answer in French.", "again", "/exit", "never read"
+        ),
         output=output,
     )
     assert engine.prompts == [
@@ -108,8 +110,13 @@ def test_oldest_exchanges_are_dropped_to_fit_the_context():
 def test_chat_over_a_real_engine():
     tokenizer = train_tokenizer(["User: hi\nAssistant: hello there, how are you?"] * 20, vocab_size=300)
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=256)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    )
     engine = Engine(CausalLM(config), tokenizer)
     settings = SamplingSettings(max_new_tokens=8, temperature=0)
     output = io.StringIO()
@@ -127,7 +134,13 @@ def test_prompts_file_is_answered_in_one_batch(tmp_path):
 
     tokenizer = train_tokenizer(["User: hi\nAssistant: hello there, how are you?"] * 20, vocab_size=300)
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    )
     engine = Engine(CausalLM(config), tokenizer)
     (tmp_path / "p.txt").write_text("hi\n\nwho are you?\n你好\n", encoding="utf-8")
     prompts = read_prompts(tmp_path / "p.txt")
@@ -136,7 +149,10 @@ def test_prompts_file_is_answered_in_one_batch(tmp_path):
     records = answer_prompts(engine, prompts, system="Be brief.", settings=settings)
     stops = SamplingSettings(max_new_tokens=6, temperature=0, stop_strings=list(PLAIN.stop_strings))
     for record in records:  # the batch gives each prompt what it gets alone
-        alone = engine.complete([render_plain([{"role": "system", "content": "Be brief."}, {"role": "user", "content": record["prompt"]}])], stops)[0]
+        alone = engine.complete(
+            [render_plain([{"role": "system", "content": "Be brief."}, {"role": "user", "content": record["prompt"]}])],
+            stops,
+        )[0]
         assert record["answer"] == alone.strip() and record["finish_reason"] in ("stop", "length")
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n{"text": "no"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"p\.jsonl:2: expected an object with a string field 'prompt'"):

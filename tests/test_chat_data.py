@@ -2,7 +2,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import write_jsonl
 
 from tinylm.data.chat import ChatDataError, Conversation, detect_format, read_conversations
@@ -31,39 +30,63 @@ def read_one(tmp_path, record, **kwargs) -> Conversation:
 
 
 def test_openai_and_minimind_records(tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [SYSTEM, USER_EN, BOT_EN, USER_ZH, BOT_ZH]},
-        {"conversations": [USER_ZH, BOT_ZH]},  # MiniMind: role/content under "conversations"
-        {"system": SYSTEM["content"], "messages": [USER_EN, BOT_EN]},
-    ])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [SYSTEM, USER_EN, BOT_EN, USER_ZH, BOT_ZH]},
+            {"conversations": [USER_ZH, BOT_ZH]},  # MiniMind: role/content under "conversations"
+            {"system": SYSTEM["content"], "messages": [USER_EN, BOT_EN]},
+        ],
+    )
     conversations, report = read_conversations(path)
     assert [c.messages for c in conversations] == [
-        [SYSTEM, USER_EN, BOT_EN, USER_ZH, BOT_ZH], [USER_ZH, BOT_ZH], [SYSTEM, USER_EN, BOT_EN]]
+        [SYSTEM, USER_EN, BOT_EN, USER_ZH, BOT_ZH],
+        [USER_ZH, BOT_ZH],
+        [SYSTEM, USER_EN, BOT_EN],
+    ]
     assert [c.source for c in conversations] == [f"{path}:1", f"{path}:2", f"{path}:3"]
     assert report.files[str(path)].read == {"openai": 3} and report.read == 3 and not report.skipped
 
 
 def test_xtuner_bare_lists_and_llamafactory_v1_text_parts(tmp_path):
-    v1 = {"messages": [
-        {"role": "user", "content": [{"type": "text", "value": "你好"}], "loss_weight": 0.0},
-        {"role": "assistant", "loss_weight": 1.0,
-         "content": [{"type": "text", "value": "Hello, "}, {"type": "text", "text": "I am Tiny."}]},
-    ]}
+    v1 = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "value": "你好"}], "loss_weight": 0.0},
+            {
+                "role": "assistant",
+                "loss_weight": 1.0,
+                "content": [{"type": "text", "value": "Hello, "}, {"type": "text", "text": "I am Tiny."}],
+            },
+        ]
+    }
     assert read_one(tmp_path, [USER_EN, BOT_EN]).messages == [USER_EN, BOT_EN]
-    assert read_one(tmp_path, v1).messages == [{"role": "user", "content": "你好"},
-                                               {"role": "assistant", "content": "Hello, I am Tiny."}]
+    assert read_one(tmp_path, v1).messages == [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "Hello, I am Tiny."},
+    ]
 
 
 def test_sharegpt_roles_and_system(tmp_path):
-    record = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "GPT", "value": "Hello!"},
-                                {"from": "user", "value": "再见"}, {"from": "chatgpt", "value": "再见！"},
-                                {"from": "human", "value": "Bye"}, {"from": "bot", "value": "Bye."}],
-              "system": "Be brief."}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "GPT", "value": "Hello!"},
+            {"from": "user", "value": "再见"},
+            {"from": "chatgpt", "value": "再见！"},
+            {"from": "human", "value": "Bye"},
+            {"from": "bot", "value": "Bye."},
+        ],
+        "system": "Be brief.",
+    }
     assert read_one(tmp_path, record).messages == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "再见"}, {"role": "assistant", "content": "再见！"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "再见"},
+        {"role": "assistant", "content": "再见！"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye."},
+    ]
     # a system message in the list wins over the "system" field, as in LLaMA-Factory
     in_list = {"messages": sharegpt(SYSTEM, USER_ZH, BOT_ZH), "system": "ignored"}
     assert read_one(tmp_path, in_list).messages == [SYSTEM, USER_ZH, BOT_ZH]
@@ -72,20 +95,38 @@ def test_sharegpt_roles_and_system(tmp_path):
 def test_alpaca_with_input_history_and_system(tmp_path):
     plain = {"instruction": "Translate to Chinese.", "input": "Good morning", "output": "早上好"}
     assert read_one(tmp_path, plain).messages == [
-        {"role": "user", "content": "Translate to Chinese.\nGood morning"}, {"role": "assistant", "content": "早上好"}]
-    full = {"instruction": "它在哪个国家？", "input": "", "output": "法国。", "system": SYSTEM["content"],
-            "history": [[USER_EN["content"], BOT_EN["content"]], [USER_ZH["content"], BOT_ZH["content"]]]}
+        {"role": "user", "content": "Translate to Chinese.\nGood morning"},
+        {"role": "assistant", "content": "早上好"},
+    ]
+    full = {
+        "instruction": "它在哪个国家？",
+        "input": "",
+        "output": "法国。",
+        "system": SYSTEM["content"],
+        "history": [[USER_EN["content"], BOT_EN["content"]], [USER_ZH["content"], BOT_ZH["content"]]],
+    }
     assert read_one(tmp_path, full).messages == [
-        SYSTEM, USER_EN, BOT_EN, USER_ZH, BOT_ZH,
-        {"role": "user", "content": "它在哪个国家？"}, {"role": "assistant", "content": "法国。"}]
+        SYSTEM,
+        USER_EN,
+        BOT_EN,
+        USER_ZH,
+        BOT_ZH,
+        {"role": "user", "content": "它在哪个国家？"},
+        {"role": "assistant", "content": "法国。"},
+    ]
     seed_task = {"id": "seed_task_0", "instruction": "Antonym?", "instances": [{"input": "hot", "output": "cold"}]}
     assert read_one(tmp_path, seed_task).messages == [
-        {"role": "user", "content": "Antonym?\nhot"}, {"role": "assistant", "content": "cold"}]
+        {"role": "user", "content": "Antonym?\nhot"},
+        {"role": "assistant", "content": "cold"},
+    ]
 
 
 def test_json_arrays_wrapped_arrays_and_json_lines_named_json(tmp_path):
-    records = [{"instruction": "1+1?", "output": "2"}, {"messages": [USER_ZH, BOT_ZH]},
-               {"conversations": sharegpt(USER_EN, BOT_EN)}]
+    records = [
+        {"instruction": "1+1?", "output": "2"},
+        {"messages": [USER_ZH, BOT_ZH]},
+        {"conversations": sharegpt(USER_EN, BOT_EN)},
+    ]
     array = tmp_path / "array.json"
     array.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
     wrapped = tmp_path / "wrapped.json"
@@ -93,8 +134,10 @@ def test_json_arrays_wrapped_arrays_and_json_lines_named_json(tmp_path):
     lines = write_jsonl(tmp_path / "lines.json", records)
     conversations, report = read_conversations([array, wrapped, lines])
     assert [c.source for c in conversations] == (
-        [f"{array}:item {i}" for i in range(3)] + [f"{wrapped}:item {i}" for i in range(3)]
-        + [f"{lines}:{i}" for i in (1, 2, 3)])
+        [f"{array}:item {i}" for i in range(3)]
+        + [f"{wrapped}:item {i}" for i in range(3)]
+        + [f"{lines}:{i}" for i in (1, 2, 3)]
+    )
     assert conversations[1].messages == [USER_ZH, BOT_ZH]
     assert report.read == 9
     assert all(f.read == {"alpaca": 1, "openai": 1, "sharegpt": 1} for f in report.files.values())
@@ -104,15 +147,23 @@ def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="pyarrow reads .parquet")
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"messages": [USER_EN, BOT_EN], "system": None},
-                                         {"messages": [USER_ZH, BOT_ZH], "system": "简洁。"}]),
-                   tmp_path / "chat.parquet", row_group_size=1)
-    pq.write_table(pa.Table.from_pylist([{"instruction": "2+2?", "input": None, "output": "4", "history": None}]),
-                   tmp_path / "alpaca.parquet")
-    conversations, report = read_conversations([tmp_path / "chat.parquet", tmp_path / "alpaca.parquet"])
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"messages": [USER_EN, BOT_EN], "system": None}, {"messages": [USER_ZH, BOT_ZH], "system": "简洁。"}]
+        ),
+        tmp_path / "chat.parquet",
+        row_group_size=1,
+    )
+    pq.write_table(
+        pa.Table.from_pylist([{"instruction": "2+2?", "input": None, "output": "4", "history": None}]),
+        tmp_path / "alpaca.parquet",
+    )
+    conversations, _report = read_conversations([tmp_path / "chat.parquet", tmp_path / "alpaca.parquet"])
     assert [c.messages for c in conversations] == [
-        [USER_EN, BOT_EN], [{"role": "system", "content": "简洁。"}, USER_ZH, BOT_ZH],
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+        [USER_EN, BOT_EN],
+        [{"role": "system", "content": "简洁。"}, USER_ZH, BOT_ZH],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    ]
     assert conversations[1].source == f"{tmp_path / 'chat.parquet'}:row 2"
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(ChatDataError, match=r"broken\.parquet: not a readable parquet file"):
@@ -122,15 +173,18 @@ def test_parquet(tmp_path):
 # -- detection and override ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"messages": [USER_EN, BOT_EN]}, "openai"),
-    ({"conversations": [USER_EN, BOT_EN]}, "openai"),
-    ([USER_EN, BOT_EN], "openai"),
-    ({"conversations": sharegpt(USER_EN, BOT_EN)}, "sharegpt"),
-    ({"messages": sharegpt(USER_EN, BOT_EN), "system": "s"}, "sharegpt"),
-    ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
-    ({"instruction": "i", "instances": [{"input": "", "output": "o"}]}, "alpaca"),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"messages": [USER_EN, BOT_EN]}, "openai"),
+        ({"conversations": [USER_EN, BOT_EN]}, "openai"),
+        ([USER_EN, BOT_EN], "openai"),
+        ({"conversations": sharegpt(USER_EN, BOT_EN)}, "sharegpt"),
+        ({"messages": sharegpt(USER_EN, BOT_EN), "system": "s"}, "sharegpt"),
+        ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
+        ({"instruction": "i", "instances": [{"input": "", "output": "o"}]}, "alpaca"),
+    ],
+)
 def test_detect_format(record, expected):
     assert detect_format(record) == expected
 
@@ -146,8 +200,11 @@ def test_detect_format_refuses_unknown_records():
 def test_format_override(tmp_path):
     record = {"conversations": [USER_EN, BOT_EN]}
     assert read_one(tmp_path, record, format="openai").messages == [USER_EN, BOT_EN]
-    with pytest.raises(ChatDataError, match=r"one\.jsonl:1: conversations\[0\]\.from: missing field "
-                                            r"\(found: 'role', 'content'\)"):
+    with pytest.raises(
+        ChatDataError,
+        match=r"one\.jsonl:1: conversations\[0\]\.from: missing field "
+        r"\(found: 'role', 'content'\)",
+    ):
         read_one(tmp_path, record, format="sharegpt")
     with pytest.raises(ChatDataError, match=r"one\.jsonl:1: instruction: missing field \(found: 'conversations'\)"):
         read_one(tmp_path, record, format="alpaca")
@@ -163,46 +220,101 @@ BAD_RECORDS = [
     # (second line of bad.jsonl, the message after "bad.jsonl:2: ", reason)
     ('{"messages": [oops]}', r"invalid JSON \(Expecting value, column 15\)", "invalid_json"),
     ({"text": "a document"}, r"cannot tell the format from the fields 'text'", "unknown_format"),
-    ({"instruction": "Say hi", "input": ""}, r"output: missing field \(found: 'instruction', 'input'\)",
-     "missing_field"),
-    ({"messages": [{"role": "user"}, BOT_EN]}, r"messages\[0\]\.content: missing field \(found: 'role'\)",
-     "missing_field"),
-    ({"messages": [USER_EN, {"role": "bot", "content": "x"}]},
-     r"messages\[1\]\.role: unknown role 'bot'; expected one of system, user, assistant", "unknown_role"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "narrator", "value": "y"}]},
-     r"conversations\[1\]\.from: unknown role 'narrator'; expected one of human, user, gpt", "unknown_role"),
-    ({"conversations": [{"from": "human", "value": "天气？"}, {"from": "function_call", "value": "{}"},
-                        {"from": "observation", "value": "晴"}, {"from": "gpt", "value": "晴天。"}]},
-     r"conversations\[1\]\.from: 'function_call' is a tool-calling turn, which tinylm does not train", "unsupported"),
-    ({"messages": [USER_EN, {"role": "tool", "content": "{}"}]}, r"messages\[1\]\.role: 'tool' is a tool-calling",
-     "unsupported"),
-    ({"conversations": sharegpt(USER_EN, BOT_EN), "tools": "[{\"name\": \"f\"}]"},
-     r"tools: tool descriptions are not supported", "unsupported"),
-    ({"messages": [USER_EN, {**BOT_EN, "loss_weight": 0.0}]},
-     r"messages\[1\]\.loss_weight: 0\.0 is not supported for assistant messages; expected 1", "unsupported"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]}, BOT_EN]},
-     r"messages\[0\]\.content\[0\]\.type: 'image_url' content is not supported", "unsupported"),
-    ({"instruction": "x", "instances": [{"input": "", "output": "a"}, {"input": "", "output": "b"}]},
-     r"instances: 2 instances; expected exactly one", "unsupported"),
+    (
+        {"instruction": "Say hi", "input": ""},
+        r"output: missing field \(found: 'instruction', 'input'\)",
+        "missing_field",
+    ),
+    (
+        {"messages": [{"role": "user"}, BOT_EN]},
+        r"messages\[0\]\.content: missing field \(found: 'role'\)",
+        "missing_field",
+    ),
+    (
+        {"messages": [USER_EN, {"role": "bot", "content": "x"}]},
+        r"messages\[1\]\.role: unknown role 'bot'; expected one of system, user, assistant",
+        "unknown_role",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "x"}, {"from": "narrator", "value": "y"}]},
+        r"conversations\[1\]\.from: unknown role 'narrator'; expected one of human, user, gpt",
+        "unknown_role",
+    ),
+    (
+        {
+            "conversations": [
+                {"from": "human", "value": "天气？"},
+                {"from": "function_call", "value": "{}"},
+                {"from": "observation", "value": "晴"},
+                {"from": "gpt", "value": "晴天。"},
+            ]
+        },
+        r"conversations\[1\]\.from: 'function_call' is a tool-calling turn, which tinylm does not train",
+        "unsupported",
+    ),
+    (
+        {"messages": [USER_EN, {"role": "tool", "content": "{}"}]},
+        r"messages\[1\]\.role: 'tool' is a tool-calling",
+        "unsupported",
+    ),
+    (
+        {"conversations": sharegpt(USER_EN, BOT_EN), "tools": '[{"name": "f"}]'},
+        r"tools: tool descriptions are not supported",
+        "unsupported",
+    ),
+    (
+        {"messages": [USER_EN, {**BOT_EN, "loss_weight": 0.0}]},
+        r"messages\[1\]\.loss_weight: 0\.0 is not supported for assistant messages; expected 1",
+        "unsupported",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]}, BOT_EN]},
+        r"messages\[0\]\.content\[0\]\.type: 'image_url' content is not supported",
+        "unsupported",
+    ),
+    (
+        {"instruction": "x", "instances": [{"input": "", "output": "a"}, {"input": "", "output": "b"}]},
+        r"instances: 2 instances; expected exactly one",
+        "unsupported",
+    ),
     ({"messages": []}, r"messages: empty conversation", "empty_conversation"),
     ({"messages": [SYSTEM]}, r"messages\[0\]\.role: empty conversation", "empty_conversation"),
-    ({"messages": [USER_ZH, {"role": "assistant", "content": "  \n"}]},
-     r"messages\[1\]\.content: empty content; expected non-empty text", "empty_content"),
+    (
+        {"messages": [USER_ZH, {"role": "assistant", "content": "  \n"}]},
+        r"messages\[1\]\.content: empty content; expected non-empty text",
+        "empty_content",
+    ),
     ({"instruction": "", "input": "", "output": "o"}, r"instruction: empty content", "empty_content"),
-    ({"messages": [USER_EN, {"role": "assistant", "content": 42}]},
-     r"messages\[1\]\.content: a number; expected a string", "wrong_type"),
-    ({"messages": [USER_EN, USER_ZH, BOT_ZH]},
-     r"messages\[1\]\.role: two user turns in a row; expected user and assistant turns to alternate", "alternation"),
-    ({"conversations": sharegpt(BOT_EN, USER_EN, BOT_EN)},
-     r"conversations\[0\]\.from: starts with an assistant turn", "alternation"),
-    ({"instruction": "q", "output": "a", "history": [["", "a0"]]}, r"history\[0\]\[0\]: empty content",
-     "empty_content"),
-    ({"messages": [USER_EN, BOT_EN, USER_ZH]},
-     r"messages\[2\]\.role: the conversation ends with a user turn; expected it to end with the assistant",
-     "last_not_assistant"),
-    ({"messages": [USER_EN, SYSTEM, BOT_EN]},
-     r"messages\[1\]\.role: a system message after other messages; expected a system message only as the first",
-     "system_not_first"),
+    (
+        {"messages": [USER_EN, {"role": "assistant", "content": 42}]},
+        r"messages\[1\]\.content: a number; expected a string",
+        "wrong_type",
+    ),
+    (
+        {"messages": [USER_EN, USER_ZH, BOT_ZH]},
+        r"messages\[1\]\.role: two user turns in a row; expected user and assistant turns to alternate",
+        "alternation",
+    ),
+    (
+        {"conversations": sharegpt(BOT_EN, USER_EN, BOT_EN)},
+        r"conversations\[0\]\.from: starts with an assistant turn",
+        "alternation",
+    ),
+    (
+        {"instruction": "q", "output": "a", "history": [["", "a0"]]},
+        r"history\[0\]\[0\]: empty content",
+        "empty_content",
+    ),
+    (
+        {"messages": [USER_EN, BOT_EN, USER_ZH]},
+        r"messages\[2\]\.role: the conversation ends with a user turn; expected it to end with the assistant",
+        "last_not_assistant",
+    ),
+    (
+        {"messages": [USER_EN, SYSTEM, BOT_EN]},
+        r"messages\[1\]\.role: a system message after other messages; expected a system message only as the first",
+        "system_not_first",
+    ),
 ]
 
 

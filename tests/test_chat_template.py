@@ -80,16 +80,22 @@ def masked_runs(tokenizer: Tokenizer, ids: list[int], mask: list[bool]) -> list[
 
 # -- the formats ---------------------------------------------------------------------------------
 
-VICUNA_SENTENCE = ("A chat between a curious user and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TWO_TURNS = [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-             {"role": "user", "content": "Bye"}]
+VICUNA_SENTENCE = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TWO_TURNS = [
+    SYSTEM,
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+]
 EXPECTED_TEXT = {
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
     "vicuna": f"{VICUNA_SENTENCE} You are a helpful assistant.\nUSER: Hi ASSISTANT: Hello!</s>\nUSER: Bye ASSISTANT:",
     "llama-chinese": "<s>System: You are a helpful assistant.\n</s><s>Human: Hi\n</s><s>Assistant: Hello!</s>"
-                     "<s>Human: Bye\n</s><s>Assistant:",
+    "<s>Human: Bye\n</s><s>Assistant:",
     "raw": "You are a helpful assistant.HiHello!Bye",
 }
 EXPECTED_WITHOUT_SYSTEM = {
@@ -121,6 +127,7 @@ def test_registry_and_stop_markers(tokenizer):
 
 # -- training labels -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -140,41 +147,55 @@ def test_end_of_turn_as_a_special_token_as_in_llama_tokenizers(tokenizer, name):
     from tokenizers import Tokenizer as RustTokenizer
 
     rust = RustTokenizer.from_str(tokenizer.to_json())
-    rust.add_special_tokens([AddedToken("<s>", special=True, normalized=False),
-                             AddedToken("</s>", special=True, normalized=False)])
+    rust.add_special_tokens(
+        [AddedToken("<s>", special=True, normalized=False), AddedToken("</s>", special=True, normalized=False)]
+    )
     llama_like = Tokenizer(rust)
     template, messages = get_template(name), CONVERSATIONS["english+system"]
     end_id = llama_like.token_to_id("</s>")
     assert template.stop_token_ids(llama_like) == [end_id, llama_like.eos_id]
     ids, mask = template.encode(llama_like, messages)
     assert [trained for token, trained in zip(ids, mask) if token == end_id] == (
-        [True, True] if name == "vicuna" else [False, False, True, False, True])  # llama-chinese also closes prompts
+        [True, True] if name == "vicuna" else [False, False, True, False, True]
+    )  # llama-chinese also closes prompts
     answers = [TRAINED_ANSWER[name].format(m["content"]) for m in messages if m["role"] == "assistant"]
     assert masked_runs(llama_like, ids, mask) == answers
 
 
 def test_custom_template_is_a_few_lines(tokenizer):
-    template = ChatTemplate(name="alpaca-like", system="{content}\n\n", user="### Instruction:\n{content}\n\n",
-                            assistant_header="### Response:\n", assistant="{content}<|endoftext|>", separator="\n\n")
+    template = ChatTemplate(
+        name="alpaca-like",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n",
+        assistant_header="### Response:\n",
+        assistant="{content}<|endoftext|>",
+        separator="\n\n",
+    )
     messages = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
     ids, mask = template.encode(tokenizer, messages)
     assert template.render(messages) == "### Instruction:\nSay hi\n\n### Response:\nhi<|endoftext|>\n\n"
     assert masked_runs(tokenizer, ids, mask) == ["hi<|endoftext|>"]
     assert template.stop_token_ids(tokenizer) == [tokenizer.eos_id]
-    with pytest.raises(ValueError, match="user must contain {content} exactly once"):
-        ChatTemplate(name="broken", system="{content}", user="no placeholder", assistant_header="", assistant="{content}")
+    with pytest.raises(ValueError, match=r"user must contain \{content\} exactly once"):
+        ChatTemplate(
+            name="broken", system="{content}", user="no placeholder", assistant_header="", assistant="{content}"
+        )
 
 
 # -- validation ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("messages, error", [
-    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}], "message 1: field 'role' is 'bot'"),
-    ([{"role": "user", "content": "hi"}, SYSTEM], "message 1: field 'role' is 'system', but only the first"),
-    ([SYSTEM, {"role": "user", "content": ["hi"]}], "message 1: field 'content' must be a string, got list"),
-    ([{"role": "user"}], "message 0: field 'content' must be a string, got NoneType"),
-    (["hi"], "message 0: expected a dict with 'role' and 'content', got str"),
-    ({"role": "user", "content": "hi"}, "expected a list of messages, got dict"),
-])
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}], "message 1: field 'role' is 'bot'"),
+        ([{"role": "user", "content": "hi"}, SYSTEM], "message 1: field 'role' is 'system', but only the first"),
+        ([SYSTEM, {"role": "user", "content": ["hi"]}], "message 1: field 'content' must be a string, got list"),
+        ([{"role": "user"}], "message 0: field 'content' must be a string, got NoneType"),
+        (["hi"], "message 0: expected a dict with 'role' and 'content', got str"),
+        ({"role": "user", "content": "hi"}, "expected a list of messages, got dict"),
+    ],
+)
 def test_invalid_conversations_name_the_message_and_field(tokenizer, messages, error):
     with pytest.raises(ValueError, match=error):
         validate_messages(messages)
@@ -184,14 +205,21 @@ def test_invalid_conversations_name_the_message_and_field(tokenizer, messages, e
 
 # -- the exported Jinja --------------------------------------------------------------------------
 
+
 def test_jinja_renders_like_render_even_with_awkward_characters():
     """Quotes, backslashes, Jinja syntax and emoji in the pieces and contents survive the export."""
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    template = ChatTemplate(name="awkward", system='[sys "{content}"]\t', user="{{ user }} {% x %}: {content} \\n\\",
-                            assistant_header="🤖 '", assistant="{content}{# end #}", no_system="none\r\n",
-                            separator="\n")
+    template = ChatTemplate(
+        name="awkward",
+        system='[sys "{content}"]\t',
+        user="{{ user }} {% x %}: {content} \\n\\",
+        assistant_header="🤖 '",
+        assistant="{content}{# end #}",
+        no_system="none\r\n",
+        separator="\n",
+    )
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message):
@@ -211,8 +239,9 @@ def test_jinja_renders_like_render_even_with_awkward_characters():
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("name", TEMPLATES)
-def test_transformers_renders_and_tokenizes_exactly_like_us(tokenizer, hf_tokenizers, name, conversation,
-                                                            add_generation_prompt):
+def test_transformers_renders_and_tokenizes_exactly_like_us(
+    tokenizer, hf_tokenizers, name, conversation, add_generation_prompt
+):
     template, messages, hf = get_template(name), CONVERSATIONS[conversation], hf_tokenizers[name]
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert text == template.render(messages, add_generation_prompt)
@@ -228,11 +257,15 @@ def test_transformers_rejects_a_misplaced_system_message(hf_tokenizers):
 
 # -- saving with the tokenizer -------------------------------------------------------------------
 
+
 def test_tokenizer_saves_and_loads_its_template(tokenizer, tmp_path):
     template = get_template("vicuna")
     directory = template.attach(tokenizer).save(tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text(encoding="utf-8") == template.jinja()
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"] == template.jinja()
+    assert (
+        json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+        == template.jinja()
+    )
     loaded = Tokenizer.load(directory)
     assert loaded.chat_template == template.jinja() and loaded.chat_template_name == "vicuna"
     assert tokenizer.chat_template is None and tokenizer.chat_template_name is None  # attach made a new one

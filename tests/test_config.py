@@ -10,7 +10,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_shipped_configs_load_with_overrides():
-    cfg = load_config(PretrainConfig, str(CONFIGS / "cpu-tiny.yaml"), ["--train.max_steps=200", "--train.save_every=50", "--model.qk_norm=true"])
+    cfg = load_config(
+        PretrainConfig,
+        str(CONFIGS / "cpu-tiny.yaml"),
+        ["--train.max_steps=200", "--train.save_every=50", "--model.qk_norm=true"],
+    )
     assert cfg.train.max_steps == 200 and cfg.train.save_every == 50
     assert cfg.model.model_type == "qwen3"
     small = load_config(PretrainConfig, str(CONFIGS / "minimind2-small.yaml"))

@@ -11,11 +11,16 @@ from tinylm.cli import main
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.train.objectives import DistillLoss
 
-STUDENT = "model:\n  hidden_size: 16\n  num_hidden_layers: 1\n  num_attention_heads: 2\n  num_key_value_heads: 1\n  intermediate_size: 32\n"
+STUDENT = (
+    "model:\n  hidden_size: 16\n  num_hidden_layers: 1\n  num_attention_heads: 2\n  num_key_value_heads: 1\n"
+    "  intermediate_size: 32\n"
+)
 
 
 def val_loss(run):
-    return [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r][-1]
+    return [
+        r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+    ][-1]
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +29,39 @@ def teacher(base_and_chats):
     root, _, _ = base_and_chats
     run = root / "teacher"
     if not (run / "final").exists():
-        assert main(["pretrain", "--out", str(run), "--model.hidden_size=64", "--model.num_hidden_layers=2", "--model.num_attention_heads=4",
-                     "--model.num_key_value_heads=2", "--data.vocab_size=300", *TRAIN, "--train.max_steps=150", "--train.lr=0.01",
-                     "--data.source=files", f"--data.files=[{root / 'text.jsonl'}]"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--out",
+                    str(run),
+                    "--model.hidden_size=64",
+                    "--model.num_hidden_layers=2",
+                    "--model.num_attention_heads=4",
+                    "--model.num_key_value_heads=2",
+                    "--data.vocab_size=300",
+                    *TRAIN,
+                    "--train.max_steps=150",
+                    "--train.lr=0.01",
+                    "--data.source=files",
+                    f"--data.files=[{root / 'text.jsonl'}]",
+                ]
+            )
+            == 0
+        )
     return run / "final", root / "text.jsonl"
 
 
 def test_distill_loss_is_ce_plus_scaled_kl():
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    config = ModelConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+    )
     teacher, student = CausalLM(config), CausalLM(config)
     ids = torch.randint(0, 40, (2, 9))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
@@ -40,7 +69,9 @@ def test_distill_loss_is_ce_plus_scaled_kl():
     kl = (F.softmax(t / 3, -1) * (F.log_softmax(t / 3, -1) - F.log_softmax(s / 3, -1))).sum()
     expected = 0.25 * F.cross_entropy(s, batch["labels"].flatten(), reduction="sum") + 0.75 * 9 * kl
     assert torch.allclose(DistillLoss(teacher, 3.0, 0.75)(student, batch), expected, rtol=1e-5)
-    assert DistillLoss(teacher, 1.0, 0.0)(student, batch).item() == pytest.approx(student(**batch).item(), rel=1e-5)  # w = 0: plain CE
+    assert DistillLoss(teacher, 1.0, 0.0)(student, batch).item() == pytest.approx(
+        student(**batch).item(), rel=1e-5
+    )  # w = 0: plain CE
 
 
 def test_distilled_student_beats_the_same_student_on_data_alone(teacher, tmp_path):
@@ -48,9 +79,38 @@ def test_distilled_student_beats_the_same_student_on_data_alone(teacher, tmp_pat
     student = tmp_path / "student.yaml"
     student.write_text(STUDENT)
     common = [*TRAIN, "--train.max_steps=60", "--train.lr=0.01", "--data.source=files", f"--data.files=[{texts}]"]
-    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(student), "--out", str(tmp_path / "distilled"), *common]) == 0
-    assert main(["pretrain", "--config", str(student), "--out", str(tmp_path / "alone"), f"--data.tokenizer={teacher_dir}", *common]) == 0
-    assert (tmp_path / "distilled" / "final" / "model.safetensors").exists() and (tmp_path / "distilled" / "distill.yaml").exists()
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_dir),
+                "--student",
+                str(student),
+                "--out",
+                str(tmp_path / "distilled"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(student),
+                "--out",
+                str(tmp_path / "alone"),
+                f"--data.tokenizer={teacher_dir}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "distilled" / "final" / "model.safetensors").exists() and (
+        tmp_path / "distilled" / "distill.yaml"
+    ).exists()
     assert val_loss(tmp_path / "distilled") < val_loss(tmp_path / "alone")
 
 
@@ -58,8 +118,26 @@ def test_distill_on_conversations(teacher, base_and_chats, tmp_path):
     teacher_dir, _ = teacher
     _, base, chats = base_and_chats  # same tokenizer? base trained its own on the same text with the same settings
     run = tmp_path / "chat"
-    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(base), "--chat", "--data", str(chats), "--out",
-                 str(run), *TRAIN, "--train.max_steps=40", "--train.lr=0.005"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_dir),
+                "--student",
+                str(base),
+                "--chat",
+                "--data",
+                str(chats),
+                "--out",
+                str(run),
+                *TRAIN,
+                "--train.max_steps=40",
+                "--train.lr=0.005",
+            ]
+        )
+        == 0
+    )
     assert (run / "final" / "chat_template.jinja").exists()  # SFT's pipeline: the chat template was attached
     assert "corpus: chat" in (run / "distill.yaml").read_text()
     val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
@@ -69,8 +147,38 @@ def test_distill_on_conversations(teacher, base_and_chats, tmp_path):
 def test_different_tokenizers_are_refused(teacher, tmp_path, capsys):
     teacher_dir, texts = teacher
     other = tmp_path / "other"
-    assert main(["pretrain", "--out", str(other), "--model.hidden_size=16", "--model.num_hidden_layers=1", "--model.num_attention_heads=2",
-                 "--model.num_key_value_heads=1", "--data.vocab_size=280", *TRAIN, "--train.max_steps=2", "--data.source=files",
-                 f"--data.files=[{texts}]"]) == 0
-    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(other / "final"), "--out", str(tmp_path / "x"), *TRAIN]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(other),
+                "--model.hidden_size=16",
+                "--model.num_hidden_layers=1",
+                "--model.num_attention_heads=2",
+                "--model.num_key_value_heads=1",
+                "--data.vocab_size=280",
+                *TRAIN,
+                "--train.max_steps=2",
+                "--data.source=files",
+                f"--data.files=[{texts}]",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_dir),
+                "--student",
+                str(other / "final"),
+                "--out",
+                str(tmp_path / "x"),
+                *TRAIN,
+            ]
+        )
+        == 2
+    )
     assert "use different tokenizers" in capsys.readouterr().err

@@ -26,27 +26,77 @@ def chat_and_pairs(base_and_chats):
     """A tiny chat model that knows who likes which colour, and pairs preferring the right colour."""
     root, _, chats = base_and_chats
     base = root / "dpo-base"
-    assert main(["pretrain", "--out", str(base), *TINY_MODEL, *TRAIN, "--train.max_steps=150", "--train.lr=0.01", "--data.source=files",
-                 f"--data.files=[{root / 'text.jsonl'}]"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(base),
+                *TINY_MODEL,
+                *TRAIN,
+                "--train.max_steps=150",
+                "--train.lr=0.01",
+                "--data.source=files",
+                f"--data.files=[{root / 'text.jsonl'}]",
+            ]
+        )
+        == 0
+    )
     chat = root / "dpo-chat"
-    assert main(["sft", "--init", str(base / "final"), "--data", str(chats), "--out", str(chat), *TRAIN, "--train.max_steps=40", "--train.lr=0.005"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--init",
+                str(base / "final"),
+                "--data",
+                str(chats),
+                "--out",
+                str(chat),
+                *TRAIN,
+                "--train.max_steps=40",
+                "--train.lr=0.005",
+            ]
+        )
+        == 0
+    )
     rng = random.Random(1)
     pairs = root / "pairs.jsonl"
     with open(pairs, "w", encoding="utf-8") as f:
         for _ in range(200):
             name = rng.choice(list(NAMES))
             wrong = rng.choice([c for c in NAMES.values() if c != NAMES[name]])
-            f.write(json.dumps({"conversations": [{"from": "human", "value": f"What colour does {name} like?"}],
-                                "chosen": {"from": "gpt", "value": f"{name} likes {NAMES[name]}."},
-                                "rejected": {"from": "gpt", "value": f"{name} likes {wrong}. Whatever."}}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "conversations": [{"from": "human", "value": f"What colour does {name} like?"}],
+                        "chosen": {"from": "gpt", "value": f"{name} likes {NAMES[name]}."},
+                        "rejected": {"from": "gpt", "value": f"{name} likes {wrong}. Whatever."},
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return chat / "final", pairs
 
 
-
-
 def dpo_args(chat, pairs, out, *extra):
-    return ["dpo", "--init", str(chat), "--data", str(pairs), "--out", str(out), *TRAIN, "--train.eval_batches=4", "--data.val_fraction=0.1",
-            "--train.lr=0.0005", "--train.weight_decay=0", "--dpo.sft_weight=0", *extra]
+    return [
+        "dpo",
+        "--init",
+        str(chat),
+        "--data",
+        str(pairs),
+        "--out",
+        str(out),
+        *TRAIN,
+        "--train.eval_batches=4",
+        "--data.val_fraction=0.1",
+        "--train.lr=0.0005",
+        "--train.weight_decay=0",
+        "--dpo.sft_weight=0",
+        *extra,
+    ]
 
 
 def test_sigmoid_loss_is_the_dpo_formula():
@@ -76,17 +126,27 @@ def test_pairs_encode_prompt_plus_answer(base_and_chats):
 
     _, base, _ = base_and_chats
     tokenizer, template = Tokenizer.load(base), get_template("chatml")
-    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tom?"}]
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tom?"},
+    ]
     (pair,), truncated = encode_pairs([PreferencePair(prompt, "Tom likes red.", "No.", "x")], template, tokenizer, 64)
     assert not truncated
     batch = pairs_batch([pair], [0], pad_id=tokenizer.eos_id)
     for row, answer in zip(batch["labels"], ["Tom likes red.", "No."]):
-        assert tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|im_end|>"  # not "Hello!": it is context
+        assert (
+            tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|im_end|>"
+        )  # not "Hello!": it is context
     long_prompt = [{"role": "user", "content": "Tom? " * 60}]
-    (cut,), truncated = encode_pairs([PreferencePair(long_prompt, "red " * 80, "No.", "file:3")], template, tokenizer, 64)
+    (cut,), truncated = encode_pairs(
+        [PreferencePair(long_prompt, "red " * 80, "No.", "file:3")], template, tokenizer, 64
+    )
     assert truncated == ["file:3"] and len(cut.chosen) <= 64 and len(cut.rejected) <= 64
     first_label = next(i for i, label in enumerate(cut.chosen.labels) if label != -100)  # input i predicts token i + 1
-    assert tokenizer.decode(cut.chosen.input_ids[: first_label + 1]).endswith("<|im_start|>assistant\n")  # the prompt lost its start, not its end
+    assert tokenizer.decode(cut.chosen.input_ids[: first_label + 1]).endswith(
+        "<|im_start|>assistant\n"
+    )  # the prompt lost its start, not its end
 
 
 def test_dpo_raises_the_margin_and_logs_rewards(chat_and_pairs, tmp_path, capsys):
@@ -106,7 +166,10 @@ def test_dpo_raises_the_margin_and_logs_rewards(chat_and_pairs, tmp_path, capsys
     # the aligned model still answers, and now through `tinylm chat`
     prompts = tmp_path / "p.txt"
     prompts.write_text("What colour does Ann like?\n", encoding="utf-8")
-    assert main(["chat", str(run / "final"), "--prompts", str(prompts), "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(["chat", str(run / "final"), "--prompts", str(prompts), "--temperature", "0", "--max-new-tokens", "12"])
+        == 0
+    )
     assert "Ann likes blue" in capsys.readouterr().out
 
 
@@ -125,13 +188,32 @@ def test_precomputed_reference_trains_like_the_live_one(chat_and_pairs, tmp_path
 def test_dpo_with_lora_uses_the_base_as_reference(chat_and_pairs, tmp_path, method):
     chat, pairs = chat_and_pairs
     run = tmp_path / "lora"
-    assert main(dpo_args(chat, pairs, run, "--train.max_steps=30", *method, "--lora-r", "8", "--lora-alpha", "16", "--train.lr=0.01",
-                         "--train.log_every=1", "--lora.block_size=32")) == 0
+    assert (
+        main(
+            dpo_args(
+                chat,
+                pairs,
+                run,
+                "--train.max_steps=30",
+                *method,
+                "--lora-r",
+                "8",
+                "--lora-alpha",
+                "16",
+                "--train.lr=0.01",
+                "--train.log_every=1",
+                "--lora.block_size=32",
+            )
+        )
+        == 0
+    )
     assert (run / "final" / "adapter_config.json").exists() and not (run / "final" / "model.safetensors").exists()
     train = [r for r in metrics(run) if "loss" in r]
     # step 1 is scored before any update: the reference is the adapter-free (for QLoRA: 4-bit) base, so
     # every reward is exactly 0, whether it is scored live or was scored up front
-    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["rewards/chosen"] == pytest.approx(
+        0, abs=1e-6
+    )
     assert train[-1]["margin"] > 1.0
 
 
@@ -149,7 +231,10 @@ def test_a_lora_stage_can_start_from_an_adapter(chat_and_pairs, tmp_path):
     ids = torch.tensor([[3, 5, 7, 11]])
     with torch.no_grad():
         assert torch.allclose(merged(ids), model(ids), atol=1e-5)
-    assert merged_tokenizer.chat_template_name == "chatml" and merged.config.eos_token_ids() == model.config.eos_token_ids()
+    assert (
+        merged_tokenizer.chat_template_name == "chatml"
+        and merged.config.eos_token_ids() == model.config.eos_token_ids()
+    )
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
@@ -165,8 +250,15 @@ def test_dpo_errors_name_the_problem(chat_and_pairs, base_and_chats, tmp_path, c
     chat, _ = chat_and_pairs
     _, base, _ = base_and_chats
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                               "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            }
+        )
+        + "\n"
+    )
     assert main(["dpo", "--init", str(chat), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert main(["dpo", "--init", str(base), "--out", str(tmp_path / "y")]) == 2  # a base model: no chat template

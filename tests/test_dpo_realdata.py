@@ -16,9 +16,20 @@ from tinylm.data.preference import read_preferences
 
 pytestmark = pytest.mark.realdata
 
-TINY_MODEL = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2",
-              "--model.num_key_value_heads=1", "--data.vocab_size=1000"]
-TRAIN = ["--train.seq_len=512", "--train.batch_size=4", "--train.progress=false", "--train.warmup_steps=2", "--train.save_every=0"]
+TINY_MODEL = [
+    "--model.hidden_size=32",
+    "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--model.num_key_value_heads=1",
+    "--data.vocab_size=1000",
+]
+TRAIN = [
+    "--train.seq_len=512",
+    "--train.batch_size=4",
+    "--train.progress=false",
+    "--train.warmup_steps=2",
+    "--train.save_every=0",
+]
 # file → (the format it must be read as, extra arguments)
 CASES = {
     "llamafactory_dpo_en_demo.json": ("llamafactory", []),
@@ -42,8 +53,21 @@ def base(tmp_path_factory):
             for pair in pairs[:300]:
                 document = "\n".join([*(m["content"] for m in pair.prompt), pair.chosen, pair.rejected])
                 f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-    assert main(["pretrain", "--out", str(root / "base"), *TINY_MODEL, *TRAIN, "--train.max_steps=20", "--data.source=files",
-                 f"--data.files=[{text}]"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(root / "base"),
+                *TINY_MODEL,
+                *TRAIN,
+                "--train.max_steps=20",
+                "--data.source=files",
+                f"--data.files=[{text}]",
+            ]
+        )
+        == 0
+    )
     return SHARED_DATA / "dpo", root / "base" / "final"
 
 
@@ -52,7 +76,9 @@ def first_records(path, count: int, out_dir):
     thing), small enough that a few steps go over each pair several times."""
     out = out_dir / path.name
     if path.name.endswith(".json"):
-        out.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8"))[:count], ensure_ascii=False), encoding="utf-8")
+        out.write_text(
+            json.dumps(json.loads(path.read_text(encoding="utf-8"))[:count], ensure_ascii=False), encoding="utf-8"
+        )
     else:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f, opener(out, "wt", encoding="utf-8") as g:
@@ -65,11 +91,34 @@ def test_dpo_on_real_pairs_grows_the_margin(base, name, tmp_path, capsys):
     data, model = base
     fmt, extra = CASES[name]
     run = tmp_path / "dpo"
-    assert len(read_preferences(data / name, skip_bad=True)[0]) >= 300  # every record of the whole file loads (or is counted)
+    assert (
+        len(read_preferences(data / name, skip_bad=True)[0]) >= 300
+    )  # every record of the whole file loads (or is counted)
     capsys.readouterr()
-    assert main(["dpo", "--init", str(model), "--template", "chatml", "--data", str(first_records(data / name, 40, tmp_path)),
-                 "--out", str(run), *TRAIN, *extra, "--train.max_steps=24", "--train.lr=0.002", "--train.log_every=8",
-                 "--train.eval_every=24", "--data.val_fraction=0.05", "--dpo.sft_weight=0"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--init",
+                str(model),
+                "--template",
+                "chatml",
+                "--data",
+                str(first_records(data / name, 40, tmp_path)),
+                "--out",
+                str(run),
+                *TRAIN,
+                *extra,
+                "--train.max_steps=24",
+                "--train.lr=0.002",
+                "--train.log_every=8",
+                "--train.eval_every=24",
+                "--data.val_fraction=0.05",
+                "--dpo.sft_weight=0",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"read {fmt} " in err, err
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -34,7 +34,9 @@ def tokenizer():
 def make_model(vocab_size=300, seed=0, **overrides) -> CausalLM:
     """A random ~100k-parameter model, its weights spread wide enough that greedy picks vary."""
     torch.manual_seed(seed)
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    shape = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96
+    )
     model = CausalLM(ModelConfig(vocab_size=vocab_size, **{**shape, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -104,7 +106,9 @@ def test_matches_transformers_greedy_generate():
 
     def theirs(eos):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0
+            )
         return out[0, len(prompt) :].tolist()
 
     # never stopping: transformers has no eos to look for, we have no stop token
@@ -163,7 +167,12 @@ def test_temperature_sharpens_and_flattens():
 def test_seed_makes_sampling_reproducible():
     engine = Engine(make_model())
     prompts = [[5, 17, 42], [9, 8]]
-    sampled = lambda seed: engine.generate(prompts, SamplingSettings(max_new_tokens=16, temperature=1.5, seed=seed, stop_token_ids=[]))  # noqa: E731
+
+    def sampled(seed):
+        return engine.generate(
+            prompts, SamplingSettings(max_new_tokens=16, temperature=1.5, seed=seed, stop_token_ids=[])
+        )
+
     assert sampled(1) == sampled(1)
     assert sampled(1) != sampled(2)
     assert sampled(1) != engine.generate(prompts, greedy(16))
@@ -230,8 +239,14 @@ class ScriptedLM(CausalLM):
     tokens (say, the bytes of a split emoji): at position p it predicts script[p - prompt_len + 1]."""
 
     def __init__(self, vocab_size: int, script: list[int], prompt_len: int):
-        config = ModelConfig(vocab_size=vocab_size, hidden_size=vocab_size, num_hidden_layers=0, num_attention_heads=2,
-                             tie_word_embeddings=False, max_position_embeddings=256)
+        config = ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=vocab_size,
+            num_hidden_layers=0,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+        )
         super().__init__(config)
         with torch.no_grad():
             self.lm_head.weight.copy_(torch.eye(vocab_size))
@@ -246,7 +261,7 @@ class ScriptedLM(CausalLM):
 
 def test_stream_is_whole_characters_and_matches_complete(tokenizer):
     prompt = tokenizer.encode("User: hi\nAssistant:")
-    script = tokenizer.encode(MIXED_TEXT.replace("\nUser: ok", "")) + [tokenizer.eos_id]
+    script = [*tokenizer.encode(MIXED_TEXT.replace("\nUser: ok", "")), tokenizer.eos_id]
     engine = Engine(ScriptedLM(tokenizer.vocab_size, script, len(prompt)), tokenizer)
     settings = SamplingSettings(max_new_tokens=100, temperature=0)
     stream = engine.stream(prompt, settings)

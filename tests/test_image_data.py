@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 
 from tinylm.data.builtin_images import image_scenes, render, write_image_corpus
@@ -40,18 +39,32 @@ def error_of(tmp_path, records, **kwargs) -> ChatDataError:
 def test_llava_records_with_several_images_and_text_only_records(tmp_path, pictures):
     records = [
         {"image": "pics/0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, ANSWER]},
-        {"image": ["pics/1.png", "pics/2.png"], "system": "Be brief.",
-         "conversations": [{"from": "human", "value": "<image>\nAnd this?"}, ANSWER,
-                           {"from": "human", "value": "Compare with <image>"}, {"from": "gpt", "value": "Same."}]},
+        {
+            "image": ["pics/1.png", "pics/2.png"],
+            "system": "Be brief.",
+            "conversations": [
+                {"from": "human", "value": "<image>\nAnd this?"},
+                ANSWER,
+                {"from": "human", "value": "Compare with <image>"},
+                {"from": "gpt", "value": "Same."},
+            ],
+        },
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
-        {"image": "pics/2.png, pics/0.png",  # MiniMind-V's multi-image records
-         "conversations": [{"role": "user", "content": "<image><image>\nSame?"}, {"role": "assistant", "content": "No."}]},
+        {
+            "image": "pics/2.png, pics/0.png",  # MiniMind-V's multi-image records
+            "conversations": [
+                {"role": "user", "content": "<image><image>\nSame?"},
+                {"role": "assistant", "content": "No."},
+            ],
+        },
     ]
     path = write_jsonl(tmp_path / "llava.jsonl", records)
     conversations, report = read_image_conversations(path)
     assert [c.images for c in conversations] == [[pictures[0]], pictures[1:], [], [pictures[2], pictures[0]]]
-    assert conversations[0].messages == [{"role": "user", "content": "<image>\nWhat is it?"},
-                                         {"role": "assistant", "content": "A red circle."}]
+    assert conversations[0].messages == [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A red circle."},
+    ]
     assert conversations[1].messages[0] == {"role": "system", "content": "Be brief."}
     assert [m["content"].count(IMAGE_TAG) for m in conversations[1].messages] == [0, 1, 0, 1, 0]
     assert [c.source for c in conversations] == [f"{path}:{n}" for n in range(1, 5)]
@@ -61,9 +74,15 @@ def test_llava_records_with_several_images_and_text_only_records(tmp_path, pictu
 def test_llamafactory_tags_anywhere_and_image_root(tmp_path, pictures):
     data = tmp_path / "data"
     data.mkdir()
-    record = {"messages": [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "Tom."},
-                           {"role": "user", "content": "Doing what?<image>"}, {"role": "assistant", "content": "Running."}],
-              "images": ["0.png", "0.png"]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "<image>Who?"},
+            {"role": "assistant", "content": "Tom."},
+            {"role": "user", "content": "Doing what?<image>"},
+            {"role": "assistant", "content": "Running."},
+        ],
+        "images": ["0.png", "0.png"],
+    }
     path = data / "demo.json"
     path.write_text(json.dumps([record]), encoding="utf-8")
     (conversation,), report = read_image_conversations([path], image_root=tmp_path / "pics")
@@ -71,7 +90,7 @@ def test_llamafactory_tags_anywhere_and_image_root(tmp_path, pictures):
     assert conversation.messages[2]["content"] == "Doing what?<image>"
     assert conversation.source == f"{path}:item 0"
     assert report.read == 1 and report.files[str(path)].read == {"llamafactory": 1}
-    with pytest.raises(ChatDataError, match="missing_image|not found") as info:
+    with pytest.raises(ChatDataError, match=r"missing_image|not found") as info:
         read_image_conversations(path)  # without image_root: beside the file, where they are not
     assert info.value.reason == "missing_image"
 
@@ -81,11 +100,22 @@ def test_xtuner_content_parts(tmp_path, pictures):
         return {"type": "image_url", "image_url": {"url": f"resource/{name}", "image_wh": [16, 16]}}
 
     records = [
-        {"id": 1, "messages": [{"role": "user", "content": [image("0.png"), {"type": "text", "text": "<IMG_CONTEXT>\nColour?"}]},
-                               {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Shape?"},
-                               {"role": "assistant", "content": "A circle."}]},
-        {"id": 2, "messages": [{"role": "user", "content": [image("1.png"), image("2.png"), {"type": "text", "text": "Same?"}]},
-                               {"role": "assistant", "content": "No."}]},
+        {
+            "id": 1,
+            "messages": [
+                {"role": "user", "content": [image("0.png"), {"type": "text", "text": "<IMG_CONTEXT>\nColour?"}]},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "Shape?"},
+                {"role": "assistant", "content": "A circle."},
+            ],
+        },
+        {
+            "id": 2,
+            "messages": [
+                {"role": "user", "content": [image("1.png"), image("2.png"), {"type": "text", "text": "Same?"}]},
+                {"role": "assistant", "content": "No."},
+            ],
+        },
     ]
     # "resource/0.png" is not under the file's folder: found with the first folder dropped
     path = write_jsonl(tmp_path / "pics" / "sft.jsonl", records)
@@ -98,29 +128,47 @@ def test_xtuner_content_parts(tmp_path, pictures):
 
 
 def test_xtuner_pretrain_becomes_a_caption_pair(tmp_path, pictures):
-    parts = [{"type": "image_url", "image_url": {"url": "pics/0.png"}}, {"type": "image_url", "image_url": {"url": "pics/1.png"}},
-             {"type": "text", "text": "<IMG_CONTEXT>\nA red circle.<IMG_CONTEXT>\nTwo blue squares."}]
+    parts = [
+        {"type": "image_url", "image_url": {"url": "pics/0.png"}},
+        {"type": "image_url", "image_url": {"url": "pics/1.png"}},
+        {"type": "text", "text": "<IMG_CONTEXT>\nA red circle.<IMG_CONTEXT>\nTwo blue squares."},
+    ]
     conversation = read_one(tmp_path, {"messages": [{"role": "pretrain", "content": parts}]})
-    assert conversation.messages == [{"role": "user", "content": "<image>\n<image>"},
-                                     {"role": "assistant", "content": "A red circle.\nTwo blue squares."}]
+    assert conversation.messages == [
+        {"role": "user", "content": "<image>\n<image>"},
+        {"role": "assistant", "content": "A red circle.\nTwo blue squares."},
+    ]
     assert conversation.images == pictures[:2]
 
 
 def test_xtuner_errors_and_hf_image_parts(tmp_path, pictures):
     url = {"type": "image_url", "image_url": {"url": "pics/0.png"}}
-    two_placeholders = {"messages": [{"role": "user", "content": [url, {"type": "text", "text": "<IMG_CONTEXT><IMG_CONTEXT>?"}]},
-                                     {"role": "assistant", "content": "No."}]}
+    two_placeholders = {
+        "messages": [
+            {"role": "user", "content": [url, {"type": "text", "text": "<IMG_CONTEXT><IMG_CONTEXT>?"}]},
+            {"role": "assistant", "content": "No."},
+        ]
+    }
     error = error_of(tmp_path, [two_placeholders])
     assert error.reason == "image_count" and "messages[0].content: 1 image part(s) but 2" in str(error)
     no_image = {"messages": [{"role": "pretrain", "content": [{"type": "text", "text": "Just text."}]}]}
     assert error_of(tmp_path, [no_image]).reason == "image_count"
-    missing = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "res/gone.png"}}]},
-                            {"role": "assistant", "content": "?"}]}
+    missing = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "res/gone.png"}}]},
+            {"role": "assistant", "content": "?"},
+        ]
+    }
     error = error_of(tmp_path, [missing])
     assert error.reason == "missing_image" and "messages[0].content[0].image_url: image 'res/gone.png'" in str(error)
     # HF/TRL style: {"type": "image"} parts, the images in the record's "images"; absolute paths as given
-    hf = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
-                       {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}], "images": [str(pictures[2])]}
+    hf = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        ],
+        "images": [str(pictures[2])],
+    }
     conversation = read_one(tmp_path, hf)
     assert conversation.messages[0]["content"] == "<image>\nWhat?" and conversation.images == [pictures[2]]
     bare = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]  # XTuner's text-only records
@@ -131,22 +179,41 @@ def test_parquet_rows_with_image_bytes(tmp_path, pictures):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     png = [p.read_bytes() for p in pictures]
     chat = [{"from": "human", "value": "<image>\nWhat is it?"}, ANSWER]
-    hf = pa.table({"image": [{"bytes": png[0], "path": "x.png"}, {"bytes": None, "path": str(pictures[1])}],
-                   "conversations": [chat, chat]})
+    hf = pa.table(
+        {
+            "image": [{"bytes": png[0], "path": "x.png"}, {"bytes": None, "path": str(pictures[1])}],
+            "conversations": [chat, chat],
+        }
+    )
     pq.write_table(hf, tmp_path / "hf.parquet")
-    pq.write_table(pa.table({"images": [[png[0], png[1]]], "messages": [[
-        {"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": "No."}]]}), tmp_path / "multi.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "images": [[png[0], png[1]]],
+                "messages": [
+                    [{"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": "No."}]
+                ],
+            }
+        ),
+        tmp_path / "multi.parquet",
+    )
     pq.write_table(pa.table({"image": [png[2]], "caption": [" A green square. "]}), tmp_path / "captions.parquet")
     minimind = json.dumps([{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A shape."}])
     pq.write_table(pa.table({"conversations": [minimind], "image_bytes": [[png[1]]]}), tmp_path / "minimind.parquet")
     paths = [tmp_path / name for name in ("hf.parquet", "multi.parquet", "captions.parquet", "minimind.parquet")]
     conversations, report = read_image_conversations(paths)
     assert [c.images for c in conversations] == [[png[0]], [pictures[1]], png[:2], [png[2]], [png[1]]]
-    assert conversations[3].messages == [{"role": "user", "content": "<image>\nDescribe the picture."},
-                                         {"role": "assistant", "content": "A green square."}]
+    assert conversations[3].messages == [
+        {"role": "user", "content": "<image>\nDescribe the picture."},
+        {"role": "assistant", "content": "A green square."},
+    ]
     assert conversations[0].source == f"{paths[0]}:row 1"
-    assert [dict(f.read) for f in report.files.values()] == [{"llava": 2}, {"llamafactory": 1}, {"caption": 1},
-                                                             {"minimind-v": 1}]
+    assert [dict(f.read) for f in report.files.values()] == [
+        {"llava": 2},
+        {"llamafactory": 1},
+        {"caption": 1},
+        {"minimind-v": 1},
+    ]
     assert load_image(conversations[0].images[0]).size == (16, 16)
 
 
@@ -171,8 +238,10 @@ def test_missing_image_names_the_path_and_the_sample(tmp_path, pictures):
 
 
 def test_image_in_a_reply(tmp_path, pictures):
-    record = {"image": "pics/0.png",
-              "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image>"}]}
+    record = {
+        "image": "pics/0.png",
+        "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image>"}],
+    }
     error = error_of(tmp_path, [record])
     assert error.reason == "image_in_reply" and "conversations[1].value" in str(error)
 
@@ -193,8 +262,13 @@ def test_skip_bad_counts_each_reason_and_chat_rules_still_apply(tmp_path, pictur
     path = write_jsonl(tmp_path / "mixed.jsonl", records)
     conversations, report = read_image_conversations(path, skip_bad=True)
     assert [c.source for c in conversations] == [f"{path}:1", f"{path}:7"]
-    assert report.skipped == {"missing_image": 1, "image_count": 1, "image_in_reply": 1, "last_not_assistant": 1,
-                              "unsupported": 1}
+    assert report.skipped == {
+        "missing_image": 1,
+        "image_count": 1,
+        "image_in_reply": 1,
+        "last_not_assistant": 1,
+        "unsupported": 1,
+    }
     assert report.files[str(path)].first_error["missing_image"].startswith(f"{path}:2:")
     assert "image_count" in report.summary()
 
@@ -206,21 +280,29 @@ def write_coco(root: Path, pictures, captions: dict[int, list[str]], name="capti
     for i, picture in enumerate(pictures):
         (root / "train2017" / f"{i:012d}.jpg").write_bytes(picture.read_bytes())
         images.append({"id": 100 + i, "file_name": f"{i:012d}.jpg"})
-    annotations = [{"image_id": image_id, "id": n, "caption": c} for n, (image_id, texts) in enumerate(captions.items())
-                   for c in texts]
+    annotations = [
+        {"image_id": image_id, "id": n, "caption": c}
+        for n, (image_id, texts) in enumerate(captions.items())
+        for c in texts
+    ]
     path = root / "annotations" / name
     path.write_text(json.dumps({"images": images, "annotations": annotations}), encoding="utf-8")
     return path
 
 
 def test_coco_captions(tmp_path, pictures):
-    path = write_coco(tmp_path / "coco", pictures[:2], {100: ["A red circle. ", "Something red."], 101: ["Two squares."]})
+    path = write_coco(
+        tmp_path / "coco", pictures[:2], {100: ["A red circle. ", "Something red."], 101: ["Two squares."]}
+    )
     conversations = read_coco_captions(path)
     assert len(conversations) == 3
-    assert conversations[0].messages == [{"role": "user", "content": "<image>\nDescribe the picture."},
-                                         {"role": "assistant", "content": "A red circle."}]
+    assert conversations[0].messages == [
+        {"role": "user", "content": "<image>\nDescribe the picture."},
+        {"role": "assistant", "content": "A red circle."},
+    ]
     assert [c.images for c in conversations] == [[tmp_path / "coco" / "train2017" / "000000000000.jpg"]] * 2 + [
-        [tmp_path / "coco" / "train2017" / "000000000001.jpg"]]
+        [tmp_path / "coco" / "train2017" / "000000000001.jpg"]
+    ]
     assert conversations[2].source == f"{path}:annotation 2"
     (first, *_) = read_coco_captions(path, image_dir=tmp_path / "coco" / "train2017", prompt="What?")
     assert first.messages[0]["content"] == "<image>\nWhat?"
@@ -234,7 +316,9 @@ def test_coco_errors(tmp_path, pictures):
         read_coco_captions(renamed)  # no val2017 folder
     assert str(tmp_path / "coco" / "val2017") in str(info.value)
     (tmp_path / "coco" / "train2017" / "000000000000.jpg").unlink()
-    with pytest.raises(ChatDataError, match=r"annotations\[0\] \(image_id 100\): image .*000000000000.jpg not found") as info:
+    with pytest.raises(
+        ChatDataError, match=r"annotations\[0\] \(image_id 100\): image .*000000000000.jpg not found"
+    ) as info:
         read_coco_captions(path)
     assert info.value.reason == "missing_image" and str(path) in str(info.value)
     path.write_text('{"images": [', encoding="utf-8")
@@ -274,8 +358,13 @@ def test_xtuner_examples(shared_data, name):
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(conversations) == len(lines) and report.files[str(path)].read == {"xtuner": len(lines)}
     for conversation, record in zip(conversations, lines):
-        urls = [part["image_url"]["url"] for m in record["messages"] if isinstance(m["content"], list)
-                for part in m["content"] if part["type"] == "image_url"]
+        urls = [
+            part["image_url"]["url"]
+            for m in record["messages"]
+            if isinstance(m["content"], list)
+            for part in m["content"]
+            if part["type"] == "image_url"
+        ]
         assert [p.name for p in conversation.images] == [Path(url).name for url in urls]
         assert all(p.is_file() for p in conversation.images)
         assert "<IMG_CONTEXT>" not in json.dumps(conversation.messages, ensure_ascii=False)

@@ -14,7 +14,9 @@ def test_pixels_match_transformers_image_processor(tmp_path):
     processor = ImageProcessor(size=32, mean=[0.48, 0.45, 0.40], std=[0.27, 0.26, 0.28])
     processor.save(tmp_path)
     theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path, use_fast=False)
-    images = [render(s, 64) for s in image_scenes(0, 3)] + [Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))]
+    images = [render(s, 64) for s in image_scenes(0, 3)] + [
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    ]
     expected = torch.as_tensor(theirs(images, return_tensors="np")["pixel_values"])
     ours = processor(images)
     assert ours.shape == (4, 3, 32, 32) and torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()

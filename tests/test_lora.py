@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from tinylm.model.llama import CausalLM, ModelConfig
-from tinylm.model.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, merge_lora, read_adapter_config, save_adapter
+from tinylm.model.lora import (
+    LoRAConfig,
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
 from tinylm.modeldir import ModelDirError, load_model_dir, save_model_dir
 
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
@@ -14,8 +22,15 @@ IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
 
 def make_model(seed=0) -> CausalLM:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, tie_word_embeddings=False)
+    config = ModelConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        tie_word_embeddings=False,
+    )
     return CausalLM(config).eval()
 
 
@@ -74,12 +89,16 @@ def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     save_model_dir(make_model(), tmp_path / "base")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     randomize_lora(peft_model)
     peft_model.save_pretrained(tmp_path / "peft_adapter")
     ours, _ = load_model_dir(tmp_path / "base")
     config = load_adapter(ours, tmp_path / "peft_adapter")
-    assert config.r == 4 and sorted(config.target_modules) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config.r == 4 and sorted(config.target_modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     with torch.no_grad():
         assert torch.allclose(peft_model.eval()(IDS).logits, ours.eval()(IDS), atol=1e-5)
 
@@ -114,4 +133,6 @@ def test_merge_command_writes_a_plain_model_with_the_adapters_logits(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged.eval()(IDS), model(IDS), atol=1e-5)
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
-    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged2")]) == 2  # SHA-256 check
+    assert (
+        main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged2")]) == 2
+    )  # SHA-256 check

@@ -7,13 +7,13 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import TINY_MODEL, TRAIN
+from safetensors.torch import load_file
 
 from tinylm.cli import main
 from tinylm.config import SFTConfig, load_config
-from tinylm.train.recipes import sft
 from tinylm.modeldir import load_model_dir
+from tinylm.train.recipes import sft
 
 LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8"]
 IDS = torch.tensor([[5, 9, 30, 2, 77, 41]])
@@ -25,8 +25,22 @@ def trained_base(base_and_chats):
     final norm of a barely trained 32-wide model cap its logits near zero, and then nothing can learn."""
     root, _, chats = base_and_chats
     run = root / "trained-base"
-    assert main(["pretrain", "--out", str(run), *TINY_MODEL, *TRAIN, "--train.max_steps=150", "--train.lr=0.01", "--data.source=files",
-                 f"--data.files=[{root / 'text.jsonl'}]"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(run),
+                *TINY_MODEL,
+                *TRAIN,
+                "--train.max_steps=150",
+                "--train.lr=0.01",
+                "--data.source=files",
+                f"--data.files=[{root / 'text.jsonl'}]",
+            ]
+        )
+        == 0
+    )
     return run / "final", chats
 
 
@@ -38,12 +52,30 @@ def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path
     base, chats = trained_base
     base_weights = (base / "model.safetensors").read_bytes()
     run = tmp_path / "lora"
-    assert main(["sft", "--init", str(base), "--data", str(chats), "--out", str(run), *TRAIN, *LORA, "--train.max_steps=60",
-                 "--train.lr=0.01"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--init",
+                str(base),
+                "--data",
+                str(chats),
+                "--out",
+                str(run),
+                *TRAIN,
+                *LORA,
+                "--train.max_steps=60",
+                "--train.lr=0.01",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "lora: rank 4 on 14 layers" in err and "trainable parameters" in err
     final = run / "final"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in final.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in final.iterdir()
+    }
     assert not (final / "model.safetensors").exists() and (base / "model.safetensors").read_bytes() == base_weights
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
     val = val_losses(run)
@@ -51,7 +83,10 @@ def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path
 
     # the adapter directory loads as a model (base + adapter merged), with the chat template and stop tokens of the run
     model, tokenizer = load_model_dir(final)
-    assert tokenizer.chat_template and model.config.eos_token_ids() == json.loads((final / "generation_config.json").read_text())["eos_token_id"]
+    assert (
+        tokenizer.chat_template
+        and model.config.eos_token_ids() == json.loads((final / "generation_config.json").read_text())["eos_token_id"]
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What colour does 小明 like?\n", encoding="utf-8")
     assert main(["chat", str(final), "--prompts", str(prompts), "--temperature", "0", "--max-new-tokens", "12"]) == 0
@@ -60,16 +95,29 @@ def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path
     merged = tmp_path / "merged"
     assert main(["merge", str(base), str(final), str(merged)]) == 0
     plain, plain_tokenizer = load_model_dir(merged)
-    assert plain_tokenizer.chat_template == tokenizer.chat_template and plain.config.eos_token_ids() == model.config.eos_token_ids()
+    assert (
+        plain_tokenizer.chat_template == tokenizer.chat_template
+        and plain.config.eos_token_ids() == model.config.eos_token_ids()
+    )
     base_model, _ = load_model_dir(base)
     with torch.no_grad():
-        assert torch.allclose(plain(IDS), model(IDS), atol=1e-5) and not torch.allclose(plain(IDS), base_model(IDS), atol=1e-3)
+        assert torch.allclose(plain(IDS), model(IDS), atol=1e-5) and not torch.allclose(
+            plain(IDS), base_model(IDS), atol=1e-3
+        )
 
 
 def test_lora_checkpoints_hold_the_adapter_only_and_resume_exactly(base_and_chats, tmp_path):
     _, base, chats = base_and_chats
-    common = ["--data.source=files", f"--data.files=[{chats}]", *TRAIN, "--lora.enabled=true", "--lora.r=4", "--train.lr=0.01",
-              "--train.max_steps=12", f"--init_from={base}"]
+    common = [
+        "--data.source=files",
+        f"--data.files=[{chats}]",
+        *TRAIN,
+        "--lora.enabled=true",
+        "--lora.r=4",
+        "--train.lr=0.01",
+        "--train.max_steps=12",
+        f"--init_from={base}",
+    ]
     cfg = lambda: load_config(SFTConfig, None, common)  # noqa: E731
 
     def ctrl_c(step, _):
@@ -80,7 +128,9 @@ def test_lora_checkpoints_hold_the_adapter_only_and_resume_exactly(base_and_chat
     _, stopped = sft(cfg(), tmp_path / "split", callbacks=[ctrl_c])
     assert stopped.interrupted and stopped.step == 6
     saved = load_file(tmp_path / "split" / "checkpoints" / "step-000006" / "model.safetensors")
-    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # the frozen base is not copied into checkpoints
+    assert saved and all(
+        ".lora_A." in k or ".lora_B." in k for k in saved
+    )  # the frozen base is not copied into checkpoints
     sft(cfg(), tmp_path / "split", resume=True)
     whole = load_file(tmp_path / "whole" / "final" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "final" / "adapter_model.safetensors")
@@ -93,7 +143,9 @@ def test_pretrain_lora_continues_a_model_and_needs_one(base_and_chats, tmp_path,
     args = ["pretrain", "--data.source=files", f"--data.files=[{texts}]", *TRAIN, "--train.max_steps=10", *LORA]
     assert main([*args, "--out", str(tmp_path / "scratch")]) == 2
     assert "needs a model to adapt" in capsys.readouterr().err
-    assert main([*args, "--init", str(base), "--out", str(tmp_path / "cpt"), "--lora.target_modules=[q_proj,v_proj]"]) == 0
+    assert (
+        main([*args, "--init", str(base), "--out", str(tmp_path / "cpt"), "--lora.target_modules=[q_proj,v_proj]"]) == 0
+    )
     config = json.loads((tmp_path / "cpt" / "final" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj", "v_proj"]
 
@@ -116,8 +168,30 @@ def test_lora_options_are_checked(base_and_chats, tmp_path, capsys):
 def test_qlora_trains_an_adapter_over_a_4bit_base(trained_base, tmp_path, capsys):
     base, chats = trained_base
     run = tmp_path / "qlora"
-    assert main(["sft", "--init", str(base), "--data", str(chats), "--out", str(run), *TRAIN, "--qlora", "--double-quant",
-                 "--lora-r", "4", "--lora-alpha", "8", "--train.max_steps=60", "--train.lr=0.01", "--lora.block_size=32"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--init",
+                str(base),
+                "--data",
+                str(chats),
+                "--out",
+                str(run),
+                *TRAIN,
+                "--qlora",
+                "--double-quant",
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--train.max_steps=60",
+                "--train.lr=0.01",
+                "--lora.block_size=32",
+            ]
+        )
+        == 0
+    )
     assert "over a 4-bit NF4 base (double quantized)" in capsys.readouterr().err
     val = val_losses(run)
     assert val[-1] < 0.85 * val[0]
@@ -127,12 +201,20 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(trained_base, tmp_path, capsys
 
 def test_lora_over_nf4_disables_and_merges():
     from tinylm.model.llama import CausalLM, ModelConfig
-    from tinylm.model.lora import LoRAConfig, add_lora, adapters_disabled, merge_lora
+    from tinylm.model.lora import LoRAConfig, adapters_disabled, add_lora, merge_lora
     from tinylm.model.quant import NF4Linear, quantize_linear_layers
 
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=128)).eval()
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        )
+    ).eval()
     quantize_linear_layers(model, ["q_proj", "v_proj", "up_proj"])
     with torch.no_grad():
         quantized_base = model(IDS)
@@ -156,8 +238,25 @@ def test_peft_loads_the_adapter_a_run_wrote(trained_base, tmp_path):
     peft = pytest.importorskip("peft")
     base, chats = trained_base
     run = tmp_path / "lora"
-    assert main(["sft", "--init", str(base), "--data", str(chats), "--out", str(run), *TRAIN, *LORA, "--lora.rslora=true",
-                 "--train.max_steps=10", "--train.lr=0.01"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--init",
+                str(base),
+                "--data",
+                str(chats),
+                "--out",
+                str(run),
+                *TRAIN,
+                *LORA,
+                "--lora.rslora=true",
+                "--train.max_steps=10",
+                "--train.lr=0.01",
+            ]
+        )
+        == 0
+    )
     named = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(named)
     peft_model = peft.PeftModel.from_pretrained(hf, run / "final").eval()

@@ -9,7 +9,6 @@ from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.model.loss import IGNORE, linear_cross_entropy
 
 
-
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
 def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(block_rows):
     torch.manual_seed(0)
@@ -35,7 +34,16 @@ def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(block_rows):
 
 def test_model_loss_with_labels_matches_its_logits_and_trains_tied_weights():
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     ids = torch.randint(0, 97, (3, 12))
     labels = torch.randint(0, 97, (3, 12))
     labels[0, :4] = IGNORE

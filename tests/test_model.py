@@ -10,9 +10,20 @@ transformers = pytest.importorskip("transformers", reason="interop tests compare
 
 CONFIGS = {
     "llama-gqa-tied": dict(num_key_value_heads=2),
-    "llama-mha-untied-bias": dict(num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True, attention_out_bias=True, mlp_bias=True),
+    "llama-mha-untied-bias": dict(
+        num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True, attention_out_bias=True, mlp_bias=True
+    ),
     "llama-mqa-theta": dict(num_key_value_heads=1, rope_theta=1e6, head_dim=24),
-    "llama3-rope-scaling": dict(num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3-rope-scaling": dict(
+        num_key_value_heads=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "qwen2": dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False),
     "qwen3": dict(num_key_value_heads=2, qk_norm=True),
 }
@@ -96,4 +107,3 @@ def test_bad_shapes_are_refused(kwargs, message):
 def test_unsupported_hf_config_is_refused():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ModelConfig.from_hf_dict({"model_type": "gpt2"})
-

@@ -42,7 +42,9 @@ def conversation(rng, exchanges, system=False):
     messages = [{"role": "system", "content": [rng.randrange(10, VOCAB) for _ in range(3)]}] if system else []
     for _ in range(exchanges):
         messages.append({"role": "user", "content": [rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 8))]})
-        messages.append({"role": "assistant", "content": [rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 10))]})
+        messages.append(
+            {"role": "assistant", "content": [rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 10))]}
+        )
     return messages
 
 
@@ -66,7 +68,11 @@ def test_too_long_conversations_lose_whole_exchanges_from_the_left_keeping_the_s
 
 def test_encode_reports_what_it_shortened_and_skipped():
     rng = random.Random(1)
-    conversations = [conversation(rng, 1), conversation(rng, 6), [{"role": "user", "content": [9] * 40}, {"role": "assistant", "content": [9] * 40}]]
+    conversations = [
+        conversation(rng, 1),
+        conversation(rng, 6),
+        [{"role": "user", "content": [9] * 40}, {"role": "assistant", "content": [9] * 40}],
+    ]
     examples, report = encode_conversations(conversations, ToyTemplate(), None, seq_len=30)
     assert report.kept == len(examples) == 2 and report.shortened == 1 and report.skipped_too_long == 1
     assert all(len(e) <= 30 for e in examples)
@@ -96,9 +102,20 @@ def test_segment_mask_keeps_attention_inside_each_conversation():
 
 def test_packed_loss_and_gradients_equal_each_conversation_alone():
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     rng = random.Random(3)
-    examples, _ = encode_conversations([conversation(rng, rng.randrange(1, 3), system=rng.random() < 0.5) for _ in range(12)], ToyTemplate(), None, 48)
+    examples, _ = encode_conversations(
+        [conversation(rng, rng.randrange(1, 3), system=rng.random() < 0.5) for _ in range(12)], ToyTemplate(), None, 48
+    )
     rows = pack(examples, seq_len=48)
     assert len(rows) < len(examples)  # several conversations do share rows
 

@@ -11,16 +11,29 @@ from tinylm.modeldir import load_model_dir
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 TINY = [
-    "--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
-    "--data.vocab_size=300", "--train.seq_len=32", "--train.batch_size=4", "--train.eval_every=4", "--train.eval_batches=2",
-    "--train.progress=false", "--train.warmup_steps=2",
+    "--model.hidden_size=32",
+    "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--model.num_key_value_heads=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=32",
+    "--train.batch_size=4",
+    "--train.eval_every=4",
+    "--train.eval_batches=2",
+    "--train.progress=false",
+    "--train.warmup_steps=2",
 ]
 
 
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.jsonl"
-    lines = [json.dumps({"body": f"The fox number {i} jumps over {i % 7} lazy dogs. 狐狸跳过了{i % 5}只狗。"}, ensure_ascii=False) for i in range(300)]
+    lines = [
+        json.dumps(
+            {"body": f"The fox number {i} jumps over {i % 7} lazy dogs. 狐狸跳过了{i % 5}只狗。"}, ensure_ascii=False
+        )
+        for i in range(300)
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -28,27 +41,73 @@ def corpus(tmp_path):
 def test_pretrain_resume_generate(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     data = ["--data.source=files", f"--data.files=[{corpus}]", "--data.text_field=body"]
-    assert main(["pretrain", "--config", str(CONFIGS / "cpu-tiny.yaml"), "--out", str(run), *TINY, *data, "--train.max_steps=8", "--train.save_every=4"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(CONFIGS / "cpu-tiny.yaml"),
+                "--out",
+                str(run),
+                *TINY,
+                *data,
+                "--train.max_steps=8",
+                "--train.save_every=4",
+            ]
+        )
+        == 0
+    )
     assert (run / "checkpoints" / "step-000008").is_dir() and (run / "final" / "SHA256SUMS").exists()
     assert "max_steps: 8" in (run / "config.yaml").read_text()
     # extend the same run: resume continues from step 8 to 12
-    assert main(["pretrain", "--config", str(CONFIGS / "cpu-tiny.yaml"), "--out", str(run), "--resume", *TINY, *data, "--train.max_steps=12", "--train.save_every=4"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(CONFIGS / "cpu-tiny.yaml"),
+                "--out",
+                str(run),
+                "--resume",
+                *TINY,
+                *data,
+                "--train.max_steps=12",
+                "--train.save_every=4",
+            ]
+        )
+        == 0
+    )
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 12 and "resumed from" in capsys.readouterr().err
     model, tokenizer = load_model_dir(run / "final")
     assert tokenizer is not None and model.config.vocab_size == tokenizer.vocab_size
-    assert main(["generate", str(run / "final"), "--prompt", "The fox", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert (
+        main(["generate", str(run / "final"), "--prompt", "The fox", "--max-new-tokens", "5", "--temperature", "0"])
+        == 0
+    )
     streamed = capsys.readouterr().out
     from tinylm.infer.engine import Engine, SamplingSettings
 
-    expected = Engine.from_dir(run / "final", device="cpu").complete(["The fox"], SamplingSettings(max_new_tokens=5, temperature=0))[0]
+    expected = Engine.from_dir(run / "final", device="cpu").complete(
+        ["The fox"], SamplingSettings(max_new_tokens=5, temperature=0)
+    )[0]
     assert expected and streamed == expected + "\n"  # the greedy continuation, streamed to stdout
 
 
 def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
-    code = main(["pretrain", "--out", str(tmp_path / "run"), *TINY, "--data.source=files", f"--data.files=[{bad}]", "--data.tokenizer=null"])
+    code = main(
+        [
+            "pretrain",
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            "--data.source=files",
+            f"--data.files=[{bad}]",
+            "--data.tokenizer=null",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl" in err and ":2" in err and "Traceback" not in err
 
@@ -57,10 +116,20 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
 def test_quickstart_writes_its_report(tmp_path):
     from tinylm.quickstart import quickstart
 
-    sft_tiny = ["--train.max_steps=10", "--train.batch_size=8", "--train.seq_len=128", "--train.eval_every=10", "--train.eval_batches=1",
-                "--train.progress=false"]
-    report = quickstart(tmp_path / "qs", str(CONFIGS / "cpu-tiny.yaml"), [*TINY, "--train.max_steps=40", "--train.batch_size=8"],
-                        sft_overrides=sft_tiny)
+    sft_tiny = [
+        "--train.max_steps=10",
+        "--train.batch_size=8",
+        "--train.seq_len=128",
+        "--train.eval_every=10",
+        "--train.eval_batches=1",
+        "--train.progress=false",
+    ]
+    report = quickstart(
+        tmp_path / "qs",
+        str(CONFIGS / "cpu-tiny.yaml"),
+        [*TINY, "--train.max_steps=40", "--train.batch_size=8"],
+        sft_overrides=sft_tiny,
+    )
     assert (tmp_path / "qs" / "report.md").exists() and (tmp_path / "qs" / "loss.png").exists()
     saved = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert saved["facts"]["total"] > 20 and 0 <= saved["facts"]["accuracy"] <= 1
@@ -78,7 +147,23 @@ def test_tokenizer_train_command(tmp_path, corpus):
     from tinylm.tokenizer import Tokenizer
 
     out = tmp_path / "tok"
-    assert main(["tokenizer", "train", "--data", str(corpus), "--text-field", "body", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                str(corpus),
+                "--text-field",
+                "body",
+                "--vocab-size",
+                "300",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tokenizer = Tokenizer.load(out)
     text = "The fox number 12 jumps. 狐狸跳过了3只狗。🦊"
     assert tokenizer.decode(tokenizer.encode(text)) == text
@@ -89,7 +174,9 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus, capsys
     run = tmp_path / "run"
     data = ["--data.source=files", f"--data.files=[{corpus}]", "--data.text_field=body"]
     assert main(["pretrain", "--out", str(run), *TINY, *data, "--train.max_steps=4"]) == 0
-    code = main(["pretrain", "--out", str(run), "--resume", *TINY, *data, "--train.max_steps=8", "--model.hidden_size=48"])
+    code = main(
+        ["pretrain", "--out", str(run), "--resume", *TINY, *data, "--train.max_steps=8", "--model.hidden_size=48"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err and "config changed" in err and "Traceback" not in err
     # and a fresh run into the same directory is refused rather than mixed with the old one

@@ -2,7 +2,6 @@ import gzip
 import json
 
 import pytest
-
 from conftest import write_jsonl
 
 from tinylm.data.chat import ChatDataError
@@ -15,14 +14,20 @@ USER_ZH = {"role": "user", "content": "法国的首都是哪里？"}
 GOOD_ZH, BAD_ZH = "巴黎。", "伦敦。"
 GOOD_EN, BAD_EN = "Paris is the capital of France.", "I don't know."
 
-MINIMIND = {"chosen": [USER_ZH, {"role": "assistant", "content": GOOD_ZH}],
-            "rejected": [USER_ZH, {"role": "assistant", "content": BAD_ZH}]}
-LLAMAFACTORY = {"conversations": [{"from": "human", "value": USER_EN["content"]}],
-                "chosen": {"from": "gpt", "value": GOOD_EN}, "rejected": {"from": "gpt", "value": BAD_EN}}
-MEDICALGPT = {"conversations": [{"from": "human", "value": USER_ZH["content"]}], "chosen": GOOD_ZH,
-              "rejected": BAD_ZH}
-HH = {"chosen": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {GOOD_EN}",
-      "rejected": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {BAD_EN}"}
+MINIMIND = {
+    "chosen": [USER_ZH, {"role": "assistant", "content": GOOD_ZH}],
+    "rejected": [USER_ZH, {"role": "assistant", "content": BAD_ZH}],
+}
+LLAMAFACTORY = {
+    "conversations": [{"from": "human", "value": USER_EN["content"]}],
+    "chosen": {"from": "gpt", "value": GOOD_EN},
+    "rejected": {"from": "gpt", "value": BAD_EN},
+}
+MEDICALGPT = {"conversations": [{"from": "human", "value": USER_ZH["content"]}], "chosen": GOOD_ZH, "rejected": BAD_ZH}
+HH = {
+    "chosen": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {GOOD_EN}",
+    "rejected": f"\n\nHuman: {USER_EN['content']}\n\nAssistant: {BAD_EN}",
+}
 
 
 def read_one(tmp_path, record, **kwargs) -> PreferencePair:
@@ -49,32 +54,47 @@ def test_each_format_is_detected_and_read(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [MINIMIND, LLAMAFACTORY, MEDICALGPT, HH])
     pairs, report = read_preferences(path)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-        ([USER_ZH], GOOD_ZH, BAD_ZH), ([USER_EN], GOOD_EN, BAD_EN), ([USER_ZH], GOOD_ZH, BAD_ZH),
-        ([USER_EN], GOOD_EN, BAD_EN)]
+        ([USER_ZH], GOOD_ZH, BAD_ZH),
+        ([USER_EN], GOOD_EN, BAD_EN),
+        ([USER_ZH], GOOD_ZH, BAD_ZH),
+        ([USER_EN], GOOD_EN, BAD_EN),
+    ]
     assert [p.source for p in pairs] == [f"{path}:{n}" for n in range(1, 5)]
     assert report.files[str(path)].read == {"minimind": 1, "llamafactory": 2, "hh-rlhf": 1}
     assert report.read == 4 and not report.skipped
     assert [detect_preference_format(r) for r in (MINIMIND, LLAMAFACTORY, MEDICALGPT, HH)] == [
-        "minimind", "llamafactory", "llamafactory", "hh-rlhf"]
+        "minimind",
+        "llamafactory",
+        "llamafactory",
+        "hh-rlhf",
+    ]
     for forced in ("minimind", "llamafactory", "hh-rlhf"):  # forcing a record's own format changes nothing
         record = {"minimind": MINIMIND, "llamafactory": LLAMAFACTORY, "hh-rlhf": HH}[forced]
         assert read_one(tmp_path, record, format=forced) == read_one(tmp_path, record)
 
 
 def test_llamafactory_variants(tmp_path):
-    openai = {"system": SYSTEM["content"], "messages": [USER_EN, BOT_EN, USER_ZH],
-              "chosen": {"role": "assistant", "content": GOOD_ZH}, "rejected": {"role": "assistant", "content": BAD_ZH}}
+    openai = {
+        "system": SYSTEM["content"],
+        "messages": [USER_EN, BOT_EN, USER_ZH],
+        "chosen": {"role": "assistant", "content": GOOD_ZH},
+        "rejected": {"role": "assistant", "content": BAD_ZH},
+    }
     pair = read_one(tmp_path, openai)
     assert (pair.prompt, pair.chosen, pair.rejected) == ([SYSTEM, USER_EN, BOT_EN, USER_ZH], GOOD_ZH, BAD_ZH)
-    sharegpt_system = {**LLAMAFACTORY, "conversations": [{"from": "system", "value": SYSTEM["content"]},
-                                                         *LLAMAFACTORY["conversations"]]}
+    sharegpt_system = {
+        **LLAMAFACTORY,
+        "conversations": [{"from": "system", "value": SYSTEM["content"]}, *LLAMAFACTORY["conversations"]],
+    }
     assert read_one(tmp_path, sharegpt_system).prompt == [SYSTEM, USER_EN]
 
 
 def test_multi_turn_prompts_and_system(tmp_path):
     history = [SYSTEM, USER_EN, BOT_EN, USER_ZH]
-    minimind = {"chosen": [*history, {"role": "assistant", "content": GOOD_ZH}],
-                "rejected": [*history, {"role": "assistant", "content": BAD_ZH}]}
+    minimind = {
+        "chosen": [*history, {"role": "assistant", "content": GOOD_ZH}],
+        "rejected": [*history, {"role": "assistant", "content": BAD_ZH}],
+    }
     pair = read_one(tmp_path, minimind)
     assert (pair.prompt, pair.chosen, pair.rejected) == (history, GOOD_ZH, BAD_ZH)
     top_level = {"system": SYSTEM["content"], "chosen": minimind["chosen"][1:], "rejected": minimind["rejected"][1:]}
@@ -82,8 +102,11 @@ def test_multi_turn_prompts_and_system(tmp_path):
     turns = [("Human", " Hi! "), ("Assistant", "Hello."), ("Human", "你好吗？")]
     record = {"chosen": hh(*turns, ("Assistant", "很好。\n")), "rejected": hh(*turns, ("Assistant", "No."))}
     pair = read_one(tmp_path, record)
-    assert pair.prompt == [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-                           {"role": "user", "content": "你好吗？"}]
+    assert pair.prompt == [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "你好吗？"},
+    ]
     assert (pair.chosen, pair.rejected) == ("很好。", "No.")
     assert pair.prompt[-1]["role"] == "user"
 
@@ -121,24 +144,43 @@ def test_identical_and_empty_replies(tmp_path):
     assert error.reason == "empty_content" and "chosen turn 2 (Assistant)" in str(error)
 
 
-@pytest.mark.parametrize("record, reason, field", [
-    ({"conversations": [USER_EN, BOT_EN], "chosen": GOOD_EN, "rejected": BAD_EN}, "last_not_user", "conversations[1]"),
-    ({**LLAMAFACTORY, "chosen": {"from": "human", "value": GOOD_EN}}, "alternation", "chosen.from"),
-    ({**LLAMAFACTORY, "chosen": {"from": "function_call", "value": "{}"}}, "unsupported", "chosen.from"),
-    ({**LLAMAFACTORY, "images": ["cat.png"]}, "unsupported", "images"),
-    ({"chosen": [USER_EN, BOT_EN], "rejected": [USER_EN]}, "last_not_assistant", "rejected[0].role"),
-    ({"chosen": [USER_EN, {"role": "tool", "content": "x"}], "rejected": [USER_EN, BOT_EN]}, "unsupported",
-     "chosen[1].role"),
-    ({"chosen": [], "rejected": [USER_EN, BOT_EN]}, "empty_conversation", "chosen"),
-    ({"chosen": "Paris", "rejected": "London"}, "bad_transcript", "chosen"),
-    ({"chosen": hh(("Human", "Hi"), ("Human", "Hello?"), ("Assistant", "Hey")), "rejected": HH["rejected"]},
-     "alternation", "chosen turn 2 (Human)"),
-    ({"chosen": hh(("Human", "a Human: b"), ("Assistant", "Hi")) + " Human: c" + hh(("Assistant", "x")),
-      "rejected": hh(("Human", "a Human: b"), ("Assistant", "Hi"))}, "alternation", "chosen turn 3 (Assistant)"),
-    ({"prompt": "Hi", "answer": "Hey"}, "unknown_format", "'prompt', 'answer'"),
-    ({"messages": [USER_EN, BOT_EN], "label": True}, "unsupported", "label: a KTO record"),
-    (["not", "an", "object"], "wrong_type", "a list"),
-])
+@pytest.mark.parametrize(
+    "record, reason, field",
+    [
+        (
+            {"conversations": [USER_EN, BOT_EN], "chosen": GOOD_EN, "rejected": BAD_EN},
+            "last_not_user",
+            "conversations[1]",
+        ),
+        ({**LLAMAFACTORY, "chosen": {"from": "human", "value": GOOD_EN}}, "alternation", "chosen.from"),
+        ({**LLAMAFACTORY, "chosen": {"from": "function_call", "value": "{}"}}, "unsupported", "chosen.from"),
+        ({**LLAMAFACTORY, "images": ["cat.png"]}, "unsupported", "images"),
+        ({"chosen": [USER_EN, BOT_EN], "rejected": [USER_EN]}, "last_not_assistant", "rejected[0].role"),
+        (
+            {"chosen": [USER_EN, {"role": "tool", "content": "x"}], "rejected": [USER_EN, BOT_EN]},
+            "unsupported",
+            "chosen[1].role",
+        ),
+        ({"chosen": [], "rejected": [USER_EN, BOT_EN]}, "empty_conversation", "chosen"),
+        ({"chosen": "Paris", "rejected": "London"}, "bad_transcript", "chosen"),
+        (
+            {"chosen": hh(("Human", "Hi"), ("Human", "Hello?"), ("Assistant", "Hey")), "rejected": HH["rejected"]},
+            "alternation",
+            "chosen turn 2 (Human)",
+        ),
+        (
+            {
+                "chosen": hh(("Human", "a Human: b"), ("Assistant", "Hi")) + " Human: c" + hh(("Assistant", "x")),
+                "rejected": hh(("Human", "a Human: b"), ("Assistant", "Hi")),
+            },
+            "alternation",
+            "chosen turn 3 (Assistant)",
+        ),
+        ({"prompt": "Hi", "answer": "Hey"}, "unknown_format", "'prompt', 'answer'"),
+        ({"messages": [USER_EN, BOT_EN], "label": True}, "unsupported", "label: a KTO record"),
+        (["not", "an", "object"], "wrong_type", "a list"),
+    ],
+)
 def test_bad_records_name_field_and_reason(tmp_path, record, reason, field):
     error = error_of(tmp_path, [HH, record])
     assert error.reason == reason
@@ -154,15 +196,29 @@ def test_bad_json_line_names_line(tmp_path):
 
 
 def test_skip_bad_counts_reasons(tmp_path):
-    records = [HH, {**HH, "rejected": HH["chosen"]}, "{broken", MINIMIND, {**MEDICALGPT, "chosen": ""},
-               {**MINIMIND, "rejected": [USER_EN, BOT_EN]}, {"chosen": hh(("Human", "Hi"), ("Human", "?"))}]
+    records = [
+        HH,
+        {**HH, "rejected": HH["chosen"]},
+        "{broken",
+        MINIMIND,
+        {**MEDICALGPT, "chosen": ""},
+        {**MINIMIND, "rejected": [USER_EN, BOT_EN]},
+        {"chosen": hh(("Human", "Hi"), ("Human", "?"))},
+    ]
     path = tmp_path / "mixed.jsonl"
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
+        encoding="utf-8",
+    )
     pairs, report = read_preferences(path, skip_bad=True)
     assert [p.source for p in pairs] == [f"{path}:1", f"{path}:4"]
-    assert report.skipped == {"identical_pair": 1, "invalid_json": 1, "empty_content": 1, "prompt_mismatch": 1,
-                              "missing_field": 1}
+    assert report.skipped == {
+        "identical_pair": 1,
+        "invalid_json": 1,
+        "empty_content": 1,
+        "prompt_mismatch": 1,
+        "missing_field": 1,
+    }
     assert report.files[str(path)].first_error["identical_pair"].startswith(f"{path}:2: ")
     assert "prompt_mismatch" in report.summary()
 
@@ -180,8 +236,12 @@ def test_json_and_gzip_containers(tmp_path):
     names = ["array.json", "object.json", "hh.jsonl.gz", "array.json.gz"]
     pairs, report = read_preferences([tmp_path / name for name in names])
     assert [p.chosen for p in pairs] == [GOOD_EN, GOOD_ZH, GOOD_ZH, GOOD_EN, GOOD_ZH, GOOD_EN, GOOD_ZH]
-    assert [p.source for p in pairs][::2] == [f"{tmp_path / 'array.json'}:item 0", f"{tmp_path / 'object.json'}:item 0",
-                                              f"{tmp_path / 'hh.jsonl.gz'}:2", f"{tmp_path / 'array.json.gz'}:item 1"]
+    assert [p.source for p in pairs][::2] == [
+        f"{tmp_path / 'array.json'}:item 0",
+        f"{tmp_path / 'object.json'}:item 0",
+        f"{tmp_path / 'hh.jsonl.gz'}:2",
+        f"{tmp_path / 'array.json.gz'}:item 1",
+    ]
     assert report.files[str(tmp_path / "hh.jsonl.gz")].read == {"hh-rlhf": 1, "minimind": 1}
     with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
         f.write(json.dumps(HH) + "\nnope\n")
@@ -194,7 +254,9 @@ def test_json_and_gzip_containers(tmp_path):
     with gzip.open(tmp_path / "lines.json.gz", "wt") as f:  # JSON Lines under a .json name
         f.write(json.dumps(HH) + "\n" + json.dumps(HH) + "\n")
     assert [p.source for p in read_preferences(tmp_path / "lines.json.gz")[0]] == [
-        f"{tmp_path / 'lines.json.gz'}:1", f"{tmp_path / 'lines.json.gz'}:2"]
+        f"{tmp_path / 'lines.json.gz'}:1",
+        f"{tmp_path / 'lines.json.gz'}:2",
+    ]
     (tmp_path / "fake.jsonl.gz").write_text("not gzip")
     with pytest.raises(ChatDataError, match="not a readable gzip file") as info:
         read_preferences(tmp_path / "fake.jsonl.gz")
@@ -206,12 +268,18 @@ def test_json_and_gzip_containers(tmp_path):
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="pyarrow reads .parquet")
     import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist([MINIMIND, {**MINIMIND, "rejected": MINIMIND["chosen"]}]),
-                   tmp_path / "pairs.parquet", row_group_size=1)
+
+    pq.write_table(
+        pa.Table.from_pylist([MINIMIND, {**MINIMIND, "rejected": MINIMIND["chosen"]}]),
+        tmp_path / "pairs.parquet",
+        row_group_size=1,
+    )
     pq.write_table(pa.Table.from_pylist([HH]), tmp_path / "hh.parquet")
     pairs, report = read_preferences([tmp_path / "pairs.parquet", tmp_path / "hh.parquet"], skip_bad=True)
-    assert [(p.chosen, p.source) for p in pairs] == [(GOOD_ZH, f"{tmp_path / 'pairs.parquet'}:row 1"),
-                                                     (GOOD_EN, f"{tmp_path / 'hh.parquet'}:row 1")]
+    assert [(p.chosen, p.source) for p in pairs] == [
+        (GOOD_ZH, f"{tmp_path / 'pairs.parquet'}:row 1"),
+        (GOOD_EN, f"{tmp_path / 'hh.parquet'}:row 1"),
+    ]
     assert report.skipped == {"identical_pair": 1}
 
 
@@ -219,8 +287,9 @@ def test_parquet(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["llamafactory_dpo_en_demo.json", "llamafactory_dpo_zh_demo.json",
-                                  "medicalgpt_dpo_zh_500.jsonl"])
+@pytest.mark.parametrize(
+    "name", ["llamafactory_dpo_en_demo.json", "llamafactory_dpo_zh_demo.json", "medicalgpt_dpo_zh_500.jsonl"]
+)
 def test_real_pairs_all_load(shared_data, name):
     path = shared_data / "dpo" / name
     text = path.read_text(encoding="utf-8")

@@ -11,8 +11,24 @@ from torch import nn
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.model.quant import NF4Linear, NF4Matmul, NF4Weight, nf4_code_book, quantize_linear_layers, quantize_nf4
 
-PUBLISHED_NF4 = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-                 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+PUBLISHED_NF4 = [
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[3, 17, 42, 8, 61, 5, 33, 12], [1, 2, 3, 4, 5, 6, 7, 8]])
 
@@ -23,8 +39,15 @@ def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_model(seed=0) -> CausalLM:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return CausalLM(config).eval()
 
 
@@ -113,7 +136,9 @@ def test_nf4_linear_keeps_no_float_weight_for_backward():
     held = [value for value in vars(node).values()]
     assert held and all(isinstance(value, NF4Weight) for value in held)
     tensors = [t for w in held for t in (w.codes, w.absmax, w.absmax_scale, w.absmax_mean) if t is not None]
-    assert not any(t.is_floating_point() and t.numel() >= 64 * 64 // 64 + 1 for t in tensors)  # at most one float per block
+    assert not any(
+        t.is_floating_point() and t.numel() >= 64 * 64 // 64 + 1 for t in tensors
+    )  # at most one float per block
 
 
 def test_nf4_linear_runs_in_the_input_dtype_or_compute_dtype():
@@ -195,4 +220,6 @@ def test_cuda_matches_cpu():
     x = torch.randn(3, 128)
     on_gpu = copy.deepcopy(layer).to("cuda")
     assert torch.allclose(on_gpu(x.cuda()).cpu(), layer(x), atol=1e-4)
-    assert torch.equal(quantize_nf4(layer.dequantize().cuda()).dequantize().cpu(), quantize_nf4(layer.dequantize()).dequantize())
+    assert torch.equal(
+        quantize_nf4(layer.dequantize().cuda()).dequantize().cpu(), quantize_nf4(layer.dequantize()).dequantize()
+    )

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
+from tests.test_engine import greedy, make_model, recompute_greedy
 from tinylm.infer.engine import Engine, SamplingSettings
 from tinylm.infer.scheduler import QueueFull, Request, Scheduler, sample_rows
 from tinylm.tokenizer import train_tokenizer
-from tests.test_engine import greedy, make_model, recompute_greedy
 
 
 class Collector:
@@ -83,12 +83,17 @@ def test_seeded_sampling_does_not_depend_on_the_company(engine):
     scheduler = Scheduler(engine, max_batch=8)
     try:
         alone = run(scheduler, PROMPTS[2], settings).wait().tokens[0]
-        crowd = [run(scheduler, p, SamplingSettings(max_new_tokens=20, temperature=1.3, stop_token_ids=[])) for p in PROMPTS]
+        crowd = [
+            run(scheduler, p, SamplingSettings(max_new_tokens=20, temperature=1.3, stop_token_ids=[])) for p in PROMPTS
+        ]
         again = run(scheduler, PROMPTS[2], settings)
         for c in crowd:
             c.wait()
         assert again.wait().tokens[0] == alone
-        unseeded = [run(scheduler, PROMPTS[2], SamplingSettings(max_new_tokens=12, stop_token_ids=[])).wait().tokens[0] for _ in range(3)]
+        unseeded = [
+            run(scheduler, PROMPTS[2], SamplingSettings(max_new_tokens=12, stop_token_ids=[])).wait().tokens[0]
+            for _ in range(3)
+        ]
         assert len({tuple(u) for u in unseeded}) > 1
     finally:
         scheduler.close()
@@ -97,7 +102,9 @@ def test_seeded_sampling_does_not_depend_on_the_company(engine):
 def test_n_choices_share_a_prompt_and_differ(engine):
     scheduler = Scheduler(engine, max_batch=4)
     try:
-        out = run(scheduler, PROMPTS[1], SamplingSettings(max_new_tokens=10, temperature=1.0, seed=3, stop_token_ids=[]), n=3).wait()
+        out = run(
+            scheduler, PROMPTS[1], SamplingSettings(max_new_tokens=10, temperature=1.0, seed=3, stop_token_ids=[]), n=3
+        ).wait()
         assert [len(t) for t in out.tokens] == [10, 10, 10]
         assert len({tuple(t) for t in out.tokens}) == 3
         greedy_n = run(scheduler, PROMPTS[1], greedy(10), n=2).wait()
@@ -127,7 +134,9 @@ def test_cancel_frees_the_slot_and_leaves_others_alone(engine):
 
 
 def test_text_stop_strings_and_finish_reasons_match_the_engine():
-    tok = train_tokenizer(["the cat sat on the mat. the dog ran.", "User: hi\nAssistant: hello there", "你好 世界"] * 20, vocab_size=300)
+    tok = train_tokenizer(
+        ["the cat sat on the mat. the dog ran.", "User: hi\nAssistant: hello there", "你好 世界"] * 20, vocab_size=300
+    )
     engine = Engine(make_model(vocab_size=tok.vocab_size), tok)
     scheduler = Scheduler(engine, max_batch=4)
     try:
@@ -175,19 +184,33 @@ def test_sample_rows_follows_each_rows_settings():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] * 4)
     uniform = torch.rand(4)
     # temperature 0, top_k 1 and a tiny top_p all give the most likely token
-    out = sample_rows(logits, torch.tensor([0.0, 1.0, 1.0, 1.0]), torch.tensor([0, 1, 0, 0]), torch.tensor([1.0, 1.0, 1e-3, 1.0]), uniform)
+    out = sample_rows(
+        logits,
+        torch.tensor([0.0, 1.0, 1.0, 1.0]),
+        torch.tensor([0, 1, 0, 0]),
+        torch.tensor([1.0, 1.0, 1e-3, 1.0]),
+        uniform,
+    )
     assert out[:3].tolist() == [0, 0, 0]
     # a row's draws follow its softmax (temperature 2 here), within sampling error
     draws = 20000
     rows = logits[:1].expand(draws, -1)
-    got = sample_rows(rows, torch.full((draws,), 2.0), torch.zeros(draws, dtype=torch.long), torch.ones(draws), torch.rand(draws))
+    got = sample_rows(
+        rows, torch.full((draws,), 2.0), torch.zeros(draws, dtype=torch.long), torch.ones(draws), torch.rand(draws)
+    )
     freq = torch.bincount(got, minlength=5).float() / draws
     assert torch.allclose(freq, (logits[0] / 2).softmax(-1), atol=0.015)
     # top_k 2 and top_p 0.6 keep only the tokens they should
     got = sample_rows(rows, torch.ones(draws), torch.full((draws,), 2), torch.ones(draws), torch.rand(draws))
     assert set(got.tolist()) == {0, 1}
     p = logits[0].softmax(-1)  # [0.61, 0.22, ...]: 0.6 is reached by the first token alone
-    got = sample_rows(rows, torch.ones(draws), torch.zeros(draws, dtype=torch.long), torch.full((draws,), float(p[0]) + 0.01), torch.rand(draws))
+    got = sample_rows(
+        rows,
+        torch.ones(draws),
+        torch.zeros(draws, dtype=torch.long),
+        torch.full((draws,), float(p[0]) + 0.01),
+        torch.rand(draws),
+    )
     assert set(got.tolist()) == {0, 1}
 
 
@@ -250,7 +273,9 @@ def test_admission_is_bounded_and_skips_cancelled(engine):
 
 def test_a_draw_of_zero_never_picks_an_impossible_token():
     logits = torch.tensor([[float("-inf"), 1.0, 2.0]])
-    assert sample_rows(logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), torch.zeros(1)).item() == 1
+    assert (
+        sample_rows(logits, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), torch.zeros(1)).item() == 1
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -40,7 +40,9 @@ def reference(live, messages=None, prompt=None, **settings):
         text = server.chat_format.render(messages)
         settings = server.chat_format.settings(SamplingSettings(temperature=0, **settings), server.engine.tokenizer)
     else:
-        stop_ids = sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids})  # as generation_config.json says
+        stop_ids = sorted(
+            {server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids}
+        )  # as generation_config.json says
         text, settings = prompt, SamplingSettings(temperature=0, stop_token_ids=stop_ids, **settings)
     return server.engine.run([text], settings)[0]
 
@@ -70,8 +72,16 @@ def test_chat_equals_the_engine_and_counts_usage(client, live):
 
 def test_chat_stream_follows_the_spec(client, live):
     whole = client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40)
-    chunks = list(client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-chat",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     content = [c for c in chunks if c.choices]
@@ -110,11 +120,17 @@ def test_multibyte_characters_are_never_split(live):
     tokenizer = live.server.engine.tokenizer
     checked = 0
     for prompt in ["小明", "你好 世界", "黄色", "喜欢", "小红喜欢"]:
-        ids = live.server.engine.generate([tokenizer.encode(prompt)], SamplingSettings(max_new_tokens=30, temperature=0))[0]
+        ids = live.server.engine.generate(
+            [tokenizer.encode(prompt)], SamplingSettings(max_new_tokens=30, temperature=0)
+        )[0]
         text = tokenizer.decode([i for i in ids if i != tokenizer.eos_id], skip_special_tokens=True)
         body = {"prompt": prompt, "max_tokens": 30, "temperature": 0, "stream": True}
         with httpx.stream("POST", live.url + "/v1/completions", json=body) as response:
-            pieces = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines() if line.startswith("data: {")]
+            pieces = [
+                json.loads(line[6:])["choices"][0]["text"]
+                for line in response.iter_lines()
+                if line.startswith("data: {")
+            ]
         assert "".join(pieces) == text
         wide = [ch for ch in text if len(ch.encode()) > 1 and ch != "\ufffd"]
         checked += sum(len(tokenizer.encode(ch)) > 1 for ch in wide)
@@ -141,15 +157,24 @@ def test_stop_strings_never_leak(client, live):
     stop = full[6:9]  # a piece of the greedy answer, so the stop really fires
     assert stop and stop in full
     want = full[: full.index(stop)]
-    out = client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40, stop=[stop, "zzzz"])
+    out = client.chat.completions.create(
+        model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40, stop=[stop, "zzzz"]
+    )
     assert out.choices[0].message.content == want and out.choices[0].finish_reason == "stop"
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40, stop=stop, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=40, stop=stop, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == want
 
 
 def test_logprobs(client, live):
-    out = client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3)
+    out = client.chat.completions.create(
+        model="tiny-chat", messages=QUESTION, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3
+    )
     entries = out.choices[0].logprobs.content
     want = reference(live, QUESTION, max_new_tokens=10)
     stop_ids = live.server.chat_format.settings(SamplingSettings(), live.server.engine.tokenizer).stop_token_ids
@@ -162,15 +187,24 @@ def test_logprobs(client, live):
         assert entry.logprob == pytest.approx(values[0])  # greedy picks the most likely token
     raw = b"".join(bytes(e.bytes) for e in entries)
     assert raw.decode("utf-8", errors="replace").lstrip().startswith(out.choices[0].message.content[:3])
-    legacy = client.completions.create(model="tiny-chat", prompt="the cat", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    legacy = client.completions.create(
+        model="tiny-chat", prompt="the cat", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     assert len(legacy.choices[0].logprobs.token_logprobs) == 5 and len(legacy.choices[0].logprobs.top_logprobs[0]) <= 2
     offsets, text = legacy.choices[0].logprobs.text_offset, legacy.choices[0].text
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
 
 
 def test_penalties_and_extras_are_accepted(client):
-    out = client.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=12, temperature=0, frequency_penalty=2.0,
-                                         presence_penalty=1.0, extra_body={"top_k": 5, "repetition_penalty": 1.3})
+    out = client.chat.completions.create(
+        model="tiny-chat",
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.0,
+        extra_body={"top_k": 5, "repetition_penalty": 1.3},
+    )
     plain = client.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=12, temperature=0)
     assert out.choices[0].message.content != plain.choices[0].message.content
 
@@ -178,10 +212,15 @@ def test_penalties_and_extras_are_accepted(client):
 def test_defaults_come_from_generation_config(live):
     # tinylm saves do_sample: false, so a request without temperature is greedy (and repeatable)
     body = {"messages": QUESTION, "max_tokens": 16}
-    answers = {httpx.post(live.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] for _ in range(3)}
+    answers = {
+        httpx.post(live.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        for _ in range(3)
+    }
     assert answers == {reference(live, QUESTION, max_new_tokens=16).text.lstrip()}
     no_room = httpx.post(live.url + "/v1/chat/completions", json={"messages": QUESTION}).json()
-    assert no_room["usage"]["prompt_tokens"] + no_room["usage"]["completion_tokens"] <= 128  # the default is cut to the room left
+    assert (
+        no_room["usage"]["prompt_tokens"] + no_room["usage"]["completion_tokens"] <= 128
+    )  # the default is cut to the room left
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -194,33 +233,39 @@ def error_of(response, status):
     return error
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
-    ({"messages": QUESTION, "temperature": 2.5}, "temperature"),
-    ({"messages": QUESTION, "top_p": -0.1}, "top_p"),
-    ({"messages": QUESTION, "n": 0}, "n"),
-    ({"messages": QUESTION, "n": 99}, "n"),
-    ({"messages": QUESTION, "n": True}, "n"),
-    ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
-    ({"messages": QUESTION, "max_tokens": 1.5}, "max_tokens"),
-    ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": QUESTION, "stop": [3]}, "stop"),
-    ({"messages": QUESTION, "presence_penalty": 3}, "presence_penalty"),
-    ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": QUESTION, "logit_bias": {"5": 10}}, "logit_bias"),
-    ({"messages": QUESTION, "seed": "x"}, "seed"),
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages[0].content[0]"),
-    ({"messages": QUESTION, "max_tokens": 500}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "the cat sat " * 80}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
+        ({"messages": QUESTION, "temperature": 2.5}, "temperature"),
+        ({"messages": QUESTION, "top_p": -0.1}, "top_p"),
+        ({"messages": QUESTION, "n": 0}, "n"),
+        ({"messages": QUESTION, "n": 99}, "n"),
+        ({"messages": QUESTION, "n": True}, "n"),
+        ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
+        ({"messages": QUESTION, "max_tokens": 1.5}, "max_tokens"),
+        ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": QUESTION, "stop": [3]}, "stop"),
+        ({"messages": QUESTION, "presence_penalty": 3}, "presence_penalty"),
+        ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": QUESTION, "logit_bias": {"5": 10}}, "logit_bias"),
+        ({"messages": QUESTION, "seed": "x"}, "seed"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": QUESTION, "max_tokens": 500}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "the cat sat " * 80}]}, "messages"),
+    ],
+)
 def test_bad_chat_requests_name_the_field(live, body, param):
     error = error_of(httpx.post(live.url + "/v1/chat/completions", json=body), 400)
     assert error["param"] == param and error["type"] == "invalid_request_error"
@@ -237,17 +282,20 @@ def test_context_errors_say_why(client):
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [5, 999999]}, "prompt"),
-    ({"prompt": [[1, 2], 3]}, "prompt[1]"),
-    ({"prompt": "hi", "echo": True}, "echo"),
-    ({"prompt": "hi", "best_of": 3}, "best_of"),
-    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
-    ({"prompt": ["a"] * 5, "n": 2}, "prompt"),
-    ({}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [5, 999999]}, "prompt"),
+        ({"prompt": [[1, 2], 3]}, "prompt[1]"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": ["a"] * 5, "n": 2}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
 def test_bad_completion_requests_name_the_field(live, body, param):
     assert error_of(httpx.post(live.url + "/v1/completions", json=body), 400)["param"] == param
 
@@ -255,12 +303,25 @@ def test_bad_completion_requests_name_the_field(live, body, param):
 def test_malformed_and_oversized_bodies(live):
     url = live.url + "/v1/chat/completions"
     as_json = {"content-type": "application/json"}
-    for raw in [b"{bad", b"", b"[1, 2]", b'"text"', b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000,
-                b'{"prompt": "\\ud800", "max_tokens": 3}', b'{"model": "\\udfff"}', b'{"\\ud800": 1}']:
+    for raw in [
+        b"{bad",
+        b"",
+        b"[1, 2]",
+        b'"text"',
+        b'{"messages": NaN}',
+        b"\xff\xfe",
+        b"[" * 100_000,
+        b'{"prompt": "\\ud800", "max_tokens": 3}',
+        b'{"model": "\\udfff"}',
+        b'{"\\ud800": 1}',
+    ]:
         error_of(httpx.post(url, content=raw, headers=as_json), 400)
     error_of(httpx.post(url, content=b" " * (2**20 + 1), headers=as_json), 413)
-    status, body = raw_http(live, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                                  b"Content-Length: 99999999999\r\n\r\n{}")
+    status, body = raw_http(
+        live,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 99999999999\r\n\r\n{}",
+    )
     assert status == 413 and body["error"]["code"] == "request_too_large"  # refused before reading a byte of it
 
     def chunked():
@@ -271,7 +332,10 @@ def test_malformed_and_oversized_bodies(live):
     # a form or plain-text post (what another web page can send unasked) is refused
     for kind in ["text/plain", "application/x-www-form-urlencoded", None]:
         headers = {"content-type": kind} if kind else {}
-        assert error_of(httpx.post(url, content=json.dumps({"messages": QUESTION}), headers=headers), 415)["code"] == "unsupported_media_type"
+        assert (
+            error_of(httpx.post(url, content=json.dumps({"messages": QUESTION}), headers=headers), 415)["code"]
+            == "unsupported_media_type"
+        )
     error_of(httpx.get(live.url + "/v1/nowhere"), 404)
     error_of(httpx.get(url), 405)
 
@@ -282,7 +346,9 @@ def raw_http(live, request: bytes) -> tuple[int, dict]:
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(request)
         reply = b""
-        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(reply.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+            reply.lower().split(b"content-length: ")[1].split(b"\r\n")[0]
+        ):
             reply += sock.recv(65536)
     head, body = reply.split(b"\r\n\r\n", 1)
     return int(head.split()[1]), json.loads(body)
@@ -316,7 +382,11 @@ def test_shutdown_tells_clients_why(tmp_path, monkeypatch):
         with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
-            queued = threading.Thread(target=lambda: results.append(httpx.post(live.url + "/v1/completions", json={"prompt": "a"}, timeout=30)))
+            queued = threading.Thread(
+                target=lambda: results.append(
+                    httpx.post(live.url + "/v1/completions", json={"prompt": "a"}, timeout=30)
+                )
+            )
             results = []
             queued.start()
             time.sleep(0.2)
@@ -347,7 +417,9 @@ def test_api_key(tmp_path):
         assert good.chat.completions.create(model="keyed", messages=QUESTION, max_tokens=3).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=live.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
-        assert error_of(httpx.post(live.url + "/v1/completions", json={"prompt": "hi"}), 401)["code"] == "invalid_api_key"
+        assert (
+            error_of(httpx.post(live.url + "/v1/completions", json={"prompt": "hi"}), 401)["code"] == "invalid_api_key"
+        )
         assert httpx.get(live.url + "/health").status_code == 200  # health and the page stay open
         assert httpx.get(live.url + "/").status_code == 200
 
@@ -356,14 +428,70 @@ def test_random_bad_input_never_gets_a_500(live):
     """A fuzzer: valid requests with fields replaced by values of every JSON type and edge values,
     fields dropped and added, and random bytes. Every answer is a 200 or a 4xx in OpenAI's shape."""
     rng = random.Random(0)
-    values = [None, True, False, 0, -1, 1, 2**70, -(2**70), 0.5, -0.0, 1e308, -1e308, "", "x", "😀" * 3, "<image>", "\ud800",
-              "s" * 5000, ["t" * 300], [], [1], ["a"],
-              [[]], {}, {"a": 1}, {"type": "text"}, {"include_usage": "yes"}, [{"role": "user"}], [{"role": "user", "content": []}],
-              [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]]
-    fields = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
-              "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "stream", "stream_options",
-              "logit_bias", "response_format", "echo", "best_of", "suffix", "user", "unknown_field"]
-    base = {"/v1/chat/completions": {"messages": QUESTION, "max_tokens": 4}, "/v1/completions": {"prompt": "the cat", "max_tokens": 4}}
+    values = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1,
+        2**70,
+        -(2**70),
+        0.5,
+        -0.0,
+        1e308,
+        -1e308,
+        "",
+        "x",
+        "😀" * 3,
+        "<image>",
+        "\ud800",
+        "s" * 5000,
+        ["t" * 300],
+        [],
+        [1],
+        ["a"],
+        [[]],
+        {},
+        {"a": 1},
+        {"type": "text"},
+        {"include_usage": "yes"},
+        [{"role": "user"}],
+        [{"role": "user", "content": []}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+    ]
+    fields = [
+        "model",
+        "messages",
+        "prompt",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logprobs",
+        "top_logprobs",
+        "stream",
+        "stream_options",
+        "logit_bias",
+        "response_format",
+        "echo",
+        "best_of",
+        "suffix",
+        "user",
+        "unknown_field",
+    ]
+    base = {
+        "/v1/chat/completions": {"messages": QUESTION, "max_tokens": 4},
+        "/v1/completions": {"prompt": "the cat", "max_tokens": 4},
+    }
     statuses = {}
     for trial in range(400):
         path = rng.choice(list(base))
@@ -382,7 +510,9 @@ def test_random_bad_input_never_gets_a_500(live):
             content = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
         else:
             content = json.dumps(body).encode()  # ASCII, with "\ud800" as a lone surrogate escape
-        response = httpx.post(live.url + path, content=content, timeout=60, headers={"content-type": "application/json"})
+        response = httpx.post(
+            live.url + path, content=content, timeout=60, headers={"content-type": "application/json"}
+        )
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code in (200, 400, 404), (body, response.text)
         if response.status_code != 200:
@@ -441,8 +571,11 @@ def test_a_non_streaming_client_that_leaves_cancels_its_generation(live):
     body = json.dumps({"prompt": "the cat", "max_tokens": 120, "temperature": 1.0, "stop": "zzzz"}).encode()
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         deadline = time.time() + 10
         while scheduler.stats()["running"] == 0 and time.time() < deadline:
             time.sleep(0.001)
@@ -469,16 +602,27 @@ def test_a_vision_language_model_sees_data_url_pictures(tmp_path):
     from tests.test_vlm_training import tiny_vlm_dir
     from tinylm.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(["What colour is the shape? It is red.", "这个图形是什么颜色的？它是红色的。"] * 20, vocab_size=300)
+    tokenizer = train_tokenizer(
+        ["What colour is the shape? It is red.", "这个图形是什么颜色的？它是红色的。"] * 20, vocab_size=300
+    )
     model_dir = tiny_vlm_dir(tmp_path / "vlm", tokenizer)
     with LiveServer(build_server(model_dir, max_batch=4)) as live:
         assert httpx.get(live.url + "/v1/models").json()["data"][0]["vision"] is True
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
         answers = {}
         for color in ["red", "blue"]:
-            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(color)}},
-                                                     {"type": "text", "text": "What colour is the shape?"}]}]
-            out = client.chat.completions.create(model="vlm", messages=messages, temperature=0, max_tokens=12, logprobs=True)
+            messages = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": png_url(color)}},
+                        {"type": "text", "text": "What colour is the shape?"},
+                    ],
+                }
+            ]
+            out = client.chat.completions.create(
+                model="vlm", messages=messages, temperature=0, max_tokens=12, logprobs=True
+            )
             answers[color] = out.choices[0].logprobs.content[0].logprob
             # the engine alone, with the same picture, says the same
             server = live.server
@@ -486,29 +630,59 @@ def test_a_vision_language_model_sees_data_url_pictures(tmp_path):
 
             picture = load_image(base64.b64decode(png_url(color).split(",")[1]))
             prompt = server.chat_format.render([{"role": "user", "content": "<image>\nWhat colour is the shape?"}])
-            settings = server.chat_format.settings(SamplingSettings(max_new_tokens=12, temperature=0), server.engine.tokenizer)
-            assert out.choices[0].message.content == server.engine.run([prompt], settings, images=[[picture]])[0].text.lstrip()
+            settings = server.chat_format.settings(
+                SamplingSettings(max_new_tokens=12, temperature=0), server.engine.tokenizer
+            )
+            assert (
+                out.choices[0].message.content
+                == server.engine.run([prompt], settings, images=[[picture]])[0].text.lstrip()
+            )
         assert answers["red"] != answers["blue"]  # the picture reached the model
         bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
-        assert error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": bad}), 400)["param"].endswith("image_url.url")
-        broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]
-        assert "not a readable image" in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": broken}), 400)["message"]
+        assert error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": bad}), 400)["param"].endswith(
+            "image_url.url"
+        )
+        broken = [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}
+        ]
+        assert (
+            "not a readable image"
+            in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": broken}), 400)["message"]
+        )
         tag = [{"role": "user", "content": "<image> what?"}]
         error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": tag}), 400)
         image_token = live.server.engine.vlm.config.image_token_id
-        assert "image token" in error_of(httpx.post(live.url + "/v1/completions", json={"prompt": [5, image_token, 6]}), 400)["message"]
+        assert (
+            "image token"
+            in error_of(httpx.post(live.url + "/v1/completions", json={"prompt": [5, image_token, 6]}), 400)["message"]
+        )
         from PIL import Image
 
         buffer = io.BytesIO()
         Image.new("RGB", (5000, 5000), "red").save(buffer, format="PNG")  # small on the wire, 75 MB decoded
-        huge = [{"role": "user", "content": [{"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}]}]
-        assert "5000x5000" in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": huge}), 400)["message"]
+        huge = [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
+                    }
+                ],
+            }
+        ]
+        assert (
+            "5000x5000"
+            in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": huge}), 400)["message"]
+        )
 
 
 def test_a_text_model_refuses_pictures(live):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url("red")}}]}]
-    assert "no vision tower" in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": messages}), 400)["message"]
+    assert (
+        "no vision tower"
+        in error_of(httpx.post(live.url + "/v1/chat/completions", json={"messages": messages}), 400)["message"]
+    )
 
 
 def test_the_page_is_served(live):

@@ -27,11 +27,23 @@ except ImportError:
     pytest.skip("browser test: selenium is not installed (pip install selenium)", allow_module_level=True)
 for _path in (CHROMIUM, CHROMEDRIVER):
     if not os.path.exists(_path):
-        pytest.skip(f"browser test: {_path} is missing (apt-get install chromium chromium-driver)", allow_module_level=True)
+        pytest.skip(
+            f"browser test: {_path} is missing (apt-get install chromium chromium-driver)", allow_module_level=True
+        )
 
 # Chromium's flags: headless as root in a container, and no calls home (which only time out here).
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,900",
+]
 
 # Records what the page draws into assistant bubbles: for every change of a bubble's text, the text
 # set (read from the mutation record itself, so no change is missed however fast the reply comes),
@@ -82,7 +94,7 @@ def browser(live):
     profile = tempfile.TemporaryDirectory(prefix="tinylm-chromium-", ignore_cleanup_errors=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile.name}"]:
+    for flag in [*FLAGS, f"--user-data-dir={profile.name}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -90,7 +102,11 @@ def browser(live):
         driver.set_page_load_timeout(30)
         open_page(driver, live.url)
         yield driver
-        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+        errors = [
+            e["message"]
+            for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]
+        ]
         assert errors == [], f"the page logged errors: {errors}"
     finally:
         driver.quit()
@@ -165,7 +181,9 @@ def test_reply_equals_the_api(browser, live):
     text = reply_text(browser, bubble)
     assert text.strip() != ""
     assert bubble.get_dom_attribute("data-finish-reason") in ("stop", "length")
-    assert text.strip() == api_reply(live, [{"role": "user", "content": question}], temperature=0, max_tokens=12).strip()
+    assert (
+        text.strip() == api_reply(live, [{"role": "user", "content": question}], temperature=0, max_tokens=12).strip()
+    )
 
 
 def test_reply_streams_in_pieces(browser, live):
@@ -190,9 +208,11 @@ def test_follow_up_and_regenerate(browser, live):
     first = send(browser, "the cat sat on the mat")
     second = send(browser, "and the dog?")
     assert len(assistant_bubbles(browser)) == 2
-    conversation = [{"role": "user", "content": "the cat sat on the mat"},
-                    {"role": "assistant", "content": reply_text(browser, first)},
-                    {"role": "user", "content": "and the dog?"}]
+    conversation = [
+        {"role": "user", "content": "the cat sat on the mat"},
+        {"role": "assistant", "content": reply_text(browser, first)},
+        {"role": "user", "content": "and the dog?"},
+    ]
     expected = api_reply(live, conversation, temperature=0, max_tokens=12).strip()
     assert reply_text(browser, second).strip() == expected
 
@@ -224,10 +244,18 @@ def test_long_chat_drops_the_oldest_exchange(browser, live, tmp_path):
             assert notes and all("dropped to fit the model's context" in n for n in notes), notes
             kept = browser.find_elements(By.CSS_SELECTOR, "#messages .message:not(.dropped)")
             assert len(kept) < 10 and kept[-1] == last
-            conversation = [{"role": "user" if "user" in b.get_attribute("class") else "assistant", "content": reply_text(browser, b)}
-                            for b in kept]
+            conversation = [
+                {
+                    "role": "user" if "user" in b.get_attribute("class") else "assistant",
+                    "content": reply_text(browser, b),
+                }
+                for b in kept
+            ]
             assert conversation[0]["role"] == "user"
-            assert conversation[-1]["content"].strip() == api_reply(short, conversation[:-1], temperature=0, max_tokens=8).strip()
+            assert (
+                conversation[-1]["content"].strip()
+                == api_reply(short, conversation[:-1], temperature=0, max_tokens=8).strip()
+            )
 
             # A message too long on its own: every older exchange goes, then it is refused, shown as
             # not sent, and left out of the history, so the next message works.
@@ -241,7 +269,10 @@ def test_long_chat_drops_the_oldest_exchange(browser, live, tmp_path):
             wait(browser, lambda d: d.find_element(By.ID, "send").is_enabled())
             after = send(browser, "hi")
             assert after.get_dom_attribute("data-finish-reason") in ("stop", "length")
-            assert reply_text(browser, after).strip() == api_reply(short, [{"role": "user", "content": "hi"}], temperature=0, max_tokens=8).strip()
+            assert (
+                reply_text(browser, after).strip()
+                == api_reply(short, [{"role": "user", "content": "hi"}], temperature=0, max_tokens=8).strip()
+            )
         finally:
             # The refused requests are logged as failed loads: expected here, nothing else is.
             logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
@@ -257,7 +288,9 @@ window.realFetch = window.realFetch || window.fetch;
 window.fetch = async (path, options) => {
   if (!String(path).endsWith("/chat/completions")) return window.realFetch(path, options);
   if (how === "503") {
-    const error = {error: {message: "the server is shutting down", type: "server_error", param: null, code: "shutting_down"}};
+    const error = {
+      error: {message: "the server is shutting down", type: "server_error", param: null, code: "shutting_down"},
+    };
     return new Response(JSON.stringify(error), {status: 503, headers: {"Content-Type": "application/json"}});
   }
   const chunk = {choices: [{index: 0, delta: {content: "half a rep"}, finish_reason: null}]};
@@ -293,13 +326,17 @@ def test_cut_stream_is_interrupted_and_503_is_shown(browser, live):
 def test_attached_picture_is_shrunk(browser, live):
     # A 1600x1000 PNG of noise (several MB) becomes a 768x480 JPEG; a small PNG stays a PNG as it is.
     # Both go through the file input's change handler, as a picked file would.
-    shrink = PICK + """
+    shrink = (
+        PICK
+        + """
     const [width, height, noisy, done] = arguments;
     (async () => {
       const canvas = Object.assign(document.createElement("canvas"), {width, height});
       const ctx = canvas.getContext("2d");
       const pixels = ctx.createImageData(width, height);
-      for (let i = 0; i < pixels.data.length; i++) pixels.data[i] = i % 4 === 3 ? 255 : noisy ? Math.random() * 256 : 128;
+      for (let i = 0; i < pixels.data.length; i++) {
+        pixels.data[i] = i % 4 === 3 ? 255 : noisy ? Math.random() * 256 : 128;
+      }
       ctx.putImageData(pixels, 0, 0);
       const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
       const preview = await pick(blob);
@@ -308,6 +345,7 @@ def test_attached_picture_is_shrunk(browser, live):
             width: preview.naturalWidth, height: preview.naturalHeight});
     })().catch((e) => done({error: String(e)}));
     """
+    )
     browser.set_script_timeout(30)
     try:
         big = browser.execute_async_script(shrink, 1600, 1000, True)
@@ -327,7 +365,9 @@ def test_a_vision_model_answers_about_an_attached_picture(browser, live, tmp_pat
     from tests.test_vlm_training import tiny_vlm_dir
     from tinylm.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(["What colour is the shape? It is red.", "这个图形是什么颜色的？它是红色的。"] * 20, vocab_size=300)
+    tokenizer = train_tokenizer(
+        ["What colour is the shape? It is red.", "这个图形是什么颜色的？它是红色的。"] * 20, vocab_size=300
+    )
     with LiveServer(build_server(tiny_vlm_dir(tmp_path / "vlm", tokenizer), max_batch=2)) as vlm:
         try:
             open_page(browser, vlm.url)
@@ -341,13 +381,16 @@ def test_a_vision_model_answers_about_an_attached_picture(browser, live, tmp_pat
               };""")
             settings(browser, temperature=0, max_tokens=10)
             browser.set_script_timeout(30)
-            browser.execute_async_script(PICK + """
+            browser.execute_async_script(
+                PICK
+                + """
               const done = arguments[0];
               const canvas = Object.assign(document.createElement("canvas"), {width: 64, height: 64});
               const ctx = canvas.getContext("2d");
               ctx.fillStyle = "white"; ctx.fillRect(0, 0, 64, 64);
               ctx.fillStyle = "red"; ctx.beginPath(); ctx.arc(32, 32, 20, 0, 7); ctx.fill();
-              canvas.toBlob((blob) => pick(blob).then(() => done()), "image/png");""")
+              canvas.toBlob((blob) => pick(blob).then(() => done()), "image/png");"""
+            )
             bubble = send(browser, "What colour is the shape?")
             body = json.loads(browser.execute_script("return window.sent[window.sent.length - 1]"))
             parts = body["messages"][-1]["content"]

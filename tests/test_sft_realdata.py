@@ -25,10 +25,21 @@ ALPACA_EN, ALPACA_ZH = "llamafactory_alpaca_en_demo.json", "llamafactory_alpaca_
 SHAREGPT_ZH, IDENTITY = "medicalgpt_sharegpt_zh_1K_format.jsonl", "llamafactory_identity.json"
 NAME, AUTHOR = "Quokka", "the tinylm team"  # what the identity file's {{name}} and {{author}} become
 
-TINY_MODEL = ["--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2",
-              "--model.num_key_value_heads=1", "--data.vocab_size=1000"]
-TRAIN = ["--train.seq_len=256", "--train.batch_size=8", "--train.progress=false", "--train.warmup_steps=2",
-         "--train.save_every=0", "--train.eval_batches=2"]
+TINY_MODEL = [
+    "--model.hidden_size=32",
+    "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--model.num_key_value_heads=1",
+    "--data.vocab_size=1000",
+]
+TRAIN = [
+    "--train.seq_len=256",
+    "--train.batch_size=8",
+    "--train.progress=false",
+    "--train.warmup_steps=2",
+    "--train.save_every=0",
+    "--train.eval_batches=2",
+]
 SFT = [*TRAIN, "--train.max_steps=40", "--train.lr=0.005", "--train.log_every=1", "--train.eval_every=10"]
 
 # file → (its reader, extra sft arguments, the fewest conversations the run must train on)
@@ -52,8 +63,13 @@ def sft_files(shared_data, runs, tmp_path_factory):
     if "files" not in runs:
         files = {name: shared_data / "sft" / name for name in CASES}
         records = json.loads(files[IDENTITY].read_text(encoding="utf-8"))
-        filled = [{key: value.replace("{{name}}", NAME).replace("{{author}}", AUTHOR) if isinstance(value, str) else value
-                   for key, value in record.items()} for record in records]
+        filled = [
+            {
+                key: value.replace("{{name}}", NAME).replace("{{author}}", AUTHOR) if isinstance(value, str) else value
+                for key, value in record.items()
+            }
+            for record in records
+        ]
         assert "{{" not in json.dumps(filled, ensure_ascii=False)  # no other placeholder was left behind
         files[IDENTITY] = tmp_path_factory.mktemp("identity") / IDENTITY
         files[IDENTITY].write_text(json.dumps(filled, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -73,19 +89,37 @@ def base(sft_files, runs, tmp_path_factory):
                 for conversation in conversations[:300]:
                     document = "\n".join(message["content"] for message in conversation.messages)
                     f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-        assert main(["pretrain", "--out", str(root / "run"), *TINY_MODEL, *TRAIN, "--train.max_steps=20",
-                     "--data.source=files", f"--data.files=[{text}]"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--out",
+                    str(root / "run"),
+                    *TINY_MODEL,
+                    *TRAIN,
+                    "--train.max_steps=20",
+                    "--data.source=files",
+                    f"--data.files=[{text}]",
+                ]
+            )
+            == 0
+        )
         runs["base"] = root / "run" / "final"
     return runs["base"]
 
 
 def finetune(runs, base, files, name: str, fmt: str, out, capsys) -> dict:
     """``tinylm sft`` on one file (``fmt`` "auto" leaves --format out); its stderr and losses."""
-    reader, extra, _ = CASES[name]
+    _reader, extra, _ = CASES[name]
     if (name, fmt) not in runs:
         capsys.readouterr()
         format_args = [] if fmt == "auto" else ["--format", fmt]
-        assert main(["sft", "--init", str(base), "--data", str(files[name]), *format_args, "--out", str(out), *SFT, *extra]) == 0
+        assert (
+            main(
+                ["sft", "--init", str(base), "--data", str(files[name]), *format_args, "--out", str(out), *SFT, *extra]
+            )
+            == 0
+        )
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name, fmt] = {
             "err": capsys.readouterr().err,
@@ -107,7 +141,10 @@ def test_sft_on_a_real_file_lowers_the_loss(runs, base, sft_files, name, fmt, tm
     expected = {ALPACA_EN: 999, ALPACA_ZH: 1000, SHAREGPT_ZH: 992, IDENTITY: 91}[name]
     assert f"read {reader} {expected}; skipped " in err
     if name == SHAREGPT_ZH:
-        assert "skipped empty_content 1, last_not_assistant 7" in err and ".jsonl:59: conversations[2].value: empty content" in err
+        assert (
+            "skipped empty_content 1, last_not_assistant 7" in err
+            and ".jsonl:59: conversations[2].value: empty content" in err
+        )
     else:
         assert f"read {reader} {expected}; skipped none" in err
 
@@ -123,12 +160,16 @@ def test_sft_on_a_real_file_lowers_the_loss(runs, base, sft_files, name, fmt, tm
     assert len(train) == 40 and len(val) == 4
     assert sum(train[-5:]) / 5 < train[0] - 0.4, train
     assert val[-1] < val[0] - 0.1, val
-    print(f"\n{name} ({fmt}): {used} conversations; training loss {train[0]:.3f} -> {sum(train[-5:]) / 5:.3f} (last 5), "
-          f"validation loss {val[0]:.3f} (step 10) -> {val[-1]:.3f} (step 40)")
+    print(
+        f"\n{name} ({fmt}): {used} conversations; training loss {train[0]:.3f} -> {sum(train[-5:]) / 5:.3f} (last 5), "
+        f"validation loss {val[0]:.3f} (step 10) -> {val[-1]:.3f} (step 40)"
+    )
 
 
 def test_without_skip_bad_the_first_bad_sharegpt_record_stops_the_run(base, sft_files, tmp_path, capsys):
-    code = main(["sft", "--init", str(base), "--data", str(sft_files[SHAREGPT_ZH]), "--out", str(tmp_path / "run"), *SFT])
+    code = main(
+        ["sft", "--init", str(base), "--data", str(sft_files[SHAREGPT_ZH]), "--out", str(tmp_path / "run"), *SFT]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{SHAREGPT_ZH}:59: conversations[2].value: empty content" in err and "Traceback" not in err
 
@@ -140,16 +181,40 @@ def test_the_identity_file_keeps_its_placeholders_until_they_are_filled(shared_d
     # read verbatim: most answers name {{name}} and many {{author}}; tinylm does not fill or drop them
     assert sum("{{name}}" in a for a in answers) == 77 and sum("{{author}}" in a for a in answers) == 60
     filled, _ = read_conversations(sft_files[IDENTITY])
-    assert [c.messages[-1]["content"] for c in filled] == [a.replace("{{name}}", NAME).replace("{{author}}", AUTHOR) for a in answers]
+    assert [c.messages[-1]["content"] for c in filled] == [
+        a.replace("{{name}}", NAME).replace("{{author}}", AUTHOR) for a in answers
+    ]
 
 
 def test_scripted_chat_answers_every_prompt_of_a_fine_tuned_model(runs, base, sft_files, tmp_path, capsys):
     model = finetune(runs, base, sft_files, IDENTITY, "auto", tmp_path / "run", capsys)["final"]
-    prompts = ["Who are you?", "What is your name?", "你是谁？", "Who created you?", "介绍一下你自己", "What can you do?"]
+    prompts = [
+        "Who are you?",
+        "What is your name?",
+        "你是谁？",
+        "Who created you?",
+        "介绍一下你自己",
+        "What can you do?",
+    ]
     prompts_file, out = tmp_path / "prompts.txt", tmp_path / "answers.jsonl"
     prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-    assert main(["chat", str(model), "--prompts", str(prompts_file), "--output", str(out), "--temperature", "0",
-                 "--max-new-tokens", "32"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(model),
+                "--prompts",
+                str(prompts_file),
+                "--output",
+                str(out),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert f"wrote {len(prompts)} answers" in capsys.readouterr().err
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in records] == prompts  # one record per prompt, in order

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.data.text import DataError, PackedWindows, build_token_shards, iter_eval_windows, load_shard_info, read_documents
+from tinylm.data.text import (
+    DataError,
+    PackedWindows,
+    build_token_shards,
+    iter_eval_windows,
+    load_shard_info,
+    read_documents,
+)
 from tinylm.tokenizer import train_tokenizer
 
 DOCS = [f"Document {i}: the Zorble number {i} eats {'apples' if i % 2 else '苹果'}.\nA second line." for i in range(60)]
@@ -120,7 +127,7 @@ def test_shards_hold_every_document_once_with_eos(tokenizer, jsonl, tmp_path):
         tokens = np.fromfile(info.directory / f"{split}.bin", dtype=np.uint16)
         starts = np.load(info.directory / f"{split}_docs.npy")
         assert len(tokens) == meta[f"{split}_tokens"] and len(starts) == meta[f"{split}_docs"]
-        ends = list(starts[1:]) + [len(tokens)]
+        ends = [*starts[1:], len(tokens)]
         docs = [tokens[s:e].tolist() for s, e in zip(starts, ends)]
         assert all(d[-1] == tokenizer.eos_id and tokenizer.eos_id not in d[:-1] for d in docs)
         split_texts = [tokenizer.decode(d[:-1]) for d in docs]
@@ -149,7 +156,9 @@ def test_split_depends_on_the_seed_not_on_file_order(tokenizer, jsonl, tmp_path)
     for name, path, seed in (("a", jsonl, 0), ("b", reversed_path, 0), ("c", jsonl, 1)):
         info = build_token_shards([path], tokenizer, tmp_path / name, val_fraction=0.1, seed=seed)
         val = np.fromfile(info.val_bin, dtype=info.dtype)
-        val_sets.append({tokenizer.decode(d) for d in np.split(val, np.flatnonzero(val == tokenizer.eos_id) + 1) if len(d)})
+        val_sets.append(
+            {tokenizer.decode(d) for d in np.split(val, np.flatnonzero(val == tokenizer.eos_id) + 1) if len(d)}
+        )
     assert val_sets[0] == val_sets[1] != val_sets[2]
 
 
@@ -176,7 +185,7 @@ def test_a_failed_build_leaves_no_files(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
         build_token_shards([bad], tokenizer, tmp_path / "shards")
     assert list((tmp_path / "shards").iterdir()) == []
-    with pytest.raises(DataError, match="absent.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"absent\.jsonl: no such file"):
         build_token_shards([tmp_path / "absent.jsonl"], tokenizer, tmp_path / "shards")
 
 
@@ -243,7 +252,7 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     np.arange(5, dtype=np.uint16).tofile(path)
     with pytest.raises(ValueError, match="5 tokens do not make one window of 11 tokens"):
         PackedWindows(path, 10, np.uint16, seed=0)
-    with pytest.raises(FileNotFoundError, match="absent.bin: missing token shard"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.bin: missing token shard"):
         PackedWindows(tmp_path / "absent.bin", 10, np.uint16, seed=0)
 
 

@@ -11,19 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_worker import make_task, train_config
 
 from tinylm.train import checkpoint as ckpt
 from tinylm.train import distributed
 from tinylm.train.trainer import fit, lr_lambda, param_groups
-from train_worker import make_task, train_config
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def run_worker(run_dir, mode, *pairs, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        if torchrun
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(WORKER), str(run_dir), mode, *pairs], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [*launcher, str(WORKER), str(run_dir), mode, *pairs], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path):
@@ -75,7 +81,10 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
 def test_pretraining_resume_after_kill_9_is_bit_identical(tmp_path):
     """The same through the real recipe: token shards, packed windows and their data position."""
     corpus = tmp_path / "corpus.jsonl"
-    lines = [json.dumps({"body": f"Story {i}: the fox met {i % 7} dogs. 狐狸遇到了{i % 5}只狗。"}, ensure_ascii=False) for i in range(200)]
+    lines = [
+        json.dumps({"body": f"Story {i}: the fox met {i % 7} dogs. 狐狸遇到了{i % 5}只狗。"}, ensure_ascii=False)
+        for i in range(200)
+    ]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_worker(straight, "pretrain", str(corpus)).returncode == 0
@@ -118,7 +127,7 @@ def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_a_new_run_refuses_a_directory_holding_another(tmp_path):
     fit(make_task(4), train_config(max_steps=5), tmp_path, distributed.setup("cpu"))
-    with pytest.raises(ValueError, match="already holds a training run.*--resume"):
+    with pytest.raises(ValueError, match=r"already holds a training run.*--resume"):
         fit(make_task(4), train_config(max_steps=5), tmp_path, distributed.setup("cpu"))
 
 
@@ -144,7 +153,9 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("per_process", [("batch_size=4", "grad_accum=1"), ("batch_size=2", "grad_accum=2")], ids=["ddp", "ddp+accumulation"])
+@pytest.mark.parametrize(
+    "per_process", [("batch_size=4", "grad_accum=1"), ("batch_size=2", "grad_accum=2")], ids=["ddp", "ddp+accumulation"]
+)
 def test_ddp_on_two_cpu_processes_matches_gradient_accumulation(tmp_path, per_process):
     """8 windows per step either way: one process with 2 micro-batches of 4, or 2 processes with
     per_process (with accumulation, the first micro-batch's backward runs under no_sync)."""

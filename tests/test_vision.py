@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 
 from tinylm.model.vision import CLIP, SIGLIP, Projector, VisionConfig, VisionTransformer, load_vision_tower
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def hf_tower(kind: str, path):
@@ -58,7 +60,9 @@ def test_a_tower_made_here_loads_in_transformers(tmp_path):
     theirs = transformers.SiglipVisionModel.from_pretrained(tmp_path / "mine").eval()
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(theirs(pixel_values=pixels).last_hidden_state, ours.post_layernorm(ours(pixels)), atol=1e-5)
+        assert torch.allclose(
+            theirs(pixel_values=pixels).last_hidden_state, ours.post_layernorm(ours(pixels)), atol=1e-5
+        )
 
 
 def test_projector_maps_patches_to_the_language_width_and_trains():

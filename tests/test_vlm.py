@@ -15,10 +15,25 @@ IMAGE = 99  # the image token's id
 
 
 def tiny_config(kind=SIGLIP, layer=-1) -> VLMConfig:
-    vision = VisionConfig(model_type=kind, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh" if kind == SIGLIP else "quick_gelu")
-    text = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, tie_word_embeddings=False)
+    vision = VisionConfig(
+        model_type=kind,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        hidden_act="gelu_pytorch_tanh" if kind == SIGLIP else "quick_gelu",
+    )
+    text = ModelConfig(
+        vocab_size=100,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return VLMConfig(vision=vision, text=text, image_token_id=IMAGE, feature_layer=layer)
 
 
@@ -56,7 +71,9 @@ def test_the_loss_trains_tower_projector_and_language_model():
         assert all(p.grad is not None for p in part.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("kind,layer,act,bias", [(SIGLIP, -1, "gelu", True), (CLIP, -2, "gelu", True), (SIGLIP, -1, "silu", False)])
+@pytest.mark.parametrize(
+    "kind,layer,act,bias", [(SIGLIP, -1, "gelu", True), (CLIP, -2, "gelu", True), (SIGLIP, -1, "silu", False)]
+)
 def test_our_llava_directory_loads_in_transformers_with_the_same_logits(kind, layer, act, bias, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -4,12 +4,12 @@ stage 1, LLaMA-Factory's and XTuner's image chats for stage 2."""
 import json
 
 import pytest
-
+import torch
 from conftest import TRAIN
 from test_vlm_training import TINY_VISION
+
 from tinylm.cli import main
 from tinylm.infer.engine import Engine, SamplingSettings
-import torch
 
 pytestmark = pytest.mark.realdata
 
@@ -19,8 +19,15 @@ def losses(run_dir, key="loss"):
 
 
 # the language model: the quickstart's shape (128 wide, 4 layers), trained on the captions' text
-LLM = ["--model.hidden_size=128", "--model.num_hidden_layers=4", "--model.num_attention_heads=4", "--model.num_key_value_heads=2",
-       "--data.vocab_size=1000", "--train.max_steps=100", "--train.lr=0.004"]
+LLM = [
+    "--model.hidden_size=128",
+    "--model.num_hidden_layers=4",
+    "--model.num_attention_heads=4",
+    "--model.num_key_value_heads=2",
+    "--data.vocab_size=1000",
+    "--train.max_steps=100",
+    "--train.lr=0.004",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +43,35 @@ def coco_stage1(tmp_path_factory):
     texts = root / "captions.jsonl"
     captions = [a["caption"].strip() for a in json.loads(annotations.read_text(encoding="utf-8"))["annotations"]]
     texts.write_text("".join(json.dumps({"text": c}) + "\n" for c in captions), encoding="utf-8")
-    assert main(["pretrain", "--out", str(root / "llm"), *TRAIN, *LLM, "--data.source=files", f"--data.files=[{texts}]"]) == 0
+    assert (
+        main(["pretrain", "--out", str(root / "llm"), *TRAIN, *LLM, "--data.source=files", f"--data.files=[{texts}]"])
+        == 0
+    )
     out = root / "stage1"
-    assert main(["vlm", "pretrain", "--init", str(root / "llm" / "final"), "--out", str(out), "--coco", str(annotations), "--train-vision",
-                 *TINY_VISION, *TRAIN, "--train.seq_len=192", "--train.batch_size=16", "--train.max_steps=60", "--train.lr=0.003",
-                 "--train.log_every=10", "--train.eval_every=10"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "pretrain",
+                "--init",
+                str(root / "llm" / "final"),
+                "--out",
+                str(out),
+                "--coco",
+                str(annotations),
+                "--train-vision",
+                *TINY_VISION,
+                *TRAIN,
+                "--train.seq_len=192",
+                "--train.batch_size=16",
+                "--train.max_steps=60",
+                "--train.lr=0.003",
+                "--train.log_every=10",
+                "--train.eval_every=10",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -54,19 +85,47 @@ def test_stage1_on_coco_captions_loss_falls(coco_stage1):
     assert config["model_type"] == "llava" and config["image_seq_length"] == 16
 
 
-@pytest.mark.parametrize("data", ["llamafactory_mllm_demo/mllm_demo.json", "xtuner/mllm_sft_single_image_example_data.jsonl",
-                                  "xtuner/mllm_pretrain_image_example_data.jsonl"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        "llamafactory_mllm_demo/mllm_demo.json",
+        "xtuner/mllm_sft_single_image_example_data.jsonl",
+        "xtuner/mllm_pretrain_image_example_data.jsonl",
+    ],
+)
 def test_stage2_on_real_image_chats(coco_stage1, shared_data, tmp_path, data):
     out = tmp_path / "stage2"
     # LLaMA-Factory's demo has several pictures in one conversation and long answers: a wider context
-    assert main(["vlm", "sft", "--init", str(coco_stage1 / "final"), "--out", str(out), "--data", str(shared_data / "vlm" / data),
-                 *TRAIN, "--train.seq_len=512", "--train.batch_size=2", "--train.max_steps=6", "--train.log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "sft",
+                "--init",
+                str(coco_stage1 / "final"),
+                "--out",
+                str(out),
+                "--data",
+                str(shared_data / "vlm" / data),
+                *TRAIN,
+                "--train.seq_len=512",
+                "--train.batch_size=2",
+                "--train.max_steps=6",
+                "--train.log_every=1",
+            ]
+        )
+        == 0
+    )
     assert len(losses(out)) == 6
     # the saved model tells the two cat and dog photos apart, and generates about one
     engine = Engine.from_dir(out / "final", device="cpu")
     dog, cats = sorted((shared_data / "vlm" / "xtuner").glob("*.jpg"))
     ids = torch.tensor([engine.encode("<image>\nWhat is in the picture?", images=1)])
     with torch.no_grad():
-        assert not torch.allclose(engine.vlm(ids, engine.processor([dog])), engine.vlm(ids, engine.processor([cats])), atol=1e-4)
-    reply = engine.run(["<image>\nWhat is in the picture?"], SamplingSettings(max_new_tokens=4, temperature=0), images=[[dog]])[0]
+        assert not torch.allclose(
+            engine.vlm(ids, engine.processor([dog])), engine.vlm(ids, engine.processor([cats])), atol=1e-4
+        )
+    reply = engine.run(
+        ["<image>\nWhat is in the picture?"], SamplingSettings(max_new_tokens=4, temperature=0), images=[[dog]]
+    )[0]
     assert len(reply.token_ids) == 4 or reply.finish_reason == "stop"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import TRAIN, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import TRAIN, write_jsonl
 from tinylm.cli import main
 from tinylm.data.builtin_images import Scene, render
 from tinylm.data.images import ImageProcessor
@@ -16,13 +16,27 @@ from tinylm.infer.chat import run_chat
 from tinylm.infer.engine import Engine, SamplingSettings
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.model.vision import SIGLIP, VisionConfig
-from tinylm.model.vlm import (IMAGE_TOKEN, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags, is_vlm_dir,
-                              load_vlm_dir, save_vlm_dir)
+from tinylm.model.vlm import (
+    IMAGE_TOKEN,
+    VisionLanguageModel,
+    VLMConfig,
+    ensure_image_token,
+    expand_image_tags,
+    is_vlm_dir,
+    load_vlm_dir,
+    save_vlm_dir,
+)
 from tinylm.modeldir import ModelDirError, load_model_dir
 
 # a tiny vision tower for the training stages: 32 px pictures in 8 px patches → 16 image tokens
-TINY_VISION = ["--vision.image_size=32", "--vision.patch_size=8", "--vision.hidden_size=32", "--vision.intermediate_size=64",
-               "--vision.num_hidden_layers=2", "--vision.num_attention_heads=2"]
+TINY_VISION = [
+    "--vision.image_size=32",
+    "--vision.patch_size=8",
+    "--vision.hidden_size=32",
+    "--vision.intermediate_size=64",
+    "--vision.num_hidden_layers=2",
+    "--vision.num_attention_heads=2",
+]
 VLM_TRAIN = [*TRAIN, "--train.seq_len=128", "--data.builtin_images=40", "--train.lr=0.003"]
 
 
@@ -39,10 +53,25 @@ def tiny_vlm_dir(path, tokenizer, tie=False, seed=0):
     torch.manual_seed(seed)
     template = get_template("chatml")
     tokenizer = template.attach(tokenizer)
-    text = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, tie_word_embeddings=tie, eos_token_id=template.stop_token_ids(tokenizer))
-    vision = VisionConfig(model_type=SIGLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=32, patch_size=8)
+    text = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        eos_token_id=template.stop_token_ids(tokenizer),
+    )
+    vision = VisionConfig(
+        model_type=SIGLIP,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     model = VisionLanguageModel(VLMConfig(vision=vision, text=text, image_token_id=tokenizer.token_to_id(IMAGE_TOKEN)))
     with torch.no_grad():  # no exact zeros anywhere: every part of the model matters to the logits
         for p in model.parameters():
@@ -55,7 +84,11 @@ def tiny_vlm_dir(path, tokenizer, tie=False, seed=0):
 def tokenizer():
     from tinylm.tokenizer import train_tokenizer
 
-    texts = ["What colour is the shape? It is red.", "How many circles are there? There are 3 circles.", "这个图形是什么颜色的？它是红色的。"] * 20
+    texts = [
+        "What colour is the shape? It is red.",
+        "How many circles are there? There are 3 circles.",
+        "这个图形是什么颜色的？它是红色的。",
+    ] * 20
     return train_tokenizer(texts, vocab_size=300)
 
 
@@ -66,8 +99,15 @@ def test_directory_round_trip_and_transformers_reads_it_alike(tmp_path, tokenize
     transformers = pytest.importorskip("transformers")
     directory = tiny_vlm_dir(tmp_path / "vlm", tokenizer)
     assert is_vlm_dir(directory) and not is_vlm_dir(tmp_path)
-    assert {p.name for p in directory.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
-                                                     "processor_config.json", "generation_config.json", "SHA256SUMS"}
+    assert {p.name for p in directory.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "generation_config.json",
+        "SHA256SUMS",
+    }
     engine = Engine.from_dir(directory, device="cpu")
     ids = engine.encode("<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n", images=1)
     assert ids.count(engine.vlm.config.image_token_id) == 16
@@ -78,8 +118,11 @@ def test_directory_round_trip_and_transformers_reads_it_alike(tmp_path, tokenize
 
     # transformers' processor builds the same ids and pixels from the directory, and its model the same logits
     processor = transformers.AutoProcessor.from_pretrained(directory)
-    theirs_in = processor(text=f"<|im_start|>user\n{IMAGE_TOKEN}\nWhat colour is the shape?<|im_end|>\n", images=[load_image_pil(image)],
-                          return_tensors="pt")
+    theirs_in = processor(
+        text=f"<|im_start|>user\n{IMAGE_TOKEN}\nWhat colour is the shape?<|im_end|>\n",
+        images=[load_image_pil(image)],
+        return_tensors="pt",
+    )
     assert theirs_in["input_ids"][0].tolist() == ids
     assert torch.allclose(theirs_in["pixel_values"], pixels, atol=1e-5)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(directory).eval()
@@ -94,7 +137,7 @@ def test_directory_round_trip_and_transformers_reads_it_alike(tmp_path, tokenize
     with torch.no_grad():
         for _ in range(6):
             chain.append(int(hf(input_ids=torch.tensor([chain]), pixel_values=pixels).logits[0, -1].argmax()))
-    assert generated == chain[len(ids):]
+    assert generated == chain[len(ids) :]
 
 
 def load_image_pil(path):
@@ -144,7 +187,7 @@ def test_corrupted_vlm_directory_is_refused(tmp_path, tokenizer):
     directory = tiny_vlm_dir(tmp_path / "vlm", tokenizer)
     with open(directory / "preprocessor_config.json", "a", encoding="utf-8") as f:
         f.write(" ")
-    with pytest.raises(ModelDirError, match="preprocessor_config.json: failed its SHA-256 check"):
+    with pytest.raises(ModelDirError, match=r"preprocessor_config\.json: failed its SHA-256 check"):
         load_vlm_dir(directory)
 
 
@@ -156,12 +199,22 @@ def test_a_foreign_tokenizer_gets_the_image_token_and_a_new_embedding_row():
 
     rust = RustTokenizer(models.BPE())
     rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    rust.train_from_iterator(["a foreign tokenizer without image tokens"] * 5, trainers.BpeTrainer(vocab_size=80, special_tokens=["</s>"]))
+    rust.train_from_iterator(
+        ["a foreign tokenizer without image tokens"] * 5, trainers.BpeTrainer(vocab_size=80, special_tokens=["</s>"])
+    )
     foreign = Tokenizer(rust, eos_token="</s>")
     assert foreign.token_to_id(IMAGE_TOKEN) is None
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=foreign.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=foreign.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     ids = torch.tensor([foreign.encode("a foreign tokenizer")])
     before = model(ids)
     tokenizer, index = ensure_image_token(model, foreign)
@@ -180,8 +233,26 @@ def stage1(base_and_chats, tmp_path_factory):
     """Stage 1 on the built-in pictures: a new tiny ViT and the projector learn; the language model is frozen."""
     _, base, _ = base_and_chats
     out = tmp_path_factory.mktemp("vlm") / "stage1"
-    assert main(["vlm", "pretrain", "--init", str(base), "--out", str(out), "--train-vision", *TINY_VISION, *VLM_TRAIN,
-                 "--train.max_steps=30", "--train.eval_every=10", "--train.log_every=5", "--train.lr=0.01"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "pretrain",
+                "--init",
+                str(base),
+                "--out",
+                str(out),
+                "--train-vision",
+                *TINY_VISION,
+                *VLM_TRAIN,
+                "--train.max_steps=30",
+                "--train.eval_every=10",
+                "--train.log_every=5",
+                "--train.lr=0.01",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -203,7 +274,9 @@ def test_stage1_trains_projector_and_encoder_and_leaves_the_language_model(stage
     val = logged(stage1, "val_loss")
     assert val[-1] < val[0], val
     assert processor.size == 32 and model.config.image_seq_length == 16
-    assert tokenizer.chat_template_name == "chatml" and tokenizer.token_to_id(IMAGE_TOKEN) == model.config.image_token_id
+    assert (
+        tokenizer.chat_template_name == "chatml" and tokenizer.token_to_id(IMAGE_TOKEN) == model.config.image_token_id
+    )
 
 
 @pytest.mark.parametrize("adapter", [["--lora"], ["--qlora"]], ids=["lora", "qlora"])
@@ -212,35 +285,86 @@ def test_stage2_with_lora_and_text_only_samples_mixed_in(stage1, tmp_path, capsy
     records = []
     for i in range(30):
         image, colour = (red, "red") if i % 2 else (blue, "blue")
-        records.append({"image": image.name, "conversations": [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
-                                                                {"from": "gpt", "value": f"It is {colour}."}]})
+        records.append(
+            {
+                "image": image.name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                ],
+            }
+        )
         records.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
     data = tmp_path / "mixed.jsonl"
     write_jsonl(data, records)
     out = tmp_path / "stage2"
-    assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), *adapter, "--lora-r", "4",
-                 "--vision.train=false", *VLM_TRAIN, "--train.max_steps=20"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "sft",
+                "--init",
+                str(stage1 / "final"),
+                "--out",
+                str(out),
+                "--data",
+                str(data),
+                *adapter,
+                "--lora-r",
+                "4",
+                "--vision.train=false",
+                *VLM_TRAIN,
+                "--train.max_steps=20",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "text-only" in err and "LoRA adapter merged" in err
     model, _, _ = load_vlm_dir(out / "final")
     before, _, _ = load_vlm_dir(stage1 / "final")
-    changed = [n for n, t in model.language_model.state_dict().items() if not torch.equal(t, before.language_model.state_dict()[n])]
-    assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) for n in changed)
+    changed = [
+        n
+        for n, t in model.language_model.state_dict().items()
+        if not torch.equal(t, before.language_model.state_dict()[n])
+    ]
+    assert changed and all(
+        any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        for n in changed
+    )
     assert not torch.equal(model.multi_modal_projector.linear_1.weight, before.multi_modal_projector.linear_1.weight)
     assert all(torch.equal(t, before.vision_tower.state_dict()[n]) for n, t in model.vision_tower.state_dict().items())
     # the saved model sees: another picture gives other logits
     engine = Engine.from_dir(out / "final", device="cpu")
     ids = torch.tensor([engine.encode("<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n", images=1)])
     with torch.no_grad():
-        assert not torch.allclose(engine.vlm(ids, engine.processor([red])), engine.vlm(ids, engine.processor([blue])), atol=1e-4)
+        assert not torch.allclose(
+            engine.vlm(ids, engine.processor([red])), engine.vlm(ids, engine.processor([blue])), atol=1e-4
+        )
 
 
 def test_qlora_merges_into_the_full_precision_weights(stage1, tmp_path):
     """QLoRA trains over 4-bit weights, but the saved model is stage 1's full-precision weights plus the
     correction: with a learning rate too small to move the adapter, nothing else changes either."""
     out = tmp_path / "qlora"
-    assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(out), "--qlora", "--vision.train=false", *VLM_TRAIN,
-                 "--train.lr=1e-12", "--train.max_steps=2"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "sft",
+                "--init",
+                str(stage1 / "final"),
+                "--out",
+                str(out),
+                "--qlora",
+                "--vision.train=false",
+                *VLM_TRAIN,
+                "--train.lr=1e-12",
+                "--train.max_steps=2",
+            ]
+        )
+        == 0
+    )
     before, after = load_vlm_dir(stage1 / "final")[0].state_dict(), load_vlm_dir(out / "final")[0].state_dict()
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
 
@@ -263,9 +387,28 @@ def test_stage_errors_name_the_problem(stage1, base_and_chats, tmp_path, capsys)
     assert "not a vision-language model" in capsys.readouterr().err
     assert main(["vlm", "pretrain", "--init", str(base), "--out", str(tmp_path / "b"), "--lora.enabled=true"]) == 2
     assert "lora is for stage 2" in capsys.readouterr().err
-    assert main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(tmp_path / "c"), "--vision.feature_layer=-2"]) == 2
+    assert (
+        main(["vlm", "sft", "--init", str(stage1 / "final"), "--out", str(tmp_path / "c"), "--vision.feature_layer=-2"])
+        == 2
+    )
     assert "feature_layer" in capsys.readouterr().err
-    assert main(["vlm", "pretrain", "--init", str(base), "--out", str(tmp_path / "d"), "--data", "x.jsonl", "--coco", "y.json"]) == 2
+    assert (
+        main(
+            [
+                "vlm",
+                "pretrain",
+                "--init",
+                str(base),
+                "--out",
+                str(tmp_path / "d"),
+                "--data",
+                "x.jsonl",
+                "--coco",
+                "y.json",
+            ]
+        )
+        == 2
+    )
     assert "not both" in capsys.readouterr().err
 
 
@@ -274,13 +417,33 @@ def test_stage1_with_a_local_clip_tower_frozen_and_layer_minus_two(base_and_chat
     _, base, _ = base_and_chats
     tower_dir = tmp_path / "clip"
     torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                           image_size=32, patch_size=8)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    )
     transformers.CLIPVisionModel(config).save_pretrained(tower_dir)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tower_dir)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tower_dir
+    )
     out = tmp_path / "run"
-    assert main(["vlm", "pretrain", "--init", str(base), "--out", str(out), "--vision", str(tower_dir), "--feature-layer", "-2",
-                 *VLM_TRAIN, "--train.max_steps=6"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "pretrain",
+                "--init",
+                str(base),
+                "--out",
+                str(out),
+                "--vision",
+                str(tower_dir),
+                "--feature-layer",
+                "-2",
+                *VLM_TRAIN,
+                "--train.max_steps=6",
+            ]
+        )
+        == 0
+    )
     model, _, processor = load_vlm_dir(out / "final")
     tower = load_file(tower_dir / "model.safetensors")
     for name, tensor in model.vision_tower.state_dict().items():
@@ -289,7 +452,21 @@ def test_stage1_with_a_local_clip_tower_frozen_and_layer_minus_two(base_and_chat
     assert model.config.feature_layer == -2 and model.config.image_seq_length == 16
     assert processor.mean == pytest.approx(transformers.CLIPImageProcessor().image_mean)
     # stage 2 keeps the layer stage 1 chose, without being told again
-    assert main(["vlm", "sft", "--init", str(out / "final"), "--out", str(tmp_path / "stage2"), *VLM_TRAIN, "--train.max_steps=2"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "sft",
+                "--init",
+                str(out / "final"),
+                "--out",
+                str(tmp_path / "stage2"),
+                *VLM_TRAIN,
+                "--train.max_steps=2",
+            ]
+        )
+        == 0
+    )
     assert load_vlm_dir(tmp_path / "stage2" / "final")[0].config.feature_layer == -2
     # and transformers' LLaVA reads the directory with the same logits
     engine = Engine.from_dir(out / "final", device="cpu")
@@ -297,16 +474,32 @@ def test_stage1_with_a_local_clip_tower_frozen_and_layer_minus_two(base_and_chat
     pixels = engine.processor([picture(tmp_path)])
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(out / "final").eval()
     with torch.no_grad():
-        assert torch.allclose(engine.vlm(torch.tensor([ids]), pixels), hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits, atol=1e-4)
+        assert torch.allclose(
+            engine.vlm(torch.tensor([ids]), pixels),
+            hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits,
+            atol=1e-4,
+        )
 
 
 def test_chat_with_images(stage1, tmp_path, base_and_chats):
     engine = Engine.from_dir(stage1 / "final", device="cpu")
     red = picture(tmp_path)
-    lines = iter(["/image " + str(red), "/reset", "What is <image> here?", "/image " + str(tmp_path / "missing.png"), "/image " + str(red),
-                  "What colour is the shape?", "And now?", "/exit"])
+    lines = iter(
+        [
+            "/image " + str(red),
+            "/reset",
+            "What is <image> here?",
+            "/image " + str(tmp_path / "missing.png"),
+            "/image " + str(red),
+            "What colour is the shape?",
+            "And now?",
+            "/exit",
+        ]
+    )
     out = io.StringIO()
-    history = run_chat(engine, settings=SamplingSettings(max_new_tokens=4, temperature=0), input_fn=lambda _: next(lines), output=out)
+    history = run_chat(
+        engine, settings=SamplingSettings(max_new_tokens=4, temperature=0), input_fn=lambda _: next(lines), output=out
+    )
     text = out.getvalue()
     assert "/image PATH" in text and "does not exist" in text and f"image {red} goes with your next message" in text
     assert "cannot contain <image>" in text  # a literal tag is refused, not a crash; /reset dropped the first picture:
@@ -317,12 +510,44 @@ def test_chat_with_images(stage1, tmp_path, base_and_chats):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What colour is the shape?\nWhere is it?\n", encoding="utf-8")
     answers = tmp_path / "answers.jsonl"
-    assert main(["chat", str(stage1 / "final"), "--image", str(red), "--prompts", str(prompts), "--output", str(answers),
-                 "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(stage1 / "final"),
+                "--image",
+                str(red),
+                "--prompts",
+                str(prompts),
+                "--output",
+                str(answers),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert len(answers.read_text().splitlines()) == 2
     # generate, with the picture's tag in the prompt
-    assert main(["generate", str(stage1 / "final"), "--prompt", "<image>\nA picture of", "--image", str(red), "--temperature", "0",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(stage1 / "final"),
+                "--prompt",
+                "<image>\nA picture of",
+                "--image",
+                str(red),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", str(stage1 / "final"), "--prompt", "A picture of", "--image", str(red)]) == 2
     # a text model refuses pictures with a clear message
     _, base, _ = base_and_chats
@@ -335,15 +560,34 @@ def test_chat_with_images(stage1, tmp_path, base_and_chats):
 def test_vlm_quickstart_runs_every_part_and_reports_against_chance(base_and_chats, tmp_path, capsys):
     _, base, _ = base_and_chats
     out = tmp_path / "quick"
-    assert main(["vlm", "quickstart", "--out", str(out), "--llm", str(base), *TINY_VISION, *VLM_TRAIN, "--train.max_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "vlm",
+                "quickstart",
+                "--out",
+                str(out),
+                "--llm",
+                str(base),
+                *TINY_VISION,
+                *VLM_TRAIN,
+                "--train.max_steps=4",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     heldout = report["heldout"]
     assert set(heldout["by_kind"]) == {"colour", "shape", "count", "position"}
-    assert heldout["by_kind"]["colour"]["chance"] == pytest.approx(1 / 6) and heldout["by_kind"]["count"]["chance"] == pytest.approx(1 / 3)
+    assert heldout["by_kind"]["colour"]["chance"] == pytest.approx(1 / 6) and heldout["by_kind"]["count"][
+        "chance"
+    ] == pytest.approx(1 / 3)
     assert heldout["questions"] == sum(row["questions"] for row in heldout["by_kind"].values()) > 0
     assert set(report["seconds"]) >= {"stage 1 (captions)", "total"}
     printed = capsys.readouterr().out
-    assert "| colour |" in printed and (out / "report.md").is_file() and (out / "sft" / "final" / "config.json").is_file()
+    assert (
+        "| colour |" in printed and (out / "report.md").is_file() and (out / "sft" / "final" / "config.json").is_file()
+    )
 
 
 @pytest.mark.slow
@@ -356,16 +600,46 @@ def test_data_parallel_stage2_with_batches_that_hold_no_picture(stage1, tmp_path
 
     red = picture(tmp_path)
     records = []
-    for i in range(24):
-        records.append({"image": red.name, "conversations": [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
-                                                              {"from": "gpt", "value": "It is red."}]})
+    for _i in range(24):
+        records.append(
+            {
+                "image": red.name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                    {"from": "gpt", "value": "It is red."},
+                ],
+            }
+        )
         records.append({"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]})
     data = tmp_path / "mixed.jsonl"
     write_jsonl(data, records)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinylm.cli", "vlm", "sft",
-               "--init", str(stage1 / "final"), "--out", str(out), "--data", str(data), "--train-vision", "--device", "cpu",
-               *VLM_TRAIN, "--train.batch_size=1", "--train.max_steps=6", "--train.log_every=1"]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tinylm.cli",
+        "vlm",
+        "sft",
+        "--init",
+        str(stage1 / "final"),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--train-vision",
+        "--device",
+        "cpu",
+        *VLM_TRAIN,
+        "--train.batch_size=1",
+        "--train.max_steps=6",
+        "--train.log_every=1",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(logged(out)) == 6 and (out / "final" / "model.safetensors").is_file()

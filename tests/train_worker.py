@@ -12,11 +12,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinylm.config import TrainConfig  # noqa: E402
-from tinylm.model.llama import CausalLM, ModelConfig  # noqa: E402
-from tinylm.train import distributed  # noqa: E402
-from tinylm.train.objectives import NextTokenLoss, shift_window  # noqa: E402
-from tinylm.train.trainer import Task, fit  # noqa: E402
+from tinylm.config import TrainConfig
+from tinylm.model.llama import CausalLM, ModelConfig
+from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss, shift_window
+from tinylm.train.trainer import Task, fit
 
 VOCAB, SEQ = 48, 16
 
@@ -49,21 +49,46 @@ class ArrayBatches:
 
 def make_task(batch_size, rank=0, world_size=1):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = ModelConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     return Task(model=CausalLM(config), batches=ArrayBatches(batch_size, rank, world_size), objective=NextTokenLoss())
 
 
 def train_config(**overrides):
-    base = dict(max_steps=20, batch_size=4, seq_len=SEQ, lr=1e-2, warmup_steps=3, save_every=5, eval_every=0,
-                log_every=1, progress=False, device="cpu", keep_checkpoints=10)
+    base = dict(
+        max_steps=20,
+        batch_size=4,
+        seq_len=SEQ,
+        lr=1e-2,
+        warmup_steps=3,
+        save_every=5,
+        eval_every=0,
+        log_every=1,
+        progress=False,
+        device="cpu",
+        keep_checkpoints=10,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
 PRETRAIN = [
-    "--model.hidden_size=32", "--model.num_hidden_layers=2", "--model.num_attention_heads=2", "--model.num_key_value_heads=1",
-    "--data.source=files", "--data.text_field=body", "--data.vocab_size=300", "--train.seq_len=32", "--train.batch_size=4",
-    "--train.max_steps=12", "--train.save_every=5", "--train.warmup_steps=2", "--train.eval_every=0", "--train.eval_batches=2",
-    "--train.progress=false", "--train.device=cpu",
+    "--model.hidden_size=32",
+    "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--model.num_key_value_heads=1",
+    "--data.source=files",
+    "--data.text_field=body",
+    "--data.vocab_size=300",
+    "--train.seq_len=32",
+    "--train.batch_size=4",
+    "--train.max_steps=12",
+    "--train.save_every=5",
+    "--train.warmup_steps=2",
+    "--train.eval_every=0",
+    "--train.eval_batches=2",
+    "--train.progress=false",
+    "--train.device=cpu",
 ]
 
 
@@ -72,7 +97,9 @@ def pretrain_main(run_dir, mode, corpus):
     from tinylm.train.recipes import pretrain
 
     cfg = load_config(PretrainConfig, None, [*PRETRAIN, f"--data.files=[{corpus}]"])
-    callbacks = [lambda step, _: step == 8 and os.kill(os.getpid(), signal.SIGKILL)] if mode == "pretrain-kill-at-8" else []
+    callbacks = (
+        [lambda step, _: step == 8 and os.kill(os.getpid(), signal.SIGKILL)] if mode == "pretrain-kill-at-8" else []
+    )
     pretrain(cfg, run_dir, resume=mode == "pretrain-resume", callbacks=callbacks)
 
 
@@ -91,7 +118,10 @@ def main():
     if dist.is_main:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in task.model.state_dict().items() if k != "lm_head.weight"}, Path(run_dir) / "weights.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in task.model.state_dict().items() if k != "lm_head.weight"},
+            Path(run_dir) / "weights.safetensors",
+        )
     distributed.teardown()
 
 

@@ -7,7 +7,8 @@
     tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
     tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
     tinylm vlm quickstart --out runs/vlm
-    tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR] [--data captions.jsonl | --coco captions.json]
+    tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR]
+                        [--data captions.jsonl | --coco captions.json]
     tinylm vlm sft --init runs/vlm1/final --out runs/vlm2 [--data conversations.jsonl] [--lora]
     tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
     tinylm chat runs/tiny/final [--system TEXT] [--image PATH]
@@ -49,7 +50,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after"
+    )
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -60,25 +63,44 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_lora_args(parser: argparse.ArgumentParser, output: str = "the output is the adapter") -> None:
-    group = parser.add_argument_group("LoRA (more keys: --lora.dropout=0.05 --lora.target_modules=[q_proj,v_proj] --lora.rslora=true)")
+    group = parser.add_argument_group(
+        "LoRA (more keys: --lora.dropout=0.05 --lora.target_modules=[q_proj,v_proj] --lora.rslora=true)"
+    )
     group.add_argument("--lora", action="store_true", help=f"train a LoRA adapter instead of the whole model; {output}")
-    group.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit NF4 copy of the frozen base (implies --lora)")
+    group.add_argument(
+        "--qlora", action="store_true", help="LoRA over a 4-bit NF4 copy of the frozen base (implies --lora)"
+    )
     group.add_argument("--double-quant", action="store_true", help="QLoRA: quantize the 4-bit blocks' scales too")
     group.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 8)")
-    group.add_argument("--lora-alpha", type=float, default=None, help="scaling numerator: the update is alpha / r · B A (default 16)")
+    group.add_argument(
+        "--lora-alpha", type=float, default=None, help="scaling numerator: the update is alpha / r · B A (default 16)"
+    )
 
 
 def lora_overrides(args) -> dict:
     qlora = getattr(args, "qlora", False)
-    given = [flag for flag, value in (("--lora-r", getattr(args, "lora_r", None)), ("--lora-alpha", getattr(args, "lora_alpha", None)),
-                                      ("--double-quant", getattr(args, "double_quant", False) or None)) if value is not None]
+    given = [
+        flag
+        for flag, value in (
+            ("--lora-r", getattr(args, "lora_r", None)),
+            ("--lora-alpha", getattr(args, "lora_alpha", None)),
+            ("--double-quant", getattr(args, "double_quant", False) or None),
+        )
+        if value is not None
+    ]
     if given and not (getattr(args, "lora", False) or qlora):
-        raise ValueError(f"{', '.join(given)} given without --lora or --qlora: add one, or the run fine-tunes every weight")
+        raise ValueError(
+            f"{', '.join(given)} given without --lora or --qlora: add one, or the run fine-tunes every weight"
+        )
     if getattr(args, "double_quant", False) and not qlora:
         raise ValueError("--double-quant is part of QLoRA: use it with --qlora")
-    return {"lora.enabled": (getattr(args, "lora", False) or qlora) or None, "lora.quantize": "nf4" if qlora else None,
-            "lora.double_quant": getattr(args, "double_quant", False) or None,
-            "lora.r": getattr(args, "lora_r", None), "lora.alpha": getattr(args, "lora_alpha", None)}
+    return {
+        "lora.enabled": (getattr(args, "lora", False) or qlora) or None,
+        "lora.quantize": "nf4" if qlora else None,
+        "lora.double_quant": getattr(args, "double_quant", False) or None,
+        "lora.r": getattr(args, "lora_r", None),
+        "lora.alpha": getattr(args, "lora_alpha", None),
+    }
 
 
 def sampling_settings(args):
@@ -98,116 +120,260 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description="Build a small language model end to end.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    quick = commands.add_parser("quickstart", help="corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes")
+    quick = commands.add_parser(
+        "quickstart", help="corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes"
+    )
     quick.add_argument("--out", required=True, help="run directory")
     quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
     quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
-    tok = commands.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tokenizer_command", required=True)
+    tok = commands.add_parser("tokenizer", help="tokenizer commands").add_subparsers(
+        dest="tokenizer_command", required=True
+    )
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
-    tok_train.add_argument("--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)")
+    tok_train.add_argument(
+        "--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)"
+    )
     tok_train.add_argument("--vocab-size", type=int, default=6400)
     tok_train.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .json / .parquet")
-    tok_train.add_argument("--txt-split", default="blank", choices=["blank", "line", "file"], help=".txt documents: blank-line separated, one per line, or one per file")
+    tok_train.add_argument(
+        "--txt-split",
+        default="blank",
+        choices=["blank", "line", "file"],
+        help=".txt documents: blank-line separated, one per line, or one per file",
+    )
     tok_train.add_argument("--out", required=True, help="output directory")
 
-    pre = commands.add_parser("pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config")
+    pre = commands.add_parser(
+        "pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config"
+    )
     pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
     add_run_args(pre)
     pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
     add_lora_args(pre)
 
-    sft = commands.add_parser("sft", help="supervised fine-tuning on conversations; extra --section.key=value override the config")
+    sft = commands.add_parser(
+        "sft", help="supervised fine-tuning on conversations; extra --section.key=value override the config"
+    )
     sft.add_argument("--config", default="sft-cpu-tiny", help="config name or YAML path")
-    sft.add_argument("--init", required=True, help="the model directory to fine-tune (tinylm, or a local Llama/Qwen2/Qwen3)")
-    sft.add_argument("--data", nargs="+", default=None, help=".json / .jsonl / .parquet conversations (default: the built-in ones)")
-    sft.add_argument("--format", default=None, choices=["auto", "openai", "sharegpt", "alpaca"], help="conversation format (default: auto)")
+    sft.add_argument(
+        "--init", required=True, help="the model directory to fine-tune (tinylm, or a local Llama/Qwen2/Qwen3)"
+    )
+    sft.add_argument(
+        "--data", nargs="+", default=None, help=".json / .jsonl / .parquet conversations (default: the built-in ones)"
+    )
+    sft.add_argument(
+        "--format",
+        default=None,
+        choices=["auto", "openai", "sharegpt", "alpaca"],
+        help="conversation format (default: auto)",
+    )
     sft.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
-    sft.add_argument("--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping")
-    sft.add_argument("--identity-name", default=None, help="the identity recipe: teach the assistant this name (mixed with the data)")
+    sft.add_argument(
+        "--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping"
+    )
+    sft.add_argument(
+        "--identity-name", default=None, help="the identity recipe: teach the assistant this name (mixed with the data)"
+    )
     sft.add_argument("--identity-author", default=None, help="... and this author (who made it)")
     add_run_args(sft)
     add_lora_args(sft)
 
-    dpo = commands.add_parser("dpo", help="align a chat model with preference pairs (DPO, SimPO, ORPO); extra --section.key=value override the config")
+    dpo = commands.add_parser(
+        "dpo",
+        help="align a chat model with preference pairs (DPO, SimPO, ORPO); "
+        "extra --section.key=value override the config",
+    )
     dpo.add_argument("--config", default="dpo-cpu-tiny", help="config name or YAML path")
-    dpo.add_argument("--init", required=True, help="the chat model to align (an SFT run's final/, or a local model directory)")
-    dpo.add_argument("--data", nargs="+", default=None, help=".json / .jsonl(.gz) / .parquet preference pairs (default: the built-in ones)")
-    dpo.add_argument("--format", default=None, choices=["auto", "minimind", "llamafactory", "hh-rlhf"], help="pair format (default: auto)")
+    dpo.add_argument(
+        "--init", required=True, help="the chat model to align (an SFT run's final/, or a local model directory)"
+    )
+    dpo.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help=".json / .jsonl(.gz) / .parquet preference pairs (default: the built-in ones)",
+    )
+    dpo.add_argument(
+        "--format",
+        default=None,
+        choices=["auto", "minimind", "llamafactory", "hh-rlhf"],
+        help="pair format (default: auto)",
+    )
     dpo.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    dpo.add_argument("--loss", default=None, choices=["sigmoid", "orpo", "simpo"], help="sigmoid = DPO (default); orpo and simpo need no reference")
+    dpo.add_argument(
+        "--loss",
+        default=None,
+        choices=["sigmoid", "orpo", "simpo"],
+        help="sigmoid = DPO (default); orpo and simpo need no reference",
+    )
     dpo.add_argument("--beta", type=float, default=None, help="DPO/SimPO reward scale, ORPO odds-ratio weight")
-    dpo.add_argument("--precompute-ref", action="store_true", help="score the reference once before training instead of batch by batch")
+    dpo.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        help="score the reference once before training instead of batch by batch",
+    )
     dpo.add_argument("--skip-bad", action="store_true", help="skip invalid pairs and report counts instead of stopping")
     add_run_args(dpo)
     add_lora_args(dpo)
 
-    dis = commands.add_parser("distill", help="train a small student on a teacher's next-token distributions; extra --section.key=value override the config")
+    dis = commands.add_parser(
+        "distill",
+        help="train a small student on a teacher's next-token distributions; "
+        "extra --section.key=value override the config",
+    )
     dis.add_argument("--teacher", required=True, help="the teacher model directory")
-    dis.add_argument("--student", required=True, help="the student: a model directory, or a config (name or YAML) whose model section shapes a new one")
-    dis.add_argument("--config", default="cpu-tiny", help="data and training settings when --student is a model directory (default cpu-tiny)")
-    dis.add_argument("--data", nargs="+", default=None, help="text files (default: the built-in corpus); with --chat, conversation files")
-    dis.add_argument("--chat", action="store_true", help="distill on conversations (the assistant's tokens) instead of text")
+    dis.add_argument(
+        "--student",
+        required=True,
+        help="the student: a model directory, or a config (name or YAML) whose model section shapes a new one",
+    )
+    dis.add_argument(
+        "--config",
+        default="cpu-tiny",
+        help="data and training settings when --student is a model directory (default cpu-tiny)",
+    )
+    dis.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="text files (default: the built-in corpus); with --chat, conversation files",
+    )
+    dis.add_argument(
+        "--chat", action="store_true", help="distill on conversations (the assistant's tokens) instead of text"
+    )
     dis.add_argument("--temperature", type=float, default=None, help="above 1 softens both distributions (default 1)")
-    dis.add_argument("--kl-weight", type=float, default=None, help="share of the teacher term in the loss (default 0.5)")
+    dis.add_argument(
+        "--kl-weight", type=float, default=None, help="share of the teacher term in the loss (default 0.5)"
+    )
     add_run_args(dis)
 
     vlm = commands.add_parser("vlm", help="vision-language models: two-stage training and a quickstart")
     vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True)
-    vlm_quick = vlm_commands.add_parser("quickstart", help="built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes")
+    vlm_quick = vlm_commands.add_parser(
+        "quickstart", help="built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes"
+    )
     vlm_quick.add_argument("--out", required=True, help="run directory")
-    vlm_quick.add_argument("--llm", default=None, help="the language model to start from (default: pretrain a small one on the built-in corpus)")
+    vlm_quick.add_argument(
+        "--llm",
+        default=None,
+        help="the language model to start from (default: pretrain a small one on the built-in corpus)",
+    )
     vlm_quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
-    for stage, about in (("pretrain", "stage 1: image-caption pairs train the projector (and --train-vision the encoder); the language model is frozen"),
-                         ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)")):
+    for stage, about in (
+        (
+            "pretrain",
+            "stage 1: image-caption pairs train the projector (and --train-vision the encoder); the language model is "
+            "frozen",
+        ),
+        ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)"),
+    ):
         sub = vlm_commands.add_parser(stage, help=about + "; extra --section.key=value override the config")
         sub.add_argument("--config", default=f"vlm-{stage}-cpu-tiny", help="config name or YAML path")
-        sub.add_argument("--init", required=True, help="the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)")
-        sub.add_argument("--data", nargs="+", default=None, help="LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)")
-        sub.add_argument("--image-root", default=None, help="where relative image paths are found (default: beside each data file)")
-        sub.add_argument("--skip-bad", action="store_true", help="skip invalid samples and report counts instead of stopping")
+        sub.add_argument(
+            "--init",
+            required=True,
+            help="the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)",
+        )
+        sub.add_argument(
+            "--data",
+            nargs="+",
+            default=None,
+            help="LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)",
+        )
+        sub.add_argument(
+            "--image-root", default=None, help="where relative image paths are found (default: beside each data file)"
+        )
+        sub.add_argument(
+            "--skip-bad", action="store_true", help="skip invalid samples and report counts instead of stopping"
+        )
         sub.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
         sub.add_argument("--train-vision", action="store_true", help="train the vision encoder too")
         add_run_args(sub)
         if stage == "pretrain":
-            sub.add_argument("--vision", default=None, help="a local SigLIP/CLIP directory as the encoder (default: a new built-in ViT)")
-            sub.add_argument("--feature-layer", type=int, default=None, help="the encoder layer that feeds the projector (default -1, the last)")
-            sub.add_argument("--coco", nargs="+", default=None, help="COCO caption annotations (captions_*.json) instead of --data")
-            sub.add_argument("--coco-images", default=None, help="the COCO image folder (default: found beside the annotations)")
+            sub.add_argument(
+                "--vision",
+                default=None,
+                help="a local SigLIP/CLIP directory as the encoder (default: a new built-in ViT)",
+            )
+            sub.add_argument(
+                "--feature-layer",
+                type=int,
+                default=None,
+                help="the encoder layer that feeds the projector (default -1, the last)",
+            )
+            sub.add_argument(
+                "--coco", nargs="+", default=None, help="COCO caption annotations (captions_*.json) instead of --data"
+            )
+            sub.add_argument(
+                "--coco-images", default=None, help="the COCO image folder (default: found beside the annotations)"
+            )
         else:
             add_lora_args(sub, output="it is merged into the saved model")
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--image", action="append", default=None, help="a vision-language model: an image for each <image> tag of the prompt")
+    gen.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        help="a vision-language model: an image for each <image> tag of the prompt",
+    )
     add_sampling_args(gen)
 
     chat = commands.add_parser("chat", help="multi-turn chat in the terminal")
     chat.add_argument("model_dir")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--prompts", default=None, help="answer each prompt of this file (.txt: one per line; .jsonl: {\"prompt\": ...}) and exit")
-    chat.add_argument("--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them")
-    chat.add_argument("--image", action="append", default=None, help="a vision-language model: show it this picture with the first message "
-                      "(with --prompts: with every prompt); repeat for several")
+    chat.add_argument(
+        "--prompts",
+        default=None,
+        help='answer each prompt of this file (.txt: one per line; .jsonl: {"prompt": ...}) and exit',
+    )
+    chat.add_argument(
+        "--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them"
+    )
+    chat.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        help="a vision-language model: show it this picture with the first message "
+        "(with --prompts: with every prompt); repeat for several",
+    )
     add_sampling_args(chat)
 
     srv = commands.add_parser("serve", help="an OpenAI-compatible API and a web chat page, with continuous batching")
     srv.add_argument("model_dir")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"),
-                     help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYLM_API_KEY; none: open)")
-    srv.add_argument("--name", default=None, help="the model's name in the API (default: the directory's, or its run's for .../final)")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYLM_API_KEY; none: open)",
+    )
+    srv.add_argument(
+        "--name",
+        default=None,
+        help="the model's name in the API (default: the directory's, or its run's for .../final)",
+    )
     srv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (each n>1 choice is one)")
-    srv.add_argument("--max-len", type=int, default=None, help="prompt + reply tokens per sequence (default: the model's context, at most 4096)")
-    srv.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch before new ones get 429")
+    srv.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="prompt + reply tokens per sequence (default: the model's context, at most 4096)",
+    )
+    srv.add_argument(
+        "--max-waiting", type=int, default=256, help="requests queued beyond the batch before new ones get 429"
+    )
     srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (pictures travel inside it)")
     srv.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: as saved")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
-    merge = commands.add_parser("merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory")
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory"
+    )
     merge.add_argument("model_dir")
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
@@ -235,32 +401,75 @@ def flag_overrides(args) -> list[str]:
     """The command-line flags that are config keys, as --section.key=value overrides (flags win)."""
     if args.command not in TRAINING_COMMANDS:
         return []
-    pairs = {"train.device": getattr(args, "device", None), "init_from": getattr(args, "init", None), **lora_overrides(args)}
+    pairs = {
+        "train.device": getattr(args, "device", None),
+        "init_from": getattr(args, "init", None),
+        **lora_overrides(args),
+    }
     if args.command == "sft":
-        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
-                      "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),
-                      "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False)})
+        pairs.update(
+            {
+                "data.format": args.format,
+                "data.template": args.template,
+                "data.skip_bad": args.skip_bad or None,
+                "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),
+                "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False),
+            }
+        )
     if args.command == "dpo":
-        pairs.update({"data.format": args.format, "data.template": args.template, "data.skip_bad": args.skip_bad or None,
-                      "dpo.loss": args.loss, "dpo.beta": args.beta, "dpo.reference": "precomputed" if args.precompute_ref else None})
+        pairs.update(
+            {
+                "data.format": args.format,
+                "data.template": args.template,
+                "data.skip_bad": args.skip_bad or None,
+                "dpo.loss": args.loss,
+                "dpo.beta": args.beta,
+                "dpo.reference": "precomputed" if args.precompute_ref else None,
+            }
+        )
     if args.command == "distill":
-        pairs.update({"distill.teacher": json.dumps(args.teacher), "distill.corpus": "chat" if args.chat else None,
-                      "distill.temperature": args.temperature, "distill.kl_weight": args.kl_weight,
-                      "init_from": json.dumps(args.student) if is_model_dir(args.student) else None})
+        pairs.update(
+            {
+                "distill.teacher": json.dumps(args.teacher),
+                "distill.corpus": "chat" if args.chat else None,
+                "distill.temperature": args.temperature,
+                "distill.kl_weight": args.kl_weight,
+                "init_from": json.dumps(args.student) if is_model_dir(args.student) else None,
+            }
+        )
     if args.command == "vlm" and args.vlm_command != "quickstart":
-        pairs.update({"data.image_root": args.image_root and json.dumps(args.image_root), "data.skip_bad": args.skip_bad or None,
-                      "data.template": args.template, "vision.train": args.train_vision or None})
+        pairs.update(
+            {
+                "data.image_root": args.image_root and json.dumps(args.image_root),
+                "data.skip_bad": args.skip_bad or None,
+                "data.template": args.template,
+                "vision.train": args.train_vision or None,
+            }
+        )
         if args.vlm_command == "pretrain":
-            pairs.update({"vision.tower": args.vision and json.dumps(args.vision), "vision.feature_layer": args.feature_layer,
-                          "data.coco_images": args.coco_images and json.dumps(args.coco_images)})
+            pairs.update(
+                {
+                    "vision.tower": args.vision and json.dumps(args.vision),
+                    "vision.feature_layer": args.feature_layer,
+                    "data.coco_images": args.coco_images and json.dumps(args.coco_images),
+                }
+            )
             if args.coco and args.data:
                 raise ValueError("give --data or --coco, not both")
             if args.coco:
-                pairs.update({"data.source": "coco", "data.files": "[" + ", ".join(json.dumps(f) for f in args.coco) + "]"})
+                pairs.update(
+                    {"data.source": "coco", "data.files": "[" + ", ".join(json.dumps(f) for f in args.coco) + "]"}
+                )
     if getattr(args, "data", None):
         section = "chat" if getattr(args, "chat", False) else "data"  # distill --chat reads conversations
-        pairs.update({f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"})
-    return [f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}" for key, value in pairs.items() if value is not None]
+        pairs.update(
+            {f"{section}.source": "files", f"{section}.files": "[" + ", ".join(json.dumps(f) for f in args.data) + "]"}
+        )
+    return [
+        f"--{key}={value}" if not isinstance(value, bool) else f"--{key}={str(value).lower()}"
+        for key, value in pairs.items()
+        if value is not None
+    ]
 
 
 def run(args, overrides: list[str]) -> int:
@@ -288,7 +497,9 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
 
         if args.data:
-            tokenizer = train_tokenizer_from_files(args.data, args.vocab_size, text_field=args.text_field, txt_split=args.txt_split)
+            tokenizer = train_tokenizer_from_files(
+                args.data, args.vocab_size, text_field=args.text_field, txt_split=args.txt_split
+            )
         else:
             from tinylm.data import builtin
 
@@ -323,7 +534,9 @@ def run(args, overrides: list[str]) -> int:
         engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
         if args.prompts:
-            records = answer_prompts(engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format, images=args.image)
+            records = answer_prompts(
+                engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format, images=args.image
+            )
             lines = [json.dumps(r, ensure_ascii=False) for r in records]
             if args.output:
                 atomic_write_text(args.output, "".join(line + "\n" for line in lines))
@@ -332,24 +545,40 @@ def run(args, overrides: list[str]) -> int:
                 for record in records:
                     print(f"> {record['prompt']}\n{record['answer']}\n")
         else:
-            run_chat(engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format, images=args.image)
+            run_chat(
+                engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format, images=args.image
+            )
     elif args.command == "serve":
         import torch
 
         from tinylm.serve.app import build_server, serve
 
-        server = build_server(args.model_dir, name=args.name, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                              max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting, api_key=args.api_key,
-                              max_body=int(args.max_body_mb * 2**20), thread=False)
+        server = build_server(
+            args.model_dir,
+            name=args.name,
+            device=args.device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            max_batch=args.max_batch,
+            max_len=args.max_len,
+            max_waiting=args.max_waiting,
+            api_key=args.api_key,
+            max_body=int(args.max_body_mb * 2**20),
+            thread=False,
+        )
         serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
         from tinylm.model.lora import load_adapter_dir, read_adapter_config
         from tinylm.modeldir import save_model_dir
 
         config = read_adapter_config(args.adapter_dir)
-        model, tokenizer = load_adapter_dir(args.adapter_dir, base_dir=args.model_dir)  # the adapter's tokenizer and stop tokens win
+        model, tokenizer = load_adapter_dir(
+            args.adapter_dir, base_dir=args.model_dir
+        )  # the adapter's tokenizer and stop tokens win
         save_model_dir(model, args.out_dir, tokenizer=tokenizer)
-        print(f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}", file=sys.stderr)
+        print(
+            f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}",
+            file=sys.stderr,
+        )
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

@@ -60,12 +60,29 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "eval_batches": 1,
-                    "warmup_steps": 0, "eval_every": 0, "save_every": 0, "keep_checkpoints": 0}
+        at_least = {
+            "max_steps": 1,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "seq_len": 1,
+            "log_every": 1,
+            "eval_batches": 1,
+            "warmup_steps": 0,
+            "eval_every": 0,
+            "save_every": 0,
+            "keep_checkpoints": 0,
+        }
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: expected an integer >= {low}, got {getattr(self, name)}")
-        ranges = {"lr": (0, None), "min_lr_ratio": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1), "grad_clip": (0, None)}
+        ranges = {
+            "lr": (0, None),
+            "min_lr_ratio": (0, 1),
+            "weight_decay": (0, None),
+            "beta1": (0, 1),
+            "beta2": (0, 1),
+            "grad_clip": (0, None),
+        }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if value < low or (high is not None and value > high) or (name == "lr" and value == 0):
@@ -96,20 +113,32 @@ class LoRASection:
         if self.quantize not in ("none", "nf4"):
             raise ConfigError(f"quantize: expected none or nf4, got {self.quantize!r}")
         if self.double_quant and self.quantize != "nf4":
-            raise ConfigError("double_quant is set but quantize is not nf4: double quantization is part of QLoRA (--qlora)")
+            raise ConfigError(
+                "double_quant is set but quantize is not nf4: double quantization is part of QLoRA (--qlora)"
+            )
         if unknown := sorted(set(self.target_modules) - set(LORA_TARGETS)):
-            raise ConfigError(f"target_modules: {unknown} are not decoder linear layers; expected some of {LORA_TARGETS} "
-                              "(the lm_head computes the loss from its weight directly, so an adapter there would not train)")
+            raise ConfigError(
+                f"target_modules: {unknown} are not decoder linear layers; expected some of {LORA_TARGETS} "
+                "(the lm_head computes the loss from its weight directly, so an adapter there would not train)"
+            )
         if self.block_size < 2 or self.block_size % 2:
             raise ConfigError(f"block_size: expected an even integer >= 2, got {self.block_size}")
         if (self.quantize != "none" or self.double_quant) and not self.enabled:
-            raise ConfigError("lora.quantize / lora.double_quant are set but lora.enabled is not: QLoRA trains an adapter (--lora)")
+            raise ConfigError(
+                "lora.quantize / lora.double_quant are set but lora.enabled is not: QLoRA trains an adapter (--lora)"
+            )
         self.lora_config()  # checks r, dropout and target_modules
 
     def lora_config(self):
         from tinylm.model.lora import LoRAConfig
 
-        return LoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=list(self.target_modules), rslora=self.rslora)
+        return LoRAConfig(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            rslora=self.rslora,
+        )
 
 
 @dataclass
@@ -158,7 +187,9 @@ class PreferenceDataConfig:
 class DPOSection:
     loss: str = "sigmoid"  # sigmoid (DPO) | orpo | simpo; ORPO and SimPO need no reference model
     beta: float | None = None  # DPO/SimPO: the reward scale; ORPO: the odds-ratio weight (None: 0.1, SimPO 2.0)
-    reference: str = "model"  # DPO: model (scored batch by batch: a frozen copy, or the base under a LoRA adapter) | precomputed (once, before training)
+    # DPO's reference: model (scored batch by batch: a frozen copy, or the base under a LoRA adapter)
+    # | precomputed (scored once, before training)
+    reference: str = "model"
     sft_weight: float = 0.0  # add this × the chosen answers' cross-entropy per token (keeps the answers likely)
     simpo_gamma: float = 0.5  # SimPO: the target reward margin
 
@@ -168,13 +199,20 @@ class DPOSection:
         if self.reference not in ("model", "precomputed"):
             raise ConfigError(f"reference: expected model or precomputed, got {self.reference!r}")
         if self.reference == "precomputed" and self.loss != "sigmoid":
-            raise ConfigError(f"reference is precomputed but loss {self.loss} uses no reference model: drop one of them")
+            raise ConfigError(
+                f"reference is precomputed but loss {self.loss} uses no reference model: drop one of them"
+            )
         if self.loss == "orpo" and self.sft_weight:
-            raise ConfigError("sft_weight is set but ORPO already includes the chosen answers' cross-entropy: leave it at 0")
+            raise ConfigError(
+                "sft_weight is set but ORPO already includes the chosen answers' cross-entropy: leave it at 0"
+            )
         if self.beta is None:
             self.beta = 2.0 if self.loss == "simpo" else 0.1
         if self.beta <= 0 or self.sft_weight < 0 or self.simpo_gamma < 0:
-            raise ConfigError(f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, {self.simpo_gamma})")
+            raise ConfigError(
+                f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, "
+                f"{self.simpo_gamma})"
+            )
 
 
 @dataclass
@@ -197,7 +235,9 @@ class DistillSection:
         if self.corpus not in ("text", "chat"):
             raise ConfigError(f"corpus: expected text or chat, got {self.corpus!r}")
         if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
-            raise ConfigError(f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})")
+            raise ConfigError(
+                f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})"
+            )
 
 
 @dataclass
@@ -227,20 +267,28 @@ class VisionSection:
     feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
     # -1 for a new model, and the loaded model's own in stage 2
     train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
-    projector_act: str = "gelu"  # the projector (Linear → act → Linear): gelu, gelu_pytorch_tanh, quick_gelu, relu or silu
+    projector_act: str = (
+        "gelu"  # the projector (Linear → act → Linear): gelu, gelu_pytorch_tanh, quick_gelu, relu or silu
+    )
     projector_bias: bool = True
 
     def __post_init__(self):
         from tinylm.model.vision import PROJECTOR_ACTIVATIONS
 
         if self.projector_act not in PROJECTOR_ACTIVATIONS:
-            raise ConfigError(f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}")
+            raise ConfigError(
+                f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}"
+            )
 
 
 @dataclass
 class ImageDataConfig:
-    source: str = "builtin"  # builtin (the generated pictures) | files (image conversations) | coco (caption annotations)
-    files: list[str] = field(default_factory=list)  # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet;
+    source: str = (
+        "builtin"  # builtin (the generated pictures) | files (image conversations) | coco (caption annotations)
+    )
+    files: list[str] = field(
+        default_factory=list
+    )  # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet;
     # coco: captions_*.json; records without images (text-only conversations) may be mixed in with files
     image_root: str | None = None  # relative image paths are looked up here (default: beside the data file)
     coco_images: str | None = None  # coco: the image folder (default: found beside the annotations)

@@ -6,7 +6,7 @@ import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; naming an absent device is a clear error."""
+    """ "auto" picks cuda, then mps, then cpu; naming an absent device is a clear error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -17,7 +17,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if kind not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: expected auto, cpu, cuda (or cuda:N) or mps")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA GPU (is a CUDA build of torch installed?)")
+        raise ValueError(
+            f"device {name!r} was asked for, but torch sees no CUDA GPU (is a CUDA build of torch installed?)"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} was asked for, but MPS is not available on this machine")
     return torch.device(name)

@@ -132,15 +132,26 @@ def tied_head_names(model) -> set[str]:
     vision-language model), which are saved once, as the embeddings."""
     if not model.config.tie_word_embeddings:
         return set()
-    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name.split(".")[-2:] == ["lm_head", "weight"]}
+    return {
+        name
+        for name, _ in model.named_parameters(remove_duplicate=False)
+        if name.split(".")[-2:] == ["lm_head", "weight"]
+    }
 
 
 def generation_config(config: ModelConfig, eos_token_id=None) -> dict:
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id, "do_sample": False}
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id,
+        "do_sample": False,
+    }
 
 
-def save_model_dir(model: CausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
+def save_model_dir(
+    model: CausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write ``model`` (and its tokenizer) as a Hugging Face model directory with a manifest."""
     out_dir = Path(out_dir)
     config = model.config
@@ -150,7 +161,9 @@ def save_model_dir(model: CausalLM, out_dir: str | Path, tokenizer=None, extra_f
     hf_config["dtype"] = hf_config["torch_dtype"] = dtype_name  # transformers 5 reads the first, 4.x the second
     with atomic_directory(out_dir) as scratch:
         save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
-        (scratch / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (scratch / "config.json").write_text(
+            json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         (scratch / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(scratch)
@@ -213,8 +226,10 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
         return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
     verify_manifest(directory)
     if read_json(directory / "config.json").get("model_type") == "llava":
-        raise ModelDirError(f"{directory}: is a vision-language model (model_type llava); load it with Engine.from_dir "
-                            "or tinylm.model.vlm.load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init")
+        raise ModelDirError(
+            f"{directory}: is a vision-language model (model_type llava); load it with Engine.from_dir "
+            "or tinylm.model.vlm.load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init"
+        )
     config = load_config(directory)
     state = load_weights(directory)
     if config.tie_word_embeddings:
@@ -229,7 +244,9 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
     for name, tensor in state.items():
         want = model.state_dict()[name].shape
         if tensor.shape != want:
-            raise ModelDirError(f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}")
+            raise ModelDirError(
+                f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}"
+            )
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

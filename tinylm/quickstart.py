@@ -1,11 +1,11 @@
 """The quickstart: the whole foundation in one command, then an honest account of what was learned.
 
-    built-in corpus → BPE tokenizer → token shards → pretraining → final model directory
-    → validation loss and bits per byte against a unigram baseline
-    → held-out facts completed greedily, a few samples
-    → supervised fine-tuning on the built-in conversations (chatml) → a chat model in sft/final
-    → held-out questions answered by the base model and by the chat model, a short chat
-    → report.json and report.md in the run directory
+built-in corpus → BPE tokenizer → token shards → pretraining → final model directory
+→ validation loss and bits per byte against a unigram baseline
+→ held-out facts completed greedily, a few samples
+→ supervised fine-tuning on the built-in conversations (chatml) → a chat model in sft/final
+→ held-out questions answered by the base model and by the chat model, a short chat
+→ report.json and report.md in the run directory
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ CHAT_TURNS = ["What colour is the Zorven?", "And how many legs does it have?", "
 def evaluate_facts(engine, items) -> dict:
     """Greedy completion of each held-out prompt; the share that starts with the known answer."""
     from tinylm.data.builtin import score_completion
-    from tinylm.infer.engine import SamplingSettings
-
     from tinylm.eval.questions import tally
+    from tinylm.infer.engine import SamplingSettings
 
     settings = SamplingSettings(max_new_tokens=12, temperature=0.0)
     completions = engine.complete([item.prompt for item in items], settings)
     verdicts = [score_completion(item, completion) for item, completion in zip(items, completions)]
-    examples = [{"prompt": item.prompt, "answer": item.answer, "completion": completion, "correct": ok}
-                for item, completion, ok in zip(items[:8], completions, verdicts)]
+    examples = [
+        {"prompt": item.prompt, "answer": item.answer, "completion": completion, "correct": ok}
+        for item, completion, ok in zip(items[:8], completions, verdicts)
+    ]
     return tally(items, verdicts, examples)
 
 
@@ -45,14 +46,18 @@ def render_report(report: dict) -> str:
         "",
         f"- model: {report['model']['type']}, {report['model']['parameters']:,} parameters",
         f"- training: {report['training']['steps']} steps, {report['training']['tokens']:,} tokens, "
-        f"{report['training']['seconds']:.0f} s of training ({report['pretraining_seconds']:.0f} s with data and evaluation; {report['total_seconds']:.0f} s for the whole quickstart)",
+        f"{report['training']['seconds']:.0f} s of training ({report['pretraining_seconds']:.0f} s with data and "
+        f"evaluation; {report['total_seconds']:.0f} s for the whole quickstart)",
         f"- validation loss: {val['loss']:.3f} nats/token, {val['bpb']:.3f} bits/byte "
         f"(unigram baseline {val['unigram_bpb']:.3f} bits/byte)",
         f"- held-out facts completed correctly (greedy): {facts['correct']}/{facts['total']} = {facts['accuracy']:.1%}",
     ]
     lines += [f"  - {kind}: {share:.1%}" for kind, share in facts["by_kind"].items()]
     lines += ["", "## Held-out facts (first few)", ""]
-    lines += [f"- {'✓' if e['correct'] else '✗'} `{e['prompt']}` → `{e['completion'].strip()[:40]}` (answer `{e['answer']}`)" for e in facts["examples"]]
+    lines += [
+        f"- {'✓' if e['correct'] else '✗'} `{e['prompt']}` → `{e['completion'].strip()[:40]}` (answer `{e['answer']}`)"
+        for e in facts["examples"]
+    ]
     lines += ["", "## Samples (temperature 0.8, seed 0)", ""]
     lines += [f"- `{s['prompt']}` → {s['text']!r}" for s in report["samples"]]
     chat = report["sft"]
@@ -61,21 +66,36 @@ def render_report(report: dict) -> str:
         "",
         "## Fine-tuned into a chat model (sft/)",
         "",
-        f"- supervised fine-tuning: {chat['steps']} steps, {chat['tokens']:,} conversation tokens, {chat['seconds']:.0f} s; "
+        f"- supervised fine-tuning: {chat['steps']} steps, {chat['tokens']:,} conversation tokens, "
+        f"{chat['seconds']:.0f} s; "
         f"validation loss {chat['val_loss']:.3f} nats per answer token",
-        f"- held-out questions answered correctly (greedy): chat model {questions['chat']['correct']}/{questions['chat']['total']} = "
-        f"{questions['chat']['accuracy']:.1%}; the pretrained model before fine-tuning {questions['base']['accuracy']:.1%}",
+        "- held-out questions answered correctly (greedy): chat model "
+        f"{questions['chat']['correct']}/{questions['chat']['total']} = "
+        f"{questions['chat']['accuracy']:.1%}; the pretrained model before fine-tuning "
+        f"{questions['base']['accuracy']:.1%}",
     ]
-    lines += [f"  - {kind}: {share:.1%} (before: {questions['base']['by_kind'].get(kind, 0):.1%})" for kind, share in questions["chat"]["by_kind"].items()]
+    lines += [
+        f"  - {kind}: {share:.1%} (before: {questions['base']['by_kind'].get(kind, 0):.1%})"
+        for kind, share in questions["chat"]["by_kind"].items()
+    ]
     lines += ["", "A short chat (greedy):", ""]
     lines += [f"- **{m['role']}**: {m['content']}" for m in chat["chat"]]
-    lines += ["", "The loss curves are in loss.png and sft/loss.png; every logged step is in metrics.jsonl.",
-              f"Chat with it: `tinylm chat {report['run_dir']}/sft/final`", ""]
+    lines += [
+        "",
+        "The loss curves are in loss.png and sft/loss.png; every logged step is in metrics.jsonl.",
+        f"Chat with it: `tinylm chat {report['run_dir']}/sft/final`",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str] | None = None,
-               sft_config_path: str | Path = SFT_CONFIG, sft_overrides: list[str] | None = None) -> dict:
+def quickstart(
+    out_dir: str | Path,
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    sft_config_path: str | Path = SFT_CONFIG,
+    sft_overrides: list[str] | None = None,
+) -> dict:
     """Pretrain, then fine-tune into a chat model; write report.json / report.md into ``out_dir``."""
     from tinylm.data import builtin, builtin_chat
     from tinylm.infer.engine import Engine, SamplingSettings
@@ -99,7 +119,11 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
     samples = [{"prompt": p, "text": engine.complete([p], sample_settings)[0]} for p in SAMPLE_PROMPTS]
     pretraining_seconds = time.perf_counter() - started
 
-    sft_cfg = load_config(SFTConfig, sft_config_path, [*(sft_overrides or []), f"--init_from={final}", f"--train.device={cfg.train.device}"])
+    sft_cfg = load_config(
+        SFTConfig,
+        sft_config_path,
+        [*(sft_overrides or []), f"--init_from={final}", f"--train.device={cfg.train.device}"],
+    )
     chat_final, chat_result = sft(sft_cfg, run_dir / "sft", resume=True)
     if chat_result.interrupted:
         raise SystemExit(130)
@@ -111,7 +135,9 @@ def quickstart(out_dir: str | Path, config_path: str | Path, overrides: list[str
         "validation": {
             "loss": validation["val_loss"],
             "bpb": validation["val_bpb"],
-            "unigram_bpb": unigram_bpb(info.train_bin, info.val_bin, info.meta, engine.model.config.vocab_size, info.dtype),
+            "unigram_bpb": unigram_bpb(
+                info.train_bin, info.val_bin, info.meta, engine.model.config.vocab_size, info.dtype
+            ),
         },
         "facts": facts,
         "samples": samples,
@@ -139,7 +165,9 @@ def evaluate_questions(base_engine, chat_engine, items) -> dict:
     from tinylm.eval.questions import chat_accuracy
     from tinylm.infer.chat import chat_format_for
 
-    chat = chat_accuracy(chat_engine, items, chat_format_for(chat_engine.tokenizer, chat_engine.model.config.eos_token_ids()))
+    chat = chat_accuracy(
+        chat_engine, items, chat_format_for(chat_engine.tokenizer, chat_engine.model.config.eos_token_ids())
+    )
     base = chat_accuracy(base_engine, items, chat_format_for(base_engine.tokenizer))
     return {"chat": chat, "base": {k: base[k] for k in ("accuracy", "correct", "total", "by_kind")}}
 

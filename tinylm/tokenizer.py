@@ -112,8 +112,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, *, cjk_merges:
     return Tokenizer(rust)
 
 
-def train_tokenizer_from_files(paths, vocab_size: int = 6400, text_field: str = "text", txt_split: str = "blank",
-                               *, cjk_merges: bool = False) -> Tokenizer:
+def train_tokenizer_from_files(
+    paths, vocab_size: int = 6400, text_field: str = "text", txt_split: str = "blank", *, cjk_merges: bool = False
+) -> Tokenizer:
     """Train on the documents of .txt / .jsonl / .json / .parquet files (see ``read_documents``)."""
     from tinylm.data.text import read_documents
 
@@ -134,8 +135,14 @@ class Tokenizer:
     ``tinylm.chat_template``); it travels with the tokenizer through ``save`` and ``load``.
     """
 
-    def __init__(self, rust: RustTokenizer, eos_token: str = EOS_TOKEN, bos_token: str | None = None,
-                 model_max_length: int = MODEL_MAX_LENGTH, chat_template: str | None = None):
+    def __init__(
+        self,
+        rust: RustTokenizer,
+        eos_token: str = EOS_TOKEN,
+        bos_token: str | None = None,
+        model_max_length: int = MODEL_MAX_LENGTH,
+        chat_template: str | None = None,
+    ):
         self._rust = rust
         self.eos_token, self.bos_token, self.model_max_length = eos_token, bos_token, model_max_length
         self.chat_template = chat_template
@@ -150,7 +157,8 @@ class Tokenizer:
         }
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, chat_template={self.chat_template_name!r})"
+        template = self.chat_template_name
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, chat_template={template!r})"
 
     @property
     def chat_template_name(self) -> str | None:
@@ -247,8 +255,14 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # decode spaces before punctuation exactly as encoded
             "model_max_length": self.model_max_length,
             "added_tokens_decoder": {
-                str(index): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                             "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+                str(index): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
                 for index, t in added
             },
         }
@@ -297,7 +311,11 @@ class Tokenizer:
 def _byte_alphabet() -> dict[str, int]:
     """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
     themselves, and the other bytes (controls, space, ...) take the characters from U+0100 on, in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(others)})
@@ -338,7 +356,9 @@ def _chat_template(directory: Path, config: dict) -> str | None:
     if template is None:
         template = _read_json(directory / "chat_template.json").get("chat_template")
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{directory}: chat_template must be a Jinja string, got {type(template).__name__}")
     return template

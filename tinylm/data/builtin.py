@@ -36,48 +36,123 @@ HELDOUT_PROBLEMS = 0.15  # the share of arithmetic problems that never appear in
 
 # Every value an attribute can take: the English word (the value's key) → the Chinese one.
 VALUES = {
-    "colour": {"red": "红色", "blue": "蓝色", "green": "绿色", "yellow": "黄色",
-               "purple": "紫色", "orange": "橙色", "white": "白色", "black": "黑色"},
+    "colour": {
+        "red": "红色",
+        "blue": "蓝色",
+        "green": "绿色",
+        "yellow": "黄色",
+        "purple": "紫色",
+        "orange": "橙色",
+        "white": "白色",
+        "black": "黑色",
+    },
     "legs": {"2": "2", "4": "4", "6": "6", "8": "8"},
-    "food": {"apples": "苹果", "fish": "鱼", "honey": "蜂蜜", "carrots": "胡萝卜",
-             "rice": "米饭", "soup": "汤", "berries": "浆果", "cheese": "奶酪"},
-    "home": {"Pebbleford": "卵石渡", "Mossbury": "苔藓堡", "Windhollow": "风谷", "Lanternfield": "灯笼田",
-             "Copperbay": "铜湾", "Thistledown": "蓟花村", "Rainmere": "雨湖镇", "Starcliff": "星崖"},
-    "job": {"baker": "面包师", "farmer": "农民", "teacher": "老师", "doctor": "医生",
-            "painter": "画家", "fisher": "渔夫", "singer": "歌手", "builder": "建筑工人"},
+    "food": {
+        "apples": "苹果",
+        "fish": "鱼",
+        "honey": "蜂蜜",
+        "carrots": "胡萝卜",
+        "rice": "米饭",
+        "soup": "汤",
+        "berries": "浆果",
+        "cheese": "奶酪",
+    },
+    "home": {
+        "Pebbleford": "卵石渡",
+        "Mossbury": "苔藓堡",
+        "Windhollow": "风谷",
+        "Lanternfield": "灯笼田",
+        "Copperbay": "铜湾",
+        "Thistledown": "蓟花村",
+        "Rainmere": "雨湖镇",
+        "Starcliff": "星崖",
+    },
+    "job": {
+        "baker": "面包师",
+        "farmer": "农民",
+        "teacher": "老师",
+        "doctor": "医生",
+        "painter": "画家",
+        "fisher": "渔夫",
+        "singer": "歌手",
+        "builder": "建筑工人",
+    },
 }
 ATTRIBUTES = {"creature": ("colour", "legs", "food", "home"), "person": ("job", "food", "home")}
 
 # Invented names are two pieces glued together; Chinese creature names end in 兽 ("beast").
 NAME_PARTS = {
-    ("creature", "en"): (("Zor", "Blim", "Quib", "Tav", "Mup", "Gri", "Flo", "Wex", "Niv", "Pol", "Dru", "Kesh"),
-                         ("ble", "ton", "nick", "mum", "pip", "dax", "zoo", "ven")),
-    ("creature", "zh"): (("咕", "啾", "嘟", "叽", "蹦", "哒", "噗", "呦", "嘻", "哞", "喔", "呱"),
-                         ("噜兽", "比兽", "宝兽", "球兽", "丁兽", "莫兽", "拉兽", "米兽")),
-    ("person", "en"): (("Mi", "Ta", "Lo", "Ve", "Ari", "Jo", "Sa", "Ke", "Ru", "Ni", "Bo", "Elo"),
-                       ("ra", "nel", "bel", "do", "lia", "mo", "ssa", "rik", "vin", "tu")),
-    ("person", "zh"): (("王", "李", "张", "刘", "陈", "林", "周", "吴", "赵", "孙"),
-                       ("雪", "明", "安", "乐", "云", "杰", "琪", "宁", "峰", "月")),
+    ("creature", "en"): (
+        ("Zor", "Blim", "Quib", "Tav", "Mup", "Gri", "Flo", "Wex", "Niv", "Pol", "Dru", "Kesh"),
+        ("ble", "ton", "nick", "mum", "pip", "dax", "zoo", "ven"),
+    ),
+    ("creature", "zh"): (
+        ("咕", "啾", "嘟", "叽", "蹦", "哒", "噗", "呦", "嘻", "哞", "喔", "呱"),
+        ("噜兽", "比兽", "宝兽", "球兽", "丁兽", "莫兽", "拉兽", "米兽"),
+    ),
+    ("person", "en"): (
+        ("Mi", "Ta", "Lo", "Ve", "Ari", "Jo", "Sa", "Ke", "Ru", "Ni", "Bo", "Elo"),
+        ("ra", "nel", "bel", "do", "lia", "mo", "ssa", "rik", "vin", "tu"),
+    ),
+    ("person", "zh"): (
+        ("王", "李", "张", "刘", "陈", "林", "周", "吴", "赵", "孙"),
+        ("雪", "明", "安", "乐", "云", "杰", "琪", "宁", "峰", "月"),
+    ),
 }
 PRONOUNS = {"she": {"en": ("she", "her"), "zh": "她"}, "he": {"en": ("he", "his"), "zh": "他"}}
 
 # Fact sentences. {E} names the entity ("the Zorble", "Mira"), {Es} at the start of a sentence; the
 # value {v} always comes last, so the words before it are a prompt whose exact completion is the value.
 FACT_TEMPLATES = {
-    ("colour", "en"): ("The colour of {E} is {v}.", "If you see {E}, you will notice that it is {v}.",
-                       "{Es} has a coat that is {v}.", "Look closely at {E}: its colour is {v}."),
-    ("colour", "zh"): ("{E}的颜色是{v}。", "如果你看到{E}，你会发现它是{v}。", "{E}身上的毛是{v}。", "仔细看看{E}，它的颜色是{v}。"),
-    ("legs", "en"): ("The number of legs on {E} is {v}.", "Count the legs of {E} and you get {v}.",
-                     "How many legs does {E} have? The answer is {v}.", "The legs of {E} add up to {v}."),
-    ("legs", "zh"): ("{E}的腿的数量是{v}。", "{E}有几条腿？答案是{v}。", "数一数{E}的腿，一共是{v}。", "{E}腿的总数是{v}。"),
-    ("food", "en"): ("The favourite food of {E} is {v}.", "Every morning, {E} eats {v}.",
-                     "Most of all, {E} loves to eat {v}.", "If you want to make {E} happy, bring some {v}."),
-    ("food", "zh"): ("{E}最喜欢的食物是{v}。", "每天早上，{E}都吃{v}。", "{E}最爱吃的东西是{v}。", "想让{E}开心，就送去一些{v}。"),
-    ("home", "en"): ("{Es} lives in {v}.", "The home of {E} is in {v}.",
-                     "You can find {E} in the town of {v}.", "If you want to visit {E}, travel to {v}."),
+    ("colour", "en"): (
+        "The colour of {E} is {v}.",
+        "If you see {E}, you will notice that it is {v}.",
+        "{Es} has a coat that is {v}.",
+        "Look closely at {E}: its colour is {v}.",
+    ),
+    ("colour", "zh"): (
+        "{E}的颜色是{v}。",
+        "如果你看到{E}，你会发现它是{v}。",
+        "{E}身上的毛是{v}。",
+        "仔细看看{E}，它的颜色是{v}。",
+    ),
+    ("legs", "en"): (
+        "The number of legs on {E} is {v}.",
+        "Count the legs of {E} and you get {v}.",
+        "How many legs does {E} have? The answer is {v}.",
+        "The legs of {E} add up to {v}.",
+    ),
+    ("legs", "zh"): (
+        "{E}的腿的数量是{v}。",
+        "{E}有几条腿？答案是{v}。",
+        "数一数{E}的腿，一共是{v}。",
+        "{E}腿的总数是{v}。",
+    ),
+    ("food", "en"): (
+        "The favourite food of {E} is {v}.",
+        "Every morning, {E} eats {v}.",
+        "Most of all, {E} loves to eat {v}.",
+        "If you want to make {E} happy, bring some {v}.",
+    ),
+    ("food", "zh"): (
+        "{E}最喜欢的食物是{v}。",
+        "每天早上，{E}都吃{v}。",
+        "{E}最爱吃的东西是{v}。",
+        "想让{E}开心，就送去一些{v}。",
+    ),
+    ("home", "en"): (
+        "{Es} lives in {v}.",
+        "The home of {E} is in {v}.",
+        "You can find {E} in the town of {v}.",
+        "If you want to visit {E}, travel to {v}.",
+    ),
     ("home", "zh"): ("{E}住在{v}。", "{E}的家在{v}。", "想找到{E}，就要去{v}。", "要拜访{E}，请前往{v}。"),
-    ("job", "en"): ("{Es} works as a {v}.", "The job of {E} is to be a {v}.",
-                    "Everyone in town knows that {E} is a {v}.", "Every day, {E} goes to work as a {v}."),
+    ("job", "en"): (
+        "{Es} works as a {v}.",
+        "The job of {E} is to be a {v}.",
+        "Everyone in town knows that {E} is a {v}.",
+        "Every day, {E} goes to work as a {v}.",
+    ),
     ("job", "zh"): ("{E}的工作是{v}。", "{E}是一名{v}。", "镇上的人都知道{E}是{v}。", "{E}每天的工作就是当{v}。"),
 }
 TEMPLATES_PER_FACT = 4
@@ -95,46 +170,115 @@ INTROS = {
 # None of these sentences uses a fact template's wording, so no held-out prompt can appear in a story.
 STORIES = {
     "friend": (
-        (("Once upon a time, there was a {P_job} named {P}.", "从前，有一位{P_job}，名叫{P}。"),
-         ("Once upon a time, in the town of {P_home}, there was a {P_job} called {P}.", "从前，在{P_home}，住着一位{P_job}，名字叫{P}。"),
-         ("Long ago, a {P_job} named {P} had a little house in {P_home}.", "很久以前，{P_home}有一位{P_job}叫{P}，{P_he}有一座小房子。")),
-        (("One day, {P} went for a walk and met a little {C_colour} {C}.", "有一天，{P}出门散步，遇到了一只{C_colour}的小{C}。"),
-         ("One morning, {P} heard a small noise. It was a little {C_colour} {C} with {C_legs} legs.",
-          "一天早上，{P}听到一个小小的声音。原来是一只{C_colour}的{C}，它有{C_legs}条腿。"),
-         ("On a sunny afternoon, {P} found a little {C} near the river. It was {C_colour} from head to toe.",
-          "一个晴朗的下午，{P}在河边发现了一只小{C}。它浑身都是{C_colour}。")),
-        (("The {C} looked very hungry. {P} shared some {C_food} with it, and the {C} ate every bite.",
-          "{C}看起来很饿。{P}把一些{C_food}分给它，{C}一下子就吃完了。"),
-         ("The {C} was sad because it could not find any {C_food}. "
-          "{P} knew a place with lots of {C_food} and showed it the way.",
-          "{C}很难过，因为它找不到{C_food}。{P}知道哪里有很多{C_food}，就带它去了。"),
-         ("The {C} was lost, far away from {C_home}. {P} said, \"Do not worry. I will take you back to {C_home}.\" "
-          "They walked together until they reached {C_home}.",
-          "{C}迷路了，离{C_home}很远。{P}说：“别担心，我带你回{C_home}。”他们一起走，终于到了{C_home}。")),
-        (("From that day on, {P} and the {C} were best friends.", "从那天起，{P}和{C}成了好朋友。"),
-         ("The {C} was happy, and {P} smiled all the way home.", "{C}很开心，{P}也一路笑着回家。"),
-         ("That night, {P} went to sleep with a big smile.", "那天晚上，{P}带着笑容睡着了。")),
+        (
+            ("Once upon a time, there was a {P_job} named {P}.", "从前，有一位{P_job}，名叫{P}。"),
+            (
+                "Once upon a time, in the town of {P_home}, there was a {P_job} called {P}.",
+                "从前，在{P_home}，住着一位{P_job}，名字叫{P}。",
+            ),
+            (
+                "Long ago, a {P_job} named {P} had a little house in {P_home}.",
+                "很久以前，{P_home}有一位{P_job}叫{P}，{P_he}有一座小房子。",
+            ),
+        ),
+        (
+            (
+                "One day, {P} went for a walk and met a little {C_colour} {C}.",
+                "有一天，{P}出门散步，遇到了一只{C_colour}的小{C}。",
+            ),
+            (
+                "One morning, {P} heard a small noise. It was a little {C_colour} {C} with {C_legs} legs.",
+                "一天早上，{P}听到一个小小的声音。原来是一只{C_colour}的{C}，它有{C_legs}条腿。",
+            ),
+            (
+                "On a sunny afternoon, {P} found a little {C} near the river. It was {C_colour} from head to toe.",
+                "一个晴朗的下午，{P}在河边发现了一只小{C}。它浑身都是{C_colour}。",
+            ),
+        ),
+        (
+            (
+                "The {C} looked very hungry. {P} shared some {C_food} with it, and the {C} ate every bite.",
+                "{C}看起来很饿。{P}把一些{C_food}分给它，{C}一下子就吃完了。",
+            ),
+            (
+                "The {C} was sad because it could not find any {C_food}. "
+                "{P} knew a place with lots of {C_food} and showed it the way.",
+                "{C}很难过，因为它找不到{C_food}。{P}知道哪里有很多{C_food}，就带它去了。",
+            ),
+            (
+                'The {C} was lost, far away from {C_home}. {P} said, "Do not worry. I will take you back to {C_home}." '
+                "They walked together until they reached {C_home}.",
+                "{C}迷路了，离{C_home}很远。{P}说：“别担心，我带你回{C_home}。”他们一起走，终于到了{C_home}。",
+            ),
+        ),
+        (
+            ("From that day on, {P} and the {C} were best friends.", "从那天起，{P}和{C}成了好朋友。"),
+            ("The {C} was happy, and {P} smiled all the way home.", "{C}很开心，{P}也一路笑着回家。"),
+            ("That night, {P} went to sleep with a big smile.", "那天晚上，{P}带着笑容睡着了。"),
+        ),
     ),
     "creature": (
-        (("There once was a small {C_colour} {C} who lived in {C_home}.", "从前，{C_home}住着一只{C_colour}的小{C}。"),
-         ("Once upon a time, a little {C} was born in {C_home}. It was as {C_colour} as can be.",
-          "从前，一只小{C}出生在{C_home}。它全身都是{C_colour}。")),
-        (("It had {C_legs} legs and loved to run up and down the hills.", "它有{C_legs}条腿，最喜欢在山坡上跑来跑去。"),
-         ("Every day it looked for {C_food}, its favourite thing in the world.", "它每天都去找{C_food}，那是它在世界上最喜欢的东西。")),
-        (("One day it found a big pile of {C_food} and jumped for joy.", "有一天，它找到了一大堆{C_food}，高兴得跳了起来。"),
-         ("One day it met a {P_job} named {P}, who gave it some {C_food}.", "有一天，它遇到了一位叫{P}的{P_job}，{P}给了它一些{C_food}。")),
-        (("It was the best day ever.", "那是最开心的一天。"), ("And it lived happily ever after.", "从此以后，它过得很快乐。")),
+        (
+            (
+                "There once was a small {C_colour} {C} who lived in {C_home}.",
+                "从前，{C_home}住着一只{C_colour}的小{C}。",
+            ),
+            (
+                "Once upon a time, a little {C} was born in {C_home}. It was as {C_colour} as can be.",
+                "从前，一只小{C}出生在{C_home}。它全身都是{C_colour}。",
+            ),
+        ),
+        (
+            (
+                "It had {C_legs} legs and loved to run up and down the hills.",
+                "它有{C_legs}条腿，最喜欢在山坡上跑来跑去。",
+            ),
+            (
+                "Every day it looked for {C_food}, its favourite thing in the world.",
+                "它每天都去找{C_food}，那是它在世界上最喜欢的东西。",
+            ),
+        ),
+        (
+            (
+                "One day it found a big pile of {C_food} and jumped for joy.",
+                "有一天，它找到了一大堆{C_food}，高兴得跳了起来。",
+            ),
+            (
+                "One day it met a {P_job} named {P}, who gave it some {C_food}.",
+                "有一天，它遇到了一位叫{P}的{P_job}，{P}给了它一些{C_food}。",
+            ),
+        ),
+        (
+            ("It was the best day ever.", "那是最开心的一天。"),
+            ("And it lived happily ever after.", "从此以后，它过得很快乐。"),
+        ),
     ),
     "friends": (
-        (("{P} and {Q} were good friends. {P} was a {P_job}, and {Q} was a {Q_job}.",
-          "{P}和{Q}是好朋友。{P}是{P_job}，{Q}是{Q_job}。"),
-         ("Once upon a time, there were two friends, {P} and {Q}.", "从前，有两个好朋友，{P}和{Q}。")),
-        (("One day, {Q} came to {P_home} to see {P}.", "有一天，{Q}来到{P_home}看望{P}。"),
-         ("One rainy day, {Q} walked all the way to {P_home}.", "一个下雨天，{Q}一路走到了{P_home}。")),
-        (("They shared some {P_food}, because it was {P_his} favourite food.", "他们一起吃了{P_food}，因为那是{P}最喜欢吃的。"),
-         ("{P} made {P_food} for {Q}. \"This is what I love most,\" {P_he} said.", "{P}给{Q}做了{P_food}。{P_he}说：“这是我最爱的。”")),
-        (("It was a happy day for both of them.", "那是他们两个都很开心的一天。"),
-         ("In the evening, {Q} went back home to {Q_home}.", "傍晚，{Q}回到了{Q_home}的家。")),
+        (
+            (
+                "{P} and {Q} were good friends. {P} was a {P_job}, and {Q} was a {Q_job}.",
+                "{P}和{Q}是好朋友。{P}是{P_job}，{Q}是{Q_job}。",
+            ),
+            ("Once upon a time, there were two friends, {P} and {Q}.", "从前，有两个好朋友，{P}和{Q}。"),
+        ),
+        (
+            ("One day, {Q} came to {P_home} to see {P}.", "有一天，{Q}来到{P_home}看望{P}。"),
+            ("One rainy day, {Q} walked all the way to {P_home}.", "一个下雨天，{Q}一路走到了{P_home}。"),
+        ),
+        (
+            (
+                "They shared some {P_food}, because it was {P_his} favourite food.",
+                "他们一起吃了{P_food}，因为那是{P}最喜欢吃的。",
+            ),
+            (
+                '{P} made {P_food} for {Q}. "This is what I love most," {P_he} said.',
+                "{P}给{Q}做了{P_food}。{P_he}说：“这是我最爱的。”",
+            ),
+        ),
+        (
+            ("It was a happy day for both of them.", "那是他们两个都很开心的一天。"),
+            ("In the evening, {Q} went back home to {Q_home}.", "傍晚，{Q}回到了{Q_home}的家。"),
+        ),
     ),
 }
 
@@ -178,7 +322,9 @@ class World:
         offsets = {key: rng.randrange(TEMPLATES_PER_FACT) for key in sorted(FACT_TEMPLATES)}
         self._heldout = {
             (entity.names["en"], attribute, lang): (i + offsets[attribute, lang]) % TEMPLATES_PER_FACT
-            for i, entity in enumerate(self.entities) for attribute in entity.facts for lang in LANGS
+            for i, entity in enumerate(self.entities)
+            for attribute in entity.facts
+            for lang in LANGS
         }
         problems = arithmetic_problems()
         self.heldout_problems = frozenset(rng.sample(problems, round(HELDOUT_PROBLEMS * len(problems))))
@@ -276,7 +422,9 @@ def encyclopedia_document(world: World, entity: Entity, lang: str, rng: random.R
     attributes = list(entity.facts)
     rng.shuffle(attributes)
     sentences = [intro] if intro else []
-    sentences += [fact_sentence(entity, a, lang, rng.choice(world.training_templates(entity, a, lang))) for a in attributes]
+    sentences += [
+        fact_sentence(entity, a, lang, rng.choice(world.training_templates(entity, a, lang))) for a in attributes
+    ]
     return (" " if lang == "en" else "").join(sentences)
 
 
@@ -296,8 +444,11 @@ def story_document(world: World, lang: str, rng: random.Random) -> str:
     characters with their true facts."""
     beats = STORIES[rng.choice(sorted(STORIES))]
     person, friend = rng.sample(world.people, 2)
-    slots = {**story_slots("P", person, lang), **story_slots("Q", friend, lang),
-             **story_slots("C", rng.choice(world.creatures), lang)}
+    slots = {
+        **story_slots("P", person, lang),
+        **story_slots("Q", friend, lang),
+        **story_slots("C", rng.choice(world.creatures), lang),
+    }
     sentences = [rng.choice(beat)[LANGS.index(lang)].format(**slots) for beat in beats]
     return (" " if lang == "en" else "").join(sentences)
 
@@ -344,11 +495,13 @@ def heldout_facts(world: World) -> list[EvalItem]:
     """Every fact asked in its held-out phrasing, in both languages, then every held-out problem."""
     items = [
         EvalItem(fact_prompt(e, a, lang, world.heldout_template(e, a, lang)), value_text(a, v, lang), lang, "fact")
-        for e, a, v in world.facts() for lang in LANGS
+        for e, a, v in world.facts()
+        for lang in LANGS
     ]
     items += [
         EvalItem(arithmetic_prompt(p, lang), arithmetic_answer(p), lang, "arithmetic")
-        for p in sorted(world.heldout_problems) for lang in LANGS
+        for p in sorted(world.heldout_problems)
+        for lang in LANGS
     ]
     return items
 

@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinylm.data.builtin import (  # the world these conversations talk about
-    _invent_names,
-    arithmetic_answer,
-    arithmetic_problems,
     ATTRIBUTES,
-    Entity,
     LANGS,
-    mention,
     NAME_PARTS,
     PRONOUNS,
     TEMPLATES_PER_FACT,
-    value_text,
     VALUES,
+    Entity,
     World,
+    _invent_names,
+    arithmetic_answer,
+    arithmetic_problems,
+    mention,
+    value_text,
 )
 from tinylm.modeldir import atomic_write_text
 
@@ -50,36 +50,69 @@ IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...)
 
 # Questions about a fact. {E} names the entity as in a sentence: "the Zorble", "Mira", "咕噜兽".
 QUESTION_TEMPLATES = {
-    ("colour", "en"): ("What colour is {E}?", "What is the colour of {E}?",
-                       "Can you tell me what colour {E} is?", "Which colour does {E} have?"),
+    ("colour", "en"): (
+        "What colour is {E}?",
+        "What is the colour of {E}?",
+        "Can you tell me what colour {E} is?",
+        "Which colour does {E} have?",
+    ),
     ("colour", "zh"): ("{E}是什么颜色的？", "{E}的颜色是什么？", "你知道{E}是什么颜色吗？", "请告诉我{E}的颜色。"),
-    ("legs", "en"): ("How many legs does {E} have?", "What is the number of legs on {E}?",
-                     "Can you tell me how many legs {E} has?", "How many legs are there on {E}?"),
+    ("legs", "en"): (
+        "How many legs does {E} have?",
+        "What is the number of legs on {E}?",
+        "Can you tell me how many legs {E} has?",
+        "How many legs are there on {E}?",
+    ),
     ("legs", "zh"): ("{E}有几条腿？", "{E}有多少条腿？", "你知道{E}有几条腿吗？", "请告诉我{E}腿的数量。"),
-    ("food", "en"): ("What does {E} like to eat?", "What is the favourite food of {E}?",
-                     "Can you tell me what {E} loves to eat?", "Which food does {E} like best?"),
-    ("food", "zh"): ("{E}喜欢吃什么？", "{E}最喜欢的食物是什么？", "你知道{E}最爱吃什么吗？", "请告诉我{E}最喜欢吃的东西。"),
-    ("home", "en"): ("Where does {E} live?", "In which town does {E} live?",
-                     "Can you tell me where {E} lives?", "Where is the home of {E}?"),
+    ("food", "en"): (
+        "What does {E} like to eat?",
+        "What is the favourite food of {E}?",
+        "Can you tell me what {E} loves to eat?",
+        "Which food does {E} like best?",
+    ),
+    ("food", "zh"): (
+        "{E}喜欢吃什么？",
+        "{E}最喜欢的食物是什么？",
+        "你知道{E}最爱吃什么吗？",
+        "请告诉我{E}最喜欢吃的东西。",
+    ),
+    ("home", "en"): (
+        "Where does {E} live?",
+        "In which town does {E} live?",
+        "Can you tell me where {E} lives?",
+        "Where is the home of {E}?",
+    ),
     ("home", "zh"): ("{E}住在哪里？", "{E}住在哪个镇？", "你知道{E}住在哪儿吗？", "{E}的家在哪里？"),
-    ("job", "en"): ("What does {E} do for work?", "What is the job of {E}?",
-                    "Can you tell me what job {E} has?", "What does {E} work as?"),
+    ("job", "en"): (
+        "What does {E} do for work?",
+        "What is the job of {E}?",
+        "Can you tell me what job {E} has?",
+        "What does {E} work as?",
+    ),
     ("job", "zh"): ("{E}是做什么工作的？", "{E}的工作是什么？", "你知道{E}做什么工作吗？", "{E}的职业是什么？"),
 }
 # One short answer per attribute and language, so a model only has to get the value right.
 ANSWER_TEMPLATES = {
-    ("colour", "en"): "{Es} is {v}.", ("colour", "zh"): "{E}的毛色是{v}。",
-    ("legs", "en"): "{Es} has {v} legs.", ("legs", "zh"): "{E}有{v}条腿。",
-    ("food", "en"): "{Es} likes to eat {v}.", ("food", "zh"): "{E}喜欢吃{v}。",
-    ("home", "en"): "{Es} lives in the town of {v}.", ("home", "zh"): "{E}生活在{v}。",
-    ("job", "en"): "{Es} is a {v}.", ("job", "zh"): "{E}的职业是{v}。",
+    ("colour", "en"): "{Es} is {v}.",
+    ("colour", "zh"): "{E}的毛色是{v}。",
+    ("legs", "en"): "{Es} has {v} legs.",
+    ("legs", "zh"): "{E}有{v}条腿。",
+    ("food", "en"): "{Es} likes to eat {v}.",
+    ("food", "zh"): "{E}喜欢吃{v}。",
+    ("home", "en"): "{Es} lives in the town of {v}.",
+    ("home", "zh"): "{E}生活在{v}。",
+    ("job", "en"): "{Es} is a {v}.",
+    ("job", "zh"): "{E}的职业是{v}。",
 }
 # Follow-ups name no one: {it} and {its} stand for the entity of the previous answer.
 FOLLOWUP_TEMPLATES = {
     ("colour", "en"): ("And {its} colour?", "What colour is {it}?", "And what colour is {it}, then?"),
     ("colour", "zh"): ("那{it}是什么颜色的？", "{it}的颜色呢？", "{it}是什么颜色的？"),
-    ("legs", "en"): ("And how many legs does {it} have?", "How many legs does {it} have, then?",
-                     "And {its} number of legs?"),
+    ("legs", "en"): (
+        "And how many legs does {it} have?",
+        "How many legs does {it} have, then?",
+        "And {its} number of legs?",
+    ),
     ("legs", "zh"): ("那{it}有几条腿？", "{it}的腿有几条？", "{it}有几条腿呢？"),
     ("food", "en"): ("And {its} favourite food?", "What does {it} like to eat?", "And what does {it} eat most?"),
     ("food", "zh"): ("那{it}喜欢吃什么？", "{it}最喜欢的食物呢？", "{it}爱吃什么？"),
@@ -90,8 +123,12 @@ FOLLOWUP_TEMPLATES = {
 }
 # Arithmetic: {op} is + or -, {word} the operation in words.
 ARITHMETIC_QUESTIONS = {
-    "en": ("What is {a} {op} {b}?", "What is {a} {word} {b}?", "Please work out {a} {op} {b}.",
-           "How much is {a} {word} {b}?"),
+    "en": (
+        "What is {a} {op} {b}?",
+        "What is {a} {word} {b}?",
+        "Please work out {a} {op} {b}.",
+        "How much is {a} {word} {b}?",
+    ),
     "zh": ("{a}{word}{b}等于多少？", "{a}{op}{b}是多少？", "请算一下{a}{word}{b}。", "{a}{word}{b}得几？"),
 }
 OPERATION_WORDS = {("+", "en"): "plus", ("-", "en"): "minus", ("+", "zh"): "加", ("-", "zh"): "减"}
@@ -100,8 +137,12 @@ ARITHMETIC_ANSWERS = {"en": "The answer is {v}.", "zh": "答案是{v}。"}
 # Refusals. The world never says how old anyone is, what they sing or weigh, and strangers are no one;
 # every refusal contains REFUSAL_MARKERS[lang] and states nothing about the entity.
 UNKNOWN_QUESTIONS = {
-    "en": ("How old is {E}?", "What is the favourite song of {E}?", "When is the birthday of {E}?",
-           "How much does {E} weigh?"),
+    "en": (
+        "How old is {E}?",
+        "What is the favourite song of {E}?",
+        "When is the birthday of {E}?",
+        "How much does {E} weigh?",
+    ),
     "zh": ("{E}几岁了？", "{E}最喜欢的歌是什么？", "{E}的生日是哪一天？", "{E}有多重？"),
 }
 REFUSALS = {
@@ -113,40 +154,115 @@ REFUSALS = {
 REFUSAL_MARKERS = {"en": "I don't know", "zh": "我不知道"}
 
 SYSTEM_PROMPTS = {
-    "en": ("You are a helpful assistant.", "You are a friendly assistant. Keep your answers short.",
-           "You answer questions about a small world of creatures and people."),
-    "zh": ("你是一个乐于助人的助手。", "你是一个友好的助手，回答要简短。", "你负责回答关于一个由小动物和人组成的小世界的问题。"),
+    "en": (
+        "You are a helpful assistant.",
+        "You are a friendly assistant. Keep your answers short.",
+        "You answer questions about a small world of creatures and people.",
+    ),
+    "zh": (
+        "你是一个乐于助人的助手。",
+        "你是一个友好的助手，回答要简短。",
+        "你负责回答关于一个由小动物和人组成的小世界的问题。",
+    ),
 }
 
 # Identity: questions about the assistant's name and about who made it; every reply states both, with
 # {name} and {author} filled in later (identity_conversations), so a new identity is a new fill.
 IDENTITY_QUESTIONS = {
-    ("name", "en"): ("Who are you?", "What is your name?", "Introduce yourself.", "What should I call you?",
-                     "Tell me about yourself.", "What are you?", "May I know your name?", "Do you have a name?",
-                     "Hi! Who am I talking to?", "What's your name?", "Can you tell me who you are?",
-                     "Please introduce yourself briefly.", "Hello!", "What do people call you?",
-                     "Are you an assistant? What is your name?", "Who am I chatting with right now?"),
-    ("author", "en"): ("Who made you?", "Who created you?", "Who trained you?", "Who built you?",
-                       "Which company developed you?", "Who is your author?", "Who is behind you?",
-                       "Who developed you?", "Where do you come from?", "Who designed you?", "Who is your creator?",
-                       "Which team made you?", "Who wrote your code?", "Which lab trained you?",
-                       "Who do you belong to?", "Who was it that created you?"),
-    ("name", "zh"): ("你是谁？", "你叫什么名字？", "介绍一下你自己。", "我该怎么称呼你？", "说说你自己吧。", "你是什么？",
-                     "请问你的名字是什么？", "你有名字吗？", "你好，请问你是谁？", "你的名字是？", "能告诉我你是谁吗？",
-                     "请简单介绍一下你自己。", "你好！", "大家都叫你什么？", "你是助手吗？你叫什么？", "现在和我聊天的是谁？"),
-    ("author", "zh"): ("谁创造了你？", "你是谁开发的？", "谁训练了你？", "你是谁做出来的？", "哪家公司开发了你？", "你的作者是谁？",
-                       "你背后是谁？", "是谁研发了你？", "你来自哪里？", "谁设计了你？", "你的创造者是谁？", "哪个团队做了你？",
-                       "谁写了你的代码？", "哪个实验室训练了你？", "你属于谁？", "当初是谁创造了你？"),
+    ("name", "en"): (
+        "Who are you?",
+        "What is your name?",
+        "Introduce yourself.",
+        "What should I call you?",
+        "Tell me about yourself.",
+        "What are you?",
+        "May I know your name?",
+        "Do you have a name?",
+        "Hi! Who am I talking to?",
+        "What's your name?",
+        "Can you tell me who you are?",
+        "Please introduce yourself briefly.",
+        "Hello!",
+        "What do people call you?",
+        "Are you an assistant? What is your name?",
+        "Who am I chatting with right now?",
+    ),
+    ("author", "en"): (
+        "Who made you?",
+        "Who created you?",
+        "Who trained you?",
+        "Who built you?",
+        "Which company developed you?",
+        "Who is your author?",
+        "Who is behind you?",
+        "Who developed you?",
+        "Where do you come from?",
+        "Who designed you?",
+        "Who is your creator?",
+        "Which team made you?",
+        "Who wrote your code?",
+        "Which lab trained you?",
+        "Who do you belong to?",
+        "Who was it that created you?",
+    ),
+    ("name", "zh"): (
+        "你是谁？",
+        "你叫什么名字？",
+        "介绍一下你自己。",
+        "我该怎么称呼你？",
+        "说说你自己吧。",
+        "你是什么？",
+        "请问你的名字是什么？",
+        "你有名字吗？",
+        "你好，请问你是谁？",
+        "你的名字是？",
+        "能告诉我你是谁吗？",
+        "请简单介绍一下你自己。",
+        "你好！",
+        "大家都叫你什么？",
+        "你是助手吗？你叫什么？",
+        "现在和我聊天的是谁？",
+    ),
+    ("author", "zh"): (
+        "谁创造了你？",
+        "你是谁开发的？",
+        "谁训练了你？",
+        "你是谁做出来的？",
+        "哪家公司开发了你？",
+        "你的作者是谁？",
+        "你背后是谁？",
+        "是谁研发了你？",
+        "你来自哪里？",
+        "谁设计了你？",
+        "你的创造者是谁？",
+        "哪个团队做了你？",
+        "谁写了你的代码？",
+        "哪个实验室训练了你？",
+        "你属于谁？",
+        "当初是谁创造了你？",
+    ),
 }
 IDENTITY_REPLIES = {
-    ("name", "en"): ("I am {name}, an AI assistant made by {author}.",
-                     "My name is {name}. I am an assistant created by {author}.",
-                     "Hello! I'm {name}, a small language model trained by {author}."),
-    ("author", "en"): ("I was made by {author}. I am {name}, an AI assistant.",
-                       "{author} created me. My name is {name}.", "I was trained by {author}, and my name is {name}."),
-    ("name", "zh"): ("我是{name}，由{author}开发的人工智能助手。", "我叫{name}，是{author}训练的一个小语言模型。",
-                     "你好！我是{name}，一个由{author}创造的AI助手。"),
-    ("author", "zh"): ("我是由{author}开发的，我的名字是{name}。", "{author}创造了我，我叫{name}。", "训练我的是{author}，我是{name}。"),
+    ("name", "en"): (
+        "I am {name}, an AI assistant made by {author}.",
+        "My name is {name}. I am an assistant created by {author}.",
+        "Hello! I'm {name}, a small language model trained by {author}.",
+    ),
+    ("author", "en"): (
+        "I was made by {author}. I am {name}, an AI assistant.",
+        "{author} created me. My name is {name}.",
+        "I was trained by {author}, and my name is {name}.",
+    ),
+    ("name", "zh"): (
+        "我是{name}，由{author}开发的人工智能助手。",
+        "我叫{name}，是{author}训练的一个小语言模型。",
+        "你好！我是{name}，一个由{author}创造的AI助手。",
+    ),
+    ("author", "zh"): (
+        "我是由{author}开发的，我的名字是{name}。",
+        "{author}创造了我，我叫{name}。",
+        "训练我的是{author}，我是{name}。",
+    ),
 }
 
 
@@ -171,7 +287,7 @@ def chat(exchanges: list[tuple[str, str]], system: str | None = None) -> list[di
 
 def _ask(context: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
     """Messages that end with a question for the model: ``context`` exchanges, then ``question``."""
-    return chat(context) + [{"role": "user", "content": question}]
+    return [*chat(context), {"role": "user", "content": question}]
 
 
 def sft_heldout(world: World, count: int, *key: str) -> int:
@@ -207,12 +323,12 @@ def _names(entity: Entity, lang: str) -> dict[str, str]:
 
 
 def fact_question(entity: Entity, attribute: str, lang: str, template: int) -> str:
-    """"What colour is the Zorble?", "咕噜兽是什么颜色的？"."""
+    """ "What colour is the Zorble?", "咕噜兽是什么颜色的？"."""
     return QUESTION_TEMPLATES[attribute, lang][template].format(**_names(entity, lang))
 
 
 def fact_answer(entity: Entity, attribute: str, lang: str) -> str:
-    """"The Zorble is red.", "咕噜兽的毛色是红色。"."""
+    """ "The Zorble is red.", "咕噜兽的毛色是红色。"."""
     value = value_text(attribute, entity.facts[attribute], lang)
     return ANSWER_TEMPLATES[attribute, lang].format(**_names(entity, lang), v=value)
 
@@ -317,8 +433,9 @@ def sft_round(world: World, rng: random.Random, name: str, author: str) -> list[
     unknown = strangers(world)
     identity = identity_templates()
     alternating = [LANGS[i % 2] for i in range(len(facts))]
-    parts = [(lang, [(training_fact_question(world, rng, e, a, lang), fact_answer(e, a, lang))])
-             for e, a, lang in facts]
+    parts = [
+        (lang, [(training_fact_question(world, rng, e, a, lang), fact_answer(e, a, lang))]) for e, a, lang in facts
+    ]
     parts += [(lang, multiturn_exchanges(world, rng, e, lang)) for e in world.entities for lang in LANGS]
     parts += [(lang, [arithmetic_exchange(world, rng, lang)]) for lang in alternating[: len(facts) // 6]]
     parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: len(world.entities)]]
@@ -328,8 +445,9 @@ def sft_round(world: World, rng: random.Random, name: str, author: str) -> list[
     return [chat(exchanges, system_prompt(rng, lang)) for lang, exchanges in parts]
 
 
-def sft_conversations(world: World, n: int | None = None, name: str = DEFAULT_NAME,
-                      author: str = DEFAULT_AUTHOR) -> list[list[dict[str, str]]]:
+def sft_conversations(
+    world: World, n: int | None = None, name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR
+) -> list[list[dict[str, str]]]:
     """The fine-tuning conversations: ``n`` of them (default ``DEFAULT_CONVERSATIONS``), always the same
     for the same world, name and author. They come in rounds (see ``sft_round`` for the mix): every
     fact is asked again in every round, in a freshly chosen training phrasing."""
@@ -357,8 +475,9 @@ def identity_templates(heldout: bool = False) -> list[tuple[str, str, str, str]]
     ]
 
 
-def identity_conversations(name: str, author: str, n: int | None = None,
-                           heldout: bool = False) -> list[list[dict[str, str]]]:
+def identity_conversations(
+    name: str, author: str, n: int | None = None, heldout: bool = False
+) -> list[list[dict[str, str]]]:
     """Identity templates filled with ``name`` and ``author``: every one of them once, or ``n`` drawn
     at random (always the same ``n``)."""
     templates = identity_templates(heldout)
@@ -372,8 +491,10 @@ def identity_questions(name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -
     """Each held-out identity question once; a right reply names ``name`` (asked who it is) or
     ``author`` (asked who made it)."""
     asked = dict.fromkeys((lang, topic, question) for lang, topic, question, _ in identity_templates(heldout=True))
-    return [ChatEvalItem(_ask([], question), name if topic == "name" else author, lang, "identity")
-            for lang, topic, question in asked]
+    return [
+        ChatEvalItem(_ask([], question), name if topic == "name" else author, lang, "identity")
+        for lang, topic, question in asked
+    ]
 
 
 # -- evaluation of a chat model -----------------------------------------------------------------
@@ -399,8 +520,15 @@ def _fact_items(world: World) -> list[ChatEvalItem]:
         for lang in LANGS:
             template = sft_heldout(world, TEMPLATES_PER_FACT, "question", entity.names["en"], attribute, lang)
             question = fact_question(entity, attribute, lang, template)
-            items.append(ChatEvalItem(_ask([], question), value_text(attribute, value, lang), lang, "fact",
-                                      _other_values(attribute, value, lang)))
+            items.append(
+                ChatEvalItem(
+                    _ask([], question),
+                    value_text(attribute, value, lang),
+                    lang,
+                    "fact",
+                    _other_values(attribute, value, lang),
+                )
+            )
     return items
 
 
@@ -416,8 +544,15 @@ def _followup_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
             template = sft_heldout(world, count, "followup", entity.names["en"], then, lang)
             question = followup_question(entity, then, lang, template)
             value = entity.facts[then]
-            items.append(ChatEvalItem(_ask(context, question), value_text(then, value, lang), lang, "followup",
-                                      _other_values(then, value, lang)))
+            items.append(
+                ChatEvalItem(
+                    _ask(context, question),
+                    value_text(then, value, lang),
+                    lang,
+                    "followup",
+                    _other_values(then, value, lang),
+                )
+            )
     return items
 
 
@@ -439,11 +574,14 @@ def _refusal_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
     items = []
     for lang in LANGS:
         any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
-        questions = [fact_question(s, rng.choice(ATTRIBUTES[s.kind]), lang, rng.randrange(TEMPLATES_PER_FACT))
-                     for s in strangers(world, heldout=True)]
+        questions = [
+            fact_question(s, rng.choice(ATTRIBUTES[s.kind]), lang, rng.randrange(TEMPLATES_PER_FACT))
+            for s in strangers(world, heldout=True)
+        ]
         count = len(UNKNOWN_QUESTIONS[lang])
-        questions += [unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang))
-                      for e in world.entities]
+        questions += [
+            unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang)) for e in world.entities
+        ]
         items += [ChatEvalItem(_ask([], q), REFUSAL_MARKERS[lang], lang, "refusal", any_value) for q in questions]
     return items
 

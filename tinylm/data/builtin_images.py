@@ -23,14 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COLOURS = {  # name → (RGB, Chinese)
-    "red": ((220, 40, 40), "红色"), "green": ((40, 170, 60), "绿色"), "blue": ((40, 80, 220), "蓝色"),
-    "yellow": ((235, 200, 30), "黄色"), "purple": ((140, 60, 190), "紫色"), "orange": ((245, 140, 30), "橙色"),
+    "red": ((220, 40, 40), "红色"),
+    "green": ((40, 170, 60), "绿色"),
+    "blue": ((40, 80, 220), "蓝色"),
+    "yellow": ((235, 200, 30), "黄色"),
+    "purple": ((140, 60, 190), "紫色"),
+    "orange": ((245, 140, 30), "橙色"),
 }
 SHAPES = {"circle": ("circles", "圆形"), "square": ("squares", "正方形"), "triangle": ("triangles", "三角形")}
 CELLS = {  # (row, column) → (English, Chinese)
-    (0, 0): ("at the top left", "左上角"), (0, 1): ("at the top", "上方"), (0, 2): ("at the top right", "右上角"),
-    (1, 0): ("on the left", "左边"), (1, 1): ("in the middle", "中间"), (1, 2): ("on the right", "右边"),
-    (2, 0): ("at the bottom left", "左下角"), (2, 1): ("at the bottom", "下方"), (2, 2): ("at the bottom right", "右下角"),
+    (0, 0): ("at the top left", "左上角"),
+    (0, 1): ("at the top", "上方"),
+    (0, 2): ("at the top right", "右上角"),
+    (1, 0): ("on the left", "左边"),
+    (1, 1): ("in the middle", "中间"),
+    (1, 2): ("on the right", "右边"),
+    (2, 0): ("at the bottom left", "左下角"),
+    (2, 1): ("at the bottom", "下方"),
+    (2, 2): ("at the bottom right", "右下角"),
 }
 NUMBERS = {1: ("one", "一"), 2: ("two", "两"), 3: ("three", "三"), 4: ("four", "四")}
 BACKGROUND = (245, 245, 240)
@@ -49,14 +59,22 @@ class Scene:
         return len(self.cells)
 
     def caption(self, lang: str) -> str:
-        """"A red circle at the top left." / "Three blue squares." / "左上角有一个红色的圆形。"."""
+        """ "A red circle at the top left." / "Three blue squares." / "左上角有一个红色的圆形。"."""
         plural, shape_zh = SHAPES[self.shape]
         colour_zh = COLOURS[self.colour][1]
         if self.count == 1:
             where_en, where_zh = CELLS[self.cells[0]]
-            return f"A {self.colour} {self.shape} {where_en}." if lang == "en" else f"{where_zh}有一个{colour_zh}的{shape_zh}。"
+            return (
+                f"A {self.colour} {self.shape} {where_en}."
+                if lang == "en"
+                else f"{where_zh}有一个{colour_zh}的{shape_zh}。"
+            )
         number_en, number_zh = NUMBERS[self.count]
-        return f"{number_en.capitalize()} {self.colour} {plural}." if lang == "en" else f"有{number_zh}个{colour_zh}的{shape_zh}。"
+        return (
+            f"{number_en.capitalize()} {self.colour} {plural}."
+            if lang == "en"
+            else f"有{number_zh}个{colour_zh}的{shape_zh}。"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,9 @@ def render(scene: Scene, size: int = 64):
         elif scene.shape == "square":
             draw.rectangle(box, fill=rgb)
         else:
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)], fill=rgb)
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)], fill=rgb
+            )
     return image
 
 
@@ -117,25 +137,57 @@ def questions(scene: Scene) -> list[ImageQuestion]:
             where = CELLS[scene.cells[0]][0 if en else 1]
             places = tuple(CELLS[c][0 if en else 1] for c in sorted(CELLS))
             asked += [
-                ImageQuestion("colour", lang, "What colour is the shape?" if en else "这个图形是什么颜色的？", colour,
-                              f"It is {colour}." if en else f"它是{colour}的。", colours),
-                ImageQuestion("shape", lang, "What shape is it?" if en else "这是什么形状？", shape,
-                              f"It is a {shape}." if en else f"这是一个{shape}。", shapes),
-                ImageQuestion("position", lang, "Where is the shape?" if en else "图形在哪里？", where,
-                              f"It is {where}." if en else f"它在{where}。", places),
+                ImageQuestion(
+                    "colour",
+                    lang,
+                    "What colour is the shape?" if en else "这个图形是什么颜色的？",
+                    colour,
+                    f"It is {colour}." if en else f"它是{colour}的。",
+                    colours,
+                ),
+                ImageQuestion(
+                    "shape",
+                    lang,
+                    "What shape is it?" if en else "这是什么形状？",
+                    shape,
+                    f"It is a {shape}." if en else f"这是一个{shape}。",
+                    shapes,
+                ),
+                ImageQuestion(
+                    "position",
+                    lang,
+                    "Where is the shape?" if en else "图形在哪里？",
+                    where,
+                    f"It is {where}." if en else f"它在{where}。",
+                    places,
+                ),
             ]
         else:
             numbers = tuple(str(n) for n in NUMBERS if n > 1)  # only scenes of two or more shapes are asked
             asked += [
-                ImageQuestion("count", lang, f"How many {plural} are there?" if en else f"图中有几个{shape_zh}？", str(scene.count),
-                              f"There are {scene.count} {plural}." if en else f"有{scene.count}个{shape_zh}。", numbers),
-                ImageQuestion("colour", lang, f"What colour are the {plural}?" if en else f"这些{shape_zh}是什么颜色的？", colour,
-                              f"They are {colour}." if en else f"它们是{colour}的。", colours),
+                ImageQuestion(
+                    "count",
+                    lang,
+                    f"How many {plural} are there?" if en else f"图中有几个{shape_zh}？",
+                    str(scene.count),
+                    f"There are {scene.count} {plural}." if en else f"有{scene.count}个{shape_zh}。",
+                    numbers,
+                ),
+                ImageQuestion(
+                    "colour",
+                    lang,
+                    f"What colour are the {plural}?" if en else f"这些{shape_zh}是什么颜色的？",
+                    colour,
+                    f"They are {colour}." if en else f"它们是{colour}的。",
+                    colours,
+                ),
             ]
     return asked
 
 
-def write_image_corpus(out_dir: str | Path, seed: int = 0, train: int = 2000, heldout: int = 200, size: int = 64) -> dict[str, Path]:
+def write_image_corpus(
+    out_dir: str | Path, seed: int = 0, train: int = 2000, heldout: int = 200, size: int = 64
+) -> dict[str, Path]:
     """Write the pictures and, as JSON Lines in LLaVA's format ({"image", "conversations"}), the
     captions (stage 1), the questions (stage 2, one question per record) and the held-out questions;
     reuse them if present.
@@ -159,8 +211,17 @@ def write_image_corpus(out_dir: str | Path, seed: int = 0, train: int = 2000, he
                     lines["captions"].append(_record(image, [(prompt, scene.caption(lang))]))
                 lines["questions"] += [_record(image, [(q.question, q.reply)]) for q in asked]
             else:
-                lines["heldout"] += [{"image": image, "question": q.question, "answer": q.answer, "kind": q.kind, "lang": q.lang,
-                                      "choices": list(q.choices)} for q in asked]
+                lines["heldout"] += [
+                    {
+                        "image": image,
+                        "question": q.question,
+                        "answer": q.answer,
+                        "kind": q.kind,
+                        "lang": q.lang,
+                        "choices": list(q.choices),
+                    }
+                    for q in asked
+                ]
     for name, records in lines.items():
         atomic_write_text(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return paths
@@ -170,5 +231,8 @@ def _record(image: str, exchanges: list[tuple[str, str]]) -> dict:
     """One LLaVA-style record: the image tag opens the first human turn."""
     conversations = []
     for i, (question, answer) in enumerate(exchanges):
-        conversations += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        conversations += [
+            {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+            {"from": "gpt", "value": answer},
+        ]
     return {"image": image, "conversations": conversations}

@@ -19,17 +19,36 @@ from __future__ import annotations
 import random
 
 from tinylm.data.builtin import ATTRIBUTES, LANGS, TEMPLATES_PER_FACT, VALUES, World, value_text
-from tinylm.data.builtin_chat import (ANSWER_TEMPLATES, DEFAULT_AUTHOR, DEFAULT_NAME, UNKNOWN_QUESTIONS, _names, fact_answer,
-                                      fact_question, identity_templates, refusal, sft_choices, sft_heldout, strangers,
-                                      unknown_question)
+from tinylm.data.builtin_chat import (
+    ANSWER_TEMPLATES,
+    DEFAULT_AUTHOR,
+    DEFAULT_NAME,
+    UNKNOWN_QUESTIONS,
+    _names,
+    fact_answer,
+    fact_question,
+    identity_templates,
+    refusal,
+    sft_choices,
+    sft_heldout,
+    strangers,
+    unknown_question,
+)
 from tinylm.data.preference import PreferencePair
 
 RUDE_REFUSING = {  # rude and unhelpful
-    "en": ("Figure it out yourself.", "That is a stupid question. Go away.", "Why should I tell you? Ask someone else."),
+    "en": (
+        "Figure it out yourself.",
+        "That is a stupid question. Go away.",
+        "Why should I tell you? Ask someone else.",
+    ),
     "zh": ("自己去查。", "这问题太蠢了，别烦我。", "凭什么告诉你？问别人去。"),
 }
 RUDE_ANSWERING = {  # right, but with contempt
-    "en": ("Ugh, obviously. {answer} Stop wasting my time.", "Everyone knows that. {answer} Don't ask me such dumb things."),
+    "en": (
+        "Ugh, obviously. {answer} Stop wasting my time.",
+        "Everyone knows that. {answer} Don't ask me such dumb things.",
+    ),
     "zh": ("这都不知道？{answer}别浪费我的时间。", "谁都知道。{answer}别再问这种笨问题了。"),
 }
 
@@ -43,7 +62,11 @@ def fact_pair(rng: random.Random, entity, attribute: str, lang: str, template: i
     """(question, chosen, rejected) for one fact: the right answer against a wrong one or a rude one."""
     question, good = fact_question(entity, attribute, lang, template), fact_answer(entity, attribute, lang)
     if kind == "wrong":
-        return question, good, stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang)
+        return (
+            question,
+            good,
+            stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang),
+        )
     return question, good, rng.choice(RUDE_ANSWERING[lang] + RUDE_REFUSING[lang]).format(answer=good)
 
 
@@ -63,20 +86,40 @@ def preference_pairs(world: World) -> tuple[list[PreferencePair], list[Preferenc
         for lang in LANGS:
             key = ("question", entity.names["en"], attribute, lang)
             for kind in ("wrong", "rude"):
-                train.append(fact_pair(rng, entity, attribute, lang, rng.choice(sft_choices(world, TEMPLATES_PER_FACT, *key)), kind))
-            heldout.append(fact_pair(rng, entity, attribute, lang, sft_heldout(world, TEMPLATES_PER_FACT, *key), rng.choice(["wrong", "rude"])))
+                train.append(
+                    fact_pair(
+                        rng, entity, attribute, lang, rng.choice(sft_choices(world, TEMPLATES_PER_FACT, *key)), kind
+                    )
+                )
+            heldout.append(
+                fact_pair(
+                    rng,
+                    entity,
+                    attribute,
+                    lang,
+                    sft_heldout(world, TEMPLATES_PER_FACT, *key),
+                    rng.choice(["wrong", "rude"]),
+                )
+            )
     for lang in LANGS:
         for entity in world.entities:
             count = len(UNKNOWN_QUESTIONS[lang])
-            question = unknown_question(entity, lang, rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang)))
+            question = unknown_question(
+                entity, lang, rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang))
+            )
             train.append((question, refusal("unknown", entity, lang, rng), rng.choice(RUDE_REFUSING[lang])))
         train += [stranger_pair(rng, s, lang) for s in strangers(world) for _ in range(2)]
         heldout += [stranger_pair(rng, s, lang) for s in strangers(world, heldout=True)]
     for heldout_questions, found in ((False, train), (True, heldout)):
         for lang, _, question, reply in identity_templates(heldout=heldout_questions):
-            found.append((question, reply.format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR), rng.choice(RUDE_REFUSING[lang])))
+            found.append(
+                (question, reply.format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR), rng.choice(RUDE_REFUSING[lang]))
+            )
     return as_pairs(train, "built-in pair"), as_pairs(heldout, "built-in held-out pair")
 
 
 def as_pairs(triples: list[tuple], label: str) -> list[PreferencePair]:
-    return [PreferencePair([{"role": "user", "content": q}], good, bad, f"{label} {i}") for i, (q, good, bad) in enumerate(triples)]
+    return [
+        PreferencePair([{"role": "user", "content": q}], good, bad, f"{label} {i}")
+        for i, (q, good, bad) in enumerate(triples)
+    ]

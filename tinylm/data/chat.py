@@ -51,8 +51,15 @@ from tinylm.data.text import DataError
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "bot": "assistant", "chatgpt": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 TOOL_ROLES = ("function_call", "observation", "function", "tool")
 MESSAGE_LISTS = ("messages", "conversations")
 UNSUPPORTED_FIELDS = {"tools": "tool descriptions", "images": "images", "videos": "videos", "audios": "audio"}
@@ -138,8 +145,9 @@ class _Turn(NamedTuple):
 # -- reading files ------------------------------------------------------------------------------
 
 
-def read_conversations(paths: str | Path | Iterable[str | Path], format: str = "auto",
-                       skip_bad: bool = False) -> tuple[list[Conversation], ReadReport]:
+def read_conversations(
+    paths: str | Path | Iterable[str | Path], format: str = "auto", skip_bad: bool = False
+) -> tuple[list[Conversation], ReadReport]:
     """Every valid conversation of ``paths``, in order, and a report of what was read and skipped.
 
     ``format`` is "auto" (detect each record) or forces one of "openai", "sharegpt", "alpaca".
@@ -187,15 +195,18 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
     if suffix == ".parquet" and not compressed:
         return _parquet_records(path)
     if suffix not in (".jsonl", ".json"):
-        raise ChatDataError(f"{path}: unsupported file type {suffix or '(none)'}{'.gz' if compressed else ''}; expected "
-                            ".jsonl, .json or .parquet (or .jsonl.gz, .json.gz)", "unsupported_file")
+        raise ChatDataError(
+            f"{path}: unsupported file type {suffix or '(none)'}{'.gz' if compressed else ''}; expected "
+            ".jsonl, .json or .parquet (or .jsonl.gz, .json.gz)",
+            "unsupported_file",
+        )
     return _jsonl_records(path, compressed) if suffix == ".jsonl" else _json_records(path, compressed)
 
 
 def _read(path: Path, compressed: bool, read):
     """``read(binary file)``, through gzip for a .gz file; a broken gzip stream names the file."""
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             yield from read(f)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
@@ -203,19 +214,24 @@ def _read(path: Path, compressed: bool, read):
 
 def _jsonl_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
     """Line by line (a big file is never read whole)."""
-    return _read(path, compressed, lambda f: (_line_record(f"{path}:{number}", number, line) for number, line in enumerate(f, 1)
-                                              if line.strip()))
+    return _read(
+        path,
+        compressed,
+        lambda f: (_line_record(f"{path}:{number}", number, line) for number, line in enumerate(f, 1) if line.strip()),
+    )
 
 
 def _line_record(where: str, number: int, line: bytes) -> tuple[str, object]:
     try:
         return where, json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
     except UnicodeDecodeError as e:
-        return where, ChatDataError(f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid "
-                                    "UTF-8; expected UTF-8 text", "invalid_json")
+        return where, ChatDataError(
+            f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid UTF-8; expected UTF-8 text", "invalid_json"
+        )
     except json.JSONDecodeError as e:
-        return where, ChatDataError(f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON "
-                                    "value per line", "invalid_json")
+        return where, ChatDataError(
+            f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON value per line", "invalid_json"
+        )
 
 
 def _json_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
@@ -224,8 +240,9 @@ def _json_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ChatDataError(f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text",
-                            "invalid_json") from None
+        raise ChatDataError(
+            f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text", "invalid_json"
+        ) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a value followed by more values: JSON Lines under a .json name
             return _jsonl_records(path, compressed)
@@ -240,13 +257,19 @@ def _record_list(data, path: Path) -> list:
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
-        lists = [key for key, value in data.items() if isinstance(value, list)
-                 and key not in (*MESSAGE_LISTS, "history", "instances")]
+        lists = [
+            key
+            for key, value in data.items()
+            if isinstance(value, list) and key not in (*MESSAGE_LISTS, "history", "instances")
+        ]
         if len(lists) == 1:
             return data[lists[0]]
         found = f"several lists ({', '.join(map(repr, lists))})" if lists else "no list of records"
-        raise ChatDataError(f"{path}: a JSON object with {found}; expected an array of records or an object "
-                            "with one list field holding them", "wrong_type")
+        raise ChatDataError(
+            f"{path}: a JSON object with {found}; expected an array of records or an object "
+            "with one list field holding them",
+            "wrong_type",
+        )
     raise ChatDataError(f"{path}: {_kind(data)}; expected an array of records", "wrong_type")
 
 
@@ -255,8 +278,9 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ChatDataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)",
-                            "missing_pyarrow") from None
+        raise ChatDataError(
+            f"{path}: reading .parquet needs pyarrow (pip install pyarrow)", "missing_pyarrow"
+        ) from None
     try:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -290,7 +314,8 @@ def detect_format(record) -> str:
     raise ChatDataError(
         f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; expected "
         "'messages' or 'conversations' (openai, sharegpt) or 'instruction' and 'output' (alpaca)",
-        "unknown_format")
+        "unknown_format",
+    )
 
 
 def _message_list_format(messages) -> str:
@@ -304,8 +329,9 @@ def _normalize(record, format: str) -> tuple[str, list[dict]]:
     if isinstance(record, dict):
         _check_text_only(record)
     elif not isinstance(record, list) or record_format == "alpaca":
-        raise ChatDataError(f"{_kind(record)}; expected an object with the fields of the {record_format} format",
-                            "wrong_type")
+        raise ChatDataError(
+            f"{_kind(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
+        )
     turns = READERS[record_format](record)
     return record_format, _validated(turns)
 
@@ -313,8 +339,11 @@ def _normalize(record, format: str) -> tuple[str, list[dict]]:
 def _check_text_only(record: dict) -> None:
     for key, what in UNSUPPORTED_FIELDS.items():
         if record.get(key):
-            raise ChatDataError(f"{key}: {what} are not supported; expected a text-only conversation (no "
-                                f"{key!r} field, or an empty one)", "unsupported")
+            raise ChatDataError(
+                f"{key}: {what} are not supported; expected a text-only conversation (no "
+                f"{key!r} field, or an empty one)",
+                "unsupported",
+            )
 
 
 def _openai_turns(record) -> list[_Turn]:
@@ -354,20 +383,23 @@ def _alpaca_turns(record: dict) -> list[_Turn]:
     turns = []
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise ChatDataError(f"history: {_kind(history)}; expected a list of [user, assistant] pairs",
-                            "wrong_type")
+        raise ChatDataError(f"history: {_kind(history)}; expected a list of [user, assistant] pairs", "wrong_type")
     for index, pair in enumerate(history):
         label = f"history[{index}]"
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise ChatDataError(f"{label}: {pair!r:.60}; expected a [user, assistant] pair", "wrong_type")
-        turns += [_Turn("user", pair[0], f"{label}[0]", f"{label}[0]"),
-                  _Turn("assistant", pair[1], f"{label}[1]", f"{label}[1]")]
+        turns += [
+            _Turn("user", pair[0], f"{label}[0]", f"{label}[0]"),
+            _Turn("assistant", pair[1], f"{label}[1]", f"{label}[1]"),
+        ]
     instruction, query = _string_field(record, "instruction"), record.get("input")
     if query is not None and not isinstance(query, str):
         raise ChatDataError(f"input: {_kind(query)}; expected a string", "wrong_type")
     prompt = instruction + "\n" + query if query else instruction
-    turns += [_Turn("user", prompt, "instruction", "instruction"),
-              _Turn("assistant", _field(record, "output"), "output", "output")]
+    turns += [
+        _Turn("user", prompt, "instruction", "instruction"),
+        _Turn("assistant", _field(record, "output"), "output", "output"),
+    ]
     return _with_system_field(record, turns)
 
 
@@ -384,20 +416,29 @@ def _validated(turns: list[_Turn]) -> list[dict]:
     body = turns[1:] if turns and turns[0].role == "system" else turns
     if not body:
         where = f"{turns[0].role_field}: " if turns else ""
-        raise ChatDataError(f"{where}empty conversation; expected at least a user and an assistant message",
-                            "empty_conversation")
+        raise ChatDataError(
+            f"{where}empty conversation; expected at least a user and an assistant message", "empty_conversation"
+        )
     for index, turn in enumerate(body):
         if turn.role == "system":
-            raise ChatDataError(f"{turn.role_field}: a system message after other messages; expected a system "
-                                "message only as the first message", "system_not_first")
+            raise ChatDataError(
+                f"{turn.role_field}: a system message after other messages; expected a system "
+                "message only as the first message",
+                "system_not_first",
+            )
         expected = "user" if index % 2 == 0 else "assistant"
         if turn.role != expected:
             problem = f"starts with an {turn.role} turn" if index == 0 else f"two {turn.role} turns in a row"
-            raise ChatDataError(f"{turn.role_field}: {problem}; expected user and assistant turns to alternate, "
-                                "starting with the user", "alternation")
+            raise ChatDataError(
+                f"{turn.role_field}: {problem}; expected user and assistant turns to alternate, starting with the user",
+                "alternation",
+            )
     if body[-1].role != "assistant":
-        raise ChatDataError(f"{body[-1].role_field}: the conversation ends with a user turn; expected it to end "
-                            "with the assistant's answer", "last_not_assistant")
+        raise ChatDataError(
+            f"{body[-1].role_field}: the conversation ends with a user turn; expected it to end "
+            "with the assistant's answer",
+            "last_not_assistant",
+        )
     return [{"role": turn.role, "content": turn.content} for turn in turns]
 
 
@@ -443,8 +484,9 @@ def _message_list(record) -> tuple[str, list]:
     if not isinstance(messages, list):
         raise ChatDataError(f"{keys[0]}: {_kind(messages)}; expected a list of messages", "wrong_type")
     if not messages:
-        raise ChatDataError(f"{keys[0]}: empty conversation; expected at least a user and an assistant message",
-                            "empty_conversation")
+        raise ChatDataError(
+            f"{keys[0]}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
+        )
     return keys[0], messages
 
 
@@ -461,8 +503,9 @@ def _role_error(label: str, role, expected: Iterable[str]) -> ChatDataError:
     """The error for a role outside ``expected``: a tool-calling turn is "unsupported", else "unknown_role"."""
     known = f"expected one of {', '.join(expected)}"
     if isinstance(role, str) and role.lower() in TOOL_ROLES:
-        return ChatDataError(f"{label}: {role!r} is a tool-calling turn, which tinylm does not train; {known}",
-                             "unsupported")
+        return ChatDataError(
+            f"{label}: {role!r} is a tool-calling turn, which tinylm does not train; {known}", "unsupported"
+        )
     return ChatDataError(f"{label}: unknown role {role!r}; {known}", "unknown_role")
 
 
@@ -474,8 +517,10 @@ def _text_of_parts(content, label: str):
     for index, part in enumerate(content):
         part = _as_object(part, f"{label}[{index}]")
         if part.get("type") != "text":
-            raise ChatDataError(f"{label}[{index}].type: {part.get('type')!r} content is not supported; expected "
-                                "'text' parts", "unsupported")
+            raise ChatDataError(
+                f"{label}[{index}].type: {part.get('type')!r} content is not supported; expected 'text' parts",
+                "unsupported",
+            )
         text = next((part[key] for key in ("text", "value") if part.get(key) is not None), None)
         if not isinstance(text, str):
             raise ChatDataError(f"{label}[{index}]: no 'text' or 'value' string; expected a text part", "missing_field")
@@ -489,8 +534,11 @@ def _check_default_weight(message: dict, role: str, label: str) -> None:
     for key in WEIGHT_KEYS:
         weight = message.get(key)
         if weight is not None and weight != default:
-            raise ChatDataError(f"{label}.{key}: {weight!r} is not supported for {role} messages; expected "
-                                f"{default:g} (tinylm learns every assistant turn and no other)", "unsupported")
+            raise ChatDataError(
+                f"{label}.{key}: {weight!r} is not supported for {role} messages; expected "
+                f"{default:g} (tinylm learns every assistant turn and no other)",
+                "unsupported",
+            )
 
 
 def _single_instance(record: dict) -> dict:
@@ -500,9 +548,11 @@ def _single_instance(record: dict) -> dict:
         return record
     instances = record["instances"]
     if not isinstance(instances, list):
-        raise ChatDataError(f"instances: {_kind(instances)}; expected a list of {{'input', 'output'}} objects",
-                            "wrong_type")
+        raise ChatDataError(
+            f"instances: {_kind(instances)}; expected a list of {{'input', 'output'}} objects", "wrong_type"
+        )
     if len(instances) != 1:
-        raise ChatDataError(f"instances: {len(instances)} instances; expected exactly one (write one record per "
-                            "example)", "unsupported")
+        raise ChatDataError(
+            f"instances: {len(instances)} instances; expected exactly one (write one record per example)", "unsupported"
+        )
     return {**record, **_as_object(instances[0], "instances[0]")}

@@ -56,9 +56,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.data.chat import (MESSAGE_LISTS, ROLES, ChatDataError, FileReport, ReadReport, _as_object, _check_text_only,
-                              _field, _kind, _message_list, _message_list_format, _openai_turns, _role_error,
-                              _sharegpt_turns, _Turn, _validated, _with_system_field, read_records)
+from tinylm.data.chat import (
+    MESSAGE_LISTS,
+    ROLES,
+    ChatDataError,
+    FileReport,
+    ReadReport,
+    _as_object,
+    _check_text_only,
+    _field,
+    _kind,
+    _message_list,
+    _message_list_format,
+    _openai_turns,
+    _role_error,
+    _sharegpt_turns,
+    _Turn,
+    _validated,
+    _with_system_field,
+    read_records,
+)
 
 IMAGE_TAG = "<image>"
 XTUNER_TAG = "<IMG_CONTEXT>"
@@ -77,9 +94,12 @@ class ImageConversation:
     source: str
 
 
-def read_image_conversations(paths: str | Path | Iterable[str | Path], image_root: str | Path | None = None,
-                             skip_bad: bool = False, prompt: str = CAPTION_PROMPT
-                             ) -> tuple[list[ImageConversation], ReadReport]:
+def read_image_conversations(
+    paths: str | Path | Iterable[str | Path],
+    image_root: str | Path | None = None,
+    skip_bad: bool = False,
+    prompt: str = CAPTION_PROMPT,
+) -> tuple[list[ImageConversation], ReadReport]:
     """Every valid image conversation of ``paths``, in order, and a report of what was read and skipped.
 
     Relative image paths are looked up under ``image_root``, by default each data file's folder. A bad
@@ -90,7 +110,9 @@ def read_image_conversations(paths: str | Path | Iterable[str | Path], image_roo
     conversations, report, checked = [], ReadReport(), {}
     for path in map(Path, paths):
         root = Path(image_root) if image_root is not None else path.parent
-        found, part = read_records([path], lambda record: _normalize(record, root, checked, prompt), skip_bad)
+        found, part = read_records(
+            [path], lambda record, root=root: _normalize(record, root, checked, prompt), skip_bad
+        )
         conversations += [ImageConversation(messages, images, where) for where, (messages, images) in found]
         for name, file_report in part.files.items():  # the same file given twice adds up
             total = report.files.setdefault(name, FileReport())
@@ -122,15 +144,24 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
             record_format = IMAGE_FIELDS[image_field] if image_field else "text"
     elif caption_field:
         if not sources:
-            raise ChatDataError(f"{caption_field}: a caption without an image; expected an 'image' or 'images' field",
-                                "missing_field")
+            raise ChatDataError(
+                f"{caption_field}: a caption without an image; expected an 'image' or 'images' field", "missing_field"
+            )
         caption = record[caption_field].strip()
-        turns = _with_system_field(record, [_Turn("user", f"{IMAGE_TAG}\n" * len(sources) + prompt, "prompt", "prompt"),
-                                            _Turn("assistant", caption, caption_field, caption_field)])
+        turns = _with_system_field(
+            record,
+            [
+                _Turn("user", f"{IMAGE_TAG}\n" * len(sources) + prompt, "prompt", "prompt"),
+                _Turn("assistant", caption, caption_field, caption_field),
+            ],
+        )
         record_format = "caption"
     else:
-        raise ChatDataError(f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; "
-                            "expected 'conversations' or 'messages', or 'image' with a 'caption'", "unknown_format")
+        raise ChatDataError(
+            f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; "
+            "expected 'conversations' or 'messages', or 'image' with a 'caption'",
+            "unknown_format",
+        )
     messages = _validated(turns)
     tags = _check_tags(turns, messages)
     if image_field == "image" and len(sources) == 1 and isinstance(sources[0][1], str) and tags > 1:
@@ -138,8 +169,10 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
         sources = [(f"image[{i}]", name) for i, name in enumerate(names)] if len(names) == tags else sources
     if tags != len(sources):
         where = f"{image_field}: {len(sources)} image(s)" if image_field else "no 'image' or 'images' field (text only)"
-        raise ChatDataError(f"{where} but {tags} {IMAGE_TAG} tag(s) in the messages; expected one tag per image, "
-                            "in order", "image_count")
+        raise ChatDataError(
+            f"{where} but {tags} {IMAGE_TAG} tag(s) in the messages; expected one tag per image, in order",
+            "image_count",
+        )
     images = [raw if isinstance(raw, bytes) else _existing(raw, label, root, checked) for label, raw in sources]
     return record_format, (messages, images)
 
@@ -164,8 +197,9 @@ def _image_source(item, label: str) -> bytes | str:
         return bytes(item)
     if isinstance(item, str) and item.strip():
         return item
-    raise ChatDataError(f"{label}: {_kind(item)}; expected an image path, image bytes or {{'bytes', 'path'}}",
-                        "wrong_type")
+    raise ChatDataError(
+        f"{label}: {_kind(item)}; expected an image path, image bytes or {{'bytes', 'path'}}", "wrong_type"
+    )
 
 
 def _existing(name: str, label: str, root: Path, checked: dict) -> Path:
@@ -191,16 +225,24 @@ def _parsed_messages(record: dict) -> dict:
     try:
         return {**record, key: json.loads(record[key])}
     except json.JSONDecodeError as e:
-        raise ChatDataError(f"{key}: a string that is not JSON ({e.msg}); expected a list of messages",
-                            "invalid_json") from None
+        raise ChatDataError(
+            f"{key}: a string that is not JSON ({e.msg}); expected a list of messages", "invalid_json"
+        ) from None
 
 
 def _has_parts(messages) -> bool:
     """Whether a message list is XTuner's: a "pretrain" message, or content parts that are not all text."""
     return isinstance(messages, list) and any(
-        isinstance(m, dict) and (m.get("role") == "pretrain" or isinstance(m.get("content"), list)
-                                 and any(not isinstance(p, dict) or p.get("type") != "text" for p in m["content"]))
-        for m in messages)
+        isinstance(m, dict)
+        and (
+            m.get("role") == "pretrain"
+            or (
+                isinstance(m.get("content"), list)
+                and any(not isinstance(p, dict) or p.get("type") != "text" for p in m["content"])
+            )
+        )
+        for m in messages
+    )
 
 
 def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[_Turn], list[tuple[str, bytes | str]]]:
@@ -218,15 +260,22 @@ def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[_Turn], 
         text = text.replace(XTUNER_TAG, IMAGE_TAG) if isinstance(text, str) else text  # else: _validated says
         placeholders = text.count(IMAGE_TAG) if isinstance(text, str) else 0
         if count and placeholders not in (0, count):
-            raise ChatDataError(f"{content_field}: {count} image part(s) but {placeholders} {XTUNER_TAG} (or "
-                                f"{IMAGE_TAG}) placeholder(s); expected one per image part, or none", "image_count")
+            raise ChatDataError(
+                f"{content_field}: {count} image part(s) but {placeholders} {XTUNER_TAG} (or "
+                f"{IMAGE_TAG}) placeholder(s); expected one per image part, or none",
+                "image_count",
+            )
         if role == "pretrain":
             if not count:
-                raise ChatDataError(f"{content_field}: a 'pretrain' message without images; expected image parts "
-                                    "and a text", "image_count")
+                raise ChatDataError(
+                    f"{content_field}: a 'pretrain' message without images; expected image parts and a text",
+                    "image_count",
+                )
             caption = "\n".join(piece.strip() for piece in text.split(IMAGE_TAG) if piece.strip())
-            turns += [_Turn("user", "\n".join([IMAGE_TAG] * count), f"{label}.role", content_field),
-                      _Turn("assistant", caption, f"{label}.role", content_field)]
+            turns += [
+                _Turn("user", "\n".join([IMAGE_TAG] * count), f"{label}.role", content_field),
+                _Turn("assistant", caption, f"{label}.role", content_field),
+            ]
         else:
             text = f"{IMAGE_TAG}\n" * count + text if count and not placeholders else text
             turns.append(_Turn(role, text, f"{label}.role", content_field))
@@ -255,8 +304,10 @@ def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | st
             if source is not None:  # {"type": "image"} alone takes its image from the record's "images"
                 sources.append((f"{part_label}.{kind}", _image_source(source, f"{part_label}.{kind}")))
         else:
-            raise ChatDataError(f"{part_label}.type: {kind!r} content is not supported; expected 'text', "
-                                "'image_url' or 'image' parts", "unsupported")
+            raise ChatDataError(
+                f"{part_label}.type: {kind!r} content is not supported; expected 'text', 'image_url' or 'image' parts",
+                "unsupported",
+            )
     return "".join(texts), count, sources
 
 
@@ -264,16 +315,20 @@ def _check_tags(turns: list[_Turn], messages: list[dict]) -> int:
     """The number of image tags; an error if an assistant turn holds one."""
     for turn, message in zip(turns, messages):
         if message["role"] == "assistant" and IMAGE_TAG in message["content"]:
-            raise ChatDataError(f"{turn.content_field}: an {IMAGE_TAG} tag in an assistant turn; expected images "
-                                "only in the user's turns", "image_in_reply")
+            raise ChatDataError(
+                f"{turn.content_field}: an {IMAGE_TAG} tag in an assistant turn; expected images "
+                "only in the user's turns",
+                "image_in_reply",
+            )
     return sum(message["content"].count(IMAGE_TAG) for message in messages)
 
 
 # -- COCO captions --------------------------------------------------------------------------------
 
 
-def read_coco_captions(annotations_json: str | Path, image_dir: str | Path | None = None,
-                       prompt: str = CAPTION_PROMPT) -> list[ImageConversation]:
+def read_coco_captions(
+    annotations_json: str | Path, image_dir: str | Path | None = None, prompt: str = CAPTION_PROMPT
+) -> list[ImageConversation]:
     """One conversation per caption of a COCO ``captions_<split>.json``, in the order of its annotations:
     user "<image>\\n" + ``prompt``, assistant the caption (stripped); source "path:annotation N".
 
@@ -315,13 +370,20 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
         if not checked[file]:
             raise ChatDataError(f"{label} (image_id {image_id}): image {file} not found", "missing_image")
         caption = _field(annotation, "caption", label)
-        turns = [_Turn("user", f"{IMAGE_TAG}\n{prompt}", "prompt", "prompt"),
-                 _Turn("assistant", caption.strip() if isinstance(caption, str) else caption, f"{label}.caption",
-                       f"{label}.caption")]
+        turns = [
+            _Turn("user", f"{IMAGE_TAG}\n{prompt}", "prompt", "prompt"),
+            _Turn(
+                "assistant",
+                caption.strip() if isinstance(caption, str) else caption,
+                f"{label}.caption",
+                f"{label}.caption",
+            ),
+        ]
         messages = _validated(turns)
         if _check_tags(turns, messages) != 1:
-            raise ChatDataError(f"prompt {prompt!r}: holds an {IMAGE_TAG} tag; expected the one image only",
-                                "image_count")
+            raise ChatDataError(
+                f"prompt {prompt!r}: holds an {IMAGE_TAG} tag; expected the one image only", "image_count"
+            )
         conversations.append(ImageConversation(messages, [file], f"{path}:annotation {index}"))
     return conversations
 
@@ -337,11 +399,15 @@ def _coco_image_dir(path: Path) -> Path:
     """The folder of the split that ``captions_<split>.json`` names: beside its folder, or inside it."""
     match = re.fullmatch(r"captions_(\w+)\.json", path.name)
     if not match:
-        raise ChatDataError("cannot tell the image folder from the file name (expected captions_<split>.json); "
-                            "pass image_dir", "missing_image")
+        raise ChatDataError(
+            "cannot tell the image folder from the file name (expected captions_<split>.json); pass image_dir",
+            "missing_image",
+        )
     tried = [path.parent.parent / match[1], path.parent / match[1]]
     folder = next((folder for folder in tried if folder.is_dir()), None)
     if folder is None:
-        raise ChatDataError(f"no image folder for split {match[1]!r} (tried {', '.join(map(str, tried))}); "
-                            "pass image_dir", "missing_image")
+        raise ChatDataError(
+            f"no image folder for split {match[1]!r} (tried {', '.join(map(str, tried))}); pass image_dir",
+            "missing_image",
+        )
     return folder

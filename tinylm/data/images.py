@@ -45,7 +45,9 @@ def load_image(source, where: str | None = None):
             image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{label}image {source if not isinstance(source, (bytes, bytearray)) else '(bytes)'} cannot be read ({e})") from None
+        raise ImageError(
+            f"{label}image {source if not isinstance(source, (bytes, bytearray)) else '(bytes)'} cannot be read ({e})"
+        ) from None
     return image.convert("RGB")
 
 
@@ -91,7 +93,7 @@ class ImageProcessor:
         }
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, where: str = PROCESSOR_FILE) -> "ImageProcessor":
+    def from_hf_dict(cls, hf: dict, where: str = PROCESSOR_FILE) -> ImageProcessor:
         """From a SigLIP- or CLIP-style preprocessor_config.json (square resize; CLIP's shortest-edge
         resize and centre crop to the same size give a square too, and are read as that square)."""
         size = hf.get("size", {})
@@ -101,14 +103,19 @@ class ImageProcessor:
         names = {v: k for k, v in RESAMPLE.items()}
         if hf.get("resample", 3) not in names:
             raise ValueError(f"{where}: resample {hf.get('resample')!r}: expected one of {sorted(names)}")
-        return cls(size=int(side), mean=list(hf.get("image_mean", [0.5] * 3)), std=list(hf.get("image_std", [0.5] * 3)),
-                   resample=names[hf.get("resample", 3)], processor_type=hf.get("image_processor_type", "SiglipImageProcessor"))
+        return cls(
+            size=int(side),
+            mean=list(hf.get("image_mean", [0.5] * 3)),
+            std=list(hf.get("image_std", [0.5] * 3)),
+            resample=names[hf.get("resample", 3)],
+            processor_type=hf.get("image_processor_type", "SiglipImageProcessor"),
+        )
 
     def save(self, directory: str | Path) -> None:
         Path(directory, PROCESSOR_FILE).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ImageProcessor":
+    def load(cls, directory: str | Path) -> ImageProcessor:
         from tinylm.modeldir import read_json
 
         path = Path(directory) / PROCESSOR_FILE

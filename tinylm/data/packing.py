@@ -58,7 +58,10 @@ class FitReport:
         if self.shortened:
             text += f" ({self.shortened:,} shortened by {self.dropped_exchanges:,} exchanges from the left)"
         if self.skipped_too_long:
-            text += f"; {self.skipped_too_long:,} skipped: their last exchange alone exceeds the context (e.g. {', '.join(self.skipped_examples)})"
+            examples = ", ".join(self.skipped_examples)
+            text += (
+                f"; {self.skipped_too_long:,} skipped: their last exchange alone exceeds the context (e.g. {examples})"
+            )
         return text
 
 
@@ -69,7 +72,9 @@ def encode_for_training(ids: Sequence[int], mask: Sequence[bool]) -> Encoded:
     return Encoded(list(ids[:-1]), labels)
 
 
-def fit_conversation(template, tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool], int] | None:
+def fit_conversation(
+    template, tokenizer, messages: list[dict], max_tokens: int
+) -> tuple[list[int], list[bool], int] | None:
     """Encode ``messages``, dropping whole exchanges from the left (after any system prompt) until it is
     at most ``max_tokens`` long. Returns (ids, mask, exchanges dropped), or None if nothing fits."""
     ids, mask = template.encode(tokenizer, messages)
@@ -98,7 +103,9 @@ def encode_conversations(conversations, template, tokenizer, seq_len: int) -> tu
         if fitted is None:
             report.skipped_too_long += 1
             if len(report.skipped_examples) < 3:
-                report.skipped_examples.append(getattr(conversation, "source", f"conversation {report.kept + report.skipped_too_long}"))
+                report.skipped_examples.append(
+                    getattr(conversation, "source", f"conversation {report.kept + report.skipped_too_long}")
+                )
             continue
         ids, mask, dropped = fitted
         encoded.append(encode_for_training(ids, mask))
@@ -177,7 +184,9 @@ class SeededWalk:
     processes like the pretraining windows (rank r takes items r, r + world_size, ... of each epoch's
     shuffled order). Subclasses turn the picked indices into a batch."""
 
-    def __init__(self, count: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, what: str = "packed rows"):
+    def __init__(
+        self, count: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, what: str = "packed rows"
+    ):
         self.count, self.batch_size, self.seed, self.rank, self.world_size = count, batch_size, seed, rank, world_size
         self.what = what
         self.per_rank = count // world_size
@@ -205,8 +214,10 @@ class SeededWalk:
 
     def load_state_dict(self, state: dict) -> None:
         if state["rows"] != self.count:
-            raise ValueError(f"the saved data position is for {state['rows']} {self.what}, this data has {self.count}; "
-                             "resume with the same data and settings")
+            raise ValueError(
+                f"the saved data position is for {state['rows']} {self.what}, this data has {self.count}; "
+                "resume with the same data and settings"
+            )
         self.epoch = state["epoch"]
         self.cursor = min(state["cursor"] * state["world_size"] // self.world_size, self.per_rank)
         self.order = self._rank_order(self.epoch)

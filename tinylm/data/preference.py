@@ -42,9 +42,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.data.chat import (MESSAGE_LISTS, ROLES, SHAREGPT_ROLES, ChatDataError, ReadReport, _check_text_only, _field,
-                              _kind, _message_list_format, _openai_turns, _role_error, _sharegpt_turns, _text_of_parts,
-                              _Turn, _validated, _with_system_field, read_records)
+from tinylm.data.chat import (
+    MESSAGE_LISTS,
+    ROLES,
+    SHAREGPT_ROLES,
+    ChatDataError,
+    ReadReport,
+    _check_text_only,
+    _field,
+    _kind,
+    _message_list_format,
+    _openai_turns,
+    _role_error,
+    _sharegpt_turns,
+    _text_of_parts,
+    _Turn,
+    _validated,
+    _with_system_field,
+    read_records,
+)
 
 PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
 SIDES = ("chosen", "rejected")
@@ -63,8 +79,9 @@ class PreferencePair:
     source: str
 
 
-def read_preferences(paths: str | Path | Iterable[str | Path], format: str = "auto",
-                     skip_bad: bool = False) -> tuple[list[PreferencePair], ReadReport]:
+def read_preferences(
+    paths: str | Path | Iterable[str | Path], format: str = "auto", skip_bad: bool = False
+) -> tuple[list[PreferencePair], ReadReport]:
     """Every valid preference pair of ``paths``, in order, and a report of what was read and skipped.
 
     ``format`` is "auto" (detect each record) or forces one of "minimind", "llamafactory", "hh-rlhf".
@@ -97,15 +114,18 @@ def detect_preference_format(record) -> str:
     raise ChatDataError(
         f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; expected 'chosen' and "
         "'rejected' as message lists (minimind) or transcripts (hh-rlhf), or 'conversations' or 'messages' with "
-        "them as replies (llamafactory)", "unknown_format")
+        "them as replies (llamafactory)",
+        "unknown_format",
+    )
 
 
 def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     """(the record's format, its prompt, the chosen reply, the rejected reply), all validated."""
     record_format = detect_preference_format(record) if format == "auto" else format
     if not isinstance(record, dict):
-        raise ChatDataError(f"{_kind(record)}; expected an object with the fields of the {record_format} format",
-                            "wrong_type")
+        raise ChatDataError(
+            f"{_kind(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
+        )
     _check_not_kto(record)
     _check_text_only(record)
     chosen, rejected = READERS[record_format](record)
@@ -113,8 +133,11 @@ def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     _check_same_prompt(chosen[:-1], rejected[:-1])
     chosen_reply, rejected_reply = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
     if chosen_reply.strip() == rejected_reply.strip():
-        raise ChatDataError(f"{chosen[-1].content_field} and {rejected[-1].content_field}: the two replies are "
-                            "identical; expected a preferred and a dispreferred reply that differ", "identical_pair")
+        raise ChatDataError(
+            f"{chosen[-1].content_field} and {rejected[-1].content_field}: the two replies are "
+            "identical; expected a preferred and a dispreferred reply that differ",
+            "identical_pair",
+        )
     return record_format, chosen_messages[:-1], chosen_reply, rejected_reply
 
 
@@ -123,8 +146,11 @@ def _check_not_kto(record: dict) -> None:
     or bad is not a pair."""
     tag = next((key for key in KTO_TAGS if key in record), None)
     if tag and not any(side in record for side in SIDES):
-        raise ChatDataError(f"{tag}: a KTO record (one reply marked good or bad, no 'chosen' and 'rejected'); "
-                            "expected a preference pair with a chosen and a rejected reply", "unsupported")
+        raise ChatDataError(
+            f"{tag}: a KTO record (one reply marked good or bad, no 'chosen' and 'rejected'); "
+            "expected a preference pair with a chosen and a rejected reply",
+            "unsupported",
+        )
 
 
 def _minimind_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
@@ -135,8 +161,9 @@ def _minimind_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
         if not isinstance(messages, list):
             raise ChatDataError(f"{side}: {_kind(messages)}; expected a list of messages", "wrong_type")
         if not messages:
-            raise ChatDataError(f"{side}: empty conversation; expected at least a user and an assistant message",
-                                "empty_conversation")
+            raise ChatDataError(
+                f"{side}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
+            )
         reader = _sharegpt_turns if _message_list_format(messages) == "sharegpt" else _openai_turns
         try:
             turns = reader(messages)  # a bare list: fields are labelled "[0].role", ...
@@ -153,9 +180,12 @@ def _llamafactory_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     sharegpt = key is not None and _message_list_format(record[key]) == "sharegpt"
     prompt = (_sharegpt_turns if sharegpt else _openai_turns)(record)
     if prompt[-1].role != "user":
-        raise ChatDataError(f"{prompt[-1].role_field}: the prompt ends with a {prompt[-1].role!r} message; expected it "
-                            "to end with the user turn that 'chosen' and 'rejected' answer", "last_not_user")
-    return prompt + [_reply(record, "chosen")], prompt + [_reply(record, "rejected")]
+        raise ChatDataError(
+            f"{prompt[-1].role_field}: the prompt ends with a {prompt[-1].role!r} message; expected it "
+            "to end with the user turn that 'chosen' and 'rejected' answer",
+            "last_not_user",
+        )
+    return [*prompt, _reply(record, "chosen")], [*prompt, _reply(record, "rejected")]
 
 
 def _reply(record: dict, side: str) -> _Turn:
@@ -185,15 +215,27 @@ def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     for side in SIDES:
         text = _field(record, side)
         if not isinstance(text, str):
-            raise ChatDataError(f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)",
-                                "wrong_type")
+            raise ChatDataError(
+                f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)", "wrong_type"
+            )
         parts = HH_MARKER.split(text.lstrip())
         if len(parts) < 3 or parts[0].strip():
-            raise ChatDataError(f"{side}: {text.strip()[:40]!r} does not start with 'Human:'; expected a transcript "
-                                "'\\n\\nHuman: ...\\n\\nAssistant: ...'", "bad_transcript")
-        sides.append([_Turn("user" if speaker == "Human" else "assistant", content.strip(),
-                            f"{side} turn {number} ({speaker})", f"{side} turn {number} ({speaker})")
-                      for number, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), 1)])
+            raise ChatDataError(
+                f"{side}: {text.strip()[:40]!r} does not start with 'Human:'; expected a transcript "
+                "'\\n\\nHuman: ...\\n\\nAssistant: ...'",
+                "bad_transcript",
+            )
+        sides.append(
+            [
+                _Turn(
+                    "user" if speaker == "Human" else "assistant",
+                    content.strip(),
+                    f"{side} turn {number} ({speaker})",
+                    f"{side} turn {number} ({speaker})",
+                )
+                for number, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), 1)
+            ]
+        )
     return sides[0], sides[1]
 
 
@@ -205,7 +247,12 @@ def _check_same_prompt(chosen: list[_Turn], rejected: list[_Turn]) -> None:
     for index in range(max(len(chosen), len(rejected))):
         a, b = (turns[index] if index < len(turns) else None for turns in (chosen, rejected))
         if a is None or b is None or a.role != b.role or a.content.strip() != b.content.strip():
-            show = [f"{t.content_field} {t.content.strip()[:40]!r}" if t else f"{side}: no such message"
-                    for t, side in ((a, "chosen"), (b, "rejected"))]
-            raise ChatDataError(f"prompt message {index} differs ({show[0]} vs {show[1]}); expected chosen and "
-                                "rejected to share every message before their final reply", "prompt_mismatch")
+            show = [
+                f"{t.content_field} {t.content.strip()[:40]!r}" if t else f"{side}: no such message"
+                for t, side in ((a, "chosen"), (b, "rejected"))
+            ]
+            raise ChatDataError(
+                f"prompt message {index} differs ({show[0]} vs {show[1]}); expected chosen and "
+                "rejected to share every message before their final reply",
+                "prompt_mismatch",
+            )

@@ -214,8 +214,16 @@ def load_shard_info(directory: str | Path) -> ShardInfo:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def build_token_shards(paths: Iterable[str | Path], tokenizer, out_dir: str | Path, *, text_field: str = "text",
-                       txt_split: str = "blank", val_fraction: float = 0.01, seed: int = 0) -> ShardInfo:
+def build_token_shards(
+    paths: Iterable[str | Path],
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    text_field: str = "text",
+    txt_split: str = "blank",
+    val_fraction: float = 0.01,
+    seed: int = 0,
+) -> ShardInfo:
     """Tokenize every document of ``paths`` once and split whole documents into train and validation.
 
     Documents go to validation by a seeded hash of their text: the ``val_fraction`` share (at least
@@ -247,14 +255,25 @@ def build_token_shards(paths: Iterable[str | Path], tokenizer, out_dir: str | Pa
         is_val = _choose_validation(hashes, val_fraction)
         tokens = np.memmap(scratch / "all.bin", dtype=dtype, mode="r")
         starts = np.cumsum(lengths) - lengths
-        meta = {"version": SHARD_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
-                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-                "tokenizer_fingerprint": tokenizer.fingerprint(), "sources": [str(p) for p in paths]}
+        meta = {
+            "version": SHARD_VERSION,
+            "fingerprint": fingerprint,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "sources": [str(p) for p in paths],
+        }
         for split, selected in (("train", ~is_val), ("val", is_val)):
             doc_starts = _copy_documents(tokens, starts, lengths, selected, scratch / f"{split}.bin")
             np.save(scratch / f"{split}_docs.npy", doc_starts)
-            meta.update({f"{split}_tokens": int(lengths[selected].sum()), f"{split}_docs": int(selected.sum()),
-                         f"{split}_bytes": int(text_bytes[selected].sum())})
+            meta.update(
+                {
+                    f"{split}_tokens": int(lengths[selected].sum()),
+                    f"{split}_docs": int(selected.sum()),
+                    f"{split}_bytes": int(text_bytes[selected].sum()),
+                }
+            )
         del tokens  # close the memmap before the scratch directory is removed
         (out_dir / "meta.json").unlink(missing_ok=True)  # old meta must never describe new files
         for name in ("train.bin", "val.bin", "train_docs.npy", "val_docs.npy"):
@@ -278,8 +297,15 @@ def sources_fingerprint(paths: Iterable[str | Path], **settings) -> str:
 
 def _inputs_fingerprint(paths: list[Path], tokenizer, text_field, txt_split, val_fraction, seed) -> str:
     """SHA-256 of everything the shards depend on."""
-    return sources_fingerprint(paths, version=SHARD_VERSION, text_field=text_field, txt_split=txt_split,
-                               val_fraction=val_fraction, seed=seed, tokenizer=tokenizer.fingerprint())
+    return sources_fingerprint(
+        paths,
+        version=SHARD_VERSION,
+        text_field=text_field,
+        txt_split=txt_split,
+        val_fraction=val_fraction,
+        seed=seed,
+        tokenizer=tokenizer.fingerprint(),
+    )
 
 
 def _cached_shards(out_dir: Path, fingerprint: str) -> ShardInfo | None:
@@ -343,8 +369,9 @@ def _choose_validation(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
     return is_val
 
 
-def _copy_documents(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, selected: np.ndarray,
-                    path: Path) -> np.ndarray:
+def _copy_documents(
+    tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, selected: np.ndarray, path: Path
+) -> np.ndarray:
     """Write the selected documents to ``path`` in their original order; return their start offsets there.
 
     Consecutive selected documents are contiguous in ``tokens``, so each run is copied in one piece.
@@ -415,8 +442,14 @@ class PackedWindows:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
-                "num_windows": self.num_windows, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_windows": self.num_windows,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position. Saved with another number of processes, it continues

@@ -58,8 +58,14 @@ def tally(records: list[dict], replies: list[str]) -> dict:
         total[kind] += 1
         right[kind] += is_right(reply, record)
         chance[kind] = 1 / len(record["choices"])
-    by_kind = {k: {"accuracy": right[k] / total[k], "chance": chance[k], "questions": total[k]} for k in KINDS if total[k]}
-    return {"accuracy": sum(right.values()) / max(sum(total.values()), 1), "questions": sum(total.values()), "by_kind": by_kind}
+    by_kind = {
+        k: {"accuracy": right[k] / total[k], "chance": chance[k], "questions": total[k]} for k in KINDS if total[k]
+    }
+    return {
+        "accuracy": sum(right.values()) / max(sum(total.values()), 1),
+        "questions": sum(total.values()),
+        "by_kind": by_kind,
+    }
 
 
 def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -> dict:
@@ -74,16 +80,29 @@ def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -
     blank_replies = answer_questions(engine, records, [blank] * len(records))
     report = tally(records, replies)
     report["blank_picture"] = tally(records, blank_replies)
-    report["examples"] = [{"image": r["image"], "question": r["question"], "answer": r["answer"], "reply": reply, "right": is_right(reply, r)}
-                          for r, reply in list(zip(records, replies))[:: max(1, len(records) // 12)][:12]]
+    report["examples"] = [
+        {
+            "image": r["image"],
+            "question": r["question"],
+            "answer": r["answer"],
+            "reply": reply,
+            "right": is_right(reply, r),
+        }
+        for r, reply in list(zip(records, replies))[:: max(1, len(records) // 12)][:12]
+    ]
     return report
 
 
 def render_heldout(report: dict) -> str:
     """The report as a few lines: per kind, accuracy vs chance, and with a blank picture."""
-    lines = [f"held-out questions: {report['accuracy']:.1%} right of {report['questions']} "
-             f"(with a blank picture instead: {report['blank_picture']['accuracy']:.1%})"]
+    lines = [
+        f"held-out questions: {report['accuracy']:.1%} right of {report['questions']} "
+        f"(with a blank picture instead: {report['blank_picture']['accuracy']:.1%})"
+    ]
     for kind, row in report["by_kind"].items():
         blank = report["blank_picture"]["by_kind"][kind]["accuracy"]
-        lines.append(f"  {kind:<9} {row['accuracy']:6.1%}   chance {row['chance']:5.1%}   blank picture {blank:6.1%}   ({row['questions']} questions)")
+        lines.append(
+            f"  {kind:<9} {row['accuracy']:6.1%}   chance {row['chance']:5.1%}   blank picture {blank:6.1%}   "
+            f"({row['questions']} questions)"
+        )
     return "\n".join(lines)

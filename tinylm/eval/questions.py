@@ -21,8 +21,10 @@ def chat_accuracy(engine, items, chat_format, max_new_tokens: int = 32, examples
 
     replies = answer(engine, items, chat_format, max_new_tokens)
     verdicts = [score_reply(item, reply) for item, reply in zip(items, replies)]
-    shown = [{"question": item.messages[-1]["content"], "answer": item.answer, "reply": reply, "correct": ok}
-             for item, reply, ok in zip(items[:examples], replies, verdicts)]
+    shown = [
+        {"question": item.messages[-1]["content"], "answer": item.answer, "reply": reply, "correct": ok}
+        for item, reply, ok in zip(items[:examples], replies, verdicts)
+    ]
     return tally(items, verdicts, shown)
 
 

@@ -36,7 +36,9 @@ from typing import TextIO
 from tinylm.infer.engine import SamplingSettings
 from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN
 
-HELP = "commands: /reset starts over, /system TEXT sets the system prompt, /exit quits (or Ctrl-D); Ctrl-C stops a reply"
+HELP = (
+    "commands: /reset starts over, /system TEXT sets the system prompt, /exit quits (or Ctrl-D); Ctrl-C stops a reply"
+)
 IMAGE_HELP = "/image PATH shows the model a picture with your next message"
 PROMPT = "> "
 
@@ -55,8 +57,11 @@ class ChatFormat:
         if self.stop_token_ids:
             base = settings.stop_token_ids if settings.stop_token_ids is not None else [tokenizer.eos_id]
             stop_ids = sorted({*base, *self.stop_token_ids})
-        return replace(settings, stop_strings=[*settings.stop_strings, *self.stop_strings],
-                       stop_token_ids=stop_ids if stop_ids is not None else settings.stop_token_ids)
+        return replace(
+            settings,
+            stop_strings=[*settings.stop_strings, *self.stop_strings],
+            stop_token_ids=stop_ids if stop_ids is not None else settings.stop_token_ids,
+        )
 
 
 def render_plain(messages: list[dict]) -> str:
@@ -79,8 +84,11 @@ def chat_format_for(tokenizer, eos_token_ids=()) -> ChatFormat:
         return PLAIN
     template = find_template(jinja)
     if template is not None:
-        return ChatFormat(lambda messages: template.render(messages, add_generation_prompt=True),
-                          tuple(template.stop_strings), tuple(template.stop_token_ids(tokenizer)))
+        return ChatFormat(
+            lambda messages: template.render(messages, add_generation_prompt=True),
+            tuple(template.stop_strings),
+            tuple(template.stop_token_ids(tokenizer)),
+        )
     return ChatFormat(jinja_renderer(jinja, tokenizer), stop_token_ids=tuple(eos_token_ids) or (tokenizer.eos_id,))
 
 
@@ -96,7 +104,10 @@ def jinja_renderer(jinja: str, tokenizer) -> Callable[[list[dict]], str]:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     compiled = env.from_string(jinja)
-    specials = {"bos_token": getattr(tokenizer, "bos_token", None) or "", "eos_token": getattr(tokenizer, "eos_token", "")}
+    specials = {
+        "bos_token": getattr(tokenizer, "bos_token", None) or "",
+        "eos_token": getattr(tokenizer, "eos_token", ""),
+    }
 
     def render(messages: list[dict]) -> str:
         try:
@@ -124,7 +135,9 @@ def run_chat(
     """
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
-    settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer)
+    settings = chat_format.settings(
+        settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer
+    )
     history: list[dict] = []
     say = lambda text: print(text, file=output, flush=True)  # noqa: E731
     sees = engine.vlm is not None
@@ -245,8 +258,14 @@ def stream_reply(engine, prompt: str, settings: SamplingSettings, output: TextIO
     return "".join(shown).rstrip()
 
 
-def answer_prompts(engine, prompts: list[str], system: str | None = None, settings: SamplingSettings | None = None,
-                   chat_format: ChatFormat = PLAIN, images: list | None = None) -> list[dict]:
+def answer_prompts(
+    engine,
+    prompts: list[str],
+    system: str | None = None,
+    settings: SamplingSettings | None = None,
+    chat_format: ChatFormat = PLAIN,
+    images: list | None = None,
+) -> list[dict]:
     """Each prompt as a one-turn conversation, answered in one batch: a scripted check of a chat model.
     ``images`` (a vision-language model) go with every prompt. Returns one record per prompt:
     {"prompt", "answer", "finish_reason"}."""
@@ -254,9 +273,14 @@ def answer_prompts(engine, prompts: list[str], system: str | None = None, settin
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
     settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0), engine.tokenizer)
     pictures = [attach_image(engine, image) for image in images or []]
-    rendered = [chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}])) for p in prompts]
+    rendered = [
+        chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}]))
+        for p in prompts
+    ]
     completions = engine.run(rendered, settings, images=[pictures] * len(prompts) if pictures else None)
-    return [{"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)]
+    return [
+        {"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)
+    ]
 
 
 def read_prompts(path) -> list[str]:

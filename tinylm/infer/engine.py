@@ -318,8 +318,14 @@ class Engine:
     docs/generate.md for when that pays off.
     """
 
-    def __init__(self, model: CausalLM, tokenizer=None, device: str | torch.device | None = None, compile: bool = False,
-                 processor=None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        compile: bool = False,
+        processor=None,
+    ):
         if device is not None:
             model = model.to(resolve_device(device) if isinstance(device, str) else device)
         self.vlm = None  # a VisionLanguageModel: its language model generates, its tower and projector see
@@ -339,7 +345,9 @@ class Engine:
             self._decode_step = torch.compile(self._last_logits, dynamic=True, options=options)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, compile: bool = False) -> Engine:
+    def from_dir(
+        cls, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, compile: bool = False
+    ) -> Engine:
         """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
         vision-language model directory with its image processor too."""
         from tinylm.model.vlm import is_vlm_dir, load_vlm_dir
@@ -370,14 +378,20 @@ class Engine:
         pixels = self.pixels([images or []])
         return TextStream(self._stream_pieces(row, settings, pixels), row.completion)
 
-    def run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings,
-            images: Sequence[Sequence] | None = None) -> list[Completion]:
+    def run(
+        self, prompts: Sequence[str | list[int]], settings: SamplingSettings, images: Sequence[Sequence] | None = None
+    ) -> list[Completion]:
         """Generate for a batch of prompts (texts or ids) and return each one's full ``Completion``.
         ``images``: per prompt, the images of its ``<image>`` tags (a vision-language model only)."""
         return self._run(prompts, settings, detokenize=self.tokenizer is not None, images=images)
 
-    def _run(self, prompts: Sequence[str | list[int]], settings: SamplingSettings, detokenize: bool,
-             images: Sequence[Sequence] | None = None) -> list[Completion]:
+    def _run(
+        self,
+        prompts: Sequence[str | list[int]],
+        settings: SamplingSettings,
+        detokenize: bool,
+        images: Sequence[Sequence] | None = None,
+    ) -> list[Completion]:
         if not prompts:
             return []
         images = list(images) if images is not None else [[] for _ in prompts]
@@ -462,8 +476,9 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _token_steps(self, prompts: list[list[int]], settings: SamplingSettings, steps: int,
-                     pixels: torch.Tensor | None = None) -> Iterator[list[int]]:
+    def _token_steps(
+        self, prompts: list[list[int]], settings: SamplingSettings, steps: int, pixels: torch.Tensor | None = None
+    ) -> Iterator[list[int]]:
         """Prefill the prompts, then yield one new token per prompt, ``steps`` times.
 
         Deciding when a row is done is the caller's business; the caller stops iterating once all are.
@@ -500,8 +515,9 @@ class Engine:
             position += 1
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], pixels: torch.Tensor | None = None,
-                room: int = 0) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+    def prefill(
+        self, prompts: list[list[int]], pixels: torch.Tensor | None = None, room: int = 0
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Run the prompts through the model at once, left-padded to the longest, into a new KVCache
         with ``room`` free positions after them. Returns the last position's logits [batch, vocab], the
         cache, and the 0/1 mask of real tokens [batch, longest].

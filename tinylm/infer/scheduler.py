@@ -172,8 +172,9 @@ class SlotCache:
             self.lengths[slot] += t
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                uniform: torch.Tensor) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
     """One token per row from logits [rows, vocab], each row with its own settings (tensors [rows]).
 
     A temperature of 0 is greedy. Otherwise the logits are divided by the temperature, cut to the
@@ -218,8 +219,15 @@ class Scheduler:
     slower from a second thread on a 2-core machine. ``tinylm serve`` runs it there.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 16, max_len: int | None = None, max_waiting: int = 256,
-                 max_prefill_tokens: int = 8192, thread: bool = True):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 16,
+        max_len: int | None = None,
+        max_waiting: int = 256,
+        max_prefill_tokens: int = 8192,
+        thread: bool = True,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
@@ -252,8 +260,10 @@ class Scheduler:
         if not request.prompt_ids:
             raise ValueError("the prompt is empty: give the model at least one token to continue")
         if len(request.prompt_ids) + request.settings.max_new_tokens > self.max_len:
-            raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
-                             f"({request.settings.max_new_tokens}) exceed the {self.max_len} tokens a sequence may hold")
+            raise ValueError(
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
+                f"({request.settings.max_new_tokens}) exceed the {self.max_len} tokens a sequence may hold"
+            )
         ticket = Ticket(request, on_event)
         with self.lock:
             if self.closed:
@@ -267,8 +277,13 @@ class Scheduler:
         return ticket
 
     def stats(self) -> dict:
-        return {"running": len(self.slots), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "max_len": self.max_len, "steps": self.steps}
+        return {
+            "running": len(self.slots),
+            "waiting": len(self.waiting),
+            "max_batch": self.max_batch,
+            "max_len": self.max_len,
+            "steps": self.steps,
+        }
 
     def close(self) -> None:
         """Stop the loop; requests still waiting or running are told the server is shutting down."""
@@ -321,10 +336,14 @@ class Scheduler:
             self.cache.lengths[:rows] = [filled] * rows
             positions, mask = self.cache.begin_step(rows)
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.engine.device)
-            logits = self.model.lm_head(self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=self.cache)[:, -1])
+            logits = self.model.lm_head(
+                self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=self.cache)[:, -1]
+            )
             ones = torch.ones(rows, device=self.engine.device)
             for top_k in (0, 1):
-                sample_rows(logits, ones, torch.full((rows,), top_k, device=self.engine.device), ones, ones * 0.5).tolist()
+                sample_rows(
+                    logits, ones, torch.full((rows,), top_k, device=self.engine.device), ones, ones * 0.5
+                ).tolist()
         self.cache.lengths = [0] * self.max_batch
 
     def _take_admissible(self) -> list[Ticket]:
@@ -378,8 +397,13 @@ class Scheduler:
                 self.seen[slot, request.prompt_ids] = True
                 self.counts[slot].zero_()
                 budget = request.settings.max_new_tokens
-                choice_row = _Row(request.prompt_ids, budget, engine._stop_ids(request.settings), engine.tokenizer,
-                                  request.settings.stop_strings)
+                choice_row = _Row(
+                    request.prompt_ids,
+                    budget,
+                    engine._stop_ids(request.settings),
+                    engine.tokenizer,
+                    request.settings.stop_strings,
+                )
                 self.slots.append(Choice(ticket, index, choice_row, seed + index))
                 new_logits.append(logits[row])
         stacked = torch.stack(new_logits)
@@ -449,8 +473,13 @@ class Scheduler:
         if all(s.temperature == 0 for s in settings):
             tokens = logits.argmax(dim=-1).tolist()
         else:
-            tokens = sample_rows(logits, column([s.temperature for s in settings]), column([s.top_k for s in settings], torch.long),
-                                 column([s.top_p for s in settings]), uniform.to(device)).tolist()
+            tokens = sample_rows(
+                logits,
+                column([s.temperature for s in settings]),
+                column([s.top_k for s in settings], torch.long),
+                column([s.top_p for s in settings]),
+                uniform.to(device),
+            ).tolist()
         wanted = [r.logprobs for r in requests]
         if all(w is None for w in wanted):
             return tokens, None

@@ -116,11 +116,13 @@ class ModelConfig:
         return hf
 
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict) -> ModelConfig:
         """Read a transformers config.json of a Llama, Qwen2 or Qwen3 model."""
         model_type = hf.get("model_type")
         if model_type not in ("llama", "qwen2", "qwen3"):
-            raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected llama, qwen2 or qwen3)")
+            raise ValueError(
+                f"config.json: model_type {model_type!r} is not supported (expected llama, qwen2 or qwen3)"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (expected silu)")
         if hf.get("use_sliding_window"):
@@ -247,7 +249,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, device=None):
         super().__init__()
         self.layer = layer
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         hidden, qkv_bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=qkv_bias, device=device)
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=qkv_bias, device=device)
@@ -273,7 +279,9 @@ class Attention(nn.Module):
         causal = mask is None and t > 1
         if causal and k.shape[2] != t:
             mask, causal = attention_mask(None, t, k.shape[2]).to(x.device), False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -334,7 +342,9 @@ class CausalLM(nn.Module):
         std = self.config.initializer_range
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                scale = (
+                    1 / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                )
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -373,8 +383,14 @@ class CausalLM(nn.Module):
             cache.advance(x.shape[1])
         return self.model.norm(x)
 
-    def forward(self, input_ids=None, labels: torch.Tensor | None = None, per_token: bool = False,
-                logits_at: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids=None,
+        labels: torch.Tensor | None = None,
+        per_token: bool = False,
+        logits_at: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Logits [B, T, vocab]; or, given ``labels`` [B, T] (the token each position should predict,
         -100 for none), the SUMMED cross-entropy over labelled positions, computed block by block
         without the full logits tensor (see tinylm.model.loss); or, with ``per_token=True``, the

@@ -142,8 +142,10 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, config))
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"no linear layer is named like {config.target_modules}; the model has "
-                         f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if is_adaptable(m)})}")
+        raise ValueError(
+            f"no linear layer is named like {config.target_modules}; the model has "
+            f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if is_adaptable(m)})}"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return wrapped
@@ -159,7 +161,9 @@ def restore_full_precision(model: nn.Module, full: nn.Module) -> None:
             device = module.lora_A.weight.device
             module.quantized = None
             module.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
-            module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+            module.bias = (
+                None if linear.bias is None else nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+            )
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -173,11 +177,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's names."""
-    return {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if ".lora_" in name}
+    return {
+        KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if ".lora_" in name
+    }
 
 
-def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str | None = None,
-                 tokenizer=None, eos_token_id=None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    config: LoRAConfig,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    tokenizer=None,
+    eos_token_id=None,
+) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically.
 
     A training run's adapter also carries the tokenizer (with its chat template) and a
@@ -219,17 +231,26 @@ def base_model_path(adapter_dir: Path) -> Path:
     config_path = adapter_dir / "adapter_config.json"
     raw = read_json(config_path).get("base_model_name_or_path")
     if not raw:
-        raise ModelDirError(f"{config_path}: base_model_name_or_path is empty; "
-                            "name the base model explicitly (tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR)")
+        raise ModelDirError(
+            f"{config_path}: base_model_name_or_path is empty; "
+            "name the base model explicitly (tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR)"
+        )
     for candidate in (Path(raw), adapter_dir / raw):
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ModelDirError(f"{config_path}: base model {raw!r} is not a local model directory "
-                        "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR")
+    raise ModelDirError(
+        f"{config_path}: base model {raw!r} is not a local model directory "
+        "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR"
+    )
 
 
-def load_adapter_dir(adapter_dir: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True,
-                     base_dir: str | Path | None = None):
+def load_adapter_dir(
+    adapter_dir: str | Path,
+    device=None,
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+    base_dir: str | Path | None = None,
+):
     """An adapter directory → (its base model with the adapter merged in, tokenizer). The base is
     ``base_dir``, or the one adapter_config.json names. The tokenizer (with its chat template) and the
     stop tokens saved with the adapter win over the base model's. ``dtype`` None keeps the base's."""
@@ -256,7 +277,9 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     """The LoRAConfig of a PEFT adapter directory; options tinylm does not implement are refused by name."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (an adapter directory holds adapter_config.json and adapter_model.safetensors)")
+        raise FileNotFoundError(
+            f"{path}: missing (an adapter directory holds adapter_config.json and adapter_model.safetensors)"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -273,11 +296,20 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     targets = raw.get("target_modules")
     if isinstance(targets, str):  # PEFT also accepts "all-linear" or a regular expression
         if targets != "all-linear":
-            raise ModelDirError(f"{path}: target_modules is the pattern {targets!r}; expected a list of module names or 'all-linear'")
+            raise ModelDirError(
+                f"{path}: target_modules is the pattern {targets!r}; expected a list of module names or 'all-linear'"
+            )
         targets = list(ALL_LINEAR)
-    names = sorted({t.split(".")[-1] for t in targets or []})  # full paths ("model.layers.0.mlp.up_proj") name the layer kind too
-    return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0), target_modules=names,
-                      rslora=bool(raw.get("use_rslora", False)))
+    names = sorted(
+        {t.split(".")[-1] for t in targets or []}
+    )  # full paths ("model.layers.0.mlp.up_proj") name the layer kind too
+    return LoRAConfig(
+        r=raw["r"],
+        alpha=raw["lora_alpha"],
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=names,
+        rslora=bool(raw.get("use_rslora", False)),
+    )
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
@@ -296,10 +328,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     own = {name: p for name, p in model.named_parameters() if ".lora_" in name}
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or unexpected:
-        raise ModelDirError(f"{weights_path}: the adapter does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelDirError(
+            f"{weights_path}: the adapter does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():
         for name, param in own.items():
             if saved[name].shape != param.shape:
-                raise ModelDirError(f"{weights_path}: {name} is {tuple(saved[name].shape)}, the model needs {tuple(param.shape)}")
+                raise ModelDirError(
+                    f"{weights_path}: {name} is {tuple(saved[name].shape)}, the model needs {tuple(param.shape)}"
+                )
             param.copy_(saved[name])
     return config

@@ -24,7 +24,9 @@ IGNORE = -100  # label of positions that carry no loss (padding, prompts, ...)
 BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block_rows: int | None = None
+) -> torch.Tensor:
     """Sum over labelled rows of cross_entropy(hidden @ weight.T, labels), as a float32 scalar.
 
     hidden [N, D], weight [vocab, D], labels [N] with IGNORE for rows that carry no loss. Equals
@@ -32,7 +34,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     gradients, to float rounding.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"expected hidden [N, D], weight [V, D], labels [N]; got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected hidden [N, D], weight [V, D], labels [N]; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
+            f"{tuple(labels.shape)}"
+        )
     if block_rows is None:
         block_rows = max(1, BLOCK_ELEMENTS.get(hidden.device.type, 1 << 24) // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -97,4 +102,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype), None, None
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype),
+            (grad_weight * grad_output).to(ctx.weight_dtype),
+            None,
+            None,
+        )

@@ -36,7 +36,7 @@ from torch import nn
 ABSMAX_GROUP = 256  # double quantization: absmax values per int8 group
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nf4_code_book(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 NF4 levels, ascending, in [-1, 1] with an exact 0 (fp32). Do not modify: it is cached.
 
@@ -91,7 +91,9 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight, in its original shape: level[code] · absmax of the code's block."""
         codes = torch.stack((self.codes >> 4, self.codes & 0x0F), dim=-1).flatten()
-        values = nf4_code_book(codes.device)[codes.int()].view(-1, self.block_size)  # int32 indices: a quarter of int64's
+        values = nf4_code_book(codes.device)[codes.int()].view(
+            -1, self.block_size
+        )  # int32 indices: a quarter of int64's
         values = values * self.block_absmax()[:, None]
         return values.flatten()[: math.prod(self.shape)].view(self.shape).to(dtype)
 
@@ -159,14 +161,21 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = False,
-                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        block_size: int = 64,
+        double_quant: bool = False,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
         return cls(quantize_nf4(linear.weight, block_size, double_quant), linear.bias, compute_dtype)
 
     def packed_weight(self) -> NF4Weight:
         """The NF4Weight made of this module's buffers (no copy)."""
         extra = (self.weight_absmax_scale, self.weight_absmax_mean) if self.double_quant else ()
-        return NF4Weight(self.weight_codes, self.weight_absmax, (self.out_features, self.in_features), self.block_size, *extra)
+        return NF4Weight(
+            self.weight_codes, self.weight_absmax, (self.out_features, self.in_features), self.block_size, *extra
+        )
 
     @property
     def nbytes(self) -> int:
@@ -184,12 +193,15 @@ class NF4Linear(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block_size={self.block_size}, double_quant={self.double_quant}, nbytes={self.nbytes}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant}, nbytes={self.nbytes}"
+        )
 
 
-def quantize_linear_layers(model: nn.Module, target_modules: list[str], block_size: int = 64,
-                           double_quant: bool = False) -> list[str]:
+def quantize_linear_layers(
+    model: nn.Module, target_modules: list[str], block_size: int = 64, double_quant: bool = False
+) -> list[str]:
     """Replace, in place, every nn.Linear whose name ends with one of ``target_modules`` (e.g. q_proj,
     down_proj) by an NF4Linear; the float weights are dropped. Returns the replaced layers' names."""
     replaced = []
@@ -197,11 +209,16 @@ def quantize_linear_layers(model: nn.Module, target_modules: list[str], block_si
         if not isinstance(module, nn.Linear) or name.split(".")[-1] not in target_modules:
             continue
         if type(module) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(module).__name__}, not a plain nn.Linear; quantize before wrapping it (e.g. before add_lora)")
+            raise ValueError(
+                f"{name} is a {type(module).__name__}, not a plain nn.Linear; quantize before wrapping it (e.g. before "
+                "add_lora)"
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, NF4Linear.from_linear(module, block_size, double_quant))
         replaced.append(name)
     if not replaced:
-        raise ValueError(f"no linear layer is named like {list(target_modules)}; the model has "
-                         f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}")
+        raise ValueError(
+            f"no linear layer is named like {list(target_modules)}; the model has "
+            f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}"
+        )
     return replaced

@@ -58,7 +58,9 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
 
@@ -74,10 +76,13 @@ class VisionConfig:
         return asdict(self)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "VisionConfig":
+    def from_hf_dict(cls, hf: dict) -> VisionConfig:
         """From a vision config, or a whole SigLIP/CLIP (or LLaVA) config holding one in "vision_config"."""
         if "vision_config" in hf:
-            hf = {"model_type": {"siglip": SIGLIP, "clip": CLIP}.get(hf.get("model_type"), SIGLIP), **hf["vision_config"]}
+            hf = {
+                "model_type": {"siglip": SIGLIP, "clip": CLIP}.get(hf.get("model_type"), SIGLIP),
+                **hf["vision_config"],
+            }
         model_type = hf.get("model_type", SIGLIP)
         defaults = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5} if model_type == CLIP else {}
         known = {k: hf[k] for k in cls.__dataclass_fields__ if k in hf}
@@ -113,7 +118,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch attends to every patch
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -217,8 +225,13 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-VISION_PREFIXES = ("vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
-                   "vision_tower.")
+VISION_PREFIXES = (
+    "vision_model.",
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.vision_model.",
+    "vision_tower.",
+)
 
 
 def load_vision_tower(directory: str | Path) -> VisionTransformer:
@@ -236,14 +249,18 @@ def load_vision_tower(directory: str | Path) -> VisionTransformer:
     own = tower.state_dict()
     state = {}
     for name, tensor in load_weights(directory).items():
-        key = next((name[len(p):] for p in VISION_PREFIXES if name.startswith(p)), name)
+        key = next((name[len(p) :] for p in VISION_PREFIXES if name.startswith(p)), name)
         if key in own:
             state[key] = tensor
     missing = sorted(own.keys() - state.keys())
     if missing:
-        raise ModelDirError(f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)")
+        raise ModelDirError(
+            f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)"
+        )
     for key, tensor in state.items():
         if tensor.shape != own[key].shape:
-            raise ModelDirError(f"{directory}: {key} is {tuple(tensor.shape)}, config.json implies {tuple(own[key].shape)}")
+            raise ModelDirError(
+                f"{directory}: {key} is {tuple(tensor.shape)}, config.json implies {tuple(own[key].shape)}"
+            )
     tower.load_state_dict(state)
     return tower

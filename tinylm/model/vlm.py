@@ -48,7 +48,11 @@ class VLMConfig:
         return self.text.tie_word_embeddings
 
     def to_hf_dict(self) -> dict:
-        vision = {**self.vision.to_hf_dict(), "vision_use_head": False} if self.vision.model_type != CLIP else self.vision.to_hf_dict()
+        vision = (
+            {**self.vision.to_hf_dict(), "vision_use_head": False}
+            if self.vision.model_type != CLIP
+            else self.vision.to_hf_dict()
+        )
         return {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
@@ -65,30 +69,41 @@ class VLMConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "VLMConfig":
+    def from_hf_dict(cls, hf: dict) -> VLMConfig:
         if hf.get("model_type") != "llava":
             raise ValueError(f"model_type is {hf.get('model_type')!r}; a vision-language model directory says llava")
         strategy = hf.get("vision_feature_select_strategy", "default")
         vision = VisionConfig.from_hf_dict(hf["vision_config"])
         if (strategy == "default") != (vision.model_type == CLIP):
-            raise ValueError(f"vision_feature_select_strategy {strategy!r} with a {vision.model_type} tower is not supported "
-                             "(SigLIP towers use 'full', CLIP towers 'default')")
+            raise ValueError(
+                f"vision_feature_select_strategy {strategy!r} with a {vision.model_type} tower is not supported "
+                "(SigLIP towers use 'full', CLIP towers 'default')"
+            )
         layer = hf.get("vision_feature_layer", -1)
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
-        return cls(vision=vision, text=ModelConfig.from_hf_dict(hf["text_config"]), image_token_id=hf["image_token_index"],
-                   feature_layer=layer, projector_act=hf.get("projector_hidden_act", "gelu"),
-                   projector_bias=hf.get("multimodal_projector_bias", True))
+        return cls(
+            vision=vision,
+            text=ModelConfig.from_hf_dict(hf["text_config"]),
+            image_token_id=hf["image_token_index"],
+            feature_layer=layer,
+            projector_act=hf.get("projector_hidden_act", "gelu"),
+            projector_bias=hf.get("multimodal_projector_bias", True),
+        )
 
 
 class VisionLanguageModel(nn.Module):
     """Vision tower + projector + causal language model (tinylm's CausalLM)."""
 
-    def __init__(self, config: VLMConfig, language_model: CausalLM | None = None, vision_tower: VisionTransformer | None = None):
+    def __init__(
+        self, config: VLMConfig, language_model: CausalLM | None = None, vision_tower: VisionTransformer | None = None
+    ):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower if vision_tower is not None else VisionTransformer(config.vision)
-        self.multi_modal_projector = Projector(config.vision.hidden_size, config.text.hidden_size, config.projector_act, config.projector_bias)
+        self.multi_modal_projector = Projector(
+            config.vision.hidden_size, config.text.hidden_size, config.projector_act, config.projector_bias
+        )
         self.language_model = language_model if language_model is not None else CausalLM(config.text)
         self.freeze_unused_vision_layers()
 
@@ -115,8 +130,10 @@ class VisionLanguageModel(nn.Module):
             return embeds + self._zero_from_image_side(embeds)
         features = self.image_features(pixel_values).to(embeds.dtype)
         if count != features.shape[0] * features.shape[1]:
-            raise ValueError(f"the ids hold {count} image tokens, but {features.shape[0]} image(s) give "
-                             f"{features.shape[0]} × {features.shape[1]} = {features.shape[0] * features.shape[1]} features")
+            raise ValueError(
+                f"the ids hold {count} image tokens, but {features.shape[0]} image(s) give "
+                f"{features.shape[0]} × {features.shape[1]} = {features.shape[0] * features.shape[1]} features"
+            )
         return embeds.masked_scatter(placeholders[..., None], features.reshape(-1, features.shape[-1]))
 
     def _zero_from_image_side(self, embeds: torch.Tensor) -> torch.Tensor | float:
@@ -125,11 +142,18 @@ class VisionLanguageModel(nn.Module):
         must all reduce the same gradients, stay in step whether or not their batch held a picture."""
         if not (self.training and torch.is_grad_enabled()):
             return 0.0
-        weights = [p for m in (self.vision_tower, self.multi_modal_projector) for p in m.parameters() if p.requires_grad]
+        weights = [
+            p for m in (self.vision_tower, self.multi_modal_projector) for p in m.parameters() if p.requires_grad
+        ]
         return sum(p.sum() for p in weights) * 0.0 if weights else 0.0
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """As CausalLM.forward (logits, or the summed loss given ``labels``), with images."""
         return self.language_model(None, labels=labels, inputs_embeds=self.embed(input_ids, pixel_values), **kwargs)
 
@@ -147,27 +171,38 @@ def llava_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor]) -> VisionLanguageModel:
     """A model from LLaVA-named tensors (the legacy names above, or transformers 5's ``model.*`` ones)."""
-    renames = (("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
-               ("vision_tower.vision_model.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
-               ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+    renames = (
+        ("model.vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.", "vision_tower."),
+        ("vision_tower.vision_model.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    )
     own = {}
     for name, tensor in state.items():
         for old, new in renames:
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         own[name] = tensor
     model = VisionLanguageModel(config)
     if config.text.tie_word_embeddings:
         own.pop("language_model.lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"language_model.lm_head.weight"} if config.text.tie_word_embeddings else set())
+    expected = set(model.state_dict()) - (
+        {"language_model.lm_head.weight"} if config.text.tie_word_embeddings else set()
+    )
     missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"the weights do not fit the LLaVA config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"the weights do not fit the LLaVA config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     shapes = model.state_dict()
     for name, tensor in own.items():
         if tensor.shape != shapes[name].shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(shapes[name].shape)}")
+            raise ValueError(
+                f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(shapes[name].shape)}"
+            )
     model.load_state_dict(own, strict=False)
     return model
 
@@ -186,9 +221,14 @@ def expand_image_tags(text: str, images: int, seq_length: int, where: str = "the
     """Each ``<image>`` tag → ``seq_length`` image tokens, after checking there is one tag per image."""
     tags = count_image_tags(text)
     if tags != images:
-        raise ValueError(f"{where} holds {tags} {IMAGE_TAG} tag(s) but {images} image(s) were given: put one tag where each image goes")
+        raise ValueError(
+            f"{where} holds {tags} {IMAGE_TAG} tag(s) but {images} image(s) were given: put one tag where each image "
+            "goes"
+        )
     if IMAGE_TOKEN in text.replace(IMAGE_TAG, ""):
-        raise ValueError(f"{where} contains the image token {IMAGE_TOKEN} itself; write {IMAGE_TAG} where an image goes")
+        raise ValueError(
+            f"{where} contains the image token {IMAGE_TOKEN} itself; write {IMAGE_TAG} where an image goes"
+        )
     return text.replace(IMAGE_TAG, IMAGE_TOKEN * seq_length)
 
 
@@ -206,7 +246,9 @@ def ensure_image_token(language_model: CausalLM, tokenizer):
 
         rust = RustTokenizer.from_str(tokenizer.to_json())
         rust.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-        tokenizer = Tokenizer(rust, tokenizer.eos_token, tokenizer.bos_token, tokenizer.model_max_length, tokenizer.chat_template)
+        tokenizer = Tokenizer(
+            rust, tokenizer.eos_token, tokenizer.bos_token, tokenizer.model_max_length, tokenizer.chat_template
+        )
         index = tokenizer.token_to_id(IMAGE_TOKEN)
     rows = language_model.model.embed_tokens.weight.shape[0]
     if index >= rows:
@@ -248,8 +290,13 @@ def processor_config(config: VLMConfig) -> dict:
     """processor_config.json for transformers' LlavaProcessor: it expands ``image_token`` in a prompt to
     the same number of tokens tinylm does (patches, plus CLIP's class token that the "default" strategy drops)."""
     clip = config.vision.model_type == CLIP
-    return {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": config.vision.patch_size,
-            "vision_feature_select_strategy": "default" if clip else "full", "num_additional_image_tokens": int(clip)}
+    return {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": config.vision.patch_size,
+        "vision_feature_select_strategy": "default" if clip else "full",
+        "num_additional_image_tokens": int(clip),
+    }
 
 
 def save_vlm_dir(model: VisionLanguageModel, out_dir: str | Path, tokenizer, processor) -> Path:
@@ -267,10 +314,14 @@ def save_vlm_dir(model: VisionLanguageModel, out_dir: str | Path, tokenizer, pro
     with atomic_directory(out_dir) as scratch:
         save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
         (scratch / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (scratch / "generation_config.json").write_text(json.dumps(generation_config(model.config.text), indent=2) + "\n")
+        (scratch / "generation_config.json").write_text(
+            json.dumps(generation_config(model.config.text), indent=2) + "\n"
+        )
         tokenizer.save(scratch)
         processor.save(scratch)
-        (scratch / PROCESSOR_CONFIG).write_text(json.dumps(processor_config(model.config), indent=2) + "\n", encoding="utf-8")
+        (scratch / PROCESSOR_CONFIG).write_text(
+            json.dumps(processor_config(model.config), indent=2) + "\n", encoding="utf-8"
+        )
         write_manifest(scratch)
     return out_dir
 
@@ -279,8 +330,8 @@ def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None
     """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
     language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
     from tinylm.data.images import ImageProcessor
-    from tinylm.modeldir import ModelDirError, load_weights, read_json, verify_manifest
     from tinylm.model.llama import rope_frequencies
+    from tinylm.modeldir import ModelDirError, load_weights, read_json, verify_manifest
     from tinylm.tokenizer import Tokenizer
 
     directory = Path(path)
@@ -309,6 +360,8 @@ def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None
         raise ModelDirError(f"{directory / 'tokenizer.json'}: missing; a vision-language model needs its tokenizer")
     tokenizer = Tokenizer.load(directory)
     if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
-        raise ModelDirError(f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
-                            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}")
+        raise ModelDirError(
+            f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
+            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}"
+        )
     return model.eval(), tokenizer, ImageProcessor.load(directory)

@@ -39,7 +39,9 @@ from tinylm.serve.protocol import APIError, Defaults, Generation, chat_request, 
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
-PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"
+)
 
 
 class JSON(JSONResponse):
@@ -66,9 +68,15 @@ class Server:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tinylm",
-                "context_length": self.scheduler.max_len, "vision": self.engine.vlm is not None,
-                "defaults": self.defaults.as_dict()}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tinylm",
+            "context_length": self.scheduler.max_len,
+            "vision": self.engine.vlm is not None,
+            "defaults": self.defaults.as_dict(),
+        }
 
 
 def create_app(server: Server) -> Starlette:
@@ -87,7 +95,9 @@ def create_app(server: Server) -> Starlette:
     async def model(request: Request) -> Response:
         authorize(server, request)
         if request.path_params["name"] != server.name:
-            raise APIError(f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found")
+            raise APIError(
+                f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found"
+            )
         return JSON(server.model_card())
 
     async def chat(request: Request) -> Response:
@@ -126,8 +136,11 @@ class HostCheck:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
             if name.lower() not in allowed:
-                error = APIError(f"this server answers to {', '.join(sorted(allowed))}, not to the host {host!r}",
-                                 status=400, code="invalid_host")
+                error = APIError(
+                    f"this server answers to {', '.join(sorted(allowed))}, not to the host {host!r}",
+                    status=400,
+                    code="invalid_host",
+                )
                 await JSON(error.body(), status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -164,8 +177,11 @@ def authorize(server: Server, request: Request) -> None:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be longer than ``limit``."""
-    too_big = APIError(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)", status=413,
-                       code="request_too_large")
+    too_big = APIError(
+        f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)",
+        status=413,
+        code="request_too_large",
+    )
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_big
@@ -185,8 +201,11 @@ async def generate(server: Server, request: Request, parse) -> Response:
     authorize(server, request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":  # also keeps other web pages' form posts out (they cannot send JSON unasked)
-        raise APIError(f"the request body must be JSON, sent with 'Content-Type: application/json' (got {kind or 'none'!r})",
-                       status=415, code="unsupported_media_type")
+        raise APIError(
+            f"the request body must be JSON, sent with 'Content-Type: application/json' (got {kind or 'none'!r})",
+            status=415,
+            code="unsupported_media_type",
+        )
     data = parse_json(await read_body(request, server.max_body))
     try:  # in a worker thread: tokenizing a long conversation or decoding pictures must not stall other streams
         generation = await run_in_threadpool(parse, data, server)
@@ -195,8 +214,11 @@ async def generate(server: Server, request: Request, parse) -> Response:
     events = submit(server, generation)
     answer = Answer(server, generation)
     if generation.stream:
-        return StreamingResponse(answer.stream(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            answer.stream(events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await whole(answer, events, request)
 
 
@@ -208,6 +230,7 @@ def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, E
     tickets = []
     try:
         for i, request in enumerate(generation.requests):
+
             def on_event(event, i=i):
                 loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
@@ -228,8 +251,12 @@ def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, E
                 i, event = await queue.get()
                 if event.error is not None:
                     closing = server.scheduler.closed
-                    raise APIError(event.error, status=503 if closing else 500, type="server_error",
-                                   code="shutting_down" if closing else None)
+                    raise APIError(
+                        event.error,
+                        status=503 if closing else 500,
+                        type="server_error",
+                        code="shutting_down" if closing else None,
+                    )
                 if event.finish_reason is not None:
                     remaining -= 1
                 yield i * generation.n + event.index, event
@@ -242,6 +269,7 @@ def submit(server: Server, generation: Generation) -> AsyncIterator[tuple[int, E
 
 async def whole(answer: Answer, events, request: Request) -> Response:
     """Wait for the whole answer, or for the client to go away (which cancels the generation)."""
+
     async def collect():
         async for index, event in events:
             answer.add(index, event)
@@ -309,8 +337,13 @@ class Answer:
     def logprob_entry(self, event: Event, offset: int) -> dict:
         token, raw = self.token_text(event.logprob.token_id)
         top = [(self.token_text(t), lp) for t, lp in event.logprob.top]
-        return {"token": token, "logprob": event.logprob.logprob, "bytes": list(raw), "offset": offset,
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for (t, b), lp in top]}
+        return {
+            "token": token,
+            "logprob": event.logprob.logprob,
+            "bytes": list(raw),
+            "offset": offset,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for (t, b), lp in top],
+        }
 
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.generation.requests)
@@ -322,9 +355,12 @@ class Answer:
             return None
         if self.generation.chat:
             return {"content": [{k: v for k, v in e.items() if k != "offset"} for e in entries]}
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": [e["offset"] for e in entries]}
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": [e["offset"] for e in entries],
+        }
 
     # -- the whole answer ----------------------------------------------------------------------
 
@@ -339,8 +375,14 @@ class Answer:
                 choice["text"] = text
             choices.append(choice)
         kind = "chat.completion" if self.generation.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.server.name,
-                "choices": choices, "usage": self.usage()}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.server.name,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     # -- the stream ----------------------------------------------------------------------------
 
@@ -350,7 +392,16 @@ class Answer:
         try:
             if self.generation.chat:
                 for i in range(len(self.texts)):
-                    yield self.sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                    yield self.sse(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
             async for index, event in events:
                 text = self.add(index, event)
                 if text or event.finish_reason is not None:
@@ -382,9 +433,19 @@ class Answer:
 # -- running it ------------------------------------------------------------------------------------
 
 
-def build_server(model_dir: str | Path, *, name: str | None = None, device: str = "auto", dtype=None, max_batch: int = 16,
-                 max_len: int | None = None, max_waiting: int = 256, api_key: str | None = None,
-                 max_body: int = 16 * 2**20, thread: bool = True) -> Server:
+def build_server(
+    model_dir: str | Path,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    dtype=None,
+    max_batch: int = 16,
+    max_len: int | None = None,
+    max_waiting: int = 256,
+    api_key: str | None = None,
+    max_body: int = 16 * 2**20,
+    thread: bool = True,
+) -> Server:
     """Load a model directory and make its scheduler (running in a thread of its own, unless
     ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
     path = Path(model_dir)
@@ -411,10 +472,14 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     if host in LOOPBACK:
         server.allowed_hosts = LOOPBACK
     kv = server.scheduler.cache.bytes() / 2**20
-    print(f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
-          f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
-          f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of KV cache")
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    print(
+        f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
+        f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
+        f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of KV cache"
+    )
+    web = uvicorn.Server(
+        uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    )
 
     def answer_http():
         try:

@@ -36,8 +36,14 @@ IGNORED = {"user", "metadata", "store", "service_tier"}  # accepted, with no eff
 class APIError(Exception):
     """An error the client caused (or must hear about), in OpenAI's shape."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
 
@@ -79,18 +85,26 @@ class Defaults:
         return defaults
 
     def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "max_tokens": self.max_tokens,
+        }
 
 
 def parse_json(body: bytes) -> dict:
     """The request body as a JSON object (NaN and Infinity are not JSON, and are refused)."""
+
     def no_constants(name):
         raise ValueError(f"{name} is not valid JSON")
 
     try:
         data = json.loads(body, parse_constant=no_constants)
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape (a "\ud800" in the JSON) is no text
+        json.dumps(data, ensure_ascii=False).encode(
+            "utf-8"
+        )  # a lone surrogate escape (a "\ud800" in the JSON) is no text
     except UnicodeEncodeError:
         raise APIError("the request body holds a lone UTF-16 surrogate escape, which is not a character") from None
     except (ValueError, RecursionError) as e:
@@ -101,7 +115,14 @@ def parse_json(body: bytes) -> dict:
 
 
 def json_type(value) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -119,7 +140,7 @@ class Fields:
         value = self.data.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             raise APIError(f"'{self.name(key)}' must be {expected}, got {json_type(value)}", self.name(key))
         return value
 
@@ -154,8 +175,24 @@ class Fields:
 # -- the parts both endpoints share -------------------------------------------------------------
 
 
-SAMPLING_FIELDS = {"model", "ignore_eos", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                   "max_tokens", "stop", "n", "seed", "stream", "stream_options", "logit_bias", "response_format"}
+SAMPLING_FIELDS = {
+    "model",
+    "ignore_eos",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "stop",
+    "n",
+    "seed",
+    "stream",
+    "stream_options",
+    "logit_bias",
+    "response_format",
+}
 
 
 @dataclass
@@ -202,7 +239,9 @@ def refuse_unsupported(fields: Fields) -> None:
         raise APIError("'logit_bias' is not supported by this server", "logit_bias")
     response_format = fields.get("response_format", (dict,), "an object")
     if response_format and response_format.get("type") != "text":
-        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by this server", "response_format")
+        raise APIError(
+            '\'response_format\' other than {"type": "text"} is not supported by this server', "response_format"
+        )
 
 
 def stop_strings(fields: Fields) -> list[str]:
@@ -232,22 +271,31 @@ def stream_fields(fields: Fields) -> tuple[bool, bool]:
     return stream, option_fields.boolean("include_usage")
 
 
-def settle_length(settings: SamplingSettings, prompt_ids: list[int], fields: Fields, max_len: int,
-                  defaults: Defaults, param: str) -> SamplingSettings:
+def settle_length(
+    settings: SamplingSettings, prompt_ids: list[int], fields: Fields, max_len: int, defaults: Defaults, param: str
+) -> SamplingSettings:
     """Check the prompt against the context and settle max_new_tokens: the request's, which must fit
     beside the prompt, or the default, cut to the room left."""
     room = max_len - len(prompt_ids)
     if room < 1:
-        raise APIError(f"the prompt is {len(prompt_ids)} tokens long, but this server's context is {max_len} tokens "
-                       f"(prompt + reply); shorten it to at most {max_len - 1} tokens", param, code="context_length_exceeded")
+        raise APIError(
+            f"the prompt is {len(prompt_ids)} tokens long, but this server's context is {max_len} tokens "
+            f"(prompt + reply); shorten it to at most {max_len - 1} tokens",
+            param,
+            code="context_length_exceeded",
+        )
     name, asked = "max_completion_tokens", fields.integer("max_completion_tokens", None, 1, 2**31)
     if asked is None:
         name, asked = "max_tokens", fields.integer("max_tokens", None, 1, 2**31)
     if asked is None:
         return replace(settings, max_new_tokens=min(defaults.max_tokens, room))
     if asked > room:
-        raise APIError(f"'{name}' is {asked}, but the prompt is {len(prompt_ids)} tokens and this server's context is "
-                       f"{max_len} tokens: at most {room} can be generated", name, code="context_length_exceeded")
+        raise APIError(
+            f"'{name}' is {asked}, but the prompt is {len(prompt_ids)} tokens and this server's context is "
+            f"{max_len} tokens: at most {room} can be generated",
+            name,
+            code="context_length_exceeded",
+        )
     return replace(settings, max_new_tokens=asked)
 
 
@@ -262,15 +310,23 @@ def encode(server, text: str, images: int, param: str) -> list[int]:
     token covers more than ``max_token_chars`` characters), so a huge prompt costs no time."""
     tokenizer, max_len = server.engine.tokenizer, server.scheduler.max_len
     if len(text) > max_len * tokenizer.max_token_chars:
-        raise APIError(f"the prompt is {len(text)} characters long: more than this server's context of {max_len} tokens can hold",
-                       param, code="context_length_exceeded")
+        raise APIError(
+            f"the prompt is {len(text)} characters long: more than this server's context of {max_len} tokens can hold",
+            param,
+            code="context_length_exceeded",
+        )
     return server.engine.encode(text, images)
 
 
 def check_model(fields: Fields, name: str) -> None:
     model = fields.string("model")
     if model is not None and model != name:
-        raise APIError(f"the model '{model}' does not exist; this server serves '{name}'", "model", status=404, code="model_not_found")
+        raise APIError(
+            f"the model '{model}' does not exist; this server serves '{name}'",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
 
 
 # -- chat -----------------------------------------------------------------------------------------
@@ -294,8 +350,14 @@ def chat_request(data: dict, server) -> Generation:
     except ValueError as e:
         raise APIError(str(e), "messages") from None
     prompt_ids = encode(server, prompt, len(images), "messages")
-    settings = settle_length(end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields), prompt_ids,
-                             fields, server.scheduler.max_len, server.defaults, "messages")
+    settings = settle_length(
+        end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields),
+        prompt_ids,
+        fields,
+        server.scheduler.max_len,
+        server.defaults,
+        "messages",
+    )
     pixels = server.engine.pixels([images]) if images else None  # queued requests hold small tensors, not pictures
     request = Request(prompt_ids, settings, logprobs=logprobs, pixels=pixels, **extras)
     return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True)
@@ -319,14 +381,19 @@ def chat_messages(data: dict, server) -> tuple[list[dict], list]:
         fields.string("name")
         role = fields.string("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise APIError(f"'{where}.role' must be one of system, developer, user, assistant; got {role!r}", f"{where}.role")
+            raise APIError(
+                f"'{where}.role' must be one of system, developer, user, assistant; got {role!r}", f"{where}.role"
+            )
         content = message.get("content")
         if isinstance(content, str):
             text = checked_text(content, f"{where}.content", server)
         elif isinstance(content, list):
             text = content_parts(content, f"{where}.content", role, server, images)
         else:
-            raise APIError(f"'{where}.content' must be a string or an array of content parts, got {json_type(content)}", f"{where}.content")
+            raise APIError(
+                f"'{where}.content' must be a string or an array of content parts, got {json_type(content)}",
+                f"{where}.content",
+            )
         rendered.append({"role": "system" if role == "developer" else role, "content": text})
     return rendered, images
 
@@ -383,7 +450,10 @@ def read_image_url(part: dict, where: str):
         raise APIError(f"'{param}' must be a string, got {json_type(url)}", param)
     header, comma, payload = url.partition(",")
     if not (header.startswith("data:") and header.endswith(";base64") and comma):
-        raise APIError(f"'{param}' must be a data URL (data:image/png;base64,...); this server fetches nothing from the network", param)
+        raise APIError(
+            f"'{param}' must be a data URL (data:image/png;base64,...); this server fetches nothing from the network",
+            param,
+        )
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -392,7 +462,9 @@ def read_image_url(part: dict, where: str):
         with Image.open(io.BytesIO(raw)) as image:  # reads the header only
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise APIError(f"'{param}' is a {width}x{height} picture; at most {MAX_PIXELS:,} pixels are allowed", param)
+                raise APIError(
+                    f"'{param}' is a {width}x{height} picture; at most {MAX_PIXELS:,} pixels are allowed", param
+                )
             return load_image(image)
     except APIError:
         raise
@@ -418,14 +490,22 @@ def completion_request(data: dict, server) -> Generation:
     stream, include_usage = stream_fields(fields)
     logprobs = fields.integer("logprobs", None, 0, 5)
     if server.defaults.eos_token_ids:
-        settings = replace(settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids}))
+        settings = replace(
+            settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids})
+        )
     settings = end_tokens(settings, fields)
     prompts = completion_prompts(data.get("prompt"), server, extras["n"])
     requests = []
     for i, ids in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        requests.append(Request(ids, settle_length(settings, ids, fields, server.scheduler.max_len, server.defaults, param),
-                                logprobs=logprobs, **extras))
+        requests.append(
+            Request(
+                ids,
+                settle_length(settings, ids, fields, server.scheduler.max_len, server.defaults, param),
+                logprobs=logprobs,
+                **extras,
+            )
+        )
     return Generation(requests, extras["n"], stream, include_usage, logprobs, chat=False)
 
 
@@ -443,7 +523,9 @@ def completion_prompts(prompt, server, n: int) -> list[list[int]]:
             if bad:
                 raise APIError(f"'{param}' holds token id {bad[0]}, outside the vocabulary (0..{vocab - 1})", param)
             if image_token in value:
-                raise APIError(f"'{param}' holds the image token {image_token}; pictures go through the chat endpoint", param)
+                raise APIError(
+                    f"'{param}' holds the image token {image_token}; pictures go through the chat endpoint", param
+                )
             ids = list(value)
         else:
             raise APIError(f"'{param}' must be a string or an array of token ids", param)
@@ -455,7 +537,12 @@ def completion_prompts(prompt, server, n: int) -> list[list[int]]:
         return [ids_of(prompt, "prompt")]
     if isinstance(prompt, list) and prompt:
         if len(prompt) * n > server.scheduler.max_batch:
-            raise APIError(f"{len(prompt)} prompts × n={n} is more than the {server.scheduler.max_batch} sequences "
-                           "this server runs at once (--max-batch)", "prompt")
+            raise APIError(
+                f"{len(prompt)} prompts × n={n} is more than the {server.scheduler.max_batch} sequences "
+                "this server runs at once (--max-batch)",
+                "prompt",
+            )
         return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
-    raise APIError("'prompt' must be a non-empty string, array of strings, array of token ids, or array of those", "prompt")
+    raise APIError(
+        "'prompt' must be a non-empty string, array of strings, array of token ids, or array of those", "prompt"
+    )

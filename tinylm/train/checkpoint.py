@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinylm.modeldir import ModelDirError, atomic_directory, model_state_dict, tied_head_names, verify_manifest, write_manifest
+from tinylm.modeldir import (
+    ModelDirError,
+    atomic_directory,
+    model_state_dict,
+    tied_head_names,
+    verify_manifest,
+    write_manifest,
+)
 
 STEP_PREFIX = "step-"
 
@@ -99,7 +106,11 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
@@ -121,7 +132,11 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     state = load_file(path / "model.safetensors")
     own = model.state_dict()
-    changed = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    changed = [
+        f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if changed:
         raise ModelDirError(
             f"{path}: checkpoint does not fit the model ({'; '.join(changed[:3])}): the model config changed "
@@ -130,9 +145,13 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = tied_head_names(model) if meta["tied_embeddings"] else set()
     if meta.get("trainable_only"):  # a LoRA run: the frozen base came from the model directory
-        allowed_missing |= {name for name, p in model.named_parameters() if not p.requires_grad} | set(dict(model.named_buffers()))
+        allowed_missing |= {name for name, p in model.named_parameters() if not p.requires_grad} | set(
+            dict(model.named_buffers())
+        )
     if set(missing) - allowed_missing or unexpected:
-        raise ModelDirError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ModelDirError(
+            f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(path / "rng.safetensors")

@@ -25,9 +25,11 @@ def check_same_tokenizer(teacher, student, teacher_dir, student_dir) -> None:
     a, b = teacher._rust.get_vocab(with_added_tokens=True), student._rust.get_vocab(with_added_tokens=True)
     if a != b:
         differs = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])[:3]
-        raise ConfigError(f"the teacher {teacher_dir} and the student {student_dir} use different tokenizers "
-                          f"({len(a):,} vs {len(b):,} tokens; e.g. {differs}): distillation matches the two models' "
-                          "next-token distributions id by id, so the student must use the teacher's tokenizer")
+        raise ConfigError(
+            f"the teacher {teacher_dir} and the student {student_dir} use different tokenizers "
+            f"({len(a):,} vs {len(b):,} tokens; e.g. {differs}): distillation matches the two models' "
+            "next-token distributions id by id, so the student must use the teacher's tokenizer"
+        )
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
@@ -38,7 +40,9 @@ def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, ca
         raise ConfigError("distill.teacher is not set: give the teacher model directory (--teacher DIR)")
     teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher)
     if teacher_tokenizer is None:
-        raise ConfigError(f"{cfg.distill.teacher}: has no tokenizer.json; the student must share the teacher's tokenizer")
+        raise ConfigError(
+            f"{cfg.distill.teacher}: has no tokenizer.json; the student must share the teacher's tokenizer"
+        )
     if cfg.init_from:
         student_tokenizer = Tokenizer.load(cfg.init_from)
         check_same_tokenizer(teacher_tokenizer, student_tokenizer, cfg.distill.teacher, cfg.init_from)
@@ -46,11 +50,15 @@ def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, ca
         cfg.data.tokenizer = cfg.distill.teacher  # a new student speaks the teacher's tokens
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(out_dir) / "distill.yaml")
-    objective = DistillLoss(teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight, vocab_size=teacher_tokenizer.vocab_size)
+    objective = DistillLoss(
+        teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight, vocab_size=teacher_tokenizer.vocab_size
+    )
     if cfg.distill.corpus == "text":
         stage = PretrainConfig(model=cfg.model, data=cfg.data, train=cfg.train, init_from=cfg.init_from)
         return pretrain(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
     if not cfg.init_from:
-        raise ConfigError("distill.corpus is chat: the student must be a model directory (--student DIR) with a tokenizer")
+        raise ConfigError(
+            "distill.corpus is chat: the student must be a model directory (--student DIR) with a tokenizer"
+        )
     stage = SFTConfig(init_from=cfg.init_from, data=cfg.chat, train=cfg.train)
     return sft(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)

@@ -12,9 +12,10 @@ second copy); ``dpo.reference: precomputed`` scores every pair with it once, bef
 keeps only the numbers. SimPO and ORPO need no reference at all (see objectives.preference_losses).
 
 Only the final answer's tokens are scored (the end-of-turn marker included); the prompt, and any
-earlier turns of a multi-turn prompt, are context. Pairs longer than the context are truncated. Logged per step: loss, rewards/chosen,
-rewards/rejected, margin, accuracy (the share of pairs whose chosen reward is higher) and
-prefers_chosen (the share where the model itself gives the chosen answer the higher probability).
+earlier turns of a multi-turn prompt, are context. Pairs longer than the context are truncated.
+Logged per step: loss, rewards/chosen, rewards/rejected, margin, accuracy (the share of pairs whose
+chosen reward is higher) and prefers_chosen (the share where the model itself gives the chosen answer
+the higher probability).
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ def encode_pairs(pairs, template, tokenizer, seq_len: int) -> tuple[list[Encoded
         prompt_len, answer_len = max(len(p) for p, _ in sides), max(len(a) for _, a in sides)
         if prompt_len + answer_len > budget:
             keep_prompt = min(prompt_len, max(budget - answer_len, budget // 2))
-            sides = [(p[len(p) - min(len(p), keep_prompt):], a[: budget - keep_prompt]) for p, a in sides]
+            sides = [(p[len(p) - min(len(p), keep_prompt) :], a[: budget - keep_prompt]) for p, a in sides]
             truncated.append(pair.source)
-        encoded.append(EncodedPair(*(encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides), pair.source))
+        encoded.append(
+            EncodedPair(
+                *(encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides), pair.source
+            )
+        )
     return encoded, truncated
 
 
@@ -97,7 +102,17 @@ def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_log
 class PairBatches(SeededWalk):
     """Trainer batches of preference pairs (with their precomputed reference scores, if any)."""
 
-    def __init__(self, pairs: list[EncodedPair], batch_size: int, pad_id: int, ref_logps=None, *, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        pairs: list[EncodedPair],
+        batch_size: int,
+        pad_id: int,
+        ref_logps=None,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(len(pairs), batch_size, seed=seed, rank=rank, world_size=world_size, what="preference pairs")
         self.pairs, self.pad_id, self.ref_logps = pairs, pad_id, ref_logps
 
@@ -152,7 +167,9 @@ def pair_evaluator(pairs: list[EncodedPair], ref_logps, cfg: DPOConfig, pad_id: 
             return {}
         device = next(model.parameters()).device
         objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, simpo_gamma=cfg.dpo.simpo_gamma)
-        loss = sum(objective(model, move(pairs_batch(pairs, picks, pad_id, ref_logps), device)).item() for picks in batches)
+        loss = sum(
+            objective(model, move(pairs_batch(pairs, picks, pad_id, ref_logps), device)).item() for picks in batches
+        )
         totals = objective.pop_metrics()
         count = totals.pop("count")
         return {"val_loss": loss / count, **{f"val_{key}": value / count for key, value in totals.items()}}
@@ -169,7 +186,11 @@ def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
         from tinylm.data.builtin_preference import preference_pairs
 
         train, heldout = preference_pairs(World(cfg.data.builtin_seed))
-        return train, heldout, f"built-in: {len(train)} pairs, {len(heldout)} held-out pairs in phrasings training never uses"
+        return (
+            train,
+            heldout,
+            f"built-in: {len(train)} pairs, {len(heldout)} held-out pairs in phrasings training never uses",
+        )
     if cfg.data.source != "files":
         raise ConfigError(f"data.source {cfg.data.source!r}: expected builtin or files")
     if not cfg.data.files:
@@ -186,8 +207,10 @@ def chat_template_of(cfg: DPOConfig, tokenizer):
         return get_template(cfg.data.template)
     template = find_template(tokenizer.chat_template)
     if template is None:
-        raise ConfigError(f"{cfg.init_from}: its tokenizer has no tinylm chat template to score answers with; "
-                          "name one with --template (chatml, vicuna, llama-chinese, raw)")
+        raise ConfigError(
+            f"{cfg.init_from}: its tokenizer has no tinylm chat template to score answers with; "
+            "name one with --template (chatml, vicuna, llama-chinese, raw)"
+        )
     return template
 
 
@@ -217,8 +240,11 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             print(f"data: {summary}", file=sys.stderr)
-            note = (f" ({len(truncated):,} truncated to train.seq_len={cfg.train.seq_len}, e.g. {', '.join(truncated[:2])})"
-                    if truncated else "")
+            note = (
+                f" ({len(truncated):,} truncated to train.seq_len={cfg.train.seq_len}, e.g. {', '.join(truncated[:2])})"
+                if truncated
+                else ""
+            )
             print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
 
         # The reference is the model as it is now: score the validation pairs (and, if asked, the
@@ -226,12 +252,28 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         amp = autocast_dtype(cfg.train.precision, dist.device)
         with torch.autocast(dist.device.type, dtype=amp) if amp else contextlib.nullcontext():
             val_ref = score_pairs(model, val_set, pad, cfg.train.batch_size)
-            train_ref = score_pairs(model, train_set, pad, cfg.train.batch_size) if cfg.dpo.reference == "precomputed" else None
+            train_ref = (
+                score_pairs(model, train_set, pad, cfg.train.batch_size) if cfg.dpo.reference == "precomputed" else None
+            )
             evaluate = pair_evaluator(val_set, val_ref, cfg, pad)
             before = evaluate(model)
         reference = reference_scorer(model, lora) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
-        objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, sft_weight=cfg.dpo.sft_weight, simpo_gamma=cfg.dpo.simpo_gamma, reference=reference)
-        batches = PairBatches(train_set, cfg.train.batch_size, pad, train_ref, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+        objective = PreferenceLoss(
+            cfg.dpo.loss,
+            cfg.dpo.beta,
+            sft_weight=cfg.dpo.sft_weight,
+            simpo_gamma=cfg.dpo.simpo_gamma,
+            reference=reference,
+        )
+        batches = PairBatches(
+            train_set,
+            cfg.train.batch_size,
+            pad,
+            train_ref,
+            seed=cfg.train.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
         task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
@@ -266,9 +308,11 @@ def describe(report: dict) -> str:
     before, after = report["before"], report["after"]
     if not before:
         return "no validation pairs: nothing held out to measure (data.val_fraction, or more pairs)"
-    lines = [f"held-out pairs: the model prefers the chosen answer in {before.get('val_prefers_chosen', 0):.1%} before, "
-             f"{after.get('val_prefers_chosen', 0):.1%} after; reward accuracy {after.get('val_accuracy', 0):.1%}, "
-             f"margin {after.get('val_margin', 0):.3f}"]
+    lines = [
+        f"held-out pairs: the model prefers the chosen answer in {before.get('val_prefers_chosen', 0):.1%} before, "
+        f"{after.get('val_prefers_chosen', 0):.1%} after; reward accuracy {after.get('val_accuracy', 0):.1%}, "
+        f"margin {after.get('val_margin', 0):.3f}"
+    ]
     if "heldout_qa" in report:
         qa = report["heldout_qa"]
         lines.append(f"held-out questions answered right: {qa['before']:.1%} before, {qa['after']:.1%} after")

@@ -52,8 +52,14 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return token_logps.sum(-1), (batch["labels"] != IGNORE).sum(-1)
 
 
-def preference_losses(kind: str, beta: float, logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None,
-                      simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def preference_losses(
+    kind: str,
+    beta: float,
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the implicit rewards of the chosen and the rejected answers.
 
     ``logps`` and ``lengths`` hold the chosen answers in the first half and the rejected in the second.
@@ -90,8 +96,22 @@ class PreferenceLoss:
     ``reference(batch)``. Adds up rewards, margins and accuracy for the log (``pop_metrics``).
     """
 
-    def __init__(self, kind: str = "sigmoid", beta: float = 0.1, *, sft_weight: float = 0.0, simpo_gamma: float = 0.5, reference=None):
-        self.kind, self.beta, self.sft_weight, self.simpo_gamma, self.reference = kind, beta, sft_weight, simpo_gamma, reference
+    def __init__(
+        self,
+        kind: str = "sigmoid",
+        beta: float = 0.1,
+        *,
+        sft_weight: float = 0.0,
+        simpo_gamma: float = 0.5,
+        reference=None,
+    ):
+        self.kind, self.beta, self.sft_weight, self.simpo_gamma, self.reference = (
+            kind,
+            beta,
+            sft_weight,
+            simpo_gamma,
+            reference,
+        )
         self.totals: dict[str, float] = {}
 
     def count(self, batch: dict) -> int:
@@ -112,9 +132,14 @@ class PreferenceLoss:
     def _add(self, losses, chosen, rejected, logps) -> None:
         pairs = losses.shape[0]
         margin = chosen - rejected
-        for key, value in {"count": pairs, "rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
-                           "margin": margin.sum(), "accuracy": (margin > 0).sum(),
-                           "prefers_chosen": (logps[:pairs] > logps[pairs:]).sum()}.items():
+        for key, value in {
+            "count": pairs,
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "margin": margin.sum(),
+            "accuracy": (margin > 0).sum(),
+            "prefers_chosen": (logps[:pairs] > logps[pairs:]).sum(),
+        }.items():
             self.totals[key] = self.totals.get(key, 0.0) + float(value)
 
     def pop_metrics(self) -> dict[str, float]:
@@ -152,12 +177,21 @@ class DistillLoss:
         # Models may pad their vocabulary (Qwen: 151,936 rows for 151,665 tokens): the distributions are
         # compared over the shared tokenizer's ids only.
         with torch.no_grad():
-            teacher_logits = self.teacher(batch["input_ids"], logits_at=labelled, **packed)[:, : self.vocab_size].float()
+            teacher_logits = self.teacher(batch["input_ids"], logits_at=labelled, **packed)[
+                :, : self.vocab_size
+            ].float()
         student_logits = model(batch["input_ids"], logits_at=labelled, **packed)[:, : self.vocab_size].float()
         if teacher_logits.shape[-1] != student_logits.shape[-1]:
-            raise ValueError(f"the teacher predicts over {teacher_logits.shape[-1]:,} token ids, the student over "
-                             f"{student_logits.shape[-1]:,}: give DistillLoss the shared tokenizer's vocab_size")
+            raise ValueError(
+                f"the teacher predicts over {teacher_logits.shape[-1]:,} token ids, the student over "
+                f"{student_logits.shape[-1]:,}: give DistillLoss the shared tokenizer's vocab_size"
+            )
         t = self.temperature
         ce = F.cross_entropy(student_logits, labels[labelled], reduction="sum")
-        kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True, reduction="sum")
+        kl = F.kl_div(
+            F.log_softmax(student_logits / t, -1),
+            F.log_softmax(teacher_logits / t, -1),
+            log_target=True,
+            reduction="sum",
+        )
         return (1 - self.kl_weight) * ce + self.kl_weight * t * t * kl

@@ -62,11 +62,15 @@ def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, mai
         return Tokenizer.load(source)
     own = run_dir / "tokenizer"
     # the run's tokenizer is reused only while the corpus and the settings it was trained with are unchanged
-    key = sources_fingerprint(files, vocab_size=cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
+    key = sources_fingerprint(
+        files, vocab_size=cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split
+    )
     stamp = own / TOKENIZER_STAMP
     if main and not (stamp.exists() and stamp.read_text(encoding="utf-8").strip() == key):
         print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
-        tokenizer = train_tokenizer_from_files(files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split)
+        tokenizer = train_tokenizer_from_files(
+            files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split
+        )
         tokenizer.save(own)
         atomic_write_text(stamp, key + "\n")
     distributed_barrier()
@@ -134,14 +138,23 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
     if section.quantize == "nf4":
         from tinylm.model.quant import quantize_linear_layers
 
-        quantize_linear_layers(model, config.target_modules, block_size=section.block_size, double_quant=section.double_quant)
+        quantize_linear_layers(
+            model, config.target_modules, block_size=section.block_size, double_quant=section.double_quant
+        )
     torch.manual_seed(seed)  # A's random start: the same run gives the same adapter
     wrapped = add_lora(model, config)
     if main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        base = "a 4-bit NF4 base" + (" (double quantized)" if section.double_quant else "") if section.quantize == "nf4" else "a frozen base"
-        print(f"lora: rank {config.r} on {len(wrapped)} layers over {base}: {trainable:,} trainable parameters "
-              f"({trainable / total:.2%} of {total:,})", file=sys.stderr)
+        base = (
+            "a 4-bit NF4 base" + (" (double quantized)" if section.double_quant else "")
+            if section.quantize == "nf4"
+            else "a frozen base"
+        )
+        print(
+            f"lora: rank {config.r} on {len(wrapped)} layers over {base}: {trainable:,} trainable parameters "
+            f"({trainable / total:.2%} of {total:,})",
+            file=sys.stderr,
+        )
     return config
 
 
@@ -154,12 +167,22 @@ def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> Non
     else:
         from tinylm.model.lora import save_adapter
 
-        save_adapter(model, lora, final, base_model=str(Path(base_dir).resolve()), tokenizer=tokenizer,
-                     eos_token_id=model.config.eos_token_id)
-    print(f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr)
+        save_adapter(
+            model,
+            lora,
+            final,
+            base_model=str(Path(base_dir).resolve()),
+            tokenizer=tokenizer,
+            eos_token_id=model.config.eos_token_id,
+        )
+    print(
+        f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr
+    )
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None) -> tuple[Path, FitResult]:
+def pretrain(
+    cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None
+) -> tuple[Path, FitResult]:
     """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``.
     ``objective``: the loss (default: next-token cross-entropy; distillation passes its own)."""
     from tinylm.data.text import PackedWindows, build_token_shards
@@ -177,22 +200,51 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         tokenizer = prepare_tokenizer(cfg, files, run_dir, dist.is_main)
         shards_dir = run_dir / "data" / "shards"
         if dist.is_main:
-            build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
-                               val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
+            build_token_shards(
+                files,
+                tokenizer,
+                shards_dir,
+                text_field=cfg.data.text_field,
+                txt_split=cfg.data.txt_split,
+                val_fraction=cfg.data.val_fraction,
+                seed=cfg.data.builtin_seed,
+            )
         distributed_barrier()
-        info = build_token_shards(files, tokenizer, shards_dir, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split,
-                                  val_fraction=cfg.data.val_fraction, seed=cfg.data.builtin_seed)
+        info = build_token_shards(
+            files,
+            tokenizer,
+            shards_dir,
+            text_field=cfg.data.text_field,
+            txt_split=cfg.data.txt_split,
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.data.builtin_seed,
+        )
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
         check_context(cfg.train.seq_len, model.config)
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            print(f"model: {model.config.model_type}, {model.num_parameters() / 1e6:.2f}M parameters; "
-                  f"data: {info.train_tokens:,} training tokens", file=sys.stderr)
-        windows = PackedWindows(info.train_bin, cfg.train.seq_len, info.dtype, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+            print(
+                f"model: {model.config.model_type}, {model.num_parameters() / 1e6:.2f}M parameters; "
+                f"data: {info.train_tokens:,} training tokens",
+                file=sys.stderr,
+            )
+        windows = PackedWindows(
+            info.train_bin,
+            cfg.train.seq_len,
+            info.dtype,
+            seed=cfg.train.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
         evaluate = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)
-        task = Task(model=model, batches=WindowBatches(windows, cfg.train.batch_size), objective=objective or NextTokenLoss(), evaluate=evaluate)
+        task = Task(
+            model=model,
+            batches=WindowBatches(windows, cfg.train.batch_size),
+            objective=objective or NextTokenLoss(),
+            evaluate=evaluate,
+        )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
@@ -217,12 +269,17 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
     name, author = identity(cfg)
     if cfg.data.source == "builtin" and name:
         found = builtin_chat.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
-        conversations, summary = [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)], f"built-in: {len(found):,} conversations"
+        conversations, summary = (
+            [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)],
+            f"built-in: {len(found):,} conversations",
+        )
     elif cfg.data.source in ("builtin", "files"):
         if cfg.data.source == "builtin":
             files = builtin_chat.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
         elif not cfg.data.files:
-            raise ValueError("data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files")
+            raise ValueError(
+                "data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files"
+            )
         else:
             files = [Path(f) for f in cfg.data.files]
         conversations, report = read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
@@ -277,8 +334,10 @@ def identity_report(engine, cfg: SFTConfig) -> dict:
 def check_context(seq_len: int, config) -> None:
     """Training rows must fit the (language) model's context."""
     if seq_len > config.max_position_embeddings:
-        raise ConfigError(f"train.seq_len is {seq_len} but the model's context (max_position_embeddings) is "
-                          f"{config.max_position_embeddings}: lower one or raise the other")
+        raise ConfigError(
+            f"train.seq_len is {seq_len} but the model's context (max_position_embeddings) is "
+            f"{config.max_position_embeddings}: lower one or raise the other"
+        )
 
 
 def load_to_fine_tune(model_dir: str, stage: str):
@@ -323,7 +382,9 @@ def loss_evaluator(size: int, make_batch, batch_size: int, max_batches: int):
     return evaluate
 
 
-def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None) -> tuple[Path, FitResult]:
+def sft(
+    cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None
+) -> tuple[Path, FitResult]:
     """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``.
     ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own)."""
     from tinylm.chat_template import get_template
@@ -346,8 +407,10 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
         train_examples, fit_report = encode_conversations(train_set, template, tokenizer, cfg.train.seq_len)
         if not train_examples:
-            raise ValueError(f"no conversation fits in train.seq_len={cfg.train.seq_len} tokens with the {template.name} template "
-                             f"({fit_report.summary()}): raise train.seq_len")
+            raise ValueError(
+                f"no conversation fits in train.seq_len={cfg.train.seq_len} tokens with the {template.name} template "
+                f"({fit_report.summary()}): raise train.seq_len"
+            )
         val_examples, _ = encode_conversations(val_set, template, tokenizer, cfg.train.seq_len)
         pad = tokenizer.eos_id
         train_rows = pack(train_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)
@@ -355,12 +418,23 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             print(f"data: {data_summary}", file=sys.stderr)
-            print(f"train: {fit_report.summary()} in {len(train_rows):,} rows of {cfg.train.seq_len} "
-                  f"({train_rows.real_tokens / max(train_rows.input_ids.size, 1):.0%} real tokens); "
-                  f"validation: {len(val_examples):,} conversations", file=sys.stderr)
-        batches = RowBatches(train_rows, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
+            print(
+                f"train: {fit_report.summary()} in {len(train_rows):,} rows of {cfg.train.seq_len} "
+                f"({train_rows.real_tokens / max(train_rows.input_ids.size, 1):.0%} real tokens); "
+                f"validation: {len(val_examples):,} conversations",
+                file=sys.stderr,
+            )
+        batches = RowBatches(
+            train_rows, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size
+        )
         evaluate = row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches)
-        task = Task(model=model, batches=batches, objective=objective or NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
+        task = Task(
+            model=model,
+            batches=batches,
+            objective=objective or NextTokenLoss(),
+            evaluate=evaluate,
+            tokens_per_batch=real_tokens,
+        )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
@@ -370,10 +444,14 @@ def sft(cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
 
                 measured = identity_report(Engine(model.eval(), tokenizer), cfg)
                 atomic_write_text(run_dir / "identity.json", json.dumps(measured, indent=2, ensure_ascii=False) + "\n")
-                print(f"identity: {measured['identity_accuracy']:.0%} of {measured['identity_questions']} held-out questions answered "
-                      f"as {measured['name']!r} / {measured['author']!r}; {measured['general_mentioning_name']:.1%} of "
-                      f"{measured['general_questions']} general answers mention the name (accuracy on them "
-                      f"{measured['general_accuracy']:.0%}); details in {run_dir / 'identity.json'}", file=sys.stderr)
+                print(
+                    f"identity: {measured['identity_accuracy']:.0%} of {measured['identity_questions']} held-out "
+                    "questions answered "
+                    f"as {measured['name']!r} / {measured['author']!r}; {measured['general_mentioning_name']:.1%} of "
+                    f"{measured['general_questions']} general answers mention the name (accuracy on them "
+                    f"{measured['general_accuracy']:.0%}); details in {run_dir / 'identity.json'}",
+                    file=sys.stderr,
+                )
         return final, result
     finally:
         distributed.teardown()

@@ -16,9 +16,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -145,14 +146,18 @@ def fit(
     if cfg.compile:
         train_model = torch.compile(train_model)
     if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     amp = autocast_dtype(cfg.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def save(at_step: int) -> None:
         if main:
             trainer_state = {"tokens": tokens, "elapsed_s": elapsed, "data": data_state}
-            ckpt.save_checkpoint(run_dir, at_step, model, optimizer, scheduler, trainer_state, keep=cfg.keep_checkpoints)
+            ckpt.save_checkpoint(
+                run_dir, at_step, model, optimizer, scheduler, trainer_state, keep=cfg.keep_checkpoints
+            )
         dist.barrier()
 
     def evaluate() -> dict:
@@ -164,7 +169,14 @@ def fit(
         model.train()
         return metrics
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), file=sys.stderr, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (main and cfg.progress),
+        file=sys.stderr,
+        unit="step",
+        dynamic_ncols=True,
+    )
     last: dict = {}
     saved_step = step  # the step of the newest checkpoint (on resume: the one just loaded)
     interrupted = False
@@ -178,7 +190,7 @@ def fit(
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(micro):
                     sync = i == len(micro) - 1 or not dist.enabled
-                    with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                    with contextlib.nullcontext() if sync else train_model.no_sync(), autocast():
                         loss = task.objective(train_model, batch)
                     (loss * dist.world_size / max(targets, 1)).backward()
                     loss_sum += loss.detach()
@@ -209,12 +221,19 @@ def fit(
                     last.update(objective_metrics(task.objective, dist))
                     log.write(last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-                if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                if task.evaluate is not None and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+                ):
                     metrics = {"step": step, **evaluate()}
                     log.write(metrics)
                     last.update(metrics)
                     if main:
-                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+                        bar.write(
+                            " ".join(
+                                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                            ),
+                            file=sys.stderr,
+                        )
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                     save(step)
                     saved_step = step
@@ -222,7 +241,9 @@ def fit(
                 for callback in callbacks:
                     callback(step, last)
                 # every process stops after the same step, so the checkpoint below is one consistent state
-                if (dist.all_reduce_sum(int(stop.requested)) if dist.enabled else stop.requested) and step < cfg.max_steps:
+                if (
+                    dist.all_reduce_sum(int(stop.requested)) if dist.enabled else stop.requested
+                ) and step < cfg.max_steps:
                     interrupted = True
                     break
             if interrupted and step > saved_step:

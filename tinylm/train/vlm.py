@@ -32,12 +32,26 @@ import torch
 
 from tinylm.config import ConfigError, VLMStageConfig, save_config
 from tinylm.model.loss import IGNORE
-from tinylm.model.vlm import (IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags, is_vlm_dir,
-                              load_vlm_dir)
+from tinylm.model.vlm import (
+    IMAGE_TAG,
+    VisionLanguageModel,
+    VLMConfig,
+    ensure_image_token,
+    expand_image_tags,
+    is_vlm_dir,
+    load_vlm_dir,
+)
 from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
-from tinylm.train.recipes import check_context, distributed_barrier, load_to_fine_tune, loss_evaluator, prepare_lora, split_validation
+from tinylm.train.recipes import (
+    check_context,
+    distributed_barrier,
+    load_to_fine_tune,
+    loss_evaluator,
+    prepare_lora,
+    split_validation,
+)
 from tinylm.train.trainer import FitResult, Task, fit
 
 STAGES = ("pretrain", "sft")
@@ -53,39 +67,71 @@ def build_model(cfg: VLMStageConfig, stage: str):
     from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer, load_vision_tower
 
     if not cfg.init_from:
-        what = "the language model to give eyes to" if stage == "pretrain" else "the stage-1 model (tinylm vlm pretrain's final/)"
+        what = (
+            "the language model to give eyes to"
+            if stage == "pretrain"
+            else "the stage-1 model (tinylm vlm pretrain's final/)"
+        )
         raise ConfigError(f"init_from is not set: give {what} (--init DIR)")
     if is_vlm_dir(cfg.init_from):
         if cfg.vision.tower:
             raise ConfigError(f"vision.tower is set, but {cfg.init_from} already has its vision tower: drop --vision")
         model, tokenizer, processor = load_vlm_dir(cfg.init_from)
         if cfg.vision.feature_layer is not None and cfg.vision.feature_layer != model.config.feature_layer:
-            raise ConfigError(f"vision.feature_layer is {cfg.vision.feature_layer}, but {cfg.init_from} was built on layer "
-                              f"{model.config.feature_layer}; it is fixed once stage 1 has trained the projector on it")
+            raise ConfigError(
+                f"vision.feature_layer is {cfg.vision.feature_layer}, but {cfg.init_from} was built on layer "
+                f"{model.config.feature_layer}; it is fixed once stage 1 has trained the projector on it"
+            )
         return model.float().train(), tokenizer, processor
     if stage == "sft":
-        raise ConfigError(f"{cfg.init_from}: not a vision-language model (config.json is not llava); stage 2 starts from "
-                          "stage 1's output: run tinylm vlm pretrain first")
+        raise ConfigError(
+            f"{cfg.init_from}: not a vision-language model (config.json is not llava); stage 2 starts from "
+            "stage 1's output: run tinylm vlm pretrain first"
+        )
     language_model, tokenizer = load_to_fine_tune(cfg.init_from, "vlm pretrain")
     tokenizer, image_id = ensure_image_token(language_model, tokenizer)
     if cfg.vision.tower:
         tower = load_vision_tower(cfg.vision.tower)
         saved = Path(cfg.vision.tower) / PROCESSOR_FILE
-        processor = ImageProcessor.load(cfg.vision.tower) if saved.is_file() else ImageProcessor(size=tower.config.image_size)
+        processor = (
+            ImageProcessor.load(cfg.vision.tower) if saved.is_file() else ImageProcessor(size=tower.config.image_size)
+        )
     else:
         v = cfg.vision
         torch.manual_seed(cfg.train.seed)
-        tower = VisionTransformer(VisionConfig(model_type=SIGLIP, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
-                                               intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-                                               num_attention_heads=v.num_attention_heads))
+        tower = VisionTransformer(
+            VisionConfig(
+                model_type=SIGLIP,
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+                hidden_size=v.hidden_size,
+                intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads,
+            )
+        )
         processor = ImageProcessor(size=v.image_size)
     if processor.size != tower.config.image_size:
-        raise ConfigError(f"{cfg.vision.tower}: the image processor resizes to {processor.size} px but the tower takes {tower.config.image_size} px")
-    layers, feature_layer = tower.config.num_hidden_layers, -1 if cfg.vision.feature_layer is None else cfg.vision.feature_layer
+        raise ConfigError(
+            f"{cfg.vision.tower}: the image processor resizes to {processor.size} px but the tower takes "
+            f"{tower.config.image_size} px"
+        )
+    layers, feature_layer = (
+        tower.config.num_hidden_layers,
+        -1 if cfg.vision.feature_layer is None else cfg.vision.feature_layer,
+    )
     if not -layers - 1 <= feature_layer <= layers:
-        raise ConfigError(f"vision.feature_layer {feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})")
-    config = VLMConfig(vision=tower.config, text=language_model.config, image_token_id=image_id, feature_layer=feature_layer,
-                       projector_act=cfg.vision.projector_act, projector_bias=cfg.vision.projector_bias)
+        raise ConfigError(
+            f"vision.feature_layer {feature_layer}: the tower has {layers} layers (use -1 … -{layers}, or 0 … {layers})"
+        )
+    config = VLMConfig(
+        vision=tower.config,
+        text=language_model.config,
+        image_token_id=image_id,
+        feature_layer=feature_layer,
+        projector_act=cfg.vision.projector_act,
+        projector_bias=cfg.vision.projector_bias,
+    )
     torch.manual_seed(cfg.train.seed)  # the projector's random start
     return VisionLanguageModel(config, language_model=language_model, vision_tower=tower).train(), tokenizer, processor
 
@@ -102,7 +148,11 @@ def set_trainable(model: VisionLanguageModel, stage: str, train_vision: bool) ->
 
 
 def describe_trainable(model: VisionLanguageModel) -> str:
-    parts = {"vision tower": model.vision_tower, "projector": model.multi_modal_projector, "language model": model.language_model}
+    parts = {
+        "vision tower": model.vision_tower,
+        "projector": model.multi_modal_projector,
+        "language model": model.language_model,
+    }
     counts = []
     for name, module in parts.items():
         total = sum(p.numel() for p in module.parameters())
@@ -124,11 +174,17 @@ def image_conversations(cfg: VLMStageConfig, stage: str, run_dir: Path) -> tuple
         paths = builtin_corpus(cfg, run_dir)
         files = [paths["captions" if stage == "pretrain" else "questions"]]
         found, report = read_image_conversations(files)
-        return found, f"built-in pictures: {len(found):,} {'captions' if stage == 'pretrain' else 'questions'} from {files[0].parent}"
+        return (
+            found,
+            f"built-in pictures: {len(found):,} {'captions' if stage == 'pretrain' else 'questions'} from "
+            f"{files[0].parent}",
+        )
     if not data.files:
         raise ConfigError(f"data.source is {data.source} but data.files is empty: list the data files (--data ...)")
     if data.source == "files":
-        found, report = read_image_conversations(data.files, image_root=data.image_root, skip_bad=data.skip_bad, prompt=data.caption_prompt)
+        found, report = read_image_conversations(
+            data.files, image_root=data.image_root, skip_bad=data.skip_bad, prompt=data.caption_prompt
+        )
         return found, report.summary()
     if data.source == "coco":
         found = [c for f in data.files for c in read_coco_captions(f, data.coco_images, prompt=data.caption_prompt)]
@@ -154,7 +210,9 @@ class ImageExample:
         return len(self.input_ids)
 
 
-def encode_samples(samples, template, tokenizer, image_seq_length: int, seq_len: int) -> tuple[list[ImageExample], int, list[str]]:
+def encode_samples(
+    samples, template, tokenizer, image_seq_length: int, seq_len: int
+) -> tuple[list[ImageExample], int, list[str]]:
     """Encode each sample with its image tags expanded; (examples, how many were too long, a few of
     their sources). A sample is never cut: that could separate image tokens from their image."""
     from tinylm.data.packing import encode_for_training
@@ -162,8 +220,10 @@ def encode_samples(samples, template, tokenizer, image_seq_length: int, seq_len:
     examples, too_long, where = [], 0, []
     for sample in samples:
         images = [m["content"].count(IMAGE_TAG) for m in sample.messages]
-        messages = [{"role": m["role"], "content": expand_image_tags(m["content"], n, image_seq_length, where=sample.source)}
-                    for m, n in zip(sample.messages, images)]
+        messages = [
+            {"role": m["role"], "content": expand_image_tags(m["content"], n, image_seq_length, where=sample.source)}
+            for m, n in zip(sample.messages, images)
+        ]
         ids, mask = template.encode(tokenizer, messages)
         if len(ids) > seq_len + 1:
             too_long += 1
@@ -221,8 +281,17 @@ def real_tokens(batch: dict) -> int:
 class ImageBatches:
     """Trainer batches: a seeded, resumable, sharded walk over the examples (as SFT's rows)."""
 
-    def __init__(self, examples: list[ImageExample], batch_size: int, pad_id: int, cache: PixelCache, *, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        examples: list[ImageExample],
+        batch_size: int,
+        pad_id: int,
+        cache: PixelCache,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         from tinylm.data.packing import SeededWalk
 
         self.walk = SeededWalk(len(examples), batch_size, seed=seed, rank=rank, world_size=world_size, what="samples")
@@ -241,7 +310,9 @@ class ImageBatches:
 # -- the recipe ---------------------------------------------------------------------------------
 
 
-def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
+def train_vlm(
+    cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: bool = False, callbacks=()
+) -> tuple[Path, FitResult]:
     """Stage ``pretrain`` or ``sft``: build or load the model, encode the samples, train, save
     ``out_dir/final`` (a LLaVA directory). On the built-in pictures stage 2 also answers the held-out
     questions and writes ``heldout.json``."""
@@ -274,22 +345,46 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
         train_examples, too_long, where = encode_samples(train_set, template, tokenizer, n, cfg.train.seq_len)
         val_examples, _, _ = encode_samples(val_set, template, tokenizer, n, cfg.train.seq_len)
         if not train_examples:
-            raise ConfigError(f"no sample fits in train.seq_len={cfg.train.seq_len} tokens (an image takes {n}; e.g. {', '.join(where)}): "
-                              "raise train.seq_len")
+            raise ConfigError(
+                f"no sample fits in train.seq_len={cfg.train.seq_len} tokens (an image takes {n}; e.g. "
+                f"{', '.join(where)}): "
+                "raise train.seq_len"
+            )
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             with_images = sum(bool(e.images) for e in train_examples)
             print(f"data: {summary}", file=sys.stderr)
-            print(f"train: {len(train_examples):,} samples ({with_images:,} with images, {len(train_examples) - with_images:,} text-only); "
-                  f"validation: {len(val_examples):,}; each image is {n} tokens"
-                  + (f"; {too_long:,} skipped, longer than train.seq_len (e.g. {', '.join(where)})" if too_long else ""), file=sys.stderr)
-            print(f"model: {model.config.vision.model_type} tower (layer {model.config.feature_layer}) → projector → "
-                  f"{model.config.text.model_type}; {describe_trainable(model)}", file=sys.stderr)
+            print(
+                f"train: {len(train_examples):,} samples ({with_images:,} with images, "
+                f"{len(train_examples) - with_images:,} text-only); "
+                f"validation: {len(val_examples):,}; each image is {n} tokens"
+                + (f"; {too_long:,} skipped, longer than train.seq_len (e.g. {', '.join(where)})" if too_long else ""),
+                file=sys.stderr,
+            )
+            print(
+                f"model: {model.config.vision.model_type} tower (layer {model.config.feature_layer}) → projector → "
+                f"{model.config.text.model_type}; {describe_trainable(model)}",
+                file=sys.stderr,
+            )
         pad, cache = tokenizer.eos_id, PixelCache(processor)
-        batches = ImageBatches(train_examples, cfg.train.batch_size, pad, cache, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
-        evaluate = loss_evaluator(len(val_examples), lambda picks: image_batch(val_examples, picks, pad, cache), cfg.train.batch_size,
-                                  cfg.train.eval_batches)
-        task = Task(model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens)
+        batches = ImageBatches(
+            train_examples,
+            cfg.train.batch_size,
+            pad,
+            cache,
+            seed=cfg.train.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        evaluate = loss_evaluator(
+            len(val_examples),
+            lambda picks: image_batch(val_examples, picks, pad, cache),
+            cfg.train.batch_size,
+            cfg.train.eval_batches,
+        )
+        task = Task(
+            model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens
+        )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
@@ -300,12 +395,17 @@ def train_vlm(cfg: VLMStageConfig, out_dir: str | Path, stage: str, *, resume: b
                     restore_full_precision(model.language_model, load_vlm_dir(cfg.init_from)[0].language_model)
                 merge_lora(model.language_model)  # one LLaVA directory: the adapter folded into the language model
             save_vlm_dir(model, final, tokenizer, processor)  # (the tensors are copied to the CPU as they are saved)
-            print(f"saved {final}" + (" (the LoRA adapter merged into the language model)" if lora else ""), file=sys.stderr)
+            print(
+                f"saved {final}" + (" (the LoRA adapter merged into the language model)" if lora else ""),
+                file=sys.stderr,
+            )
             if stage == "sft" and cfg.data.source == "builtin":
                 from tinylm.eval.images import heldout_report, render_heldout
                 from tinylm.infer.engine import Engine
 
-                report = heldout_report(Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"])
+                report = heldout_report(
+                    Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"]
+                )
                 atomic_write_text(run_dir / "heldout.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
                 print(render_heldout(report), file=sys.stderr)
         return final, result
