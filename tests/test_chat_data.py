@@ -4,8 +4,8 @@ import sys
 import pytest
 from conftest import write_jsonl
 
-from tinylm.data.chat import ChatDataError, Conversation, detect_format, read_conversations
-from tinylm.data.text import DataError
+from tinylm.data.chat import Conversation, detect_format, read_conversations
+from tinylm.io import DataError
 
 SYSTEM = {"role": "system", "content": "You are helpful. 你是一个乐于助人的助手。"}
 USER_EN = {"role": "user", "content": "What is the capital of France?"}
@@ -166,7 +166,7 @@ def test_parquet(tmp_path):
     ]
     assert conversations[1].source == f"{tmp_path / 'chat.parquet'}:row 2"
     (tmp_path / "broken.parquet").write_text("not parquet")
-    with pytest.raises(ChatDataError, match=r"broken\.parquet: not a readable parquet file"):
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file"):
         read_conversations(tmp_path / "broken.parquet")
 
 
@@ -190,10 +190,10 @@ def test_detect_format(record, expected):
 
 
 def test_detect_format_refuses_unknown_records():
-    with pytest.raises(ChatDataError, match=r"cannot tell the format from the fields 'text'") as info:
+    with pytest.raises(DataError, match=r"cannot tell the format from the fields 'text'") as info:
         detect_format({"text": "just a document"})
     assert info.value.reason == "unknown_format"
-    with pytest.raises(ChatDataError, match=r"a string; expected an object"):
+    with pytest.raises(DataError, match=r"a string; expected an object"):
         detect_format("hello")
 
 
@@ -201,14 +201,14 @@ def test_format_override(tmp_path):
     record = {"conversations": [USER_EN, BOT_EN]}
     assert read_one(tmp_path, record, format="openai").messages == [USER_EN, BOT_EN]
     with pytest.raises(
-        ChatDataError,
+        DataError,
         match=r"one\.jsonl:1: conversations\[0\]\.from: missing field "
         r"\(found: 'role', 'content'\)",
     ):
         read_one(tmp_path, record, format="sharegpt")
-    with pytest.raises(ChatDataError, match=r"one\.jsonl:1: instruction: missing field \(found: 'conversations'\)"):
+    with pytest.raises(DataError, match=r"one\.jsonl:1: instruction: missing field \(found: 'conversations'\)"):
         read_one(tmp_path, record, format="alpaca")
-    with pytest.raises(ChatDataError, match=r"one\.jsonl:1: a list; expected an object with the fields of the alpaca"):
+    with pytest.raises(DataError, match=r"one\.jsonl:1: a list; expected an object with the fields of the alpaca"):
         read_one(tmp_path, [USER_EN, BOT_EN], format="alpaca")
     with pytest.raises(ValueError, match=r"format 'chatml': expected one of auto, openai, sharegpt, alpaca"):
         read_conversations(tmp_path / "one.jsonl", format="chatml")
@@ -323,7 +323,7 @@ def test_bad_record_names_file_line_and_field(tmp_path, line, message, reason):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"messages": [USER_EN, BOT_EN]})
     path.write_text(good + "\n" + (line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
-    with pytest.raises(ChatDataError, match=r"bad\.jsonl:2: " + message) as info:
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: " + message) as info:
         read_conversations(path)
     assert info.value.reason == reason
     assert isinstance(info.value, DataError) and isinstance(info.value, ValueError)
@@ -332,25 +332,25 @@ def test_bad_record_names_file_line_and_field(tmp_path, line, message, reason):
 def test_bad_items_and_files(tmp_path):
     items = tmp_path / "items.json"
     items.write_text(json.dumps([{"messages": [USER_EN, BOT_EN]}, {"messages": [USER_EN]}]))
-    with pytest.raises(ChatDataError, match=r"items\.json:item 1: messages\[0\]\.role: the conversation ends"):
+    with pytest.raises(DataError, match=r"items\.json:item 1: messages\[0\]\.role: the conversation ends"):
         read_conversations(items)
-    with pytest.raises(ChatDataError, match=r"missing\.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
         read_conversations([items, tmp_path / "missing.jsonl"], skip_bad=True)
     (tmp_path / "a.csv").write_text("x")
-    with pytest.raises(ChatDataError, match=r"a\.csv: unsupported file type \.csv; expected \.jsonl, \.json or"):
+    with pytest.raises(DataError, match=r"a\.csv: unsupported file type \.csv; expected \.jsonl, \.json or"):
         read_conversations(tmp_path / "a.csv")
     (tmp_path / "broken.json").write_text('[\n{"messages": []},\n{"messages": }\n]')
-    with pytest.raises(ChatDataError, match=r"broken\.json:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"broken\.json:3: invalid JSON"):
         read_conversations(tmp_path / "broken.json", skip_bad=True)
     (tmp_path / "two_lists.json").write_text('{"train": [], "test": []}')
-    with pytest.raises(ChatDataError, match=r"two_lists\.json: a JSON object with several lists \('train', 'test'\)"):
+    with pytest.raises(DataError, match=r"two_lists\.json: a JSON object with several lists \('train', 'test'\)"):
         read_conversations(tmp_path / "two_lists.json")
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "chat.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes "import pyarrow" fail
-    with pytest.raises(ChatDataError, match=r"chat\.parquet: reading \.parquet needs pyarrow \(pip install"):
+    with pytest.raises(DataError, match=r"chat\.parquet: reading \.parquet needs pyarrow \(pip install"):
         read_conversations(tmp_path / "chat.parquet")
 
 
@@ -403,7 +403,7 @@ def test_real_sft_files(shared_data, name):
     path = shared_data / "sft" / name
     read, skipped = REAL_FILES[name]
     if skipped:
-        with pytest.raises(ChatDataError, match=rf"{name}:\d+: "):
+        with pytest.raises(DataError, match=rf"{name}:\d+: "):
             read_conversations(path)
     conversations, report = read_conversations(path, skip_bad=True)
     assert report.files[str(path)].read == read and report.files[str(path)].skipped == skipped
@@ -420,10 +420,10 @@ def test_gzip_compressed_files(tmp_path):
     record = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi!"}]}
     with gzip.open(tmp_path / "chats.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n{broken\n")
-    with pytest.raises(ChatDataError, match=r"chats\.jsonl\.gz:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"chats\.jsonl\.gz:2: invalid JSON"):
         read_conversations(tmp_path / "chats.jsonl.gz")
     conversations, report = read_conversations(tmp_path / "chats.jsonl.gz", skip_bad=True)
     assert conversations[0].messages == record["messages"] and report.skipped["invalid_json"] == 1
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
-    with pytest.raises(ChatDataError, match="not a readable gzip file"):
+    with pytest.raises(DataError, match="not a readable gzip file"):
         read_conversations(tmp_path / "bad.json.gz")

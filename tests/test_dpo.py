@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import NAMES, TINY_MODEL, TRAIN
 
-from tinylm.chat_template import get_template
+from tinylm.chat_template import TEMPLATES, find_template, get_template
 from tinylm.cli import main
 from tinylm.config import DPOConfig, load_config
 from tinylm.modeldir import load_model_dir
@@ -225,14 +225,14 @@ def test_a_lora_stage_can_start_from_an_adapter(chat_and_pairs, tmp_path):
     assert main(dpo_args(chat, pairs, first, "--train.max_steps=4", "--lora")) == 0
     assert main(dpo_args(first / "final", pairs, second, "--train.max_steps=4", "--lora")) == 0
     model, tokenizer = load_model_dir(second / "final")
-    assert tokenizer.chat_template_name == "chatml"
+    assert find_template(tokenizer.chat_template) is TEMPLATES["chatml"]
     assert main(["merge", str(first / "final"), str(second / "final"), str(tmp_path / "merged")]) == 0
     merged, merged_tokenizer = load_model_dir(tmp_path / "merged")
     ids = torch.tensor([[3, 5, 7, 11]])
     with torch.no_grad():
         assert torch.allclose(merged(ids), model(ids), atol=1e-5)
     assert (
-        merged_tokenizer.chat_template_name == "chatml"
+        find_template(merged_tokenizer.chat_template) is TEMPLATES["chatml"]
         and merged.config.eos_token_ids() == model.config.eos_token_ids()
     )
 

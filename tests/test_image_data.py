@@ -5,9 +5,9 @@ import pytest
 from conftest import write_jsonl
 
 from tinylm.data.builtin_images import image_scenes, render, write_image_corpus
-from tinylm.data.chat import ChatDataError
 from tinylm.data.image_data import IMAGE_TAG, ImageConversation, read_coco_captions, read_image_conversations
-from tinylm.data.images import load_image
+from tinylm.image_processor import load_image
+from tinylm.io import DataError
 
 ANSWER = {"from": "gpt", "value": "A red circle."}
 
@@ -30,8 +30,8 @@ def read_one(tmp_path, record, **kwargs) -> ImageConversation:
     return conversations[0]
 
 
-def error_of(tmp_path, records, **kwargs) -> ChatDataError:
-    with pytest.raises(ChatDataError) as info:
+def error_of(tmp_path, records, **kwargs) -> DataError:
+    with pytest.raises(DataError) as info:
         read_image_conversations(write_jsonl(tmp_path / "bad.jsonl", records), **kwargs)
     return info.value
 
@@ -90,7 +90,7 @@ def test_llamafactory_tags_anywhere_and_image_root(tmp_path, pictures):
     assert conversation.messages[2]["content"] == "Doing what?<image>"
     assert conversation.source == f"{path}:item 0"
     assert report.read == 1 and report.files[str(path)].read == {"llamafactory": 1}
-    with pytest.raises(ChatDataError, match=r"missing_image|not found") as info:
+    with pytest.raises(DataError, match=r"missing_image|not found") as info:
         read_image_conversations(path)  # without image_root: beside the file, where they are not
     assert info.value.reason == "missing_image"
 
@@ -312,17 +312,17 @@ def test_coco_errors(tmp_path, pictures):
     path = write_coco(tmp_path / "coco", pictures[:1], {100: ["A red circle."]})
     renamed = path.with_name("captions_val2017.json")
     renamed.write_text(path.read_text())
-    with pytest.raises(ChatDataError, match="val2017") as info:
+    with pytest.raises(DataError, match="val2017") as info:
         read_coco_captions(renamed)  # no val2017 folder
     assert str(tmp_path / "coco" / "val2017") in str(info.value)
     (tmp_path / "coco" / "train2017" / "000000000000.jpg").unlink()
     with pytest.raises(
-        ChatDataError, match=r"annotations\[0\] \(image_id 100\): image .*000000000000.jpg not found"
+        DataError, match=r"annotations\[0\] \(image_id 100\): image .*000000000000.jpg not found"
     ) as info:
         read_coco_captions(path)
     assert info.value.reason == "missing_image" and str(path) in str(info.value)
     path.write_text('{"images": [', encoding="utf-8")
-    with pytest.raises(ChatDataError, match="invalid JSON") as info:
+    with pytest.raises(DataError, match="invalid JSON") as info:
         read_coco_captions(path)
     assert str(path) in str(info.value)
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tinylm.data.builtin_images import image_scenes, render
-from tinylm.data.images import ImageError, ImageProcessor, load_image
+from tinylm.image_processor import ImageError, ImageProcessor, load_image
 
 
 def test_pixels_match_transformers_image_processor(tmp_path):

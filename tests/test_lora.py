@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from tinylm.model.llama import CausalLM, ModelConfig
-from tinylm.model.lora import (
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
+from tinylm.model.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
+from tinylm.modeldir import (
+    ModelDirError,
     load_adapter,
-    merge_lora,
+    load_model_dir,
     read_adapter_config,
     save_adapter,
+    save_model_dir,
 )
-from tinylm.modeldir import ModelDirError, load_model_dir, save_model_dir
 
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
 

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
+from tinylm.io import DataError, atomic_directory
 from tinylm.model.llama import CausalLM, ModelConfig
-from tinylm.modeldir import ModelDirError, atomic_directory, load_model_dir, save_model_dir
+from tinylm.modeldir import ModelDirError, load_model_dir, save_model_dir
 
 
 def tiny_model(**kw):
@@ -36,7 +37,7 @@ def test_corrupted_file_is_named(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ModelDirError, match=r"model\.safetensors: failed its SHA-256 check"):
+    with pytest.raises(DataError, match=r"model\.safetensors: failed its SHA-256 check"):
         load_model_dir(tmp_path / "m")
 
 
@@ -44,7 +45,7 @@ def test_truncated_file_is_named(tmp_path):
     save_model_dir(tiny_model(), tmp_path / "m")
     config = tmp_path / "m" / "config.json"
     config.write_text(config.read_text()[:20])
-    with pytest.raises(ModelDirError, match=r"config\.json: failed its SHA-256 check"):
+    with pytest.raises(DataError, match=r"config\.json: failed its SHA-256 check"):
         load_model_dir(tmp_path / "m")
 
 
@@ -83,7 +84,7 @@ def test_cli_reports_corruption_without_traceback(tmp_path, capsys):
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
-    from tinylm.modeldir import atomic_write_text
+    from tinylm.io import atomic_write_text
 
     mask = os.umask(0o022)
     try:

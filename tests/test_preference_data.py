@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from tinylm.data.chat import ChatDataError
 from tinylm.data.preference import PreferencePair, detect_preference_format, read_preferences
+from tinylm.io import DataError
 
 SYSTEM = {"role": "system", "content": "You are helpful. 你是一个乐于助人的助手。"}
 USER_EN = {"role": "user", "content": "What is the capital of France?"}
@@ -36,8 +36,8 @@ def read_one(tmp_path, record, **kwargs) -> PreferencePair:
     return pairs[0]
 
 
-def error_of(tmp_path, records, **kwargs) -> ChatDataError:
-    with pytest.raises(ChatDataError) as info:
+def error_of(tmp_path, records, **kwargs) -> DataError:
+    with pytest.raises(DataError) as info:
         read_preferences(write_jsonl(tmp_path / "bad.jsonl", records), **kwargs)
     return info.value
 
@@ -190,7 +190,7 @@ def test_bad_records_name_field_and_reason(tmp_path, record, reason, field):
 def test_bad_json_line_names_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(HH) + "\n\n{not json\n", encoding="utf-8")
-    with pytest.raises(ChatDataError, match=r"broken\.jsonl:3: invalid JSON") as info:
+    with pytest.raises(DataError, match=r"broken\.jsonl:3: invalid JSON") as info:
         read_preferences(path)
     assert info.value.reason == "invalid_json"
 
@@ -245,11 +245,11 @@ def test_json_and_gzip_containers(tmp_path):
     assert report.files[str(tmp_path / "hh.jsonl.gz")].read == {"hh-rlhf": 1, "minimind": 1}
     with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
         f.write(json.dumps(HH) + "\nnope\n")
-    with pytest.raises(ChatDataError, match=r"bad\.jsonl\.gz:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: invalid JSON"):
         read_preferences(tmp_path / "bad.jsonl.gz")
     with gzip.open(tmp_path / "bad.json.gz", "wt") as f:
         f.write('[\n{"chosen": "x",\n]')
-    with pytest.raises(ChatDataError, match=r"bad\.json\.gz:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.json\.gz:3: invalid JSON"):
         read_preferences(tmp_path / "bad.json.gz")
     with gzip.open(tmp_path / "lines.json.gz", "wt") as f:  # JSON Lines under a .json name
         f.write(json.dumps(HH) + "\n" + json.dumps(HH) + "\n")
@@ -258,10 +258,10 @@ def test_json_and_gzip_containers(tmp_path):
         f"{tmp_path / 'lines.json.gz'}:2",
     ]
     (tmp_path / "fake.jsonl.gz").write_text("not gzip")
-    with pytest.raises(ChatDataError, match="not a readable gzip file") as info:
+    with pytest.raises(DataError, match="not a readable gzip file") as info:
         read_preferences(tmp_path / "fake.jsonl.gz")
     assert info.value.reason == "unsupported_file"
-    with pytest.raises(ChatDataError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         read_preferences(tmp_path / "missing.jsonl.gz")
 
 
@@ -316,6 +316,6 @@ def test_real_hh_rlhf_mostly_loads(shared_data):
 @pytest.mark.realdata
 def test_real_kto_file_is_refused_clearly(shared_data):
     path = shared_data / "dpo" / "llamafactory_kto_en_demo.json"
-    with pytest.raises(ChatDataError, match=r"llamafactory_kto_en_demo\.json:item 0: label: a KTO record") as info:
+    with pytest.raises(DataError, match=r"llamafactory_kto_en_demo\.json:item 0: label: a KTO record") as info:
         read_preferences(path)
     assert info.value.reason == "unsupported"

@@ -626,7 +626,7 @@ def test_a_vision_language_model_sees_data_url_pictures(tmp_path):
             answers[color] = out.choices[0].logprobs.content[0].logprob
             # the engine alone, with the same picture, says the same
             server = live.server
-            from tinylm.data.images import load_image
+            from tinylm.image_processor import load_image
 
             picture = load_image(base64.b64decode(png_url(color).split(",")[1]))
             prompt = server.chat_format.render([{"role": "user", "content": "<image>\nWhat colour is the shape?"}])

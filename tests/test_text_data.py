@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.data.text import (
-    DataError,
-    PackedWindows,
-    build_token_shards,
-    iter_eval_windows,
-    load_shard_info,
-    read_documents,
-)
+from tinylm.data.text import PackedWindows, build_token_shards, iter_eval_windows, load_shard_info, read_documents
+from tinylm.io import DataError
 from tinylm.tokenizer import train_tokenizer
 
 DOCS = [f"Document {i}: the Zorble number {i} eats {'apples' if i % 2 else '苹果'}.\nA second line." for i in range(60)]

@@ -191,7 +191,7 @@ def test_missing_and_broken_files_are_clear_errors(tmp_path):
 
 
 def test_reads_training_text_from_files(tmp_path):
-    from tinylm.tokenizer import train_tokenizer_from_files
+    from tinylm.data.text import train_tokenizer_from_files
 
     (tmp_path / "a.txt").write_text("\n\n".join(CORPUS[:4]), encoding="utf-8")
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in CORPUS[:4]), encoding="utf-8")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinylm.model.vision import CLIP, SIGLIP, Projector, VisionConfig, VisionTransformer, load_vision_tower
+from tinylm.model.vision import CLIP, SIGLIP, Projector, VisionConfig, VisionTransformer
+from tinylm.modeldir import load_vision_tower
 
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8

@@ -9,24 +9,17 @@ import torch
 from conftest import TRAIN, write_jsonl
 from safetensors.torch import load_file
 
+from tinylm.chat_template import TEMPLATES, find_template
 from tinylm.cli import main
 from tinylm.data.builtin_images import Scene, render
-from tinylm.data.images import ImageProcessor
+from tinylm.image_processor import ImageProcessor
 from tinylm.infer.chat import run_chat
 from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.io import DataError
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.model.vision import SIGLIP, VisionConfig
-from tinylm.model.vlm import (
-    IMAGE_TOKEN,
-    VisionLanguageModel,
-    VLMConfig,
-    ensure_image_token,
-    expand_image_tags,
-    is_vlm_dir,
-    load_vlm_dir,
-    save_vlm_dir,
-)
-from tinylm.modeldir import ModelDirError, load_model_dir
+from tinylm.model.vlm import IMAGE_TOKEN, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
+from tinylm.modeldir import ModelDirError, is_vlm_dir, load_model_dir, load_vlm_dir, save_vlm_dir
 
 # a tiny vision tower for the training stages: 32 px pictures in 8 px patches → 16 image tokens
 TINY_VISION = [
@@ -187,7 +180,7 @@ def test_corrupted_vlm_directory_is_refused(tmp_path, tokenizer):
     directory = tiny_vlm_dir(tmp_path / "vlm", tokenizer)
     with open(directory / "preprocessor_config.json", "a", encoding="utf-8") as f:
         f.write(" ")
-    with pytest.raises(ModelDirError, match=r"preprocessor_config\.json: failed its SHA-256 check"):
+    with pytest.raises(DataError, match=r"preprocessor_config\.json: failed its SHA-256 check"):
         load_vlm_dir(directory)
 
 
@@ -275,7 +268,8 @@ def test_stage1_trains_projector_and_encoder_and_leaves_the_language_model(stage
     assert val[-1] < val[0], val
     assert processor.size == 32 and model.config.image_seq_length == 16
     assert (
-        tokenizer.chat_template_name == "chatml" and tokenizer.token_to_id(IMAGE_TOKEN) == model.config.image_token_id
+        find_template(tokenizer.chat_template) is TEMPLATES["chatml"]
+        and tokenizer.token_to_id(IMAGE_TOKEN) == model.config.image_token_id
     )
 
 

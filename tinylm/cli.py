@@ -494,7 +494,8 @@ def run(args, overrides: list[str]) -> int:
         if result.interrupted:
             return 130
     elif args.command == "tokenizer":
-        from tinylm.tokenizer import train_tokenizer, train_tokenizer_from_files
+        from tinylm.data.text import train_tokenizer_from_files
+        from tinylm.tokenizer import train_tokenizer
 
         if args.data:
             tokenizer = train_tokenizer_from_files(
@@ -529,7 +530,7 @@ def run(args, overrides: list[str]) -> int:
     elif args.command == "chat":
         from tinylm.infer.chat import answer_prompts, chat_format_for, read_prompts, run_chat
         from tinylm.infer.engine import Engine
-        from tinylm.modeldir import atomic_write_text
+        from tinylm.io import atomic_write_text
 
         engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
@@ -567,8 +568,7 @@ def run(args, overrides: list[str]) -> int:
         )
         serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
-        from tinylm.model.lora import load_adapter_dir, read_adapter_config
-        from tinylm.modeldir import save_model_dir
+        from tinylm.modeldir import load_adapter_dir, read_adapter_config, save_model_dir
 
         config = read_adapter_config(args.adapter_dir)
         model, tokenizer = load_adapter_dir(

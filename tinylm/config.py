@@ -16,7 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from tinylm.io import atomic_write_text
 from tinylm.model.llama import ModelConfig
+from tinylm.model.lora import ALL_LINEAR, LoRAConfig
+from tinylm.model.vision import PROJECTOR_ACTIVATIONS
 
 
 class ConfigError(ValueError):
@@ -92,33 +95,27 @@ class TrainConfig:
             raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every decoder linear
-
-
 @dataclass
-class LoRASection:
-    """Train a LoRA adapter instead of the whole model (``--lora``); the run's output is the adapter."""
+class LoRASection(LoRAConfig):
+    """Train a LoRA adapter instead of the whole model (``--lora``); the run's output is the adapter.
+    The adapter's own settings (r, alpha, dropout, target_modules, rslora) are ``LoRAConfig``'s."""
 
     enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
     quantize: str = "none"  # "nf4": QLoRA, the frozen base held in 4-bit NormalFloat
     double_quant: bool = False  # QLoRA: quantize the 4-bit blocks' scales too
     block_size: int = 64  # QLoRA: weights per 4-bit block
 
     def __post_init__(self):
+        super().__post_init__()
         if self.quantize not in ("none", "nf4"):
             raise ConfigError(f"quantize: expected none or nf4, got {self.quantize!r}")
         if self.double_quant and self.quantize != "nf4":
             raise ConfigError(
                 "double_quant is set but quantize is not nf4: double quantization is part of QLoRA (--qlora)"
             )
-        if unknown := sorted(set(self.target_modules) - set(LORA_TARGETS)):
+        if unknown := sorted(set(self.target_modules) - set(ALL_LINEAR)):
             raise ConfigError(
-                f"target_modules: {unknown} are not decoder linear layers; expected some of {LORA_TARGETS} "
+                f"target_modules: {unknown} are not decoder linear layers; expected some of {ALL_LINEAR} "
                 "(the lm_head computes the loss from its weight directly, so an adapter there would not train)"
             )
         if self.block_size < 2 or self.block_size % 2:
@@ -127,18 +124,10 @@ class LoRASection:
             raise ConfigError(
                 "lora.quantize / lora.double_quant are set but lora.enabled is not: QLoRA trains an adapter (--lora)"
             )
-        self.lora_config()  # checks r, dropout and target_modules
 
-    def lora_config(self):
-        from tinylm.model.lora import LoRAConfig
-
-        return LoRAConfig(
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            rslora=self.rslora,
-        )
+    def lora_config(self) -> LoRAConfig:
+        """The adapter's settings alone."""
+        return LoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoRAConfig)})
 
 
 @dataclass
@@ -273,8 +262,6 @@ class VisionSection:
     projector_bias: bool = True
 
     def __post_init__(self):
-        from tinylm.model.vision import PROJECTOR_ACTIVATIONS
-
         if self.projector_act not in PROJECTOR_ACTIVATIONS:
             raise ConfigError(
                 f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}"
@@ -443,6 +430,4 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 
 def save_config(config, path: str | Path) -> None:
-    from tinylm.modeldir import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))

@@ -1,142 +1,110 @@
-"""Model directories: the Hugging Face layout plus a SHA256SUMS manifest, written atomically.
+"""Model directories: every kind tinylm reads and writes, in one place.
 
-    final/
-      config.json              transformers config (model_type llama / qwen2 / qwen3)
-      model.safetensors        weights under transformers' names
-      generation_config.json
-      tokenizer.json, tokenizer_config.json, special_tokens_map.json
-      SHA256SUMS               "<sha256>  <file>" per file, checked on load
+    model     config.json (model_type llama / qwen2 / qwen3), model.safetensors (or shards),
+              generation_config.json, the tokenizer files, SHA256SUMS          → CausalLM + Tokenizer
+    adapter   adapter_config.json, adapter_model.safetensors (PEFT's layout), usually the tokenizer;
+              its base model is the directory adapter_config.json names         → the base, adapter merged
+    llava     config.json with model_type llava (transformers' LLaVA layout), the tokenizer,
+              preprocessor_config.json, processor_config.json                   → VisionLanguageModel
+    vision    a SigLIP or CLIP vision tower (alone, or inside a whole SigLIP/CLIP/LLaVA model)
 
-A directory is first written beside its destination and renamed into place only when complete, so a
-crash never leaves a half-written model where a good one was. Directories saved by transformers (no
-manifest, perhaps sharded weights) load too.
+``load(path)`` tells them apart and loads any; ``save_model_dir``, ``save_adapter`` and ``save_vlm_dir``
+write them. Every directory is written beside its destination and renamed into place only when complete,
+so a crash never leaves a half-written model where a good one was, and carries a SHA256SUMS manifest that
+loading verifies. Directories saved by transformers or PEFT (no manifest, perhaps sharded weights) load too.
+
+The modules in ``tinylm.model`` know tensors only; the file formats live here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from tinylm.model.llama import CausalLM, ModelConfig, rope_frequencies
+from tinylm.image_processor import ImageProcessor
+from tinylm.io import DataError, atomic_directory, json_text, read_json, verify_manifest, write_manifest
+from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
+from tinylm.model.lora import ALL_LINEAR, LoRAConfig, adapter_state_dict, add_lora, load_adapter_state, merge_lora
+from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
+from tinylm.model.vlm import IMAGE_TOKEN, VisionLanguageModel, VLMConfig, llava_state_dict, vlm_from_state_dict
+from tinylm.tokenizer import Tokenizer
 
-MANIFEST = "SHA256SUMS"
-
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or corrupted; the message names the file."""
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PROCESSOR_CONFIG = "processor_config.json"  # LlavaProcessor's settings (the image processor has its own file)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so readers see the old content or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions of an ordinary file
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class ModelDirError(DataError):
+    """A model directory is missing, incomplete or does not fit its config; the message names the file."""
 
 
-@contextmanager
-def atomic_directory(path: str | Path):
-    """Yield a scratch directory that replaces ``path`` only if the block finishes without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes it private; others may need to read the model
-    try:
-        yield scratch
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(scratch, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+@dataclass
+class Loaded:
+    """What ``load`` gives: the model, its tokenizer (None if the directory has none) and, for a
+    vision-language model, its image processor."""
+
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    processor: ImageProcessor | None = None
 
 
-# -- the manifest -------------------------------------------------------------------------------
+def directory_kind(path: str | Path) -> str:
+    """ "model", "adapter" or "llava"; a ModelDirError when ``path`` is none of them."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+    if (directory / CONFIG).is_file():
+        try:
+            llava = read_json(directory / CONFIG).get("model_type") == "llava"
+        except DataError:  # loading it will say what is wrong (its checksum, or where the JSON breaks)
+            llava = False
+        return "llava" if llava else "model"
+    if (directory / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    raise ModelDirError(f"{directory / CONFIG}: missing (a model directory holds config.json and its weights)")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Loaded:
+    """Any model directory tinylm can run: a model, an adapter (merged into its base) or a LLaVA model.
+    ``dtype`` None keeps the dtype the weights were saved in."""
+    if directory_kind(path) == "llava":
+        return Loaded(*load_vlm_dir(path, device=device, dtype=dtype))
+    return Loaded(*load_model_dir(path, device=device, dtype=dtype))
 
 
-def write_manifest(directory: str | Path) -> None:
-    """Record the SHA-256 of every file in the directory (recursively, sorted)."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
-    atomic_write_text(directory / MANIFEST, "".join(lines))
-
-
-def verify_manifest(directory: str | Path) -> bool:
-    """Check every file listed in SHA256SUMS; return False when there is no manifest."""
-    directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        return False
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        expected, _, name = line.partition("  ")
-        if len(expected) != 64 or not name:
-            raise ModelDirError(f"{manifest}:{number}: expected '<sha256>  <file>', got {line!r}")
-        path = directory / name
-        if not path.is_file():
-            raise ModelDirError(f"{path}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != expected:
-            raise ModelDirError(f"{path}: failed its SHA-256 check (the file is corrupted or was changed after saving)")
-    return True
-
-
-# -- saving -------------------------------------------------------------------------------------
-
-
-def model_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The tensors to save: contiguous, on CPU, with a tied lm_head left out (transformers re-ties it)."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for name in tied_head_names(model):
-        state.pop(name, None)
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json. Never a pickle."""
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [WEIGHTS]
+    state = {}
+    for name in files:
+        state.update(read_safetensors(directory / name))
     return state
 
 
-def tied_head_names(model) -> set[str]:
-    """The lm_head weights that are the embeddings themselves (a language model's, or one inside a
-    vision-language model), which are saved once, as the embeddings."""
-    if not model.config.tie_word_embeddings:
-        return set()
-    return {
-        name
-        for name, _ in model.named_parameters(remove_duplicate=False)
-        if name.split(".")[-2:] == ["lm_head", "weight"]
-    }
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ModelDirError(f"{path}: missing (only safetensors weights are loaded, never pickles)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ModelDirError(f"{path}: cannot be read as safetensors ({e})") from None
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _saved_dtype(state: dict[str, torch.Tensor]) -> str:
+    return str(next(iter(state.values())).dtype).removeprefix("torch.")
+
+
+# -- plain models ---------------------------------------------------------------------------------
 
 
 def generation_config(config: ModelConfig, eos_token_id=None) -> dict:
@@ -150,21 +118,17 @@ def generation_config(config: ModelConfig, eos_token_id=None) -> dict:
 
 
 def save_model_dir(
-    model: CausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None
+    model: CausalLM, out_dir: str | Path, tokenizer: Tokenizer | None = None, extra_files: dict[str, str] | None = None
 ) -> Path:
     """Write ``model`` (and its tokenizer) as a Hugging Face model directory with a manifest."""
     out_dir = Path(out_dir)
-    config = model.config
     state = model_state_dict(model)
-    hf_config = config.to_hf_dict()
-    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    hf_config["dtype"] = hf_config["torch_dtype"] = dtype_name  # transformers 5 reads the first, 4.x the second
+    hf_config = model.config.to_hf_dict()
+    hf_config["dtype"] = hf_config["torch_dtype"] = _saved_dtype(state)  # transformers 5 reads the first, 4 the second
     with atomic_directory(out_dir) as scratch:
-        save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
-        (scratch / "config.json").write_text(
-            json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        (scratch / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+        _save_weights(state, scratch / WEIGHTS)
+        (scratch / CONFIG).write_text(json_text(hf_config), encoding="utf-8")
+        (scratch / GENERATION).write_text(json_text(generation_config(model.config)), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(scratch)
         for name, text in (extra_files or {}).items():
@@ -173,80 +137,36 @@ def save_model_dir(
     return out_dir
 
 
-# -- loading ------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelDirError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
-def load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors, or the shards listed in model.safetensors.index.json."""
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state = {}
-    for name in files:
-        path = directory / name
-        if not path.exists():
-            raise ModelDirError(f"{path}: missing (only safetensors weights are loaded, never pickles)")
-        try:
-            state.update(load_file(path))
-        except (SafetensorError, OSError) as e:
-            raise ModelDirError(f"{path}: cannot be read as safetensors ({e})") from None
-    return state
-
-
 def load_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
+    """The ModelConfig of a model directory's config.json."""
+    path = Path(directory) / CONFIG
     try:
         return ModelConfig.from_hf_dict(read_json(path))
     except (TypeError, ValueError) as e:
-        if isinstance(e, ModelDirError):
+        if isinstance(e, DataError):
             raise
         raise ModelDirError(f"{path}: {e}") from None
 
 
 def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
-    """Load a model directory → (CausalLM, Tokenizer or None). Verifies SHA256SUMS when present.
-    An adapter directory (adapter_config.json, no config.json) loads as its base with the adapter merged.
-
-    ``dtype`` None keeps the dtype the weights were saved in.
-    """
+    """A model directory → (CausalLM, Tokenizer or None). Verifies SHA256SUMS when present. An adapter
+    directory loads as its base model with the adapter merged. ``dtype`` None keeps the saved dtype."""
     directory = Path(path)
-    if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
-    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
-        from tinylm.model.lora import load_adapter_dir  # a LoRA run's output: its base model + the adapter
-
+    kind = directory_kind(directory)
+    if kind == "adapter":
         return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
-    verify_manifest(directory)
-    if read_json(directory / "config.json").get("model_type") == "llava":
+    if kind == "llava":
         raise ModelDirError(
-            f"{directory}: is a vision-language model (model_type llava); load it with Engine.from_dir "
-            "or tinylm.model.vlm.load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init"
+            f"{directory}: is a vision-language model (model_type llava); load it with tinylm.modeldir.load "
+            "or load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init"
         )
+    verify_manifest(directory)
     config = load_config(directory)
-    state = load_weights(directory)
+    state = read_weights(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model = CausalLM(config, device="meta")  # shapes only; the loaded tensors are assigned below
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelDirError(
-            f"{directory}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    for name, tensor in state.items():
-        want = model.state_dict()[name].shape
-        if tensor.shape != want:
-            raise ModelDirError(
-                f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}"
-            )
+    _check_tensors(directory, model, state, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -256,7 +176,287 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
     model = model.to(device) if device is not None else model
     tokenizer = None
     if with_tokenizer and (directory / "tokenizer.json").exists():
-        from tinylm.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(directory)
     return model.eval(), tokenizer
+
+
+def _check_tensors(directory: Path, model: nn.Module, state: dict[str, torch.Tensor], skip: set[str]) -> None:
+    """Every tensor ``model`` needs (but ``skip``), none it does not, each of the right shape."""
+    own = model.state_dict()
+    expected = set(own) - skip
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelDirError(
+            f"{directory}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise ModelDirError(
+                f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(own[name].shape)}"
+            )
+
+
+# -- adapters (PEFT's layout) ---------------------------------------------------------------------
+
+
+def save_adapter(
+    model: nn.Module,
+    config: LoRAConfig,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    eos_token_id=None,
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically, so
+    ``peft.PeftModel.from_pretrained`` loads them onto the transformers model.
+
+    A training run's adapter also carries the tokenizer (with its chat template) and a
+    generation_config.json with the stop tokens, so ``tinylm chat ADAPTER_DIR`` works as for a model.
+    """
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.target_modules),
+        "use_rslora": config.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as scratch:
+        _save_weights(adapter_state_dict(model), scratch / ADAPTER_WEIGHTS)
+        (scratch / ADAPTER_CONFIG).write_text(json_text(peft_config), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(scratch)
+        if eos_token_id is not None:
+            (scratch / GENERATION).write_text(json_text({"eos_token_id": eos_token_id}), encoding="utf-8")
+        write_manifest(scratch)
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter directory; options tinylm does not implement are refused by name."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ModelDirError(
+            f"{path}: missing (an adapter directory holds adapter_config.json and adapter_model.safetensors)"
+        )
+    raw = read_json(path)
+    if raw.get("peft_type") != "LORA":
+        raise ModelDirError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+    for key, expected in unsupported.items():
+        if raw.get(key, expected) not in (expected, None):
+            raise ModelDirError(f"{path}: {key} is {raw[key]!r}; tinylm supports only {key}={expected!r}")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if raw.get(key):
+            raise ModelDirError(f"{path}: {key} is set ({raw[key]!r}); tinylm does not support it")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):  # PEFT also accepts "all-linear" or a regular expression
+        if targets != "all-linear":
+            raise ModelDirError(
+                f"{path}: target_modules is the pattern {targets!r}; expected a list of module names or 'all-linear'"
+            )
+        targets = list(ALL_LINEAR)
+    # full paths ("model.layers.0.mlp.up_proj") name the layer kind too
+    names = sorted({t.split(".")[-1] for t in targets or []})
+    try:
+        return LoRAConfig(
+            r=raw["r"],
+            alpha=raw["lora_alpha"],
+            dropout=raw.get("lora_dropout", 0.0),
+            target_modules=names,
+            rslora=bool(raw.get("use_rslora", False)),
+        )
+    except KeyError as e:
+        raise ModelDirError(f"{path}: no {e.args[0]!r} field") from None
+    except ValueError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
+    """Add LoRA layers to ``model`` as the adapter's config says and load its weights (ours or PEFT's)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    verify_manifest(adapter_dir)  # a tinylm adapter carries SHA256SUMS; PEFT's has none
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    saved = read_safetensors(weights_path)
+    add_lora(model, config)
+    try:
+        load_adapter_state(model, saved)
+    except ValueError as e:
+        raise ModelDirError(f"{weights_path}: {e}") from None
+    return config
+
+
+def base_model_path(adapter_dir: Path) -> Path:
+    """The base model directory named by ``base_model_name_or_path`` (absolute, or relative to the
+    working directory or to the adapter). It may itself be an adapter directory: a LoRA stage started
+    from another LoRA run's output (tinylm follows the chain; PEFT does not)."""
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG
+    raw = read_json(config_path).get("base_model_name_or_path")
+    if not raw:
+        raise ModelDirError(
+            f"{config_path}: base_model_name_or_path is empty; "
+            "name the base model explicitly (tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR)"
+        )
+    for candidate in (Path(raw), Path(adapter_dir) / raw):
+        if (candidate / CONFIG).is_file() or (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise ModelDirError(
+        f"{config_path}: base model {raw!r} is not a local model directory "
+        "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR"
+    )
+
+
+def load_adapter_dir(
+    adapter_dir: str | Path,
+    device=None,
+    dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
+    base_dir: str | Path | None = None,
+):
+    """An adapter directory → (its base model with the adapter merged in, tokenizer). The base is
+    ``base_dir``, or the one adapter_config.json names. The tokenizer (with its chat template) and the
+    stop tokens saved with the adapter win over the base model's. ``dtype`` None keeps the base's."""
+    adapter_dir = Path(adapter_dir)
+    model, tokenizer = load_model_dir(base_dir or base_model_path(adapter_dir), with_tokenizer=with_tokenizer)
+    saved_dtype = model.lm_head.weight.dtype
+    load_adapter(model.float(), adapter_dir)
+    merge_lora(model)
+    eos = read_json(adapter_dir / GENERATION, default={}).get("eos_token_id")
+    if eos is not None:
+        model.config.eos_token_id = eos
+    if with_tokenizer and (adapter_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(adapter_dir)
+    model = model.to(dtype or saved_dtype)
+    return (model.to(device) if device is not None else model).eval(), tokenizer
+
+
+# -- vision-language models (transformers' LLaVA layout) ------------------------------------------
+
+
+def is_vlm_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a vision-language model (config.json says llava)."""
+    try:
+        return directory_kind(path) == "llava"
+    except DataError:
+        return False
+
+
+def processor_config(config: VLMConfig) -> dict:
+    """processor_config.json for transformers' LlavaProcessor: it expands ``image_token`` in a prompt to
+    the same number of tokens tinylm does (patches, plus CLIP's class token that the "default" strategy
+    drops)."""
+    clip = config.vision.model_type == CLIP
+    return {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": config.vision.patch_size,
+        "vision_feature_select_strategy": "default" if clip else "full",
+        "num_additional_image_tokens": int(clip),
+    }
+
+
+def save_vlm_dir(
+    model: VisionLanguageModel, out_dir: str | Path, tokenizer: Tokenizer, processor: ImageProcessor
+) -> Path:
+    """Write a LLaVA model directory: config.json, model.safetensors, generation_config.json, the
+    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS.
+    Atomic, like every model directory."""
+    out_dir = Path(out_dir)
+    state = llava_state_dict(model)
+    hf = model.config.to_hf_dict()
+    hf["dtype"] = hf["torch_dtype"] = _saved_dtype(state)
+    with atomic_directory(out_dir) as scratch:
+        _save_weights(state, scratch / WEIGHTS)
+        (scratch / CONFIG).write_text(json_text(hf), encoding="utf-8")
+        (scratch / GENERATION).write_text(json_text(generation_config(model.config.text)), encoding="utf-8")
+        tokenizer.save(scratch)
+        processor.save(scratch)
+        (scratch / PROCESSOR_CONFIG).write_text(json_text(processor_config(model.config)), encoding="utf-8")
+        write_manifest(scratch)
+    return out_dir
+
+
+def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None):
+    """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
+    language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+    verify_manifest(directory)
+    try:
+        config = VLMConfig.from_hf_dict(read_json(directory / CONFIG))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise ModelDirError(f"{directory / CONFIG}: {e}") from None
+    state = read_weights(directory)
+    try:
+        model = vlm_from_state_dict(config, state)
+    except ValueError as e:
+        raise ModelDirError(f"{directory}: {e}") from None
+    saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model = model.to(dtype or saved)  # as load_model_dir: the saved dtype unless told otherwise
+    model.language_model.inv_freq = rope_frequencies(config.text)  # kept in float32 whatever the weights' dtype
+    if device is not None:
+        model = model.to(device)
+    if not (directory / "tokenizer.json").is_file():
+        raise ModelDirError(f"{directory / 'tokenizer.json'}: missing; a vision-language model needs its tokenizer")
+    tokenizer = Tokenizer.load(directory)
+    if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
+        raise ModelDirError(
+            f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
+            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}"
+        )
+    return model.eval(), tokenizer, ImageProcessor.load(directory)
+
+
+# -- vision towers --------------------------------------------------------------------------------
+
+# Where a vision tower's tensors sit in the checkpoints that hold one, tried in order.
+VISION_PREFIXES = (
+    "vision_model.",
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.vision_model.",
+    "vision_tower.",
+)
+
+
+def load_vision_tower(directory: str | Path) -> VisionTransformer:
+    """A SigLIP or CLIP vision tower from a local transformers directory: a vision model alone, or the
+    vision half of a whole SigLIP/CLIP (or LLaVA) model. Only safetensors weights are read."""
+    directory = Path(directory)
+    hf = read_json(directory / CONFIG)
+    try:
+        config = VisionConfig.from_hf_dict(hf)
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"{directory / CONFIG}: not a SigLIP or CLIP vision config ({e})") from None
+    tower = VisionTransformer(config)
+    own = tower.state_dict()
+    state = {}
+    for name, tensor in read_weights(directory).items():
+        key = next((name[len(p) :] for p in VISION_PREFIXES if name.startswith(p)), name)
+        if key in own:
+            state[key] = tensor
+    missing = sorted(own.keys() - state.keys())
+    if missing:
+        raise ModelDirError(
+            f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != own[key].shape:
+            raise ModelDirError(
+                f"{directory}: {key} is {tuple(tensor.shape)}, config.json implies {tuple(own[key].shape)}"
+            )
+    tower.load_state_dict(state)
+    return tower

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 from tinylm.config import PretrainConfig, SFTConfig, load_config
-from tinylm.modeldir import atomic_write_text
+from tinylm.data import builtin, builtin_chat
+from tinylm.data.builtin import score_completion
+from tinylm.data.text import load_shard_info
+from tinylm.eval.questions import chat_accuracy, tally
+from tinylm.infer.chat import chat_format_for
+from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.io import atomic_write_text
+from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
 
 SAMPLE_PROMPTS = ["Once upon a time", "从前，", "12 + 7 =", "The "]
 SFT_CONFIG = Path(__file__).parent / "configs" / "sft-cpu-tiny.yaml"
@@ -25,10 +32,6 @@ CHAT_TURNS = ["What colour is the Zorven?", "And how many legs does it have?", "
 
 def evaluate_facts(engine, items) -> dict:
     """Greedy completion of each held-out prompt; the share that starts with the known answer."""
-    from tinylm.data.builtin import score_completion
-    from tinylm.eval.questions import tally
-    from tinylm.infer.engine import SamplingSettings
-
     settings = SamplingSettings(max_new_tokens=12, temperature=0.0)
     completions = engine.complete([item.prompt for item in items], settings)
     verdicts = [score_completion(item, completion) for item, completion in zip(items, completions)]
@@ -97,18 +100,12 @@ def quickstart(
     sft_overrides: list[str] | None = None,
 ) -> dict:
     """Pretrain, then fine-tune into a chat model; write report.json / report.md into ``out_dir``."""
-    from tinylm.data import builtin, builtin_chat
-    from tinylm.infer.engine import Engine, SamplingSettings
-    from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
-
     started = time.perf_counter()
     cfg = load_config(PretrainConfig, config_path, overrides)
     run_dir = Path(out_dir)
     final, result = pretrain(cfg, run_dir, resume=True)
     if result.interrupted:
         raise SystemExit(130)
-
-    from tinylm.data.text import load_shard_info
 
     info = load_shard_info(run_dir / "data" / "shards")
     engine = Engine.from_dir(final, device=cfg.train.device)
@@ -162,9 +159,6 @@ def quickstart(
 def evaluate_questions(base_engine, chat_engine, items) -> dict:
     """Held-out questions answered greedily by the chat model in its template, and for contrast by the
     base model in the plain labelled-lines format (the best it can do before fine-tuning)."""
-    from tinylm.eval.questions import chat_accuracy
-    from tinylm.infer.chat import chat_format_for
-
     chat = chat_accuracy(
         chat_engine, items, chat_format_for(chat_engine.tokenizer, chat_engine.model.config.eos_token_ids())
     )
@@ -174,9 +168,6 @@ def evaluate_questions(base_engine, chat_engine, items) -> dict:
 
 def short_chat(engine, turns: list[str]) -> list[dict]:
     """One multi-turn conversation, answered greedily turn by turn with the history in the prompt."""
-    from tinylm.infer.chat import chat_format_for
-    from tinylm.infer.engine import SamplingSettings
-
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     settings = chat_format.settings(SamplingSettings(max_new_tokens=48, temperature=0), engine.tokenizer)
     messages: list[dict] = []

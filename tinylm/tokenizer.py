@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,8 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-from tinylm.chat_template import find_template
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import atomic_write_json, atomic_write_text, read_json
 
 # The special tokens, at ids 0..15 in this order. Later stages give the reserved ones their meaning.
 SPECIAL_TOKENS = (
@@ -112,19 +110,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, *, cjk_merges:
     return Tokenizer(rust)
 
 
-def train_tokenizer_from_files(
-    paths, vocab_size: int = 6400, text_field: str = "text", txt_split: str = "blank", *, cjk_merges: bool = False
-) -> Tokenizer:
-    """Train on the documents of .txt / .jsonl / .json / .parquet files (see ``read_documents``)."""
-    from tinylm.data.text import read_documents
-
-    def documents():
-        for path in paths:
-            yield from read_documents(path, text_field=text_field, txt_split=txt_split)
-
-    return train_tokenizer(documents(), vocab_size, cjk_merges=cjk_merges)
-
-
 class Tokenizer:
     """A trained tokenizer: ours, or any Hugging Face ``tokenizer.json`` (Qwen2, Llama 3, ...).
 
@@ -157,15 +142,15 @@ class Tokenizer:
         }
 
     def __repr__(self) -> str:
-        template = self.chat_template_name
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, chat_template={template!r})"
+        template = "none" if self.chat_template is None else f"{len(self.chat_template)} characters of Jinja"
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, chat_template={template})"
 
-    @property
-    def chat_template_name(self) -> str | None:
-        """The name of the tinylm template whose Jinja ``chat_template`` is, character for character;
-        None when there is no template or a foreign/edited one."""
-        template = find_template(self.chat_template)
-        return template.name if template else None
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy of this tokenizer with ``tokens`` added as special tokens (new ids after the last one);
+        tokens it already has keep their ids."""
+        rust = RustTokenizer.from_str(self.to_json())
+        rust.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in tokens])
+        return Tokenizer(rust, self.eos_token, self.bos_token, self.model_max_length, self.chat_template)
 
     def with_chat_template(self, chat_template: str | None) -> Tokenizer:
         """The same tokenizer carrying another Jinja chat template (the vocabulary is shared, not copied)."""
@@ -270,8 +255,8 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         specials_map = {role: token for role, token in roles.items() if token is not None}
         atomic_write_text(directory / "tokenizer.json", self.to_json())
-        atomic_write_text(directory / "tokenizer_config.json", _json_text(config))
-        atomic_write_text(directory / "special_tokens_map.json", _json_text(specials_map))
+        atomic_write_json(directory / "tokenizer_config.json", config)
+        atomic_write_json(directory / "special_tokens_map.json", specials_map)
         if self.chat_template is not None:
             atomic_write_text(directory / CHAT_TEMPLATE_FILE, self.chat_template)
         else:
@@ -296,11 +281,11 @@ class Tokenizer:
             rust = RustTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for any malformed file
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-        config = _read_json(directory / "tokenizer_config.json")
+        config = read_json(directory / "tokenizer_config.json", default={})
         max_length = config.get("model_max_length")
         return cls(
             rust,
-            eos_token=_eos_token(rust, config, _read_json(directory / "generation_config.json"), directory),
+            eos_token=_eos_token(rust, config, read_json(directory / "generation_config.json", default={}), directory),
             bos_token=_token_content(config.get("bos_token")),
             model_max_length=max_length if isinstance(max_length, int) and max_length < 2**40 else MODEL_MAX_LENGTH,
             chat_template=_chat_template(directory, config),
@@ -322,23 +307,6 @@ def _byte_alphabet() -> dict[str, int]:
     return table
 
 
-def _json_text(data: dict) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _token_content(token) -> str | None:
     """tokenizer_config.json writes a token as a string or as {"content": ...}."""
     return token.get("content") if isinstance(token, dict) else token
@@ -354,7 +322,7 @@ def _chat_template(directory: Path, config: dict) -> str | None:
         return path.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if template is None:
-        template = _read_json(directory / "chat_template.json").get("chat_template")
+        template = read_json(directory / "chat_template.json", default={}).get("chat_template")
     if isinstance(template, list):
         template = next(
             (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None

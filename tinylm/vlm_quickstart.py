@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 from tinylm.config import PretrainConfig, VLMStageConfig, load_config
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import atomic_write_text
+from tinylm.train.recipes import pretrain
+from tinylm.train.vlm import train_vlm
 
 CONFIGS = Path(__file__).parent / "configs"
 LLM_STEPS = 300  # the language model only has to know the words; the pictures' questions teach the rest
@@ -26,9 +28,6 @@ def vlm_quickstart(
     out_dir: str | Path, llm: str | None = None, device: str | None = None, overrides: list[str] | None = None
 ) -> dict:
     """Run every part (resuming any that already finished), write and print the report."""
-    from tinylm.train.recipes import pretrain
-    from tinylm.train.vlm import train_vlm
-
     run_dir = Path(out_dir)
     device_override = [f"--train.device={device}"] if device else []
     seconds: dict[str, float] = {}

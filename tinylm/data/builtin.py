@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import atomic_write_text
 
 LANGS = ("en", "zh")
 CORPUS_VERSION = 1  # bump whenever generated text changes, so cached corpora are rewritten

@@ -30,7 +30,7 @@ from tinylm.data.builtin import (  # the world these conversations talk about
     mention,
     value_text,
 )
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import atomic_write_text
 
 # -- conversations for supervised fine-tuning ---------------------------------------------------
 #

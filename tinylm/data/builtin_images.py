@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinylm.io import atomic_write_text
+
 COLOURS = {  # name → (RGB, Chinese)
     "red": ((220, 40, 40), "红色"),
     "green": ((40, 170, 60), "绿色"),
@@ -192,8 +194,6 @@ def write_image_corpus(
     captions (stage 1), the questions (stage 2, one question per record) and the held-out questions;
     reuse them if present.
     Returns {"captions", "questions", "heldout"} → file paths."""
-    from tinylm.modeldir import atomic_write_text
-
     root = Path(out_dir) / f"images-seed{seed}-{size}px-{train}+{heldout}-v{IMAGE_VERSION}"
     paths = {name: root / f"{name}.jsonl" for name in ("captions", "questions", "heldout")}
     if all(p.is_file() for p in paths.values()):

@@ -6,7 +6,7 @@
 Every reader produces the same thing: a list of messages ``{"role": ..., "content": str}`` that is
 *valid* — an optional system message first, then user and assistant turns strictly alternating,
 starting with the user and ending with the assistant, every content non-empty text. Anything else is
-a ``ChatDataError`` naming the file, the line (or item, or row) and the field, or, with
+a ``DataError`` naming the file, the line (or item, or row) and the field, or, with
 ``skip_bad=True``, a skipped record counted by reason in the ``ReadReport``. Nothing is dropped silently.
 
 The formats, one record each (detected per record, or forced with ``format=``):
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from tinylm.data.text import DataError
+from tinylm.io import DataError
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -67,18 +67,6 @@ JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a str
 WEIGHT_KEYS = ("loss_weight", "weight")
 
 
-class ChatDataError(DataError):
-    """A conversation file or record is missing or malformed.
-
-    The message names the file, the line (or item, or row), the field and what was expected;
-    ``reason`` is a short name for the kind of problem, the key under which ``skip_bad`` counts it.
-    """
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass
 class Conversation:
     """Validated messages and where they came from ("path:line", "path:item N" or "path:row N")."""
@@ -96,7 +84,7 @@ class FileReport:
     skipped: Counter = field(default_factory=Counter)
     first_error: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, error: ChatDataError) -> None:
+    def skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
         self.first_error.setdefault(error.reason, str(error))
 
@@ -151,7 +139,7 @@ def read_conversations(
     """Every valid conversation of ``paths``, in order, and a report of what was read and skipped.
 
     ``format`` is "auto" (detect each record) or forces one of "openai", "sharegpt", "alpaca".
-    A bad record raises ``ChatDataError``; with ``skip_bad`` it is skipped and counted by reason.
+    A bad record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason.
     Problems with a whole file (missing, unsupported type, not JSON at all) always raise.
     """
     if format not in FORMATS:
@@ -162,7 +150,7 @@ def read_conversations(
 
 def read_records(paths, normalize, skip_bad: bool) -> tuple[list[tuple[str, object]], ReadReport]:
     """(location, what ``normalize`` made of the record) for every record of ``paths`` that it accepts,
-    and the report. ``normalize(record)`` returns (format name, result) or raises ChatDataError, which
+    and the report. ``normalize(record)`` returns (format name, result) or raises DataError, which
     stops the reading, or with ``skip_bad`` is counted by its reason."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     found, report = [], ReadReport()
@@ -170,11 +158,11 @@ def read_records(paths, normalize, skip_bad: bool) -> tuple[list[tuple[str, obje
         file_report = report.files.setdefault(str(path), FileReport())
         for where, record in _records(path):
             try:
-                if isinstance(record, ChatDataError):
+                if isinstance(record, DataError):
                     raise record
                 record_format, result = normalize(record)
-            except ChatDataError as e:
-                error = ChatDataError(f"{where}: {e}", e.reason)
+            except DataError as e:
+                error = DataError(f"{where}: {e}", e.reason)
                 if not skip_bad:
                     raise error from None
                 file_report.skip(error)
@@ -186,16 +174,16 @@ def read_records(paths, normalize, skip_bad: bool) -> tuple[list[tuple[str, obje
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
     """(location, record) for each record of a file (.jsonl, .json, .parquet; .jsonl.gz and .json.gz
-    are read through gzip). A JSON Lines line that does not parse comes as the ``ChatDataError`` it
+    are read through gzip). A JSON Lines line that does not parse comes as the ``DataError`` it
     causes, so that ``skip_bad`` can count it and go on."""
     if not path.is_file():
-        raise ChatDataError(f"{path}: no such file", "missing_file")
+        raise DataError(f"{path}: no such file", "missing_file")
     compressed = path.suffix.lower() == ".gz"
     suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
     if suffix == ".parquet" and not compressed:
         return _parquet_records(path)
     if suffix not in (".jsonl", ".json"):
-        raise ChatDataError(
+        raise DataError(
             f"{path}: unsupported file type {suffix or '(none)'}{'.gz' if compressed else ''}; expected "
             ".jsonl, .json or .parquet (or .jsonl.gz, .json.gz)",
             "unsupported_file",
@@ -209,7 +197,7 @@ def _read(path: Path, compressed: bool, read):
         with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             yield from read(f)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ChatDataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
+        raise DataError(f"{path}: not a readable gzip file ({e})", "unsupported_file") from None
 
 
 def _jsonl_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
@@ -225,11 +213,11 @@ def _line_record(where: str, number: int, line: bytes) -> tuple[str, object]:
     try:
         return where, json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
     except UnicodeDecodeError as e:
-        return where, ChatDataError(
+        return where, DataError(
             f"byte {line[e.start]:#04x} at column {e.start + 1} is not valid UTF-8; expected UTF-8 text", "invalid_json"
         )
     except json.JSONDecodeError as e:
-        return where, ChatDataError(
+        return where, DataError(
             f"invalid JSON ({e.msg}, column {e.colno}); expected one JSON value per line", "invalid_json"
         )
 
@@ -240,13 +228,13 @@ def _json_records(path: Path, compressed: bool) -> Iterator[tuple[str, object]]:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ChatDataError(
+        raise DataError(
             f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text", "invalid_json"
         ) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # a value followed by more values: JSON Lines under a .json name
             return _jsonl_records(path, compressed)
-        raise ChatDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json") from None
     items = _record_list(data, path)
     return ((f"{path}:item {index}", record) for index, record in enumerate(items))
 
@@ -265,12 +253,12 @@ def _record_list(data, path: Path) -> list:
         if len(lists) == 1:
             return data[lists[0]]
         found = f"several lists ({', '.join(map(repr, lists))})" if lists else "no list of records"
-        raise ChatDataError(
+        raise DataError(
             f"{path}: a JSON object with {found}; expected an array of records or an object "
             "with one list field holding them",
             "wrong_type",
         )
-    raise ChatDataError(f"{path}: {_kind(data)}; expected an array of records", "wrong_type")
+    raise DataError(f"{path}: {_kind(data)}; expected an array of records", "wrong_type")
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
@@ -278,13 +266,11 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ChatDataError(
-            f"{path}: reading .parquet needs pyarrow (pip install pyarrow)", "missing_pyarrow"
-        ) from None
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)", "missing_pyarrow") from None
     try:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ChatDataError(f"{path}: not a readable parquet file ({e})", "unsupported_file") from None
+        raise DataError(f"{path}: not a readable parquet file ({e})", "unsupported_file") from None
     row = 0
     for batch in table.iter_batches():
         for record in batch.to_pylist():
@@ -305,13 +291,13 @@ def detect_format(record) -> str:
     if isinstance(record, list):
         return _message_list_format(record)
     if not isinstance(record, dict):
-        raise ChatDataError(f"{_kind(record)}; expected an object (a conversation record)", "wrong_type")
+        raise DataError(f"{_kind(record)}; expected an object (a conversation record)", "wrong_type")
     for key in MESSAGE_LISTS:
         if key in record:
             return _message_list_format(record[key])
     if any(key in record for key in ("instruction", "output", "instances")):
         return "alpaca"
-    raise ChatDataError(
+    raise DataError(
         f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; expected "
         "'messages' or 'conversations' (openai, sharegpt) or 'instruction' and 'output' (alpaca)",
         "unknown_format",
@@ -329,7 +315,7 @@ def _normalize(record, format: str) -> tuple[str, list[dict]]:
     if isinstance(record, dict):
         _check_text_only(record)
     elif not isinstance(record, list) or record_format == "alpaca":
-        raise ChatDataError(
+        raise DataError(
             f"{_kind(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
         )
     turns = READERS[record_format](record)
@@ -339,7 +325,7 @@ def _normalize(record, format: str) -> tuple[str, list[dict]]:
 def _check_text_only(record: dict) -> None:
     for key, what in UNSUPPORTED_FIELDS.items():
         if record.get(key):
-            raise ChatDataError(
+            raise DataError(
                 f"{key}: {what} are not supported; expected a text-only conversation (no "
                 f"{key!r} field, or an empty one)",
                 "unsupported",
@@ -383,18 +369,18 @@ def _alpaca_turns(record: dict) -> list[_Turn]:
     turns = []
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise ChatDataError(f"history: {_kind(history)}; expected a list of [user, assistant] pairs", "wrong_type")
+        raise DataError(f"history: {_kind(history)}; expected a list of [user, assistant] pairs", "wrong_type")
     for index, pair in enumerate(history):
         label = f"history[{index}]"
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ChatDataError(f"{label}: {pair!r:.60}; expected a [user, assistant] pair", "wrong_type")
+            raise DataError(f"{label}: {pair!r:.60}; expected a [user, assistant] pair", "wrong_type")
         turns += [
             _Turn("user", pair[0], f"{label}[0]", f"{label}[0]"),
             _Turn("assistant", pair[1], f"{label}[1]", f"{label}[1]"),
         ]
     instruction, query = _string_field(record, "instruction"), record.get("input")
     if query is not None and not isinstance(query, str):
-        raise ChatDataError(f"input: {_kind(query)}; expected a string", "wrong_type")
+        raise DataError(f"input: {_kind(query)}; expected a string", "wrong_type")
     prompt = instruction + "\n" + query if query else instruction
     turns += [
         _Turn("user", prompt, "instruction", "instruction"),
@@ -407,21 +393,21 @@ READERS = {"openai": _openai_turns, "sharegpt": _sharegpt_turns, "alpaca": _alpa
 
 
 def _validated(turns: list[_Turn]) -> list[dict]:
-    """The messages of ``turns`` if they make a valid conversation, else a ``ChatDataError``."""
+    """The messages of ``turns`` if they make a valid conversation, else a ``DataError``."""
     for turn in turns:
         if not isinstance(turn.content, str):
-            raise ChatDataError(f"{turn.content_field}: {_kind(turn.content)}; expected a string", "wrong_type")
+            raise DataError(f"{turn.content_field}: {_kind(turn.content)}; expected a string", "wrong_type")
         if not turn.content.strip():
-            raise ChatDataError(f"{turn.content_field}: empty content; expected non-empty text", "empty_content")
+            raise DataError(f"{turn.content_field}: empty content; expected non-empty text", "empty_content")
     body = turns[1:] if turns and turns[0].role == "system" else turns
     if not body:
         where = f"{turns[0].role_field}: " if turns else ""
-        raise ChatDataError(
+        raise DataError(
             f"{where}empty conversation; expected at least a user and an assistant message", "empty_conversation"
         )
     for index, turn in enumerate(body):
         if turn.role == "system":
-            raise ChatDataError(
+            raise DataError(
                 f"{turn.role_field}: a system message after other messages; expected a system "
                 "message only as the first message",
                 "system_not_first",
@@ -429,12 +415,12 @@ def _validated(turns: list[_Turn]) -> list[dict]:
         expected = "user" if index % 2 == 0 else "assistant"
         if turn.role != expected:
             problem = f"starts with an {turn.role} turn" if index == 0 else f"two {turn.role} turns in a row"
-            raise ChatDataError(
+            raise DataError(
                 f"{turn.role_field}: {problem}; expected user and assistant turns to alternate, starting with the user",
                 "alternation",
             )
     if body[-1].role != "assistant":
-        raise ChatDataError(
+        raise DataError(
             f"{body[-1].role_field}: the conversation ends with a user turn; expected it to end "
             "with the assistant's answer",
             "last_not_assistant",
@@ -452,7 +438,7 @@ def _kind(value) -> str:
 
 def _as_object(value, label: str) -> dict:
     if not isinstance(value, dict):
-        raise ChatDataError(f"{label}: {_kind(value)}; expected an object", "wrong_type")
+        raise DataError(f"{label}: {_kind(value)}; expected an object", "wrong_type")
     return value
 
 
@@ -460,14 +446,14 @@ def _field(obj: dict, key: str, label: str = ""):
     """``obj[key]``, or a missing-field error naming the fields there are."""
     if key not in obj:
         found = ", ".join(map(repr, obj)) or "none"
-        raise ChatDataError(f"{label + '.' if label else ''}{key}: missing field (found: {found})", "missing_field")
+        raise DataError(f"{label + '.' if label else ''}{key}: missing field (found: {found})", "missing_field")
     return obj[key]
 
 
 def _string_field(obj: dict, key: str) -> str:
     value = _field(obj, key)
     if not isinstance(value, str):
-        raise ChatDataError(f"{key}: {_kind(value)}; expected a string", "wrong_type")
+        raise DataError(f"{key}: {_kind(value)}; expected a string", "wrong_type")
     return value
 
 
@@ -479,12 +465,12 @@ def _message_list(record) -> tuple[str, list]:
     if len(keys) != 1:
         found = "found: " + (", ".join(map(repr, record)) or "none")
         problem = "both 'messages' and 'conversations'" if keys else f"no 'messages' or 'conversations' ({found})"
-        raise ChatDataError(f"{problem}; expected one list of messages", "wrong_type" if keys else "missing_field")
+        raise DataError(f"{problem}; expected one list of messages", "wrong_type" if keys else "missing_field")
     messages = record[keys[0]]
     if not isinstance(messages, list):
-        raise ChatDataError(f"{keys[0]}: {_kind(messages)}; expected a list of messages", "wrong_type")
+        raise DataError(f"{keys[0]}: {_kind(messages)}; expected a list of messages", "wrong_type")
     if not messages:
-        raise ChatDataError(
+        raise DataError(
             f"{keys[0]}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
         )
     return keys[0], messages
@@ -499,14 +485,14 @@ def _with_system_field(record, turns: list[_Turn]) -> list[_Turn]:
     return [_Turn("system", system, "system", "system"), *turns]
 
 
-def _role_error(label: str, role, expected: Iterable[str]) -> ChatDataError:
+def _role_error(label: str, role, expected: Iterable[str]) -> DataError:
     """The error for a role outside ``expected``: a tool-calling turn is "unsupported", else "unknown_role"."""
     known = f"expected one of {', '.join(expected)}"
     if isinstance(role, str) and role.lower() in TOOL_ROLES:
-        return ChatDataError(
+        return DataError(
             f"{label}: {role!r} is a tool-calling turn, which tinylm does not train; {known}", "unsupported"
         )
-    return ChatDataError(f"{label}: unknown role {role!r}; {known}", "unknown_role")
+    return DataError(f"{label}: unknown role {role!r}; {known}", "unknown_role")
 
 
 def _text_of_parts(content, label: str):
@@ -517,13 +503,13 @@ def _text_of_parts(content, label: str):
     for index, part in enumerate(content):
         part = _as_object(part, f"{label}[{index}]")
         if part.get("type") != "text":
-            raise ChatDataError(
+            raise DataError(
                 f"{label}[{index}].type: {part.get('type')!r} content is not supported; expected 'text' parts",
                 "unsupported",
             )
         text = next((part[key] for key in ("text", "value") if part.get(key) is not None), None)
         if not isinstance(text, str):
-            raise ChatDataError(f"{label}[{index}]: no 'text' or 'value' string; expected a text part", "missing_field")
+            raise DataError(f"{label}[{index}]: no 'text' or 'value' string; expected a text part", "missing_field")
         texts.append(text)
     return "".join(texts)
 
@@ -534,7 +520,7 @@ def _check_default_weight(message: dict, role: str, label: str) -> None:
     for key in WEIGHT_KEYS:
         weight = message.get(key)
         if weight is not None and weight != default:
-            raise ChatDataError(
+            raise DataError(
                 f"{label}.{key}: {weight!r} is not supported for {role} messages; expected "
                 f"{default:g} (tinylm learns every assistant turn and no other)",
                 "unsupported",
@@ -548,11 +534,11 @@ def _single_instance(record: dict) -> dict:
         return record
     instances = record["instances"]
     if not isinstance(instances, list):
-        raise ChatDataError(
+        raise DataError(
             f"instances: {_kind(instances)}; expected a list of {{'input', 'output'}} objects", "wrong_type"
         )
     if len(instances) != 1:
-        raise ChatDataError(
+        raise DataError(
             f"instances: {len(instances)} instances; expected exactly one (write one record per example)", "unsupported"
         )
     return {**record, **_as_object(instances[0], "instances[0]")}

@@ -8,7 +8,7 @@ rules of ``tinylm.data.chat`` (an optional system message, then user and assista
 ending with the assistant), plain text in which each image is marked by one ``<image>`` tag, in user
 (or system) turns only. ``images`` has one entry per tag, in the order of the tags: a ``pathlib.Path``
 to an existing file, or the raw bytes of an image stored in the data (parquet). Images are not opened
-here, only checked to exist (``tinylm.data.images.load_image`` reads them when training).
+here, only checked to exist (``tinylm.image_processor.load_image`` reads them when training).
 
 The formats, one record each (detected per record; the report counts records by these names):
 
@@ -59,7 +59,6 @@ from pathlib import Path
 from tinylm.data.chat import (
     MESSAGE_LISTS,
     ROLES,
-    ChatDataError,
     FileReport,
     ReadReport,
     _as_object,
@@ -76,6 +75,7 @@ from tinylm.data.chat import (
     _with_system_field,
     read_records,
 )
+from tinylm.io import DataError
 
 IMAGE_TAG = "<image>"
 XTUNER_TAG = "<IMG_CONTEXT>"
@@ -103,7 +103,7 @@ def read_image_conversations(
     """Every valid image conversation of ``paths``, in order, and a report of what was read and skipped.
 
     Relative image paths are looked up under ``image_root``, by default each data file's folder. A bad
-    record raises ``ChatDataError``; with ``skip_bad`` it is skipped and counted by reason. ``prompt``
+    record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason. ``prompt``
     is the user's request in caption records.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -128,7 +128,7 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
     if isinstance(record, list):  # a bare message list (XTuner's text-only records)
         record = {"messages": record}
     if not isinstance(record, dict):
-        raise ChatDataError(f"{_kind(record)}; expected an object (an image-text record)", "wrong_type")
+        raise DataError(f"{_kind(record)}; expected an object (an image-text record)", "wrong_type")
     image_field, sources = _image_sources(record)
     _check_text_only({key: value for key, value in record.items() if key not in IMAGE_FIELDS})
     caption_field = next((key for key in CAPTION_FIELDS if isinstance(record.get(key), str)), None)
@@ -144,7 +144,7 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
             record_format = IMAGE_FIELDS[image_field] if image_field else "text"
     elif caption_field:
         if not sources:
-            raise ChatDataError(
+            raise DataError(
                 f"{caption_field}: a caption without an image; expected an 'image' or 'images' field", "missing_field"
             )
         caption = record[caption_field].strip()
@@ -157,7 +157,7 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
         )
         record_format = "caption"
     else:
-        raise ChatDataError(
+        raise DataError(
             f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; "
             "expected 'conversations' or 'messages', or 'image' with a 'caption'",
             "unknown_format",
@@ -169,7 +169,7 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
         sources = [(f"image[{i}]", name) for i, name in enumerate(names)] if len(names) == tags else sources
     if tags != len(sources):
         where = f"{image_field}: {len(sources)} image(s)" if image_field else "no 'image' or 'images' field (text only)"
-        raise ChatDataError(
+        raise DataError(
             f"{where} but {tags} {IMAGE_TAG} tag(s) in the messages; expected one tag per image, in order",
             "image_count",
         )
@@ -181,7 +181,7 @@ def _image_sources(record: dict) -> tuple[str | None, list[tuple[str, bytes | st
     """(the field holding the record's images, [(label, bytes or path)]); (None, []) without images."""
     fields = [key for key in IMAGE_FIELDS if record.get(key) not in (None, [], "")]
     if len(fields) > 1:
-        raise ChatDataError(f"both {' and '.join(map(repr, fields))}; expected images in one field", "wrong_type")
+        raise DataError(f"both {' and '.join(map(repr, fields))}; expected images in one field", "wrong_type")
     if not fields:
         return None, []
     value = record[fields[0]]
@@ -197,9 +197,7 @@ def _image_source(item, label: str) -> bytes | str:
         return bytes(item)
     if isinstance(item, str) and item.strip():
         return item
-    raise ChatDataError(
-        f"{label}: {_kind(item)}; expected an image path, image bytes or {{'bytes', 'path'}}", "wrong_type"
-    )
+    raise DataError(f"{label}: {_kind(item)}; expected an image path, image bytes or {{'bytes', 'path'}}", "wrong_type")
 
 
 def _existing(name: str, label: str, root: Path, checked: dict) -> Path:
@@ -214,7 +212,7 @@ def _existing(name: str, label: str, root: Path, checked: dict) -> Path:
             checked[candidate] = candidate.is_file()
         if checked[candidate]:
             return candidate
-    raise ChatDataError(f"{label}: image {name!r} not found (tried {', '.join(map(str, tried))})", "missing_image")
+    raise DataError(f"{label}: image {name!r} not found (tried {', '.join(map(str, tried))})", "missing_image")
 
 
 def _parsed_messages(record: dict) -> dict:
@@ -225,7 +223,7 @@ def _parsed_messages(record: dict) -> dict:
     try:
         return {**record, key: json.loads(record[key])}
     except json.JSONDecodeError as e:
-        raise ChatDataError(
+        raise DataError(
             f"{key}: a string that is not JSON ({e.msg}); expected a list of messages", "invalid_json"
         ) from None
 
@@ -260,14 +258,14 @@ def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[_Turn], 
         text = text.replace(XTUNER_TAG, IMAGE_TAG) if isinstance(text, str) else text  # else: _validated says
         placeholders = text.count(IMAGE_TAG) if isinstance(text, str) else 0
         if count and placeholders not in (0, count):
-            raise ChatDataError(
+            raise DataError(
                 f"{content_field}: {count} image part(s) but {placeholders} {XTUNER_TAG} (or "
                 f"{IMAGE_TAG}) placeholder(s); expected one per image part, or none",
                 "image_count",
             )
         if role == "pretrain":
             if not count:
-                raise ChatDataError(
+                raise DataError(
                     f"{content_field}: a 'pretrain' message without images; expected image parts and a text",
                     "image_count",
                 )
@@ -294,7 +292,7 @@ def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | st
         if kind == "text":
             text = next((part[key] for key in ("text", "value") if part.get(key) is not None), None)
             if not isinstance(text, str):
-                raise ChatDataError(f"{part_label}: no 'text' string; expected a text part", "missing_field")
+                raise DataError(f"{part_label}: no 'text' string; expected a text part", "missing_field")
             texts.append(text)
         elif kind in ("image_url", "image"):
             count += 1
@@ -304,7 +302,7 @@ def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | st
             if source is not None:  # {"type": "image"} alone takes its image from the record's "images"
                 sources.append((f"{part_label}.{kind}", _image_source(source, f"{part_label}.{kind}")))
         else:
-            raise ChatDataError(
+            raise DataError(
                 f"{part_label}.type: {kind!r} content is not supported; expected 'text', 'image_url' or 'image' parts",
                 "unsupported",
             )
@@ -315,7 +313,7 @@ def _check_tags(turns: list[_Turn], messages: list[dict]) -> int:
     """The number of image tags; an error if an assistant turn holds one."""
     for turn, message in zip(turns, messages):
         if message["role"] == "assistant" and IMAGE_TAG in message["content"]:
-            raise ChatDataError(
+            raise DataError(
                 f"{turn.content_field}: an {IMAGE_TAG} tag in an assistant turn; expected images "
                 "only in the user's turns",
                 "image_in_reply",
@@ -338,21 +336,21 @@ def read_coco_captions(
     path = Path(annotations_json)
     try:
         return _coco_captions(path, image_dir, prompt)
-    except ChatDataError as e:
-        raise ChatDataError(f"{path}: {e}", e.reason) from None
+    except DataError as e:
+        raise DataError(f"{path}: {e}", e.reason) from None
 
 
 def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation]:
     if not path.is_file():
-        raise ChatDataError("no such file", "missing_file")
+        raise DataError("no such file", "missing_file")
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChatDataError(f"invalid JSON ({e}); expected a COCO captions file", "invalid_json") from None
+        raise DataError(f"invalid JSON ({e}); expected a COCO captions file", "invalid_json") from None
     data = _as_object(data, "the top level")
     folder = _coco_image_dir(path) if image_dir is None else Path(image_dir)
     if not folder.is_dir():
-        raise ChatDataError(f"image_dir {folder}: no such folder", "missing_image")
+        raise DataError(f"image_dir {folder}: no such folder", "missing_image")
     files = {}
     for index, image in enumerate(_coco_list(data, "images")):
         image = _as_object(image, f"images[{index}]")
@@ -363,12 +361,12 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
         annotation = _as_object(annotation, label)
         image_id = _field(annotation, "image_id", label)
         if image_id not in files:
-            raise ChatDataError(f"{label}.image_id: {image_id!r} is not the id of any of 'images'", "missing_image")
+            raise DataError(f"{label}.image_id: {image_id!r} is not the id of any of 'images'", "missing_image")
         file = folder / files[image_id]
         if file not in checked:
             checked[file] = file.is_file()
         if not checked[file]:
-            raise ChatDataError(f"{label} (image_id {image_id}): image {file} not found", "missing_image")
+            raise DataError(f"{label} (image_id {image_id}): image {file} not found", "missing_image")
         caption = _field(annotation, "caption", label)
         turns = [
             _Turn("user", f"{IMAGE_TAG}\n{prompt}", "prompt", "prompt"),
@@ -381,9 +379,7 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
         ]
         messages = _validated(turns)
         if _check_tags(turns, messages) != 1:
-            raise ChatDataError(
-                f"prompt {prompt!r}: holds an {IMAGE_TAG} tag; expected the one image only", "image_count"
-            )
+            raise DataError(f"prompt {prompt!r}: holds an {IMAGE_TAG} tag; expected the one image only", "image_count")
         conversations.append(ImageConversation(messages, [file], f"{path}:annotation {index}"))
     return conversations
 
@@ -391,7 +387,7 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
 def _coco_list(data: dict, key: str) -> list:
     value = _field(data, key)
     if not isinstance(value, list):
-        raise ChatDataError(f"{key}: {_kind(value)}; expected a list", "wrong_type")
+        raise DataError(f"{key}: {_kind(value)}; expected a list", "wrong_type")
     return value
 
 
@@ -399,14 +395,14 @@ def _coco_image_dir(path: Path) -> Path:
     """The folder of the split that ``captions_<split>.json`` names: beside its folder, or inside it."""
     match = re.fullmatch(r"captions_(\w+)\.json", path.name)
     if not match:
-        raise ChatDataError(
+        raise DataError(
             "cannot tell the image folder from the file name (expected captions_<split>.json); pass image_dir",
             "missing_image",
         )
     tried = [path.parent.parent / match[1], path.parent / match[1]]
     folder = next((folder for folder in tried if folder.is_dir()), None)
     if folder is None:
-        raise ChatDataError(
+        raise DataError(
             f"no image folder for split {match[1]!r} (tried {', '.join(map(str, tried))}); pass image_dir",
             "missing_image",
         )

@@ -7,7 +7,7 @@ Every reader produces ``PreferencePair(prompt, chosen, rejected, source)``: ``pr
 valid messages by the rules of ``tinylm.data.chat`` (an optional system message, then user and
 assistant turns alternating) that ends with a user turn, and ``chosen`` and ``rejected`` are the
 preferred and the dispreferred assistant replies to it, two different non-empty texts. Anything else
-is a ``ChatDataError`` naming the file, the line (or item, or row) and the field, or, with
+is a ``DataError`` naming the file, the line (or item, or row) and the field, or, with
 ``skip_bad=True``, a skipped record counted by reason in the ``ReadReport``.
 
 The formats, one record each (detected per record, or forced with ``format=``):
@@ -46,7 +46,6 @@ from tinylm.data.chat import (
     MESSAGE_LISTS,
     ROLES,
     SHAREGPT_ROLES,
-    ChatDataError,
     ReadReport,
     _check_text_only,
     _field,
@@ -61,6 +60,7 @@ from tinylm.data.chat import (
     _with_system_field,
     read_records,
 )
+from tinylm.io import DataError
 
 PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
 SIDES = ("chosen", "rejected")
@@ -85,7 +85,7 @@ def read_preferences(
     """Every valid preference pair of ``paths``, in order, and a report of what was read and skipped.
 
     ``format`` is "auto" (detect each record) or forces one of "minimind", "llamafactory", "hh-rlhf".
-    A bad record raises ``ChatDataError``; with ``skip_bad`` it is skipped and counted by reason.
+    A bad record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason.
     Problems with a whole file (missing, unsupported type, not JSON at all) always raise.
     """
     if format not in PREFERENCE_FORMATS:
@@ -103,7 +103,7 @@ def detect_preference_format(record) -> str:
     """The format of one record: "llamafactory" when it has a message list ("conversations" or
     "messages"), else "minimind" when its "chosen" is a list of messages, "hh-rlhf" when a string."""
     if not isinstance(record, dict):
-        raise ChatDataError(f"{_kind(record)}; expected an object (a preference record)", "wrong_type")
+        raise DataError(f"{_kind(record)}; expected an object (a preference record)", "wrong_type")
     _check_not_kto(record)
     if any(key in record for key in MESSAGE_LISTS):
         return "llamafactory"
@@ -111,7 +111,7 @@ def detect_preference_format(record) -> str:
         return "minimind"
     if isinstance(record.get("chosen"), str):
         return "hh-rlhf"
-    raise ChatDataError(
+    raise DataError(
         f"cannot tell the format from the fields {', '.join(map(repr, record)) or '(none)'}; expected 'chosen' and "
         "'rejected' as message lists (minimind) or transcripts (hh-rlhf), or 'conversations' or 'messages' with "
         "them as replies (llamafactory)",
@@ -123,7 +123,7 @@ def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     """(the record's format, its prompt, the chosen reply, the rejected reply), all validated."""
     record_format = detect_preference_format(record) if format == "auto" else format
     if not isinstance(record, dict):
-        raise ChatDataError(
+        raise DataError(
             f"{_kind(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
         )
     _check_not_kto(record)
@@ -133,7 +133,7 @@ def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     _check_same_prompt(chosen[:-1], rejected[:-1])
     chosen_reply, rejected_reply = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
     if chosen_reply.strip() == rejected_reply.strip():
-        raise ChatDataError(
+        raise DataError(
             f"{chosen[-1].content_field} and {rejected[-1].content_field}: the two replies are "
             "identical; expected a preferred and a dispreferred reply that differ",
             "identical_pair",
@@ -146,7 +146,7 @@ def _check_not_kto(record: dict) -> None:
     or bad is not a pair."""
     tag = next((key for key in KTO_TAGS if key in record), None)
     if tag and not any(side in record for side in SIDES):
-        raise ChatDataError(
+        raise DataError(
             f"{tag}: a KTO record (one reply marked good or bad, no 'chosen' and 'rejected'); "
             "expected a preference pair with a chosen and a rejected reply",
             "unsupported",
@@ -159,16 +159,16 @@ def _minimind_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     for side in SIDES:
         messages = _field(record, side)
         if not isinstance(messages, list):
-            raise ChatDataError(f"{side}: {_kind(messages)}; expected a list of messages", "wrong_type")
+            raise DataError(f"{side}: {_kind(messages)}; expected a list of messages", "wrong_type")
         if not messages:
-            raise ChatDataError(
+            raise DataError(
                 f"{side}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
             )
         reader = _sharegpt_turns if _message_list_format(messages) == "sharegpt" else _openai_turns
         try:
             turns = reader(messages)  # a bare list: fields are labelled "[0].role", ...
-        except ChatDataError as e:
-            raise ChatDataError(f"{side}{e}", e.reason) from None
+        except DataError as e:
+            raise DataError(f"{side}{e}", e.reason) from None
         turns = [_Turn(t.role, t.content, side + t.role_field, side + t.content_field) for t in turns]
         sides.append(_with_system_field(record, turns))
     return sides[0], sides[1]
@@ -180,7 +180,7 @@ def _llamafactory_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     sharegpt = key is not None and _message_list_format(record[key]) == "sharegpt"
     prompt = (_sharegpt_turns if sharegpt else _openai_turns)(record)
     if prompt[-1].role != "user":
-        raise ChatDataError(
+        raise DataError(
             f"{prompt[-1].role_field}: the prompt ends with a {prompt[-1].role!r} message; expected it "
             "to end with the user turn that 'chosen' and 'rejected' answer",
             "last_not_user",
@@ -205,7 +205,7 @@ def _reply(record: dict, side: str) -> _Turn:
     if role is None:
         raise _role_error(role_field, speaker, ("assistant",))
     if role != "assistant":
-        raise ChatDataError(f"{role_field}: {speaker!r}; expected the assistant's reply", "alternation")
+        raise DataError(f"{role_field}: {speaker!r}; expected the assistant's reply", "alternation")
     return _Turn(role, content, role_field, content_field)
 
 
@@ -215,12 +215,10 @@ def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     for side in SIDES:
         text = _field(record, side)
         if not isinstance(text, str):
-            raise ChatDataError(
-                f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)", "wrong_type"
-            )
+            raise DataError(f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)", "wrong_type")
         parts = HH_MARKER.split(text.lstrip())
         if len(parts) < 3 or parts[0].strip():
-            raise ChatDataError(
+            raise DataError(
                 f"{side}: {text.strip()[:40]!r} does not start with 'Human:'; expected a transcript "
                 "'\\n\\nHuman: ...\\n\\nAssistant: ...'",
                 "bad_transcript",
@@ -251,7 +249,7 @@ def _check_same_prompt(chosen: list[_Turn], rejected: list[_Turn]) -> None:
                 f"{t.content_field} {t.content.strip()[:40]!r}" if t else f"{side}: no such message"
                 for t, side in ((a, "chosen"), (b, "rejected"))
             ]
-            raise ChatDataError(
+            raise DataError(
                 f"prompt message {index} differs ({show[0]} vs {show[1]}); expected chosen and "
                 "rejected to share every message before their final reply",
                 "prompt_mismatch",

@@ -27,15 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import DataError, atomic_write_text
+from tinylm.tokenizer import Tokenizer, train_tokenizer
 
 TXT_SPLITS = ("blank", "line", "file")
 SHARD_VERSION = 1  # bump when the shard layout changes, so old caches are rebuilt
 BATCH_CHARS = 1 << 22  # about 4 MB of text per call to the tokenizer's parallel batch encoder
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file, the line and what was expected."""
 
 
 # -- reading documents --------------------------------------------------------------------------
@@ -67,6 +64,18 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     else:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; expected .txt, .jsonl, .json or .parquet")
     return (text for text in documents if text.strip())
+
+
+def train_tokenizer_from_files(
+    paths, vocab_size: int = 6400, text_field: str = "text", txt_split: str = "blank", *, cjk_merges: bool = False
+) -> Tokenizer:
+    """Train on the documents of .txt / .jsonl / .json / .parquet files (see ``read_documents``)."""
+
+    def documents():
+        for path in paths:
+            yield from read_documents(path, text_field=text_field, txt_split=txt_split)
+
+    return train_tokenizer(documents(), vocab_size, cjk_merges=cjk_merges)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -13,6 +13,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from tinylm.data.builtin_images import BACKGROUND
+from tinylm.infer.chat import IMAGE_PREFIX, chat_format_for
+from tinylm.infer.engine import SamplingSettings
+
 KINDS = ("colour", "shape", "count", "position")
 
 
@@ -36,9 +40,6 @@ def is_right(reply: str, record: dict) -> bool:
 
 def answer_questions(engine, records: list[dict], images: list, batch_size: int = 32) -> list[str]:
     """Greedy replies to each record's question about its image (``images[i]`` for record i)."""
-    from tinylm.infer.chat import IMAGE_PREFIX, chat_format_for
-    from tinylm.infer.engine import SamplingSettings
-
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     settings = chat_format.settings(SamplingSettings(max_new_tokens=16, temperature=0), engine.tokenizer)
     replies = []
@@ -71,8 +72,6 @@ def tally(records: list[dict], replies: list[str]) -> dict:
 def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -> dict:
     """Held-out accuracy per kind against chance, the blank-picture control, and a few examples."""
     from PIL import Image
-
-    from tinylm.data.builtin_images import BACKGROUND
 
     records = read_heldout(heldout_path)[:limit]
     replies = answer_questions(engine, records, [r["image_path"] for r in records])

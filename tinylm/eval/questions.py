@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from tinylm.data.builtin_chat import score_reply
 from tinylm.infer.engine import SamplingSettings
 
 BATCH = 64  # questions answered together: one left-padded batch through the engine
@@ -17,8 +18,6 @@ BATCH = 64  # questions answered together: one left-padded batch through the eng
 
 def chat_accuracy(engine, items, chat_format, max_new_tokens: int = 32, examples: int = 6) -> dict:
     """{"accuracy", "correct", "total", "by_kind": {"fact/en": share, ...}, "examples": [...]}."""
-    from tinylm.data.builtin_chat import score_reply
-
     replies = answer(engine, items, chat_format, max_new_tokens)
     verdicts = [score_reply(item, reply) for item, reply in zip(items, replies)]
     shown = [

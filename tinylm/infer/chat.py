@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
+from tinylm.chat_template import find_template
+from tinylm.image_processor import load_image
 from tinylm.infer.engine import SamplingSettings
 from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN
 
@@ -77,8 +79,6 @@ PLAIN = ChatFormat(render_plain, stop_strings=("\nUser:",))
 def chat_format_for(tokenizer, eos_token_ids=()) -> ChatFormat:
     """The model's own format: its tinylm template; else the Jinja ``chat_template`` a foreign model
     (a local Qwen or Llama directory) ships, stopping at its eos tokens; else PLAIN for a base model."""
-    from tinylm.chat_template import find_template
-
     jinja = getattr(tokenizer, "chat_template", None)
     if not jinja:
         return PLAIN
@@ -200,8 +200,6 @@ def has_image_markers(text: str) -> bool:
 
 def attach_image(engine, path: str):
     """The image at ``path``, read now so that a wrong path is reported at once, not mid-reply."""
-    from tinylm.data.images import load_image
-
     if engine.vlm is None:
         raise ValueError("this model has no vision tower, so it cannot see images (train one with tinylm vlm)")
     if not path:

@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
+from tinylm import modeldir
 from tinylm.device import resolve_device
 from tinylm.model.llama import CausalLM, KVCache, attention_mask
+from tinylm.model.vlm import expand_image_tags
 
 __all__ = [
     "Completion",
@@ -350,14 +352,8 @@ class Engine:
     ) -> Engine:
         """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
         vision-language model directory with its image processor too."""
-        from tinylm.model.vlm import is_vlm_dir, load_vlm_dir
-        from tinylm.modeldir import load_model_dir
-
-        if is_vlm_dir(path):
-            model, tokenizer, processor = load_vlm_dir(path, device=resolve_device(device), dtype=dtype)
-            return cls(model, tokenizer, compile=compile, processor=processor)
-        model, tokenizer = load_model_dir(path, device=resolve_device(device), dtype=dtype)
-        return cls(model, tokenizer, compile=compile)
+        loaded = modeldir.load(path, device=resolve_device(device), dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor)
 
     # -- the three ways in ----------------------------------------------------------------------
 
@@ -423,8 +419,6 @@ class Engine:
         ``images`` of them) becomes the image's run of placeholder tokens."""
         tokenizer = self._require_tokenizer("a text prompt")
         if self.vlm is not None:
-            from tinylm.model.vlm import expand_image_tags
-
             text = expand_image_tags(text, images, self.vlm.config.image_seq_length)
         elif images:
             raise ValueError("this model has no vision tower, so it cannot take images (train one with tinylm vlm)")

@@ -412,3 +412,23 @@ class CausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def tied_head_names(model: nn.Module) -> set[str]:
+    """The lm_head weights that are the embeddings themselves (a language model's, or one inside a
+    vision-language model), which are saved once, as the embeddings."""
+    if not model.config.tie_word_embeddings:
+        return set()
+    return {
+        name
+        for name, _ in model.named_parameters(remove_duplicate=False)
+        if name.split(".")[-2:] == ["lm_head", "weight"]
+    }
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to save: contiguous, on CPU, with a tied lm_head left out (transformers re-ties it)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for name in tied_head_names(model):
+        state.pop(name, None)
+    return state

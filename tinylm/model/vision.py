@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -223,44 +222,3 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
-
-
-VISION_PREFIXES = (
-    "vision_model.",
-    "model.vision_tower.vision_model.",
-    "model.vision_tower.",
-    "vision_tower.vision_model.",
-    "vision_tower.",
-)
-
-
-def load_vision_tower(directory: str | Path) -> VisionTransformer:
-    """A SigLIP or CLIP vision tower from a local transformers directory: a vision model alone, or the
-    vision half of a whole SigLIP/CLIP (or LLaVA) model. Only safetensors weights are read."""
-    from tinylm.modeldir import ModelDirError, load_weights, read_json
-
-    directory = Path(directory)
-    hf = read_json(directory / "config.json")
-    try:
-        config = VisionConfig.from_hf_dict(hf)
-    except (TypeError, ValueError) as e:
-        raise ModelDirError(f"{directory / 'config.json'}: not a SigLIP or CLIP vision config ({e})") from None
-    tower = VisionTransformer(config)
-    own = tower.state_dict()
-    state = {}
-    for name, tensor in load_weights(directory).items():
-        key = next((name[len(p) :] for p in VISION_PREFIXES if name.startswith(p)), name)
-        if key in own:
-            state[key] = tensor
-    missing = sorted(own.keys() - state.keys())
-    if missing:
-        raise ModelDirError(
-            f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != own[key].shape:
-            raise ModelDirError(
-                f"{directory}: {key} is {tuple(tensor.shape)}, config.json implies {tuple(own[key].shape)}"
-            )
-    tower.load_state_dict(state)
-    return tower

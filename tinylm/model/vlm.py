@@ -18,14 +18,12 @@ with ``model_type: llava`` and the vision and text configs inside, tensors named
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from tinylm.model.llama import CausalLM, ModelConfig
+from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict
 from tinylm.model.vision import CLIP, Projector, VisionConfig, VisionTransformer
 
 
@@ -160,8 +158,6 @@ class VisionLanguageModel(nn.Module):
 
 def llava_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     """The tensors under the names of transformers' LLaVA checkpoints."""
-    from tinylm.modeldir import model_state_dict
-
     state = {f"vision_tower.vision_model.{k}": v for k, v in model.vision_tower.state_dict().items()}
     state |= {f"multi_modal_projector.{k}": v for k, v in model.multi_modal_projector.state_dict().items()}
     for name, tensor in model_state_dict(model.language_model).items():
@@ -239,16 +235,7 @@ def ensure_image_token(language_model: CausalLM, tokenizer):
     a placeholder, replaced by image features before the model sees it."""
     index = tokenizer.token_to_id(IMAGE_TOKEN)
     if index is None:
-        from tokenizers import AddedToken
-        from tokenizers import Tokenizer as RustTokenizer
-
-        from tinylm.tokenizer import Tokenizer
-
-        rust = RustTokenizer.from_str(tokenizer.to_json())
-        rust.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-        tokenizer = Tokenizer(
-            rust, tokenizer.eos_token, tokenizer.bos_token, tokenizer.model_max_length, tokenizer.chat_template
-        )
+        tokenizer = tokenizer.with_special_tokens([IMAGE_TOKEN])
         index = tokenizer.token_to_id(IMAGE_TOKEN)
     rows = language_model.model.embed_tokens.weight.shape[0]
     if index >= rows:
@@ -270,98 +257,3 @@ def grow_vocabulary(model: CausalLM, size: int) -> None:
         model.lm_head.weight = nn.Parameter(torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)]))
     model.lm_head.out_features = size
     model.config.vocab_size = size
-
-
-# -- model directories --------------------------------------------------------------------------
-
-PROCESSOR_CONFIG = "processor_config.json"
-
-
-def is_vlm_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a vision-language model (config.json says llava)."""
-    config = Path(path) / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "llava"
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def processor_config(config: VLMConfig) -> dict:
-    """processor_config.json for transformers' LlavaProcessor: it expands ``image_token`` in a prompt to
-    the same number of tokens tinylm does (patches, plus CLIP's class token that the "default" strategy drops)."""
-    clip = config.vision.model_type == CLIP
-    return {
-        "processor_class": "LlavaProcessor",
-        "image_token": IMAGE_TOKEN,
-        "patch_size": config.vision.patch_size,
-        "vision_feature_select_strategy": "default" if clip else "full",
-        "num_additional_image_tokens": int(clip),
-    }
-
-
-def save_vlm_dir(model: VisionLanguageModel, out_dir: str | Path, tokenizer, processor) -> Path:
-    """Write a LLaVA model directory: config.json, model.safetensors, generation_config.json, the
-    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS.
-    Atomic, like every model directory."""
-    from safetensors.torch import save_file
-
-    from tinylm.modeldir import atomic_directory, generation_config, write_manifest
-
-    out_dir = Path(out_dir)
-    state = llava_state_dict(model)
-    hf = model.config.to_hf_dict()
-    hf["dtype"] = hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    with atomic_directory(out_dir) as scratch:
-        save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
-        (scratch / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (scratch / "generation_config.json").write_text(
-            json.dumps(generation_config(model.config.text), indent=2) + "\n"
-        )
-        tokenizer.save(scratch)
-        processor.save(scratch)
-        (scratch / PROCESSOR_CONFIG).write_text(
-            json.dumps(processor_config(model.config), indent=2) + "\n", encoding="utf-8"
-        )
-        write_manifest(scratch)
-    return out_dir
-
-
-def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None):
-    """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
-    language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
-    from tinylm.data.images import ImageProcessor
-    from tinylm.model.llama import rope_frequencies
-    from tinylm.modeldir import ModelDirError, load_weights, read_json, verify_manifest
-    from tinylm.tokenizer import Tokenizer
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
-    verify_manifest(directory)
-    try:
-        config = VLMConfig.from_hf_dict(read_json(directory / "config.json"))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ModelDirError):
-            raise
-        raise ModelDirError(f"{directory / 'config.json'}: {e}") from None
-    state = load_weights(directory)
-    try:
-        model = vlm_from_state_dict(config, state)
-    except ValueError as e:
-        if isinstance(e, ModelDirError):
-            raise
-        raise ModelDirError(f"{directory}: {e}") from None
-    saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = model.to(dtype or saved)  # as load_model_dir: the saved dtype unless told otherwise
-    model.language_model.inv_freq = rope_frequencies(config.text)  # kept in float32 whatever the weights' dtype
-    if device is not None:
-        model = model.to(device)
-    if not (directory / "tokenizer.json").is_file():
-        raise ModelDirError(f"{directory / 'tokenizer.json'}: missing; a vision-language model needs its tokenizer")
-    tokenizer = Tokenizer.load(directory)
-    if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
-        raise ModelDirError(
-            f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
-            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}"
-        )
-    return model.eval(), tokenizer, ImageProcessor.load(directory)

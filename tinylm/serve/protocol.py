@@ -20,8 +20,11 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tinylm.image_processor import load_image
+from tinylm.infer.chat import IMAGE_PREFIX
 from tinylm.infer.engine import SamplingSettings
 from tinylm.infer.scheduler import Request
+from tinylm.io import read_json
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the completions endpoint allows 5
@@ -65,8 +68,6 @@ class Defaults:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Defaults:
-        from tinylm.modeldir import read_json
-
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return cls()
@@ -407,8 +408,6 @@ def checked_text(text: str, where: str, server) -> str:
 
 def content_parts(parts: list, where: str, role: str, server, images: list) -> str:
     """An array of text and image_url parts → the message's text, with an image tag per picture."""
-    from tinylm.infer.chat import IMAGE_PREFIX
-
     pieces = []
     for j, part in enumerate(parts):
         here = f"{where}[{j}]"
@@ -438,8 +437,6 @@ def content_parts(parts: list, where: str, role: str, server, images: list) -> s
 def read_image_url(part: dict, where: str):
     """A picture from a ``data:image/...;base64,...`` URL (the server fetches nothing from the network)."""
     from PIL import Image
-
-    from tinylm.data.images import load_image
 
     fields = Fields(part, where)
     fields.refuse_unknown({"type", "image_url"})

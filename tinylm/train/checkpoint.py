@@ -22,14 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinylm.modeldir import (
-    ModelDirError,
-    atomic_directory,
-    model_state_dict,
-    tied_head_names,
-    verify_manifest,
-    write_manifest,
-)
+from tinylm.io import DataError, atomic_directory, verify_manifest, write_manifest
+from tinylm.model.llama import model_state_dict, tied_head_names
+from tinylm.modeldir import ModelDirError
 
 STEP_PREFIX = "step-"
 
@@ -121,7 +116,7 @@ def latest_checkpoint(run_dir) -> Path | None:
             if verify_manifest(path):
                 return path
             print(f"skipping checkpoint {path.name}: it has no SHA256SUMS, so it cannot be verified", file=sys.stderr)
-        except ModelDirError as e:
+        except DataError as e:
             print(f"skipping checkpoint {path.name}: {e}", file=sys.stderr)
     return None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tinylm.config import ConfigError, DistillConfig, PretrainConfig, SFTConfig, save_config
 from tinylm.modeldir import load_model_dir
+from tinylm.tokenizer import Tokenizer
 from tinylm.train.objectives import DistillLoss
 from tinylm.train.recipes import pretrain, sft
 from tinylm.train.trainer import FitResult
@@ -34,8 +35,6 @@ def check_same_tokenizer(teacher, student, teacher_dir, student_dir) -> None:
 
 def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
     """Train the student (``init_from``, or a new model of ``cfg.model``'s shape) against the teacher."""
-    from tinylm.tokenizer import Tokenizer
-
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher is not set: give the teacher model directory (--teacher DIR)")
     teacher, teacher_tokenizer = load_model_dir(cfg.distill.teacher)

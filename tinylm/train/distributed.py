@@ -9,6 +9,8 @@ its own share of the data.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,24 @@ def setup(device_name: str = "auto") -> Distributed:
     return Distributed(rank, world_size, device)
 
 
-def teardown() -> None:
+def teardown(wait: bool = True) -> None:
+    """Leave the process group. With ``wait``, first wait until every process has got here: a process
+    that destroys the group while a peer is still working (rank 0 saving the final model, say) can make
+    gloo abort that peer or itself ("terminate called without an active exception"), and torchrun then
+    kills the rest. After an error nobody waits, since the others may never arrive: torchrun stops them."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_name: str = "auto") -> Iterator[Distributed]:
+    """``setup`` on entry; on exit ``teardown``, waiting for the other processes unless the block failed."""
+    state = setup(device_name)
+    try:
+        yield state
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown(wait=True)

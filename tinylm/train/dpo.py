@@ -29,11 +29,20 @@ from pathlib import Path
 
 import torch
 
+from tinylm.chat_template import find_template, get_template
 from tinylm.config import ConfigError, DPOConfig, save_config
+from tinylm.data import builtin, builtin_chat
+from tinylm.data.builtin import World
+from tinylm.data.builtin_preference import preference_pairs
 from tinylm.data.packing import Encoded, SeededWalk, encode_for_training
+from tinylm.data.preference import read_preferences
 from tinylm.device import autocast_dtype
+from tinylm.eval.questions import chat_accuracy
+from tinylm.infer.chat import chat_format_for
+from tinylm.infer.engine import Engine
+from tinylm.io import atomic_write_text
+from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
-from tinylm.modeldir import atomic_write_text
 from tinylm.train import distributed
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
 from tinylm.train.recipes import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation
@@ -138,7 +147,6 @@ def reference_scorer(model, lora):
     """The reference's log π of a batch's answers, scored as the batch arrives: the model with its
     LoRA adapter switched off, or a frozen copy of the model as it is now."""
     if lora is not None:
-        from tinylm.model.lora import adapters_disabled
 
         def score(batch):
             with torch.no_grad(), adapters_disabled(model):
@@ -179,12 +187,7 @@ def pair_evaluator(pairs: list[EncodedPair], ref_logps, cfg: DPOConfig, pad_id: 
 
 def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
     """(training pairs, validation pairs, a line saying where they came from)."""
-    from tinylm.data.preference import read_preferences
-
     if cfg.data.source == "builtin":
-        from tinylm.data.builtin import World
-        from tinylm.data.builtin_preference import preference_pairs
-
         train, heldout = preference_pairs(World(cfg.data.builtin_seed))
         return (
             train,
@@ -201,8 +204,6 @@ def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
 
 
 def chat_template_of(cfg: DPOConfig, tokenizer):
-    from tinylm.chat_template import find_template, get_template
-
     if cfg.data.template:
         return get_template(cfg.data.template)
     template = find_template(tokenizer.chat_template)
@@ -219,8 +220,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     if not cfg.init_from:
         raise ConfigError("init_from is not set: give the chat model to align (--init MODEL_DIR)")
     run_dir = Path(out_dir)
-    dist = distributed.setup(cfg.train.device)
-    try:
+    with distributed.process_group(cfg.train.device) as dist:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
         check_context(cfg.train.seq_len, model.config)
@@ -288,17 +288,10 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             atomic_write_text(run_dir / "dpo.json", json.dumps(report, indent=2) + "\n")
             print(describe(report), file=sys.stderr)
         return final, result
-    finally:
-        distributed.teardown()
 
 
 def heldout_qa(model_dir, seed: int) -> float:
     """Accuracy on the built-in held-out chat questions: alignment must not cost the facts."""
-    from tinylm.data import builtin, builtin_chat
-    from tinylm.eval.questions import chat_accuracy
-    from tinylm.infer.chat import chat_format_for
-    from tinylm.infer.engine import Engine
-
     engine = Engine.from_dir(model_dir, device="cpu")
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     return chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)["accuracy"]

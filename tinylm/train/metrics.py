@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from tinylm.modeldir import atomic_write_text
+from tinylm.io import atomic_write_text
 
 
 class MetricsLog:

@@ -13,9 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinylm.chat_template import get_template
 from tinylm.config import ConfigError, PretrainConfig, SFTConfig, save_config
+from tinylm.data import builtin, builtin_chat
+from tinylm.data.chat import Conversation, read_conversations
+from tinylm.data.packing import RowBatches, encode_conversations, pack, real_tokens, rows_batch
+from tinylm.data.text import (
+    PackedWindows,
+    build_token_shards,
+    iter_eval_windows,
+    sources_fingerprint,
+    train_tokenizer_from_files,
+)
+from tinylm.eval.questions import answer, chat_accuracy, tally
+from tinylm.infer.chat import chat_format_for
+from tinylm.infer.engine import Engine
+from tinylm.io import atomic_write_text
 from tinylm.model.llama import CausalLM
-from tinylm.modeldir import atomic_write_text, load_model_dir, save_model_dir
+from tinylm.model.lora import add_lora
+from tinylm.model.quant import quantize_linear_layers
+from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
+from tinylm.tokenizer import Tokenizer
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
 from tinylm.train.trainer import FitResult, Task, fit, move
@@ -42,8 +60,6 @@ class WindowBatches:
 def corpus_files(cfg: PretrainConfig, run_dir: Path) -> list[Path]:
     """The text files to train on: the configured ones, or the built-in corpus written into the run."""
     if cfg.data.source == "builtin":
-        from tinylm.data import builtin
-
         return builtin.write_pretrain_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
     if cfg.data.source != "files":
         raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
@@ -54,9 +70,6 @@ def corpus_files(cfg: PretrainConfig, run_dir: Path) -> list[Path]:
 
 def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, main: bool):
     """Load the configured tokenizer, the one of ``init_from``, the run's own, or train a new one."""
-    from tinylm.data.text import sources_fingerprint
-    from tinylm.tokenizer import Tokenizer, train_tokenizer_from_files
-
     source = cfg.data.tokenizer or cfg.init_from
     if source:
         return Tokenizer.load(source)
@@ -94,8 +107,6 @@ def build_model(cfg: PretrainConfig, vocab_size: int, eos_id: int) -> CausalLM:
 
 def evaluator(val_bin: Path, meta: dict, seq_len: int, max_windows: int, dtype):
     """Validation loss (nats/token) and bits per byte over a fixed set of validation windows."""
-    from tinylm.data.text import iter_eval_windows
-
     windows = list(iter_eval_windows(val_bin, seq_len, dtype, max_windows))
     tokens_per_byte = meta["val_tokens"] / max(meta["val_bytes"], 1)
 
@@ -131,13 +142,10 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
     only the adapter trains. Returns the LoRAConfig, or None for full fine-tuning."""
     if not section.enabled:
         return None
-    from tinylm.model.lora import add_lora
 
     config = section.lora_config()
     total = model.num_parameters()
     if section.quantize == "nf4":
-        from tinylm.model.quant import quantize_linear_layers
-
         quantize_linear_layers(
             model, config.target_modules, block_size=section.block_size, double_quant=section.double_quant
         )
@@ -165,8 +173,6 @@ def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> Non
     if lora is None:
         save_model_dir(model, final, tokenizer=tokenizer)
     else:
-        from tinylm.model.lora import save_adapter
-
         save_adapter(
             model,
             lora,
@@ -185,13 +191,10 @@ def pretrain(
 ) -> tuple[Path, FitResult]:
     """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``.
     ``objective``: the loss (default: next-token cross-entropy; distillation passes its own)."""
-    from tinylm.data.text import PackedWindows, build_token_shards
-
     if cfg.lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
     run_dir = Path(out_dir)
-    dist = distributed.setup(cfg.train.device)
-    try:
+    with distributed.process_group(cfg.train.device) as dist:
         run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main:  # the built-in corpus is written once, then every process reads it
             corpus_files(cfg, run_dir)
@@ -250,8 +253,6 @@ def pretrain(
         if dist.is_main and not result.interrupted:
             save_final(model, tokenizer, final, lora, cfg.init_from)
         return final, result
-    finally:
-        distributed.teardown()
 
 
 # -- supervised fine-tuning ---------------------------------------------------------------------
@@ -263,9 +264,6 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
     With ``data.identity_name`` set (the identity recipe), the identity templates filled with that name
     and author are mixed in, and the built-in conversations answer "who are you?" with it too.
     """
-    from tinylm.data import builtin, builtin_chat
-    from tinylm.data.chat import Conversation, read_conversations
-
     name, author = identity(cfg)
     if cfg.data.source == "builtin" and name:
         found = builtin_chat.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
@@ -295,8 +293,6 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
 
 def identity(cfg: SFTConfig) -> tuple[str | None, str | None]:
     """(name, author) of the identity recipe, or (None, None) when it is off."""
-    from tinylm.data import builtin_chat
-
     if not cfg.data.identity_name:
         if cfg.data.identity_author:
             raise ConfigError("data.identity_author is set but data.identity_name is not: give both (--identity-name)")
@@ -308,10 +304,6 @@ def identity_report(engine, cfg: SFTConfig) -> dict:
     """How well the identity took: held-out paraphrased "who are you / who made you" questions answered
     with the new name or author, and how often replies to general questions mention the name (they
     should not: the model must not answer everything with its name)."""
-    from tinylm.data import builtin, builtin_chat
-    from tinylm.eval.questions import answer, chat_accuracy, tally
-    from tinylm.infer.chat import chat_format_for
-
     name, author = identity(cfg)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     asked = chat_accuracy(engine, builtin_chat.identity_questions(name, author), chat_format)
@@ -357,8 +349,6 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
 
 def row_evaluator(rows, batch_size: int, max_batches: int):
     """Validation loss (nats per assistant token) over packed validation rows."""
-    from tinylm.data.packing import rows_batch
-
     return loss_evaluator(len(rows), lambda picks: rows_batch(rows, picks), batch_size, max_batches)
 
 
@@ -387,14 +377,10 @@ def sft(
 ) -> tuple[Path, FitResult]:
     """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``.
     ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own)."""
-    from tinylm.chat_template import get_template
-    from tinylm.data.packing import RowBatches, encode_conversations, pack, real_tokens
-
     if not cfg.init_from:
         raise ValueError("init_from is not set: give the model directory to fine-tune (--init MODEL_DIR)")
     run_dir = Path(out_dir)
-    dist = distributed.setup(cfg.train.device)
-    try:
+    with distributed.process_group(cfg.train.device) as dist:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")
         check_context(cfg.train.seq_len, model.config)
@@ -440,8 +426,6 @@ def sft(
         if dist.is_main and not result.interrupted:
             save_final(model, tokenizer, final, lora, cfg.init_from)
             if cfg.data.identity_name:
-                from tinylm.infer.engine import Engine
-
                 measured = identity_report(Engine(model.eval(), tokenizer), cfg)
                 atomic_write_text(run_dir / "identity.json", json.dumps(measured, indent=2, ensure_ascii=False) + "\n")
                 print(
@@ -453,5 +437,3 @@ def sft(
                     file=sys.stderr,
                 )
         return final, result
-    finally:
-        distributed.teardown()

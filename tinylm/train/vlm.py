@@ -30,18 +30,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinylm.chat_template import get_template
 from tinylm.config import ConfigError, VLMStageConfig, save_config
+from tinylm.data.builtin_images import write_image_corpus
+from tinylm.data.image_data import read_coco_captions, read_image_conversations
+from tinylm.data.packing import SeededWalk, encode_for_training
+from tinylm.eval.images import heldout_report, render_heldout
+from tinylm.image_processor import PROCESSOR_FILE, ImageProcessor, load_image
+from tinylm.infer.engine import Engine
+from tinylm.io import atomic_write_text
+from tinylm.model.lora import merge_lora, restore_full_precision
 from tinylm.model.loss import IGNORE
-from tinylm.model.vlm import (
-    IMAGE_TAG,
-    VisionLanguageModel,
-    VLMConfig,
-    ensure_image_token,
-    expand_image_tags,
-    is_vlm_dir,
-    load_vlm_dir,
-)
-from tinylm.modeldir import atomic_write_text
+from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer
+from tinylm.model.vlm import IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
+from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vlm_dir
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.recipes import (
@@ -63,9 +65,6 @@ PIXEL_CACHE_BYTES = 1 << 30  # preprocessed images kept in memory between epochs
 
 def build_model(cfg: VLMStageConfig, stage: str):
     """(VisionLanguageModel in fp32, tokenizer, image processor) that ``stage`` starts from."""
-    from tinylm.data.images import PROCESSOR_FILE, ImageProcessor
-    from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer, load_vision_tower
-
     if not cfg.init_from:
         what = (
             "the language model to give eyes to"
@@ -167,8 +166,6 @@ def describe_trainable(model: VisionLanguageModel) -> str:
 def image_conversations(cfg: VLMStageConfig, stage: str, run_dir: Path) -> tuple[list, str]:
     """The samples of this stage (ImageConversation: messages with ``<image>`` tags + images) and a
     line saying where they came from."""
-    from tinylm.data.image_data import read_coco_captions, read_image_conversations
-
     data = cfg.data
     if data.source == "builtin":
         paths = builtin_corpus(cfg, run_dir)
@@ -193,8 +190,6 @@ def image_conversations(cfg: VLMStageConfig, stage: str, run_dir: Path) -> tuple
 
 
 def builtin_corpus(cfg: VLMStageConfig, run_dir: Path) -> dict[str, Path]:
-    from tinylm.data.builtin_images import write_image_corpus
-
     return write_image_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed, train=cfg.data.builtin_images)
 
 
@@ -215,8 +210,6 @@ def encode_samples(
 ) -> tuple[list[ImageExample], int, list[str]]:
     """Encode each sample with its image tags expanded; (examples, how many were too long, a few of
     their sources). A sample is never cut: that could separate image tokens from their image."""
-    from tinylm.data.packing import encode_for_training
-
     examples, too_long, where = [], 0, []
     for sample in samples:
         images = [m["content"].count(IMAGE_TAG) for m in sample.messages]
@@ -243,8 +236,6 @@ class PixelCache:
         self.store: dict[str | bytes, torch.Tensor] = {}
 
     def pixels(self, source, where: str) -> torch.Tensor:
-        from tinylm.data.images import load_image
-
         key = hashlib.sha256(source).digest() if isinstance(source, (bytes, bytearray)) else str(Path(source).resolve())
         found = self.store.get(key)
         if found is None:
@@ -292,8 +283,6 @@ class ImageBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        from tinylm.data.packing import SeededWalk
-
         self.walk = SeededWalk(len(examples), batch_size, seed=seed, rank=rank, world_size=world_size, what="samples")
         self.examples, self.pad_id, self.cache = examples, pad_id, cache
 
@@ -316,16 +305,12 @@ def train_vlm(
     """Stage ``pretrain`` or ``sft``: build or load the model, encode the samples, train, save
     ``out_dir/final`` (a LLaVA directory). On the built-in pictures stage 2 also answers the held-out
     questions and writes ``heldout.json``."""
-    from tinylm.chat_template import get_template
-    from tinylm.model.vlm import save_vlm_dir
-
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected pretrain or sft")
     if stage == "pretrain" and cfg.lora.enabled:
         raise ConfigError("lora is for stage 2 (tinylm vlm sft): in stage 1 the language model is frozen anyway")
     run_dir = Path(out_dir)
-    dist = distributed.setup(cfg.train.device)
-    try:
+    with distributed.process_group(cfg.train.device) as dist:
         run_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer, processor = build_model(cfg, stage)
         check_context(cfg.train.seq_len, model.config.text)
@@ -389,8 +374,6 @@ def train_vlm(
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             if lora is not None:
-                from tinylm.model.lora import merge_lora, restore_full_precision
-
                 if cfg.lora.quantize != "none":  # QLoRA trained over 4-bit weights; the merge uses the originals
                     restore_full_precision(model.language_model, load_vlm_dir(cfg.init_from)[0].language_model)
                 merge_lora(model.language_model)  # one LLaVA directory: the adapter folded into the language model
@@ -400,17 +383,12 @@ def train_vlm(
                 file=sys.stderr,
             )
             if stage == "sft" and cfg.data.source == "builtin":
-                from tinylm.eval.images import heldout_report, render_heldout
-                from tinylm.infer.engine import Engine
-
                 report = heldout_report(
                     Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"]
                 )
                 atomic_write_text(run_dir / "heldout.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
                 print(render_heldout(report), file=sys.stderr)
         return final, result
-    finally:
-        distributed.teardown()
 
 
 def vlm_pretrain(cfg: VLMStageConfig, out_dir, *, resume: bool = False, callbacks=()):

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinylm.io import read_json
+
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's numbering, which transformers' configs use
 PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -116,7 +118,5 @@ class ImageProcessor:
 
     @classmethod
     def load(cls, directory: str | Path) -> ImageProcessor:
-        from tinylm.modeldir import read_json
-
         path = Path(directory) / PROCESSOR_FILE
         return cls.from_hf_dict(read_json(path), str(path))
