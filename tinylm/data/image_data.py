@@ -58,24 +58,22 @@ from pathlib import Path
 
 from tinylm.data.chat import (
     MESSAGE_LISTS,
+    RECORD_FILES,
     ROLES,
-    FileReport,
-    ReadReport,
-    _as_object,
-    _check_text_only,
-    _field,
-    _kind,
-    _message_list,
-    _message_list_format,
-    _openai_turns,
-    _role_error,
-    _sharegpt_turns,
-    _Turn,
-    _validated,
-    _with_system_field,
-    read_records,
+    Turn,
+    as_object,
+    check_text_only,
+    get_field,
+    kind_of,
+    message_list,
+    message_list_format,
+    openai_turns,
+    role_error,
+    sharegpt_turns,
+    validate_turns,
+    with_system_field,
 )
-from tinylm.io import DataError
+from tinylm.io import DataError, ReadReport, read_records
 
 IMAGE_TAG = "<image>"
 XTUNER_TAG = "<IMG_CONTEXT>"
@@ -111,15 +109,13 @@ def read_image_conversations(
     for path in map(Path, paths):
         root = Path(image_root) if image_root is not None else path.parent
         found, part = read_records(
-            [path], lambda record, root=root: _normalize(record, root, checked, prompt), skip_bad
+            [path],
+            lambda record, root=root: _normalize(record, root, checked, prompt),
+            skip_bad,
+            **RECORD_FILES,
         )
         conversations += [ImageConversation(messages, images, where) for where, (messages, images) in found]
-        for name, file_report in part.files.items():  # the same file given twice adds up
-            total = report.files.setdefault(name, FileReport())
-            total.read.update(file_report.read)
-            total.skipped.update(file_report.skipped)
-            for reason, message in file_report.first_error.items():
-                total.first_error.setdefault(reason, message)
+        report.add(part)
     return conversations, report
 
 
@@ -128,19 +124,19 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
     if isinstance(record, list):  # a bare message list (XTuner's text-only records)
         record = {"messages": record}
     if not isinstance(record, dict):
-        raise DataError(f"{_kind(record)}; expected an object (an image-text record)", "wrong_type")
+        raise DataError(f"{kind_of(record)}; expected an object (an image-text record)", "wrong_type")
     image_field, sources = _image_sources(record)
-    _check_text_only({key: value for key, value in record.items() if key not in IMAGE_FIELDS})
+    check_text_only({key: value for key, value in record.items() if key not in IMAGE_FIELDS})
     caption_field = next((key for key in CAPTION_FIELDS if isinstance(record.get(key), str)), None)
     if any(key in record for key in MESSAGE_LISTS):
         record = _parsed_messages(record)
-        key, messages = _message_list(record)
+        key, messages = message_list(record)
         if _has_parts(messages):
             turns, part_sources = _xtuner_turns(record, key, messages)
             record_format, sources = "xtuner", sources + part_sources
             image_field = image_field or f"{key} image parts"
         else:
-            turns = (_sharegpt_turns if _message_list_format(messages) == "sharegpt" else _openai_turns)(record)
+            turns = (sharegpt_turns if message_list_format(messages) == "sharegpt" else openai_turns)(record)
             record_format = IMAGE_FIELDS[image_field] if image_field else "text"
     elif caption_field:
         if not sources:
@@ -148,11 +144,11 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
                 f"{caption_field}: a caption without an image; expected an 'image' or 'images' field", "missing_field"
             )
         caption = record[caption_field].strip()
-        turns = _with_system_field(
+        turns = with_system_field(
             record,
             [
-                _Turn("user", f"{IMAGE_TAG}\n" * len(sources) + prompt, "prompt", "prompt"),
-                _Turn("assistant", caption, caption_field, caption_field),
+                Turn("user", f"{IMAGE_TAG}\n" * len(sources) + prompt, "prompt", "prompt"),
+                Turn("assistant", caption, caption_field, caption_field),
             ],
         )
         record_format = "caption"
@@ -162,7 +158,7 @@ def _normalize(record, root: Path, checked: dict, prompt: str) -> tuple[str, tup
             "expected 'conversations' or 'messages', or 'image' with a 'caption'",
             "unknown_format",
         )
-    messages = _validated(turns)
+    messages = validate_turns(turns)
     tags = _check_tags(turns, messages)
     if image_field == "image" and len(sources) == 1 and isinstance(sources[0][1], str) and tags > 1:
         names = [name.strip() for name in sources[0][1].split(",")]  # MiniMind-V: "a.jpg, b.jpg"
@@ -197,7 +193,9 @@ def _image_source(item, label: str) -> bytes | str:
         return bytes(item)
     if isinstance(item, str) and item.strip():
         return item
-    raise DataError(f"{label}: {_kind(item)}; expected an image path, image bytes or {{'bytes', 'path'}}", "wrong_type")
+    raise DataError(
+        f"{label}: {kind_of(item)}; expected an image path, image bytes or {{'bytes', 'path'}}", "wrong_type"
+    )
 
 
 def _existing(name: str, label: str, root: Path, checked: dict) -> Path:
@@ -243,19 +241,19 @@ def _has_parts(messages) -> bool:
     )
 
 
-def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[_Turn], list[tuple[str, bytes | str]]]:
+def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[Turn], list[tuple[str, bytes | str]]]:
     """Turns with tags where the images go, and the images of the image parts (see the module docstring)."""
     turns, sources = [], []
     for index, message in enumerate(messages):
         label = f"{key}[{index}]"
-        message = _as_object(message, label)
-        role = _field(message, "role", label)
+        message = as_object(message, label)
+        role = get_field(message, "role", label)
         if role not in (*ROLES, "pretrain"):
-            raise _role_error(f"{label}.role", role, (*ROLES, "pretrain"))
+            raise role_error(f"{label}.role", role, (*ROLES, "pretrain"))
         content_field = f"{label}.content"
-        text, count, found = _parts(_field(message, "content", label), content_field)
+        text, count, found = _parts(get_field(message, "content", label), content_field)
         sources += found
-        text = text.replace(XTUNER_TAG, IMAGE_TAG) if isinstance(text, str) else text  # else: _validated says
+        text = text.replace(XTUNER_TAG, IMAGE_TAG) if isinstance(text, str) else text  # else: validate_turns says
         placeholders = text.count(IMAGE_TAG) if isinstance(text, str) else 0
         if count and placeholders not in (0, count):
             raise DataError(
@@ -271,13 +269,13 @@ def _xtuner_turns(record: dict, key: str, messages: list) -> tuple[list[_Turn], 
                 )
             caption = "\n".join(piece.strip() for piece in text.split(IMAGE_TAG) if piece.strip())
             turns += [
-                _Turn("user", "\n".join([IMAGE_TAG] * count), f"{label}.role", content_field),
-                _Turn("assistant", caption, f"{label}.role", content_field),
+                Turn("user", "\n".join([IMAGE_TAG] * count), f"{label}.role", content_field),
+                Turn("assistant", caption, f"{label}.role", content_field),
             ]
         else:
             text = f"{IMAGE_TAG}\n" * count + text if count and not placeholders else text
-            turns.append(_Turn(role, text, f"{label}.role", content_field))
-    return _with_system_field(record, turns), sources
+            turns.append(Turn(role, text, f"{label}.role", content_field))
+    return with_system_field(record, turns), sources
 
 
 def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | str]]]:
@@ -287,7 +285,7 @@ def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | st
     texts, count, sources = [], 0, []
     for index, part in enumerate(content):
         part_label = f"{label}[{index}]"
-        part = _as_object(part, part_label)
+        part = as_object(part, part_label)
         kind = part.get("type")
         if kind == "text":
             text = next((part[key] for key in ("text", "value") if part.get(key) is not None), None)
@@ -309,7 +307,7 @@ def _parts(content, label: str) -> tuple[object, int, list[tuple[str, bytes | st
     return "".join(texts), count, sources
 
 
-def _check_tags(turns: list[_Turn], messages: list[dict]) -> int:
+def _check_tags(turns: list[Turn], messages: list[dict]) -> int:
     """The number of image tags; an error if an assistant turn holds one."""
     for turn, message in zip(turns, messages):
         if message["role"] == "assistant" and IMAGE_TAG in message["content"]:
@@ -347,19 +345,19 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"invalid JSON ({e}); expected a COCO captions file", "invalid_json") from None
-    data = _as_object(data, "the top level")
+    data = as_object(data, "the top level")
     folder = _coco_image_dir(path) if image_dir is None else Path(image_dir)
     if not folder.is_dir():
         raise DataError(f"image_dir {folder}: no such folder", "missing_image")
     files = {}
     for index, image in enumerate(_coco_list(data, "images")):
-        image = _as_object(image, f"images[{index}]")
-        files[_field(image, "id", f"images[{index}]")] = _field(image, "file_name", f"images[{index}]")
+        image = as_object(image, f"images[{index}]")
+        files[get_field(image, "id", f"images[{index}]")] = get_field(image, "file_name", f"images[{index}]")
     conversations, checked = [], {}
     for index, annotation in enumerate(_coco_list(data, "annotations")):
         label = f"annotations[{index}]"
-        annotation = _as_object(annotation, label)
-        image_id = _field(annotation, "image_id", label)
+        annotation = as_object(annotation, label)
+        image_id = get_field(annotation, "image_id", label)
         if image_id not in files:
             raise DataError(f"{label}.image_id: {image_id!r} is not the id of any of 'images'", "missing_image")
         file = folder / files[image_id]
@@ -367,17 +365,17 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
             checked[file] = file.is_file()
         if not checked[file]:
             raise DataError(f"{label} (image_id {image_id}): image {file} not found", "missing_image")
-        caption = _field(annotation, "caption", label)
+        caption = get_field(annotation, "caption", label)
         turns = [
-            _Turn("user", f"{IMAGE_TAG}\n{prompt}", "prompt", "prompt"),
-            _Turn(
+            Turn("user", f"{IMAGE_TAG}\n{prompt}", "prompt", "prompt"),
+            Turn(
                 "assistant",
                 caption.strip() if isinstance(caption, str) else caption,
                 f"{label}.caption",
                 f"{label}.caption",
             ),
         ]
-        messages = _validated(turns)
+        messages = validate_turns(turns)
         if _check_tags(turns, messages) != 1:
             raise DataError(f"prompt {prompt!r}: holds an {IMAGE_TAG} tag; expected the one image only", "image_count")
         conversations.append(ImageConversation(messages, [file], f"{path}:annotation {index}"))
@@ -385,9 +383,9 @@ def _coco_captions(path: Path, image_dir, prompt: str) -> list[ImageConversation
 
 
 def _coco_list(data: dict, key: str) -> list:
-    value = _field(data, key)
+    value = get_field(data, key)
     if not isinstance(value, list):
-        raise DataError(f"{key}: {_kind(value)}; expected a list", "wrong_type")
+        raise DataError(f"{key}: {kind_of(value)}; expected a list", "wrong_type")
     return value
 
 

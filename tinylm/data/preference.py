@@ -44,23 +44,22 @@ from pathlib import Path
 
 from tinylm.data.chat import (
     MESSAGE_LISTS,
+    RECORD_FILES,
     ROLES,
     SHAREGPT_ROLES,
-    ReadReport,
-    _check_text_only,
-    _field,
-    _kind,
-    _message_list_format,
-    _openai_turns,
-    _role_error,
-    _sharegpt_turns,
-    _text_of_parts,
-    _Turn,
-    _validated,
-    _with_system_field,
-    read_records,
+    Turn,
+    check_text_only,
+    get_field,
+    kind_of,
+    message_list_format,
+    openai_turns,
+    role_error,
+    sharegpt_turns,
+    text_of_parts,
+    validate_turns,
+    with_system_field,
 )
-from tinylm.io import DataError
+from tinylm.io import DataError, ReadReport, read_records
 
 PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
 SIDES = ("chosen", "rejected")
@@ -95,7 +94,7 @@ def read_preferences(
         record_format, prompt, chosen, rejected = _normalize(record, format)
         return record_format, (prompt, chosen, rejected)
 
-    found, report = read_records(paths, normalize, skip_bad)
+    found, report = read_records(paths, normalize, skip_bad, **RECORD_FILES)
     return [PreferencePair(*pair, where) for where, pair in found], report
 
 
@@ -103,7 +102,7 @@ def detect_preference_format(record) -> str:
     """The format of one record: "llamafactory" when it has a message list ("conversations" or
     "messages"), else "minimind" when its "chosen" is a list of messages, "hh-rlhf" when a string."""
     if not isinstance(record, dict):
-        raise DataError(f"{_kind(record)}; expected an object (a preference record)", "wrong_type")
+        raise DataError(f"{kind_of(record)}; expected an object (a preference record)", "wrong_type")
     _check_not_kto(record)
     if any(key in record for key in MESSAGE_LISTS):
         return "llamafactory"
@@ -124,12 +123,12 @@ def _normalize(record, format: str) -> tuple[str, list[dict], str, str]:
     record_format = detect_preference_format(record) if format == "auto" else format
     if not isinstance(record, dict):
         raise DataError(
-            f"{_kind(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
+            f"{kind_of(record)}; expected an object with the fields of the {record_format} format", "wrong_type"
         )
     _check_not_kto(record)
-    _check_text_only(record)
+    check_text_only(record)
     chosen, rejected = READERS[record_format](record)
-    chosen_messages, rejected_messages = _validated(chosen), _validated(rejected)
+    chosen_messages, rejected_messages = validate_turns(chosen), validate_turns(rejected)
     _check_same_prompt(chosen[:-1], rejected[:-1])
     chosen_reply, rejected_reply = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
     if chosen_reply.strip() == rejected_reply.strip():
@@ -153,32 +152,32 @@ def _check_not_kto(record: dict) -> None:
         )
 
 
-def _minimind_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+def _minimind_sides(record: dict) -> tuple[list[Turn], list[Turn]]:
     """Two whole conversations, under "chosen" and "rejected"."""
     sides = []
     for side in SIDES:
-        messages = _field(record, side)
+        messages = get_field(record, side)
         if not isinstance(messages, list):
-            raise DataError(f"{side}: {_kind(messages)}; expected a list of messages", "wrong_type")
+            raise DataError(f"{side}: {kind_of(messages)}; expected a list of messages", "wrong_type")
         if not messages:
             raise DataError(
                 f"{side}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
             )
-        reader = _sharegpt_turns if _message_list_format(messages) == "sharegpt" else _openai_turns
+        reader = sharegpt_turns if message_list_format(messages) == "sharegpt" else openai_turns
         try:
             turns = reader(messages)  # a bare list: fields are labelled "[0].role", ...
         except DataError as e:
             raise DataError(f"{side}{e}", e.reason) from None
-        turns = [_Turn(t.role, t.content, side + t.role_field, side + t.content_field) for t in turns]
-        sides.append(_with_system_field(record, turns))
+        turns = [Turn(t.role, t.content, side + t.role_field, side + t.content_field) for t in turns]
+        sides.append(with_system_field(record, turns))
     return sides[0], sides[1]
 
 
-def _llamafactory_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+def _llamafactory_sides(record: dict) -> tuple[list[Turn], list[Turn]]:
     """The conversation (the prompt) followed by the "chosen" reply, and by the "rejected" one."""
     key = next((key for key in MESSAGE_LISTS if key in record), None)
-    sharegpt = key is not None and _message_list_format(record[key]) == "sharegpt"
-    prompt = (_sharegpt_turns if sharegpt else _openai_turns)(record)
+    sharegpt = key is not None and message_list_format(record[key]) == "sharegpt"
+    prompt = (sharegpt_turns if sharegpt else openai_turns)(record)
     if prompt[-1].role != "user":
         raise DataError(
             f"{prompt[-1].role_field}: the prompt ends with a {prompt[-1].role!r} message; expected it "
@@ -188,34 +187,34 @@ def _llamafactory_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
     return [*prompt, _reply(record, "chosen")], [*prompt, _reply(record, "rejected")]
 
 
-def _reply(record: dict, side: str) -> _Turn:
+def _reply(record: dict, side: str) -> Turn:
     """A reply given as a string, a ShareGPT message {from, value} or an OpenAI one {role, content}."""
-    reply = _field(record, side)
+    reply = get_field(record, side)
     if not isinstance(reply, dict):
-        return _Turn("assistant", reply, side, side)
+        return Turn("assistant", reply, side, side)
     if "from" in reply or "value" in reply:
-        speaker, content = _field(reply, "from", side), _field(reply, "value", side)
+        speaker, content = get_field(reply, "from", side), get_field(reply, "value", side)
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         role_field, content_field = f"{side}.from", f"{side}.value"
     else:
-        speaker = _field(reply, "role", side)
+        speaker = get_field(reply, "role", side)
         role = speaker if speaker in ROLES else None
         role_field, content_field = f"{side}.role", f"{side}.content"
-        content = _text_of_parts(_field(reply, "content", side), content_field)
+        content = text_of_parts(get_field(reply, "content", side), content_field)
     if role is None:
-        raise _role_error(role_field, speaker, ("assistant",))
+        raise role_error(role_field, speaker, ("assistant",))
     if role != "assistant":
         raise DataError(f"{role_field}: {speaker!r}; expected the assistant's reply", "alternation")
-    return _Turn(role, content, role_field, content_field)
+    return Turn(role, content, role_field, content_field)
 
 
-def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
+def _hh_sides(record: dict) -> tuple[list[Turn], list[Turn]]:
     """Two transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...", under "chosen" and "rejected"."""
     sides = []
     for side in SIDES:
-        text = _field(record, side)
+        text = get_field(record, side)
         if not isinstance(text, str):
-            raise DataError(f"{side}: {_kind(text)}; expected a string (a Human/Assistant transcript)", "wrong_type")
+            raise DataError(f"{side}: {kind_of(text)}; expected a string (a Human/Assistant transcript)", "wrong_type")
         parts = HH_MARKER.split(text.lstrip())
         if len(parts) < 3 or parts[0].strip():
             raise DataError(
@@ -225,7 +224,7 @@ def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
             )
         sides.append(
             [
-                _Turn(
+                Turn(
                     "user" if speaker == "Human" else "assistant",
                     content.strip(),
                     f"{side} turn {number} ({speaker})",
@@ -240,7 +239,7 @@ def _hh_sides(record: dict) -> tuple[list[_Turn], list[_Turn]]:
 READERS = {"minimind": _minimind_sides, "llamafactory": _llamafactory_sides, "hh-rlhf": _hh_sides}
 
 
-def _check_same_prompt(chosen: list[_Turn], rejected: list[_Turn]) -> None:
+def _check_same_prompt(chosen: list[Turn], rejected: list[Turn]) -> None:
     """A "prompt_mismatch" error naming the first prompt message where chosen and rejected differ."""
     for index in range(max(len(chosen), len(rejected))):
         a, b = (turns[index] if index < len(turns) else None for turns in (chosen, rejected))

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinylm.io import DataError, atomic_write_text
+from tinylm.io import DataError, atomic_write_text, iter_records, record_file_type
 from tinylm.tokenizer import Tokenizer, train_tokenizer
 
-TXT_SPLITS = ("blank", "line", "file")
 SHARD_VERSION = 1  # bump when the shard layout changes, so old caches are rebuilt
 BATCH_CHARS = 1 << 22  # about 4 MB of text per call to the tokenizer's parallel batch encoder
 
@@ -46,24 +45,30 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     - ``.jsonl``: one JSON object per line, the text in ``text_field``
     - ``.json``: a list of such objects
     - ``.parquet``: the string column ``text_field`` (needs pyarrow)
+    - ``.txt.gz``, ``.jsonl.gz``, ``.json.gz``: the same, gzip-compressed
+
+    A missing file or an unsupported type is an error at once; a bad record when it is reached.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        if txt_split not in TXT_SPLITS:
-            raise DataError(f"txt_split {txt_split!r}: expected one of {', '.join(TXT_SPLITS)}")
-        documents = _txt_documents(path, txt_split)
-    elif suffix == ".jsonl":
-        documents = _jsonl_documents(path, text_field)
-    elif suffix == ".json":
-        documents = _json_documents(path, text_field)
-    elif suffix == ".parquet":
-        documents = _parquet_documents(path, text_field)
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; expected .txt, .jsonl, .json or .parquet")
-    return (text for text in documents if text.strip())
+    columns = [text_field] if record_file_type(Path(path))[0] == ".parquet" else None
+    records = iter_records(path, txt_split=txt_split, columns=columns)
+    return (text for text in (_text_of(record, text_field, where) for where, record in records) if text.strip())
+
+
+def _text_of(record, field: str, where: str) -> str:
+    """The text of one record: a .txt document itself, or the ``field`` of a JSON object / parquet row."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, DataError):
+        raise DataError(f"{where}: {record}", record.reason)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
+    if field not in record:
+        raise DataError(f"{where}: no {field!r} field (found: {', '.join(map(repr, record)) or 'none'})")
+    text = record[field]
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        raise DataError(f"{where}: field {field!r} is {kind}, expected a string")
+    return text
 
 
 def train_tokenizer_from_files(
@@ -76,105 +81,6 @@ def train_tokenizer_from_files(
             yield from read_documents(path, text_field=text_field, txt_split=txt_split)
 
     return train_tokenizer(documents(), vocab_size, cjk_merges=cjk_merges)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line with its line ending) for each line of a UTF-8 file."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{number}: byte {raw[e.start]:#04x} at column {e.start + 1} is not valid UTF-8; "
-                    "expected UTF-8 text"
-                ) from None
-            yield number, line.removeprefix("\ufeff") if number == 1 else line
-
-
-def _chomp(line: str) -> str:
-    return line.removesuffix("\n").removesuffix("\r")
-
-
-def _txt_documents(path: Path, split: str) -> Iterator[str]:
-    if split == "file":
-        yield "".join(line for _, line in _lines(path))
-    elif split == "line":
-        yield from (_chomp(line) for _, line in _lines(path))
-    else:
-        block: list[str] = []
-        for _, line in _lines(path):
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield _chomp("".join(block))
-                block = []
-        if block:
-            yield _chomp("".join(block))
-
-
-def _text_of(record, field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(record).__name__}")
-    if field not in record:
-        raise DataError(f"{where}: no {field!r} field (found: {', '.join(map(repr, record)) or 'none'})")
-    text = record[field]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
-    return text
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno}); expected one object per line"
-            ) from None
-        yield _text_of(record, field, f"{path}:{number}")
-
-
-def _json_documents(path: Path, field: str) -> Iterator[str]:
-    raw = path.read_bytes()
-    try:
-        records = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: byte {raw[e.start]:#04x} is not valid UTF-8; expected UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        yield _text_of(record, field, f"{path}: item [{index}]")
-
-
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        table = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    schema = table.schema_arrow
-    if field not in schema.names:
-        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
-    kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{path}: column {field!r} holds {kind}, expected strings")
-    row = 0
-    for batch in table.iter_batches(columns=[field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is None:
-                raise DataError(f"{path}: row {row}: {field!r} is null, expected a string")
-            yield text
 
 
 # -- building shards ----------------------------------------------------------------------------
