@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from tinylm.config import PretrainConfig, load_config
-from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 from tinylm.model.llama import CausalLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tinylm" / "configs"

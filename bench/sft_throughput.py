@@ -12,7 +12,7 @@ way, as the conversations' lengths, and both sides train on exactly the same con
 Data. The built-in SFT conversations (``builtin_chat.sft_conversations(World(0))``, 2,880 of them) or
 ``--data FILE...`` (read with ``tinylm.data.chat.read_conversations``), rendered with the chat
 template (``--template``, default chatml) and fitted to ``--seq-len`` by
-``tinylm.data.packing.encode_conversations`` (which also makes the labels: the next token on assistant
+``tinylm.data.chat_rows.encode_conversations`` (which also makes the labels: the next token on assistant
 tokens, -100 elsewhere). The tokenizer is trained on the messages' text
 (``--vocab-size``), or comes with ``--model-dir``. All of this, and ``pack``, happens once, untimed.
 
@@ -83,7 +83,7 @@ from tinylm.chat_template import TEMPLATES, get_template  # noqa: E402
 from tinylm.config import PretrainConfig, SFTConfig, load_config  # noqa: E402
 from tinylm.data import builtin, builtin_chat  # noqa: E402
 from tinylm.data.chat import read_conversations  # noqa: E402
-from tinylm.data.packing import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens  # noqa: E402
+from tinylm.data.chat_rows import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens  # noqa: E402
 from tinylm.device import autocast_dtype, resolve_device  # noqa: E402
 from tinylm.model.llama import CausalLM  # noqa: E402
 from tinylm.model.loss import IGNORE  # noqa: E402

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import random
 import threading
@@ -17,6 +18,41 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Every record a training run wrote to its metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def logged(run_dir, key="loss") -> list:
+    """The values of ``key`` in a run's metrics.jsonl, from the records that have it, in order."""
+    return [record[key] for record in read_metrics(run_dir) if key in record]
+
+
+def wait_until(condition, what: str, timeout: float = 10.0, interval: float = 0.002):
+    """Poll ``condition()`` until it returns something true, and return that; fail the test, saying
+    what was awaited, if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    """Each file under ``directory`` by its relative path: its SHA-256."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def unchanged(directory: Path, before: dict[str, str]) -> None:
+    """A session-wide model is shared by many tests: none of them may write into it."""
+    assert fingerprint(directory) == before, f"a test changed the shared model directory {directory}"
 
 
 @pytest.fixture
@@ -84,7 +120,40 @@ def base_and_chats(tmp_path_factory):
         )
         == 0
     )
-    return root, base / "final", chats
+    before = fingerprint(root)
+    yield root, base / "final", chats
+    unchanged(root, before)
+
+
+@pytest.fixture(scope="session")
+def trained_base(base_and_chats, tmp_path_factory):
+    """The same tiny base trained for longer (150 steps at a high learning rate), trained once and shared
+    by the LoRA, DPO and distillation tests. An adapter needs it: the frozen embeddings and final norm of
+    a barely trained 32-wide model cap its logits near zero, and then nothing can learn. Read-only: a test
+    that writes into a model directory copies it first."""
+    from tinylm.cli import main
+
+    root, _, _ = base_and_chats
+    run = tmp_path_factory.mktemp("trained-base") / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(run),
+                *TINY_MODEL,
+                *TRAIN,
+                "--train.max_steps=150",
+                "--train.lr=0.01",
+                "--data.source=files",
+                f"--data.files=[{root / 'text.jsonl'}]",
+            ]
+        )
+        == 0
+    )
+    before = fingerprint(run)
+    yield run / "final"
+    unchanged(run, before)
 
 
 # -- a live tinylm server on loopback (the serving tests, and the browser test) -----------------
@@ -148,10 +217,7 @@ class LiveServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 30
-        while not self.uvicorn.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: self.uvicorn.started, "the server to start", timeout=30)
         return self
 
     def __exit__(self, *exc):

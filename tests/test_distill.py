@@ -1,11 +1,9 @@
 """Distillation: the loss, `tinylm distill` on text and on conversations, and the tokenizer check."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRAIN
+from conftest import TRAIN, logged
 
 from tinylm.cli import main
 from tinylm.model.llama import CausalLM, ModelConfig
@@ -17,38 +15,33 @@ STUDENT = (
 )
 
 
-def val_loss(run):
-    return [
-        r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
-    ][-1]
-
-
 @pytest.fixture(scope="module")
-def teacher(base_and_chats):
-    """A teacher four times the student's width, trained on the colour sentences."""
+def teacher(base_and_chats, tmp_path_factory):
+    """A teacher four times the student's width, trained on the colour sentences. Not the shared trained
+    base (32 wide): a student learns measurably more from this one (validation loss 1.459 against 1.489
+    alone, where the 32-wide base gives 1.483)."""
     root, _, _ = base_and_chats
-    run = root / "teacher"
-    if not (run / "final").exists():
-        assert (
-            main(
-                [
-                    "pretrain",
-                    "--out",
-                    str(run),
-                    "--model.hidden_size=64",
-                    "--model.num_hidden_layers=2",
-                    "--model.num_attention_heads=4",
-                    "--model.num_key_value_heads=2",
-                    "--data.vocab_size=300",
-                    *TRAIN,
-                    "--train.max_steps=150",
-                    "--train.lr=0.01",
-                    "--data.source=files",
-                    f"--data.files=[{root / 'text.jsonl'}]",
-                ]
-            )
-            == 0
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(run),
+                "--model.hidden_size=64",
+                "--model.num_hidden_layers=2",
+                "--model.num_attention_heads=4",
+                "--model.num_key_value_heads=2",
+                "--data.vocab_size=300",
+                *TRAIN,
+                "--train.max_steps=150",
+                "--train.lr=0.01",
+                "--data.source=files",
+                f"--data.files=[{root / 'text.jsonl'}]",
+            ]
         )
+        == 0
+    )
     return run / "final", root / "text.jsonl"
 
 
@@ -111,7 +104,7 @@ def test_distilled_student_beats_the_same_student_on_data_alone(teacher, tmp_pat
     assert (tmp_path / "distilled" / "final" / "model.safetensors").exists() and (
         tmp_path / "distilled" / "distill.yaml"
     ).exists()
-    assert val_loss(tmp_path / "distilled") < val_loss(tmp_path / "alone")
+    assert logged(tmp_path / "distilled", "val_loss")[-1] < logged(tmp_path / "alone", "val_loss")[-1]
 
 
 def test_distill_on_conversations(teacher, base_and_chats, tmp_path):
@@ -140,7 +133,7 @@ def test_distill_on_conversations(teacher, base_and_chats, tmp_path):
     )
     assert (run / "final" / "chat_template.jinja").exists()  # SFT's pipeline: the chat template was attached
     assert "corpus: chat" in (run / "distill.yaml").read_text()
-    val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    val = logged(run, "val_loss")
     assert len(val) == 2 and val[-1] < 0.9 * val[0]  # the assistant's answers are being learned
 
 

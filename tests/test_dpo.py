@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import NAMES, TINY_MODEL, TRAIN
+from conftest import NAMES, TRAIN, read_metrics
 
 from tinylm.chat_template import TEMPLATES, find_template, get_template
 from tinylm.cli import main
@@ -17,38 +17,19 @@ from tinylm.train.dpo import encode_pairs, final_answer_only, pairs_batch
 from tinylm.train.objectives import PreferenceLoss, preference_losses
 
 
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
-def chat_and_pairs(base_and_chats):
-    """A tiny chat model that knows who likes which colour, and pairs preferring the right colour."""
-    root, _, chats = base_and_chats
-    base = root / "dpo-base"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--out",
-                str(base),
-                *TINY_MODEL,
-                *TRAIN,
-                "--train.max_steps=150",
-                "--train.lr=0.01",
-                "--data.source=files",
-                f"--data.files=[{root / 'text.jsonl'}]",
-            ]
-        )
-        == 0
-    )
-    chat = root / "dpo-chat"
+def chat_and_pairs(trained_base, base_and_chats, tmp_path_factory):
+    """A tiny chat model that knows who likes which colour (the shared trained base, fine-tuned), and
+    pairs preferring the right colour."""
+    _, _, chats = base_and_chats
+    root = tmp_path_factory.mktemp("dpo")
+    chat = root / "chat"
     assert (
         main(
             [
                 "sft",
                 "--init",
-                str(base / "final"),
+                str(trained_base),
                 "--data",
                 str(chats),
                 "--out",
@@ -155,7 +136,7 @@ def test_dpo_raises_the_margin_and_logs_rewards(chat_and_pairs, tmp_path, capsys
     assert main(dpo_args(chat, pairs, run, "--train.max_steps=40")) == 0
     err = capsys.readouterr().err
     assert "read llamafactory 200" in err and "held-out pairs: the model prefers the chosen answer" in err
-    logged = metrics(run)
+    logged = read_metrics(run)
     train = [r for r in logged if "loss" in r]
     assert {"rewards/chosen", "rewards/rejected", "margin", "accuracy", "prefers_chosen"} <= train[-1].keys()
     assert train[-1]["margin"] > train[0]["margin"] and train[-1]["loss"] < math.log(2)
@@ -177,7 +158,7 @@ def test_precomputed_reference_trains_like_the_live_one(chat_and_pairs, tmp_path
     chat, pairs = chat_and_pairs
     assert main(dpo_args(chat, pairs, tmp_path / "live", "--train.max_steps=6")) == 0
     assert main(dpo_args(chat, pairs, tmp_path / "pre", "--train.max_steps=6", "--precompute-ref")) == 0
-    live, pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
     for a, b in zip(live, pre):
         for key in ("loss", "margin", "val_loss"):
             if key in a:
@@ -208,7 +189,7 @@ def test_dpo_with_lora_uses_the_base_as_reference(chat_and_pairs, tmp_path, meth
         == 0
     )
     assert (run / "final" / "adapter_config.json").exists() and not (run / "final" / "model.safetensors").exists()
-    train = [r for r in metrics(run) if "loss" in r]
+    train = [r for r in read_metrics(run) if "loss" in r]
     # step 1 is scored before any update: the reference is the adapter-free (for QLoRA: 4-bit) base, so
     # every reward is exactly 0, whether it is scored live or was scored up front
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["rewards/chosen"] == pytest.approx(
@@ -242,7 +223,7 @@ def test_reference_free_losses_train(chat_and_pairs, tmp_path, loss):
     chat, pairs = chat_and_pairs
     beta = "2.0" if loss == "simpo" else "0.5"
     assert main(dpo_args(chat, pairs, tmp_path / loss, "--train.max_steps=30", "--loss", loss, "--beta", beta)) == 0
-    val = [r for r in metrics(tmp_path / loss) if "val_accuracy" in r]
+    val = [r for r in read_metrics(tmp_path / loss) if "val_accuracy" in r]
     assert val[-1]["val_margin"] > val[0]["val_margin"] and val[-1]["val_accuracy"] >= 0.9
 
 

@@ -8,8 +8,10 @@ end to end on real data, not that the model learned anything worth having.
 
 import gzip
 import json
+import math
 
 import pytest
+from conftest import read_metrics
 
 from tinylm.cli import main
 from tinylm.data.preference import read_preferences
@@ -121,9 +123,15 @@ def test_dpo_on_real_pairs_grows_the_margin(base, name, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert f"read {fmt} " in err, err
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(run)
     margins = [r["margin"] for r in logged if "margin" in r]
     assert margins[-1] > margins[0] and margins[-1] > 0, margins
+    # the held-out pairs were scored before training, where the policy is its own reference (every reward
+    # 0, the loss log 2), and after it: the report's "after" is the last evaluation the run logged, at step 24
     report = json.loads((run / "dpo.json").read_text())
-    assert report["after"]["val_accuracy"] >= 0 and "val_margin" in report["after"]  # the held-out pairs were scored
+    before, after = report["before"], report["after"]
+    assert before["val_loss"] == pytest.approx(math.log(2)), before
+    assert before["val_margin"] == pytest.approx(0, abs=1e-6), before
+    (last,) = [r for r in logged if "val_loss" in r]
+    assert last["step"] == 24 and after == {k: v for k, v in last.items() if k != "step"} and after != before
     assert (run / "final" / "model.safetensors").exists()

@@ -7,16 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.infer.engine import (
-    Engine,
-    IncrementalDecoder,
-    SamplingSettings,
-    StopStringMatcher,
-    apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
-    sample_next,
-)
+from tinylm.infer.engine import Engine, IncrementalDecoder, StopStringMatcher
+from tinylm.infer.sampling import SamplingSettings, apply_repetition_penalty, sample_next, truncate
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.modeldir import save_model_dir
 from tinylm.tokenizer import train_tokenizer
@@ -136,6 +128,14 @@ def test_repetition_penalty_follows_ctrl_rule():
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]
 
 
+def apply_top_k(logits, k):
+    return truncate(logits, torch.tensor([k]), torch.tensor([1.0]))
+
+
+def apply_top_p(logits, p):
+    return truncate(logits, torch.tensor([0]), torch.tensor([p]))
+
+
 def test_top_k_keeps_k_largest():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     assert torch.isinf(apply_top_k(logits, 2)).tolist() == [[True, False, False, True]]
@@ -144,12 +144,21 @@ def test_top_k_keeps_k_largest():
 
 def test_top_p_keeps_smallest_nucleus():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda p: (~torch.isinf(apply_top_p(logits, p))).sum().item()  # noqa: E731
+
+    def kept(p):
+        return (~torch.isinf(apply_top_p(logits, p))).sum().item()
+
     assert kept(0.7) == 2  # 0.5 alone is not enough, 0.5 + 0.3 is
     assert kept(0.85) == 3
     assert kept(1e-6) == 1  # the most likely token always stays
     shuffled = logits[:, [2, 0, 3, 1]]  # the rule depends on probabilities, not on positions
     assert torch.isinf(apply_top_p(shuffled, 0.7)).tolist() == [[True, False, True, False]]
+
+
+def test_top_k_and_top_p_are_per_row():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]] * 3)
+    kept = ~torch.isinf(truncate(logits, torch.tensor([1, 0, 3]), torch.tensor([1.0, 1e-6, 1.0])))
+    assert kept.tolist() == [[False, True, False, False], [False, True, False, False], [False, True, True, True]]
 
 
 def test_temperature_sharpens_and_flattens():

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY_MODEL, TRAIN
+from conftest import TRAIN, logged
 from safetensors.torch import load_file
 
 from tinylm.cli import main
@@ -19,37 +19,8 @@ LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8"]
 IDS = torch.tensor([[5, 9, 30, 2, 77, 41]])
 
 
-@pytest.fixture(scope="module")
-def trained_base(base_and_chats):
-    """The tiny base trained longer: an adapter steers the hidden states, but the frozen embeddings and
-    final norm of a barely trained 32-wide model cap its logits near zero, and then nothing can learn."""
-    root, _, chats = base_and_chats
-    run = root / "trained-base"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--out",
-                str(run),
-                *TINY_MODEL,
-                *TRAIN,
-                "--train.max_steps=150",
-                "--train.lr=0.01",
-                "--data.source=files",
-                f"--data.files=[{root / 'text.jsonl'}]",
-            ]
-        )
-        == 0
-    )
-    return run / "final", chats
-
-
-def val_losses(run):
-    return [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-
-
-def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path, capsys):
-    base, chats = trained_base
+def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, base_and_chats, tmp_path, capsys):
+    base, chats = trained_base, base_and_chats[2]
     base_weights = (base / "model.safetensors").read_bytes()
     run = tmp_path / "lora"
     assert (
@@ -78,7 +49,7 @@ def test_sft_lora_trains_an_adapter_that_chats_and_merges(trained_base, tmp_path
     }
     assert not (final / "model.safetensors").exists() and (base / "model.safetensors").read_bytes() == base_weights
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
-    val = val_losses(run)
+    val = logged(run, "val_loss")
     assert val[-1] < 0.85 * val[0]  # the adapter alone learns the answers
 
     # the adapter directory loads as a model (base + adapter merged), with the chat template and stop tokens of the run
@@ -165,8 +136,8 @@ def test_lora_options_are_checked(base_and_chats, tmp_path, capsys):
     assert "rank >= 1" in capsys.readouterr().err
 
 
-def test_qlora_trains_an_adapter_over_a_4bit_base(trained_base, tmp_path, capsys):
-    base, chats = trained_base
+def test_qlora_trains_an_adapter_over_a_4bit_base(trained_base, base_and_chats, tmp_path, capsys):
+    base, chats = trained_base, base_and_chats[2]
     run = tmp_path / "qlora"
     assert (
         main(
@@ -193,7 +164,7 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(trained_base, tmp_path, capsys
         == 0
     )
     assert "over a 4-bit NF4 base (double quantized)" in capsys.readouterr().err
-    val = val_losses(run)
+    val = logged(run, "val_loss")
     assert val[-1] < 0.85 * val[0]
     assert json.loads((run / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert main(["merge", str(base), str(run / "final"), str(tmp_path / "merged")]) == 0
@@ -231,12 +202,12 @@ def test_lora_over_nf4_disables_and_merges():
     assert torch.allclose(adapted, merged, atol=1e-4) and not torch.allclose(adapted, quantized_base, atol=1e-3)
 
 
-def test_peft_loads_the_adapter_a_run_wrote(trained_base, tmp_path):
+def test_peft_loads_the_adapter_a_run_wrote(trained_base, base_and_chats, tmp_path):
     """The output of `tinylm sft --lora` is a PEFT adapter: PeftModel on the transformers-loaded base
     (the path adapter_config.json names) gives tinylm's logits."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    base, chats = trained_base
+    base, chats = trained_base, base_and_chats[2]
     run = tmp_path / "lora"
     assert (
         main(

@@ -50,7 +50,7 @@ def test_truncated_file_is_named(tmp_path):
 
 
 def test_missing_directory_and_wrong_weights(tmp_path):
-    with pytest.raises(ModelDirError, match="not a model directory"):
+    with pytest.raises(ModelDirError, match="no such model directory"):
         load_model_dir(tmp_path / "nowhere")
     save_model_dir(tiny_model(), tmp_path / "m")
     (tmp_path / "m" / "SHA256SUMS").unlink()  # a hand-edited directory without manifest

@@ -2,30 +2,34 @@
 alone; per-request sampling, penalties, log-probabilities, n choices and cancellation."""
 
 import threading
-import time
 
 import pytest
 import torch
 
+from tests.conftest import wait_until
 from tests.test_engine import greedy, make_model, recompute_greedy
-from tinylm.infer.engine import Engine, SamplingSettings
-from tinylm.infer.scheduler import QueueFull, Request, Scheduler, sample_rows
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings, sample_rows
+from tinylm.infer.scheduler import QueueFull, Request, Scheduler
 from tinylm.tokenizer import train_tokenizer
 
 
 class Collector:
-    """Gathers one request's events; ``wait()`` returns once every choice finished (or it failed)."""
+    """Gathers one request's events: ``started`` is set by the first, ``wait()`` returns once every choice
+    finished (or it failed). With ``pause_after``, the callback holds the scheduler's thread when choice 0
+    has that many tokens, sets ``paused`` and waits for ``resume``: the test acts at a known token."""
 
-    def __init__(self, n=1, delay=0.0):
+    def __init__(self, n=1, pause_after=None):
         self.tokens = [[] for _ in range(n)]
         self.texts = [[] for _ in range(n)]
         self.logprobs = [[] for _ in range(n)]
         self.finish = [None] * n
         self.error = None
-        self.done = threading.Event()
-        self.delay = delay
+        self.started, self.done = threading.Event(), threading.Event()
+        self.pause_after, self.paused, self.resume = pause_after, threading.Event(), threading.Event()
 
     def __call__(self, event):
+        self.started.set()
         if event.error is not None:
             self.error = event.error
             self.done.set()
@@ -37,7 +41,12 @@ class Collector:
             self.finish[event.index] = event.finish_reason
             if all(self.finish):
                 self.done.set()
-        time.sleep(self.delay)
+        if event.index == 0 and len(self.tokens[0]) == self.pause_after:
+            self.paused.set()
+            self.resume.wait(timeout=30)
+
+    def wait_started(self, timeout=30):
+        assert self.started.wait(timeout), "the request never started"
 
     def wait(self, timeout=60):
         assert self.done.wait(timeout), "the request never finished"
@@ -67,12 +76,13 @@ def test_requests_joining_and_leaving_get_what_they_would_get_alone(engine):
         collectors = []
         for i, prompt in enumerate(PROMPTS):
             collectors.append(run(scheduler, prompt, greedy(8 + 3 * i)))
-            time.sleep(0.01 * (i % 2))
+            if i % 2:  # two arrive together, then the next two once these run
+                collectors[-1].wait_started()
         for prompt, collector, i in zip(PROMPTS, collectors, range(len(PROMPTS))):
             collector.wait()
             assert collector.tokens[0] == recompute_greedy(engine.model, prompt, 8 + 3 * i)
             assert collector.finish == ["length"]
-        assert scheduler.stats()["running"] == 0
+        wait_until(lambda: scheduler.stats()["running"] == 0, "the finished requests to leave their slots")
         assert scheduler.steps < sum(8 + 3 * i for i in range(len(PROMPTS)))  # steps were shared
     finally:
         scheduler.close()
@@ -118,17 +128,19 @@ def test_n_choices_share_a_prompt_and_differ(engine):
 def test_cancel_frees_the_slot_and_leaves_others_alone(engine):
     scheduler = Scheduler(engine, max_batch=2)
     try:
-        slow = Collector(delay=0.002)
+        slow = Collector(pause_after=3)
         ticket = scheduler.submit(Request(PROMPTS[0], greedy(80)), slow)
         other = run(scheduler, PROMPTS[3], greedy(30))
-        while len(slow.tokens[0]) < 3:
-            time.sleep(0.001)
-        ticket.cancel()
+        try:
+            assert slow.paused.wait(30), "the request never got its third token"
+            ticket.cancel()  # while its third token is being handed over
+        finally:
+            slow.resume.set()
         waiting = run(scheduler, PROMPTS[4], greedy(12))  # needs the cancelled request's slot
         assert other.wait().tokens[0] == recompute_greedy(engine.model, PROMPTS[3], 30)
         assert waiting.wait().tokens[0] == recompute_greedy(engine.model, PROMPTS[4], 12)
-        assert slow.finish == [None] and len(slow.tokens[0]) < 80
-        assert scheduler.stats()["running"] == 0
+        assert slow.finish == [None] and slow.tokens[0] == recompute_greedy(engine.model, PROMPTS[0], 3)
+        wait_until(lambda: scheduler.stats()["running"] == 0, "the finished requests to leave their slots")
     finally:
         scheduler.close()
 
@@ -224,10 +236,7 @@ def test_a_failing_callback_does_not_stop_the_others(engine):
         scheduler.submit(Request(PROMPTS[0], greedy(20)), broken)
         ok = run(scheduler, PROMPTS[1], greedy(20))
         assert ok.wait().tokens[0] == recompute_greedy(engine.model, PROMPTS[1], 20)
-        deadline = time.time() + 5
-        while scheduler.stats()["running"] and time.time() < deadline:
-            time.sleep(0.01)
-        assert scheduler.stats()["running"] == 0
+        wait_until(lambda: scheduler.stats()["running"] == 0, "the request whose callback failed to leave its slot")
     finally:
         scheduler.close()
 
@@ -291,7 +300,8 @@ def test_on_cuda_requests_joining_and_leaving_match_the_engine(dtype):
         collectors = []
         for i, prompt in enumerate(prompts):
             collectors.append(run(scheduler, prompt, greedy(48)))
-            time.sleep(0.002 * (i % 3))
+            if i % 3:  # the first two of every three arrive together, the third once the second runs
+                collectors[-1].wait_started()
         same = sum(c.wait().tokens[0] == a for c, a in zip(collectors, alone))
         assert same == 12 if dtype == torch.float32 else same >= 9, same
     finally:

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN
+from conftest import TRAIN, logged
 
 from tinylm.chat_template import get_template
 from tinylm.cli import main
 from tinylm.infer.chat import PLAIN, chat_format_for, jinja_renderer
-from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 from tinylm.modeldir import load_model_dir
 
 
@@ -36,7 +37,7 @@ def test_sft_turns_a_base_model_into_a_chat_model(base_and_chats, tmp_path, caps
     )
     err = capsys.readouterr().err
     assert "read openai 300" in err and "rows of 64" in err
-    val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    val = logged(run, "val_loss")
     assert len(val) == 3 and val[-1] < 0.6 * val[0]  # the answers are being learned
     assert (run / "final" / "chat_template.jinja").exists()
 
@@ -261,7 +262,8 @@ def test_identity_recipe_mixes_in_the_name_and_measures_it(base_and_chats, tmp_p
     assert "identity: 144 conversations naming 'Nova' by 'Ada Lab'" in err
     measured = json.loads((run / "identity.json").read_text(encoding="utf-8"))
     assert measured["name"] == "Nova" and measured["identity_questions"] == 16 and measured["general_questions"] > 100
-    assert 0 <= measured["identity_accuracy"] <= 1 and 0 <= measured["general_mentioning_name"] <= 1
+    # three steps teach the name nothing yet (the replies are still empty), and the measurement credits nothing
+    assert measured["identity_accuracy"] == 0 and measured["general_mentioning_name"] == 0
     # what the run measured is what the saved model does
     from tinylm.config import SFTConfig, load_config
     from tinylm.train.recipes import identity_report

@@ -15,9 +15,13 @@ import json
 import re
 
 import pytest
+from conftest import read_metrics
 
 from tinylm.cli import main
 from tinylm.data.chat import read_conversations
+from tinylm.infer.chat import chat_format_for
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 
 pytestmark = pytest.mark.realdata
 
@@ -120,7 +124,7 @@ def finetune(runs, base, files, name: str, fmt: str, out, capsys) -> dict:
             )
             == 0
         )
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(out)
         runs[name, fmt] = {
             "err": capsys.readouterr().err,
             "train": [r["loss"] for r in records if "loss" in r],
@@ -218,5 +222,10 @@ def test_scripted_chat_answers_every_prompt_of_a_fine_tuned_model(runs, base, sf
     assert f"wrote {len(prompts)} answers" in capsys.readouterr().err
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in records] == prompts  # one record per prompt, in order
-    assert all(isinstance(r["answer"], str) and r["finish_reason"] in ("stop", "length") for r in records)
+    # each answer is the model's greedy reply in its chat template, stopped where the model stops
+    engine = Engine.from_dir(model, device="cpu")
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    settings = chat_format.settings(SamplingSettings(max_new_tokens=32, temperature=0), engine.tokenizer)
+    replies = engine.run([chat_format.render([{"role": "user", "content": p}]) for p in prompts], settings)
+    assert [(r["answer"], r["finish_reason"]) for r in records] == [(c.text.strip(), c.finish_reason) for c in replies]
     print("\n".join(f"{r['prompt']!r} -> {r['answer']!r} ({r['finish_reason']})" for r in records))

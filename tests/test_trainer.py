@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 from safetensors.torch import load_file
 from train_worker import make_task, train_config
 
@@ -35,7 +36,7 @@ def run_worker(run_dir, mode, *pairs, torchrun=False):
 def test_loss_falls_and_metrics_are_logged(tmp_path):
     task = make_task(batch_size=8)
     result = fit(task, train_config(max_steps=60, save_every=0), tmp_path, distributed.setup("cpu"))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[0] > math.log(48) - 0.5  # starts near uniform over the vocabulary
     assert losses[-1] < 1.0  # the repeating pattern is learned
@@ -74,7 +75,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     a, b = load_file(straight / "weights.safetensors"), load_file(killed / "weights.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(killed)]
     assert steps == list(range(1, 21))  # records after the checkpoint were replaced, not duplicated
 
 

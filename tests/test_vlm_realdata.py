@@ -5,17 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN
+from conftest import TRAIN, logged
 from test_vlm_training import TINY_VISION
 
 from tinylm.cli import main
-from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 
 pytestmark = pytest.mark.realdata
-
-
-def losses(run_dir, key="loss"):
-    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 # the language model: the quickstart's shape (128 wide, 4 layers), trained on the captions' text
@@ -78,9 +75,9 @@ def coco_stage1(tmp_path_factory):
 def test_stage1_on_coco_captions_loss_falls(coco_stage1):
     # the validation captions (a fixed 2% of the 400) after every 10 steps: the loss falls. A frozen 1M-parameter
     # language model can use little of a 32 px picture, so it falls by little (about 0.02 nats per token)
-    val = losses(coco_stage1, "val_loss")
+    val = logged(coco_stage1, "val_loss")
     assert len(val) == 6 and val[-1] < val[0], val
-    assert len(losses(coco_stage1)) == 6
+    assert len(logged(coco_stage1)) == 6
     config = json.loads((coco_stage1 / "final" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["image_seq_length"] == 16
 
@@ -116,7 +113,7 @@ def test_stage2_on_real_image_chats(coco_stage1, shared_data, tmp_path, data):
         )
         == 0
     )
-    assert len(losses(out)) == 6
+    assert len(logged(out)) == 6
     # the saved model tells the two cat and dog photos apart, and generates about one
     engine = Engine.from_dir(out / "final", device="cpu")
     dog, cats = sorted((shared_data / "vlm" / "xtuner").glob("*.jpg"))
@@ -125,7 +122,12 @@ def test_stage2_on_real_image_chats(coco_stage1, shared_data, tmp_path, data):
         assert not torch.allclose(
             engine.vlm(ids, engine.processor([dog])), engine.vlm(ids, engine.processor([cats])), atol=1e-4
         )
-    reply = engine.run(
-        ["<image>\nWhat is in the picture?"], SamplingSettings(max_new_tokens=4, temperature=0), images=[[dog]]
-    )[0]
-    assert len(reply.token_ids) == 4 or reply.finish_reason == "stop"
+    settings = SamplingSettings(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    reply = engine.run(["<image>\nWhat is in the picture?"], settings, images=[[dog]])[0]
+    assert reply.prompt_ids == ids[0].tolist() and reply.finish_reason == "length"
+    # greedy: each of the 4 tokens is the most likely one given the picture and the tokens before it
+    chain, pixels = ids[0].tolist(), engine.processor([dog])
+    with torch.no_grad():
+        for _ in range(4):
+            chain.append(int(engine.vlm(torch.tensor([chain]), pixels)[0, -1].argmax()))
+    assert reply.token_ids == chain[ids.shape[1] :], (reply.token_ids, chain)

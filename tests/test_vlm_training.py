@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN, write_jsonl
+from conftest import TRAIN, logged, write_jsonl
 from safetensors.torch import load_file
 
 from tinylm.chat_template import TEMPLATES, find_template
@@ -14,7 +14,8 @@ from tinylm.cli import main
 from tinylm.data.builtin_images import Scene, render
 from tinylm.image_processor import ImageProcessor
 from tinylm.infer.chat import run_chat
-from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import DataError
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.model.vision import SIGLIP, VisionConfig
@@ -247,10 +248,6 @@ def stage1(base_and_chats, tmp_path_factory):
         == 0
     )
     return out
-
-
-def logged(run_dir, key="loss"):
-    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def test_stage1_trains_projector_and_encoder_and_leaves_the_language_model(stage1, base_and_chats):

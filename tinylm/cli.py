@@ -14,45 +14,110 @@
     tinylm chat runs/tiny/final [--system TEXT] [--image PATH]
     tinylm merge runs/tiny/final runs/adapter runs/merged
     tinylm plot runs/tiny
+    tinylm tokenizer encode runs/tiny/final "Hello, 世界"
+    tinylm configs [list | show cpu-tiny | copy cpu-tiny my.yaml]
 
 Errors in what the user handed us (a config key, a data file, a model directory) print one line naming
 the culprit, not a traceback; set TINYLM_DEBUG=1 to see the traceback anyway.
+
+A command imports its modules only when it runs, so ``tinylm --help`` answers without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
+from tinylm import __version__
+
 CONFIG_DIR = Path(__file__).parent / "configs"
+OVERRIDES_HELP = (
+    "Any config key can be set on the command line as --section.key=value, e.g. --train.max_steps=200 "
+    "--model.num_hidden_layers=2 --train.precision=fp32 (values are YAML; `tinylm configs show NAME` prints "
+    "every key). Set TINYLM_DEBUG=1 to see a traceback instead of a one-line error."
+)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def resolve_config_path(name: str) -> Path:
-    """A path, or the name of a config shipped with tinylm (``cpu-tiny``, ``minimind2-small``)."""
+    """A path, or the name of a config shipped with tinylm (``cpu-tiny``, ``minimind2-small``). A path
+    like ``configs/cpu-tiny.yaml`` that does not exist here is the shipped config of that name (the
+    README's commands then work from any folder)."""
     path = Path(name)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
+    if path.exists():
         return path
-    shipped = CONFIG_DIR / f"{name}.yaml"
-    if shipped.exists():
+    shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{name}.yaml")
+    if shipped.exists() and (path.suffix in (".yaml", ".yml") or len(path.parts) == 1):
+        if path.suffix:
+            print(f"{path} does not exist here: using the shipped {shipped.stem} config", file=sys.stderr)
         return shipped
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"config {name!r}: no such file, and not a shipped config ({known})")
+    raise FileNotFoundError(f"config {name!r}: no such file, and not a shipped config ({', '.join(shipped_configs())})")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (unless it is empty or the help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def add_command(commands, name: str, help: str, overrides: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that refuses abbreviated options and shows defaults; ``overrides``: it takes
+    --section.key=value (said in its help)."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=OVERRIDES_HELP if overrides else "Set TINYLM_DEBUG=1 to see a traceback instead of a one-line error.",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    """Sampling flags; each one left out keeps the model's default (its generation_config.json, where
+    tinylm saves do_sample: false: greedy), as the server does for a request's missing fields."""
+    group = parser.add_argument_group(
+        "sampling (default: the model's generation_config.json; a model tinylm saved answers greedily)"
+    )
+    group.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens (256)")
+    group.add_argument("--temperature", type=float, default=None, help="0 = greedy (tinylm's models: 0)")
+    group.add_argument("--top-k", type=int, default=None, help="0 = off")
+    group.add_argument("--top-p", type=float, default=None, help="1.0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = off")
+    group.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (as the API's seed)")
+    add_model_args(parser)
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after"
     )
+
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where and in what precision an inference command runs the model."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: as saved)")
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -103,10 +168,9 @@ def lora_overrides(args) -> dict:
     }
 
 
-def sampling_settings(args):
-    from tinylm.infer.engine import SamplingSettings
-
-    return SamplingSettings(
+def sampling_settings(args, engine):
+    """The model's sampling defaults, with what the command line sets on top."""
+    return engine.defaults.updated(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -117,20 +181,31 @@ def sampling_settings(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinylm", description="Build a small language model end to end.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="tinylm",
+        description="Build a small language model end to end. `tinylm COMMAND --help` tells more.",
+        epilog=OVERRIDES_HELP,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
+    torch_version = importlib.metadata.version("torch")
+    parser.add_argument("--version", action="version", version=f"tinylm {__version__} (torch {torch_version})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    quick = commands.add_parser(
-        "quickstart", help="corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes"
+    quick = add_command(
+        commands,
+        "quickstart",
+        "corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes",
+        overrides=True,
     )
     quick.add_argument("--out", required=True, help="run directory")
     quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
     quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
-    tok = commands.add_parser("tokenizer", help="tokenizer commands").add_subparsers(
-        dest="tokenizer_command", required=True
+    tok = add_command(commands, "tokenizer", "train a tokenizer; encode and decode text with one").add_subparsers(
+        dest="tokenizer_command", required=True, metavar="train|encode|decode"
     )
-    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    tok_train = add_command(tok, "train", "train a byte-level BPE tokenizer")
     tok_train.add_argument(
         "--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)"
     )
@@ -143,18 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
         help=".txt documents: blank-line separated, one per line, or one per file",
     )
     tok_train.add_argument("--out", required=True, help="output directory")
+    tok_encode = add_command(tok, "encode", "text → token ids, each with the piece of text it stands for")
+    tok_encode.add_argument("tokenizer_dir", help="a tokenizer or model directory")
+    tok_encode.add_argument("text", nargs="?", default=None, help="the text (default: read standard input)")
+    tok_encode.add_argument("--ids-only", action="store_true", help="print the ids alone, on one line")
+    tok_decode = add_command(tok, "decode", "token ids → text, and each id's piece")
+    tok_decode.add_argument("tokenizer_dir", help="a tokenizer or model directory")
+    tok_decode.add_argument("ids", nargs="+", help="ids, separated by spaces or commas (brackets allowed)")
 
-    pre = commands.add_parser(
-        "pretrain", help="pretrain (or continue pretraining) a model; extra --section.key=value override the config"
-    )
+    cfgs = add_command(commands, "configs", "list, show or copy the configs shipped with tinylm")
+    cfgs.add_argument("action", nargs="?", default="list", choices=["list", "show", "copy"])
+    cfgs.add_argument("name", nargs="?", default=None, help="a shipped config (show, copy)")
+    cfgs.add_argument("dest", nargs="?", default=None, help="copy: where to (default: NAME.yaml here)")
+
+    pre = add_command(commands, "pretrain", "pretrain (or continue pretraining) a model", overrides=True)
     pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
+    pre.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help=".txt / .jsonl / .json / .parquet files, plain or .gz (default: the built-in corpus)",
+    )
+    pre.add_argument(
+        "--tokenizer", default=None, help="a tokenizer (or model) directory (default: train one on the data)"
+    )
     add_run_args(pre)
     pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
     add_lora_args(pre)
 
-    sft = commands.add_parser(
-        "sft", help="supervised fine-tuning on conversations; extra --section.key=value override the config"
-    )
+    sft = add_command(commands, "sft", "supervised fine-tuning on conversations", overrides=True)
     sft.add_argument("--config", default="sft-cpu-tiny", help="config name or YAML path")
     sft.add_argument(
         "--init", required=True, help="the model directory to fine-tune (tinylm, or a local Llama/Qwen2/Qwen3)"
@@ -179,11 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(sft)
     add_lora_args(sft)
 
-    dpo = commands.add_parser(
-        "dpo",
-        help="align a chat model with preference pairs (DPO, SimPO, ORPO); "
-        "extra --section.key=value override the config",
-    )
+    dpo = add_command(commands, "dpo", "align a chat model with preference pairs (DPO, SimPO, ORPO)", overrides=True)
     dpo.add_argument("--config", default="dpo-cpu-tiny", help="config name or YAML path")
     dpo.add_argument(
         "--init", required=True, help="the chat model to align (an SFT run's final/, or a local model directory)"
@@ -217,10 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(dpo)
     add_lora_args(dpo)
 
-    dis = commands.add_parser(
-        "distill",
-        help="train a small student on a teacher's next-token distributions; "
-        "extra --section.key=value override the config",
+    dis = add_command(
+        commands, "distill", "train a small student on a teacher's next-token distributions", overrides=True
     )
     dis.add_argument("--teacher", required=True, help="the teacher model directory")
     dis.add_argument(
@@ -248,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_args(dis)
 
-    vlm = commands.add_parser("vlm", help="vision-language models: two-stage training and a quickstart")
-    vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True)
-    vlm_quick = vlm_commands.add_parser(
-        "quickstart", help="built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes"
+    vlm = add_command(commands, "vlm", "vision-language models: two-stage training and a quickstart")
+    vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True, metavar="quickstart|pretrain|sft")
+    vlm_quick = add_command(
+        vlm_commands, "quickstart", "built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes", True
     )
     vlm_quick.add_argument("--out", required=True, help="run directory")
     vlm_quick.add_argument(
@@ -268,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)"),
     ):
-        sub = vlm_commands.add_parser(stage, help=about + "; extra --section.key=value override the config")
+        sub = add_command(vlm_commands, stage, about, overrides=True)
         sub.add_argument("--config", default=f"vlm-{stage}-cpu-tiny", help="config name or YAML path")
         sub.add_argument(
             "--init",
@@ -311,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             add_lora_args(sub, output="it is merged into the saved model")
 
-    gen = commands.add_parser("generate", help="complete a prompt, streaming to stdout")
+    gen = add_command(commands, "generate", "complete a prompt, streaming to stdout")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", required=True)
     gen.add_argument(
@@ -322,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_args(gen)
 
-    chat = commands.add_parser("chat", help="multi-turn chat in the terminal")
+    chat = add_command(commands, "chat", "multi-turn chat in the terminal")
     chat.add_argument("model_dir")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
@@ -342,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_args(chat)
 
-    srv = commands.add_parser("serve", help="an OpenAI-compatible API and a web chat page, with continuous batching")
+    srv = add_command(commands, "serve", "an OpenAI-compatible API and a web chat page, with continuous batching")
     srv.add_argument("model_dir")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     srv.add_argument("--port", type=int, default=8000)
@@ -367,18 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-waiting", type=int, default=256, help="requests queued beyond the batch before new ones get 429"
     )
     srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (pictures travel inside it)")
-    srv.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    add_model_args(srv)
+    srv.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step: a slow start, faster steps after"
+    )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
-    merge = commands.add_parser(
-        "merge", help="fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory"
+    merge = add_command(
+        commands, "merge", "fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory"
     )
     merge.add_argument("model_dir")
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
 
-    plot = commands.add_parser("plot", help="(re)draw loss.png of a run from its metrics.jsonl")
+    plot = add_command(commands, "plot", "(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
     return parser
 
@@ -406,6 +494,8 @@ def flag_overrides(args) -> list[str]:
         "init_from": getattr(args, "init", None),
         **lora_overrides(args),
     }
+    if args.command == "pretrain":
+        pairs["data.tokenizer"] = args.tokenizer and json.dumps(args.tokenizer)
     if args.command == "sft":
         pairs.update(
             {
@@ -493,6 +583,10 @@ def run(args, overrides: list[str]) -> int:
         _, result = train_vlm(cfg, args.out, args.vlm_command, resume=args.resume)
         if result.interrupted:
             return 130
+    elif args.command == "tokenizer" and args.tokenizer_command in ("encode", "decode"):
+        tokenizer_tool(args)
+    elif args.command == "configs":
+        configs_tool(args)
     elif args.command == "tokenizer":
         from tinylm.data.text import train_tokenizer_from_files
         from tinylm.tokenizer import train_tokenizer
@@ -522,8 +616,10 @@ def run(args, overrides: list[str]) -> int:
     elif args.command == "generate":
         from tinylm.infer.engine import Engine
 
-        engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
-        for piece in engine.stream(args.prompt, sampling_settings(args), images=args.image):
+        engine = Engine.from_dir(
+            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+        )
+        for piece in engine.stream(args.prompt, sampling_settings(args, engine), images=args.image):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -532,11 +628,18 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.infer.engine import Engine
         from tinylm.io import atomic_write_text
 
-        engine = Engine.from_dir(args.model_dir, device=args.device, compile=args.compile)
+        engine = Engine.from_dir(
+            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+        )
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
         if args.prompts:
             records = answer_prompts(
-                engine, read_prompts(args.prompts), args.system, sampling_settings(args), chat_format, images=args.image
+                engine,
+                read_prompts(args.prompts),
+                args.system,
+                sampling_settings(args, engine),
+                chat_format,
+                images=args.image,
             )
             lines = [json.dumps(r, ensure_ascii=False) for r in records]
             if args.output:
@@ -547,18 +650,21 @@ def run(args, overrides: list[str]) -> int:
                     print(f"> {record['prompt']}\n{record['answer']}\n")
         else:
             run_chat(
-                engine, system=args.system, settings=sampling_settings(args), chat_format=chat_format, images=args.image
+                engine,
+                system=args.system,
+                settings=sampling_settings(args, engine),
+                chat_format=chat_format,
+                images=args.image,
             )
     elif args.command == "serve":
-        import torch
-
         from tinylm.serve.app import build_server, serve
 
         server = build_server(
             args.model_dir,
             name=args.name,
             device=args.device,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            dtype=torch_dtype(args.dtype),
+            compile=args.compile,
             max_batch=args.max_batch,
             max_len=args.max_len,
             max_waiting=args.max_waiting,
@@ -589,6 +695,82 @@ def run(args, overrides: list[str]) -> int:
     return 0
 
 
+def tokenizer_tool(args) -> None:
+    """``tinylm tokenizer encode|decode``: ids and the piece of text each stands for, both ways."""
+    from tinylm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer_dir)
+    if args.tokenizer_command == "encode":
+        text = args.text if args.text is not None else sys.stdin.read()
+        ids = tokenizer.encode(text)
+        if args.ids_only:
+            print(" ".join(map(str, ids)))
+            return
+    else:
+        try:
+            ids = [int(piece) for piece in re.split(r"[\s,\[\]]+", " ".join(args.ids)) if piece]
+        except ValueError:
+            raise ValueError(
+                f"ids: expected integers separated by spaces or commas, got {' '.join(args.ids)!r}"
+            ) from None
+        if bad := [i for i in ids if not 0 <= i < tokenizer.vocab_size or tokenizer.id_to_token(i) is None]:
+            raise ValueError(f"ids {bad[:5]} are not in the vocabulary (0..{tokenizer.vocab_size - 1})")
+        print(tokenizer.decode(ids))
+    for index in ids:
+        piece = tokenizer.token_bytes(index).decode("utf-8", errors="backslashreplace")
+        print(f"{index:>8}  {json.dumps(piece, ensure_ascii=False)}")
+    print(f"{len(ids)} tokens", file=sys.stderr)
+
+
+# a shipped config's name → the config class it fills (the first prefix that matches)
+CONFIG_STAGES = (
+    ("sft-", "SFTConfig"),
+    ("dpo-", "DPOConfig"),
+    ("vlm-", "VLMStageConfig"),
+    ("student-", "DistillConfig"),
+    ("", "PretrainConfig"),
+)
+
+
+def configs_tool(args) -> None:
+    """``tinylm configs``: list the shipped configs, show one, or copy one to edit."""
+    if args.action == "list":
+        for name in shipped_configs():
+            first = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
+            print(f"{name:<24} {first.lstrip('# ') if first.startswith('#') else ''}")
+        return
+    if args.name is None:
+        raise ValueError(f"configs {args.action}: name a config ({', '.join(shipped_configs())})")
+    source = resolve_config_path(args.name)
+    if args.action == "show":
+        from tinylm import config as configs
+
+        stage = next(cls for prefix, cls in CONFIG_STAGES if source.stem.startswith(prefix))
+        text = source.read_text(encoding="utf-8")
+        comments = [line for line in text.splitlines() if line.startswith("#")]
+        resolved = configs.to_yaml(configs.load_config(getattr(configs, stage), source))
+        sys.stdout.write("\n".join([*comments, f"# every key of {stage}, as {source.name} sets them", resolved]))
+        return
+    dest = Path(args.dest or f"{source.stem}.yaml")
+    if dest.is_dir():
+        dest = dest / f"{source.stem}.yaml"
+    if dest.exists():
+        raise FileExistsError(f"{dest}: already exists; choose another destination")
+    shutil.copyfile(source, dest)
+    print(f"copied {source.stem} to {dest}: edit it, then --config {dest}", file=sys.stderr)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+OUT_OF_MEMORY = (
+    "out of memory: lower train.batch_size (and raise train.grad_accum to keep the same tokens per step), "
+    "train.seq_len or the model's size; for inference, lower --max-batch / --max-len or use --dtype bfloat16"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
@@ -600,10 +782,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`tinylm generate ... | head`): not an error
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         if os.environ.get("TINYLM_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, RuntimeError) and not out_of_memory(e):
+            raise  # a bug, not the user's input: the traceback is what helps
+        print(f"error: {OUT_OF_MEMORY} ({e})" if out_of_memory(e) else f"error: {e}", file=sys.stderr)
         return 2
 
 

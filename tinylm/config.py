@@ -9,6 +9,7 @@ names the key and where it came from. The fully resolved config is saved in the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,16 +27,35 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says where and what was expected."""
 
 
+def resolve_source(section, sources: tuple[str, ...]) -> None:
+    """A data section's ``source`` left unset means "files" when files are given, else "builtin"; files
+    with the built-in data, or a source that needs files without any, is an error rather than a surprise."""
+    if section.source is None:
+        section.source = "files" if section.files else "builtin"
+    if section.source not in sources:
+        raise ConfigError(f"source: expected one of {', '.join(sources)}, got {section.source!r}")
+    if section.source == "builtin" and section.files:
+        raise ConfigError(
+            f"files are given ({', '.join(section.files[:3])}) but source is builtin: "
+            "drop source (or set it to files) to train on the files, or drop the files"
+        )
+    if section.source != "builtin" and not section.files:
+        raise ConfigError(f"source is {section.source} but no files are given: set files: [...] (or --data FILE ...)")
+
+
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # "builtin" (the generated offline corpus) or "files"
-    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json / .parquet, when source is "files"
+    source: str | None = None  # "builtin" (the generated offline corpus) or "files"; unset: files if any are given
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json / .parquet (plain or .gz)
     text_field: str = "text"  # the field holding the text in .jsonl / .json / .parquet
     txt_split: str = "blank"  # .txt documents: "blank" (blank-line separated), "line" or "file"
     val_fraction: float = 0.01
     tokenizer: str | None = None  # a tokenizer (or model) directory; None trains one on the corpus
     vocab_size: int = 6400  # when training a tokenizer
     builtin_seed: int = 0
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files"))
 
 
 @dataclass
@@ -141,8 +161,8 @@ class PretrainConfig:
 
 @dataclass
 class ChatDataConfig:
-    source: str = "builtin"  # "builtin" (the built-in conversations) or "files"
-    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet conversations, when source is "files"
+    source: str | None = None  # "builtin" (the built-in conversations) or "files"; unset: files if any are given
+    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet conversations (.json(l) may be .gz)
     format: str = "auto"  # auto | openai | sharegpt | alpaca (auto: detected per record)
     template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
     skip_bad: bool = False  # skip invalid conversations (and report how many) instead of stopping
@@ -151,6 +171,9 @@ class ChatDataConfig:
     identity_author: str | None = None  # ... and who made it
     val_fraction: float = 0.02
     builtin_seed: int = 0
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files"))
 
 
 @dataclass
@@ -163,13 +186,16 @@ class SFTConfig:
 
 @dataclass
 class PreferenceDataConfig:
-    source: str = "builtin"  # "builtin" (the built-in preference pairs) or "files"
-    files: list[str] = field(default_factory=list)  # .json / .jsonl(.gz) / .parquet pairs, when source is "files"
+    source: str | None = None  # "builtin" (the built-in preference pairs) or "files"; unset: files if any are given
+    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet pairs (.json(l) may be .gz)
     format: str = "auto"  # auto | minimind | llamafactory | hh-rlhf (auto: detected per record)
     template: str | None = None  # None: the model's own chat template (the one SFT attached)
     skip_bad: bool = False  # skip invalid pairs (and report how many) instead of stopping
     val_fraction: float = 0.05  # files only; the built-in pairs keep their own held-out set
     builtin_seed: int = 0
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files"))
 
 
 @dataclass
@@ -270,13 +296,12 @@ class VisionSection:
 
 @dataclass
 class ImageDataConfig:
-    source: str = (
-        "builtin"  # builtin (the generated pictures) | files (image conversations) | coco (caption annotations)
-    )
-    files: list[str] = field(
-        default_factory=list
-    )  # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet;
-    # coco: captions_*.json; records without images (text-only conversations) may be mixed in with files
+    # builtin (the generated pictures) | files (image conversations) | coco (caption annotations);
+    # unset: files if any are given, else builtin
+    source: str | None = None
+    # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet; coco: captions_*.json;
+    # records without images (text-only conversations) may be mixed in with files
+    files: list[str] = field(default_factory=list)
     image_root: str | None = None  # relative image paths are looked up here (default: beside the data file)
     coco_images: str | None = None  # coco: the image folder (default: found beside the annotations)
     caption_prompt: str = "Describe the picture."  # the user turn of caption records and COCO captions
@@ -285,6 +310,9 @@ class ImageDataConfig:
     val_fraction: float = 0.02
     builtin_seed: int = 0
     builtin_images: int = 2000  # training pictures of the built-in corpus (captions for stage 1, questions for stage 2)
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files", "coco"))
 
 
 @dataclass
@@ -356,7 +384,9 @@ def from_dict(cls, data: dict, where: str = "config"):
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r} ({hint}known: {', '.join(sorted(known))})")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = from_dict(annotation, value, f"{where}.{key}")
@@ -429,5 +459,9 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return from_dict(cls, data, where)
 
 
+def to_yaml(config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
 def save_config(config, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, to_yaml(config))

@@ -6,7 +6,7 @@
 
 The preprocessing is saved with the model (``preprocessor_config.json`` in the format of transformers'
 SigLIP / CLIP image processors), so inference prepares an image exactly as training did, and
-transformers' ``AutoImageProcessor`` reads the same settings (tests/test_images.py checks the pixels
+transformers' ``AutoImageProcessor`` reads the same settings (tests/test_image_processor.py checks the pixels
 agree).
 """
 

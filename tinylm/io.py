@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -96,6 +97,58 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+class DirectoryInUse(OSError):
+    """Another process holds a directory's lock."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def directory_lock(directory: str | Path):
+    """Hold ``directory``'s lock (the file .lock in it, created if need be) for the block. When another
+    process holds it, a ``DirectoryInUse`` error names that process. The operating system releases the
+    lock when its holder exits in any way, kill -9 included, so a lock file left by a killed run is
+    simply taken over. (Where ``fcntl`` does not exist, on Windows, nothing is locked.)"""
+    try:  # optional: POSIX only
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(directory) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise DirectoryInUse(
+                f"{directory}: in use by process {holder} (another run writes there); wait for it to finish, "
+                "or choose another output directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def missing_directory(path: str | Path, what: str = "directory") -> str:
+    """The message for a directory that does not exist; a name like ``Qwen/Qwen2.5-0.5B`` gets told
+    that tinylm reads local directories and how to download one."""
+    text = f"{path}: no such {what}"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+        text += (
+            f" ({path} looks like a Hugging Face Hub id, and tinylm loads local directories: download it first, "
+            f"e.g. `huggingface-cli download {path} --local-dir DIR`, then pass DIR)"
+        )
+    return text
 
 
 # -- the manifest -------------------------------------------------------------------------------

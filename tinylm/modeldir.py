@@ -27,7 +27,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinylm.image_processor import ImageProcessor
-from tinylm.io import DataError, atomic_directory, json_text, read_json, verify_manifest, write_manifest
+from tinylm.io import (
+    DataError,
+    atomic_directory,
+    json_text,
+    missing_directory,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
 from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
 from tinylm.model.lora import ALL_LINEAR, LoRAConfig, adapter_state_dict, add_lora, load_adapter_state, merge_lora
 from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
@@ -56,8 +64,10 @@ class Loaded:
 def directory_kind(path: str | Path) -> str:
     """ "model", "adapter" or "llava"; a ModelDirError when ``path`` is none of them."""
     directory = Path(path)
+    if not directory.exists():
+        raise ModelDirError(missing_directory(path, "model directory"), "missing_file")
     if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+        raise ModelDirError(f"{directory}: not a model directory (it is a file)")
     if (directory / CONFIG).is_file():
         try:
             llava = read_json(directory / CONFIG).get("model_type") == "llava"
@@ -137,7 +147,7 @@ def save_model_dir(
     return out_dir
 
 
-def load_config(directory: str | Path) -> ModelConfig:
+def read_model_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
     path = Path(directory) / CONFIG
     try:
@@ -161,7 +171,7 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
             "or load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init"
         )
     verify_manifest(directory)
-    config = load_config(directory)
+    config = read_model_config(directory)
     state = read_weights(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -189,6 +199,10 @@ def _check_tensors(directory: Path, model: nn.Module, state: dict[str, torch.Ten
         raise ModelDirError(
             f"{directory}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    _check_shapes(directory, own, state)
+
+
+def _check_shapes(directory: Path, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise ModelDirError(
@@ -390,9 +404,10 @@ def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None
     """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
     language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
     directory = Path(path)
-    if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (does not exist or is not a directory)")
+    kind = directory_kind(directory)
     verify_manifest(directory)
+    if kind != "llava":
+        raise ModelDirError(f"{directory / CONFIG}: model_type is not llava; expected a vision-language model")
     try:
         config = VLMConfig.from_hf_dict(read_json(directory / CONFIG))
     except (KeyError, TypeError, ValueError) as e:
@@ -453,10 +468,6 @@ def load_vision_tower(directory: str | Path) -> VisionTransformer:
         raise ModelDirError(
             f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)"
         )
-    for key, tensor in state.items():
-        if tensor.shape != own[key].shape:
-            raise ModelDirError(
-                f"{directory}: {key} is {tuple(tensor.shape)}, config.json implies {tuple(own[key].shape)}"
-            )
+    _check_shapes(directory, own, state)
     tower.load_state_dict(state)
     return tower

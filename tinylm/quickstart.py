@@ -20,7 +20,8 @@ from tinylm.data.builtin import score_completion
 from tinylm.data.text import load_shard_info
 from tinylm.eval.questions import chat_accuracy, tally
 from tinylm.infer.chat import chat_format_for
-from tinylm.infer.engine import Engine, SamplingSettings
+from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import atomic_write_text
 from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
 

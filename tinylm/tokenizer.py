@@ -27,7 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-from tinylm.io import atomic_write_json, atomic_write_text, read_json
+from tinylm.io import atomic_write_json, atomic_write_text, missing_directory, read_json
 
 # The special tokens, at ids 0..15 in this order. Later stages give the reserved ones their meaning.
 SPECIAL_TOKENS = (
@@ -274,7 +274,7 @@ class Tokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: no such tokenizer directory")
+            raise FileNotFoundError(missing_directory(directory, "tokenizer directory"))
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (a tokenizer directory needs a tokenizer.json)")
         try:

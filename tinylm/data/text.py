@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tinylm.data.walk import SeededWalk
 from tinylm.io import DataError, atomic_write_text, iter_records, record_file_type
 from tinylm.tokenizer import Tokenizer, train_tokenizer
 
@@ -318,66 +319,45 @@ class PackedWindows:
     """Endless training windows of ``seq_len + 1`` tokens, packed across documents with no padding.
 
     The token stream is cut into windows starting every ``seq_len`` tokens; a window's last token
-    is the next one's first, so within an epoch every token is predicted exactly once. Each epoch
-    visits the windows in a new seeded order. With several processes, rank r takes windows r,
-    r + world_size, ... of that order: no two ranks share a window and all take the same number.
-
-    The position is (epoch, cursor): ``state_dict`` saves it, and a run resumed from it reads the
-    very same batches it would have read without stopping.
+    is the next one's first, so within an epoch every token is predicted exactly once. The windows are
+    visited in the seeded, sharded, resumable order of ``SeededWalk``, the one every stage's batches
+    take: a run resumed from ``state_dict`` reads the very same batches it would have read without
+    stopping.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, dtype, *, seed: int, rank: int = 0, world_size: int = 1):
         self.tokens = _open_tokens(bin_path, dtype)
-        self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
+        self.seq_len, self.seed = seq_len, seed
         self.num_windows = max(len(self.tokens) - 1, 0) // seq_len
-        self.per_rank = self.num_windows // world_size
-        if self.per_rank == 0:
+        if self.num_windows // world_size == 0:
             raise ValueError(
                 f"{bin_path}: {len(self.tokens)} tokens do not make one window of {seq_len + 1} tokens "
                 f"for each of {world_size} process(es); use a smaller seq_len or more data"
             )
-        self.epoch, self.cursor = 0, 0
-        self.order = self._rank_order(self.epoch)
-
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's window indices for ``epoch``."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        return order[self.rank :: self.world_size][: self.per_rank]
+        self.walk = SeededWalk(self.num_windows, 1, seed=seed, rank=rank, world_size=world_size, what="windows")
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` windows as a LongTensor [batch_size, seq_len + 1]."""
-        rows = []
-        for _ in range(batch_size):
-            if self.cursor == self.per_rank:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._rank_order(self.epoch)
-            start = int(self.order[self.cursor]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-            self.cursor += 1
+        self.walk.batch_size = batch_size
+        starts = [index * self.seq_len for index in self.walk.next_picks()]
+        rows = [self.tokens[start : start + self.seq_len + 1] for start in starts]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "num_windows": self.num_windows,
-            "world_size": self.world_size,
-        }
+        walk = self.walk.state_dict()
+        return {"epoch": walk["epoch"], "cursor": walk["cursor"], "seed": self.seed, "seq_len": self.seq_len,
+                "num_windows": self.num_windows, "world_size": walk["world_size"]}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position. Saved with another number of processes, it continues
-        from the same point of the epoch (rounded down to a whole step)."""
+        """Continue from a saved position (saved with another number of processes: from the same point
+        of the epoch, rounded down to a whole step)."""
         saved = (state["seed"], state["seq_len"], state["num_windows"])
         if saved != (self.seed, self.seq_len, self.num_windows):
             raise ValueError(
                 f"the saved data position is for seed/seq_len/windows {saved}, but this data has "
                 f"{(self.seed, self.seq_len, self.num_windows)}; resume with the same data and settings"
             )
-        self.epoch = state["epoch"]
-        self.cursor = min(state["cursor"] * state["world_size"] // self.world_size, self.per_rank)
-        self.order = self._rank_order(self.epoch)
+        self.walk.load_state_dict({**state, "rows": state["num_windows"]})
 
 
 def iter_eval_windows(bin_path: str | Path, seq_len: int, dtype, max_windows: int | None) -> Iterator[torch.Tensor]:

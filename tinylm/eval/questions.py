@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from tinylm.data.builtin_chat import score_reply
-from tinylm.infer.engine import SamplingSettings
+from tinylm.infer.sampling import SamplingSettings
 
 BATCH = 64  # questions answered together: one left-padded batch through the engine
 

@@ -26,16 +26,15 @@ does, and leave with it when the oldest exchanges no longer fit.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TextIO
 
 from tinylm.chat_template import find_template
 from tinylm.image_processor import load_image
-from tinylm.infer.engine import SamplingSettings
+from tinylm.infer.sampling import SamplingSettings
+from tinylm.io import DataError, iter_records
 from tinylm.model.vlm import IMAGE_TAG, IMAGE_TOKEN
 
 HELP = (
@@ -135,9 +134,7 @@ def run_chat(
     """
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
-    settings = chat_format.settings(
-        settings or SamplingSettings(max_new_tokens=256, temperature=0.8, top_p=0.95), engine.tokenizer
-    )
+    settings = chat_format.settings(settings or engine.defaults, engine.tokenizer)
     history: list[dict] = []
     say = lambda text: print(text, file=output, flush=True)  # noqa: E731
     sees = engine.vlm is not None
@@ -269,7 +266,7 @@ def answer_prompts(
     {"prompt", "answer", "finish_reason"}."""
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
-    settings = chat_format.settings(settings or SamplingSettings(max_new_tokens=256, temperature=0), engine.tokenizer)
+    settings = chat_format.settings(settings or engine.defaults, engine.tokenizer)
     pictures = [attach_image(engine, image) for image in images or []]
     rendered = [
         chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}]))
@@ -284,23 +281,17 @@ def answer_prompts(
 def read_prompts(path) -> list[str]:
     """Prompts from a file: one per line in a .txt (blank lines skipped), or {"prompt": ...} per line
     in a .jsonl. Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for where, record in iter_records(path, types=(".txt", ".jsonl"), txt_split="line"):
+        if isinstance(record, DataError):
+            raise DataError(f"{where}: {record}", record.reason)
+        if isinstance(record, str):
+            if record.strip():
+                prompts.append(record.strip())
             continue
-        if path.suffix != ".jsonl":
-            prompts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string field 'prompt'")
+            raise DataError(f"{where}: expected an object with a string field 'prompt'")
         prompts.append(record["prompt"])
     if not prompts:
-        raise ValueError(f"{path}: no prompts in it")
+        raise DataError(f"{path}: no prompts in it")
     return prompts

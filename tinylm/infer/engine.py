@@ -7,8 +7,9 @@ Generating text is a loop with two phases:
     decode    one token per step: the newest token is the model's only input, attention reads everything
               before it from the cache, so a step costs about the same however long the text already is.
 
-Each step turns the logits of the last position into one token (``sample_next``): greedy argmax, or
-sampling after a repetition penalty, a temperature and top-k / top-p truncation. Token ids become text
+Each step turns the logits of the last position into one token with the one sampler of
+``tinylm.infer.sampling`` (penalties, then greedy argmax or temperature, top-k / top-p and a seeded draw),
+the same one the server's scheduler uses. Token ids become text
 through an ``IncrementalDecoder`` (never half a UTF-8 character) and a ``StopStringMatcher`` (never a
 stop string, even one spread over several tokens).
 
@@ -38,116 +39,13 @@ import torch
 
 from tinylm import modeldir
 from tinylm.device import resolve_device
+from tinylm.infer.sampling import BatchSampler, SamplingSettings, generation_defaults
 from tinylm.model.llama import CausalLM, KVCache, attention_mask
 from tinylm.model.vlm import expand_image_tags
 
-__all__ = [
-    "Completion",
-    "Engine",
-    "IncrementalDecoder",
-    "SamplingSettings",
-    "StopStringMatcher",
-    "TextStream",
-    "apply_repetition_penalty",
-    "apply_top_k",
-    "apply_top_p",
-    "resolve_device",
-    "sample_next",
-]
+__all__ = ["Completion", "Engine", "IncrementalDecoder", "Row", "StopStringMatcher", "TextStream"]
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
-
-
-@dataclass
-class SamplingSettings:
-    """How to pick each new token, and when to stop.
-
-    temperature         0 picks the most likely token (greedy); otherwise logits are divided by it
-                        before sampling: below 1 sharper and safer, above 1 flatter and wilder.
-    top_k               sample only among the k most likely tokens (0 = off).
-    top_p               sample only among the most likely tokens whose probabilities add up to p (1.0 = off).
-    repetition_penalty  make tokens already in the prompt or the output less likely (1.0 = off; 1.1–1.3 typical).
-    seed                None samples from torch's global random state; an int makes the output reproducible.
-    stop_token_ids      a row ends after sampling one of these (it is kept in the ids, not in the text).
-                        None means the tokenizer's end-of-sequence token; [] never stops on a token.
-    stop_strings        a row also ends when its text contains one of these; the text is cut before it.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] | None = None
-    stop_strings: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
-
-
-# -- from logits to a token ------------------------------------------------------------------------
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make every token already seen less likely, by CTRL's rule (Keskar et al., 2019).
-
-    A positive logit is divided by ``penalty`` and a negative one multiplied by it, so for a penalty
-    above 1 both move down. ``seen`` is a boolean [batch, vocab] mask of the tokens in prompt + output.
-    """
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (and any tied with the k-th); the rest become -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus truncation (Holtzman et al., 2019): keep the smallest set of most likely tokens whose
-    probabilities add up to at least p; the rest become -inf. The most likely token always stays."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.float().softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs  # probability of all tokens ranked above this one
-    drop_sorted = mass_above >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next(
-    logits: torch.Tensor,
-    settings: SamplingSettings,
-    seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row from last-position logits [batch, vocab] → ids [batch].
-
-    The order is the usual one: repetition penalty, then greedy argmax or temperature → top-k → top-p
-    → a draw from the softmax.
-    """
-    if settings.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
-    if settings.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / settings.temperature
-    logits = apply_top_k(logits, settings.top_k)
-    logits = apply_top_p(logits, settings.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
 # -- from tokens to text ---------------------------------------------------------------------------
@@ -270,7 +168,7 @@ class TextStream:
         self._pieces.close()
 
 
-class _Row:
+class Row:
     """Bookkeeping for one prompt of a batch: collects its tokens and text and decides when it ends."""
 
     def __init__(self, prompt_ids: list[int], budget: int, stop_ids: set[int], tokenizer, stop_strings):
@@ -341,10 +239,11 @@ class Engine:
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.context_length = model.config.max_position_embeddings
-        self._decode_step = self._last_logits
+        self.defaults = SamplingSettings()  # the model directory's generation_config.json, in from_dir
+        self.decode_step = self.last_logits  # one step for every sequence of a batch: the engine's and the server's
         if compile:
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            self._decode_step = torch.compile(self._last_logits, dynamic=True, options=options)
+            self.decode_step = torch.compile(self.last_logits, dynamic=True, options=options)
 
     @classmethod
     def from_dir(
@@ -353,7 +252,9 @@ class Engine:
         """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
         vision-language model directory with its image processor too."""
         loaded = modeldir.load(path, device=resolve_device(device), dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor)
+        engine = cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor)
+        engine.defaults = generation_defaults(path)
+        return engine
 
     # -- the three ways in ----------------------------------------------------------------------
 
@@ -404,7 +305,7 @@ class Engine:
                 break
         return [row.completion for row in rows]
 
-    def _stream_pieces(self, row: _Row, settings: SamplingSettings, pixels: torch.Tensor | None) -> Iterator[str]:
+    def _stream_pieces(self, row: Row, settings: SamplingSettings, pixels: torch.Tensor | None) -> Iterator[str]:
         for (token,) in self._token_steps([row.completion.prompt_ids], settings, row.budget, pixels):
             piece = row.push(token)
             if piece:
@@ -447,15 +348,16 @@ class Engine:
             )
         return ids
 
-    def _row(self, prompt_ids: list[int], settings: SamplingSettings, detokenize: bool) -> _Row:
+    def _row(self, prompt_ids: list[int], settings: SamplingSettings, detokenize: bool) -> Row:
         """The row's bookkeeping. Its budget is max_new_tokens, clipped so prompt + reply fit the context."""
         if settings.stop_strings:
             self._require_tokenizer("stop_strings")
         budget = min(settings.max_new_tokens, self.context_length - len(prompt_ids))
         tokenizer = self.tokenizer if detokenize or settings.stop_strings else None
-        return _Row(prompt_ids, budget, self._stop_ids(settings), tokenizer, settings.stop_strings)
+        return Row(prompt_ids, budget, self.stop_ids(settings), tokenizer, settings.stop_strings)
 
-    def _stop_ids(self, settings: SamplingSettings) -> set[int]:
+    def stop_ids(self, settings: SamplingSettings) -> set[int]:
+        """The token ids that end a row under ``settings``."""
         if settings.stop_token_ids is not None:
             return set(settings.stop_token_ids)
         if self.tokenizer is not None:
@@ -494,18 +396,19 @@ class Engine:
         if padded:
             key_padding = torch.ones(batch, longest + steps, dtype=torch.bool, device=self.device)
             key_padding[:, :longest] = padding.bool()
-        seen = self._seen_tokens(prompts) if settings.repetition_penalty != 1.0 else None
-        generator = torch.Generator(self.device).manual_seed(settings.seed) if settings.seed is not None else None
+        sampler = BatchSampler(self.model.config.vocab_size, self.device, len(prompts))
+        for row, prompt in enumerate(prompts):  # row r draws from seed + r: one prompt alone draws from seed
+            sampler.add(settings, prompt, choice=row)
         position = padding.sum(dim=-1, keepdim=True)  # each row's next position: its own token count
         for step in range(steps):
-            next_ids = sample_next(logits, settings, seen, generator)
-            yield next_ids.tolist()
+            next_ids = sampler.sample(logits)
+            yield next_ids
             if step == steps - 1:
                 return
-            if seen is not None:
-                seen.scatter_(1, next_ids[:, None], True)
+            sampler.observe(next_ids)
             mask = key_padding[:, None, None, : cache.length + 1] if padded else None
-            logits = self._decode_step(next_ids[:, None], position, mask, cache)
+            tokens = torch.tensor(next_ids, device=self.device)[:, None]
+            logits = self.decode_step(tokens, position, mask, cache)
             position += 1
 
     @torch.inference_mode()
@@ -528,9 +431,9 @@ class Engine:
             embeds = self.vlm.embed(tokens, None if pixels is None else pixels.to(self.device))
             hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
             return self.model.lm_head(hidden[:, -1]), cache, padding
-        return self._last_logits(tokens, positions, mask, cache), cache, padding
+        return self.last_logits(tokens, positions, mask, cache), cache, padding
 
-    def _last_logits(self, tokens, positions, mask, cache) -> torch.Tensor:
+    def last_logits(self, tokens, positions, mask, cache) -> torch.Tensor:
         """Run the model over ``tokens`` [batch, t], appending to ``cache``; logits of the last position only."""
         hidden = self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=cache)
         return self.model.lm_head(hidden[:, -1])
@@ -541,10 +444,3 @@ class Engine:
         tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
         padding = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         return tokens, padding
-
-    def _seen_tokens(self, prompts: list[list[int]]) -> torch.Tensor:
-        """A boolean [batch, vocab] mask of the tokens in each prompt, for the repetition penalty."""
-        seen = torch.zeros(len(prompts), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-        for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
-        return seen

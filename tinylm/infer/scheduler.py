@@ -20,16 +20,17 @@ one gets exactly the tokens it would get alone. Running rows are kept in slots 0
 slot is filled by moving the last one into it), so a step reads plain slices of the cache, never a
 gathered copy.
 
-Each request carries its own sampling settings. Sampling is done for the whole batch at once
-(``sample_rows``), with one random generator per sequence, so a seeded request draws the same
-tokens however many others run beside it. Events go back through the request's callback, from the
+Each request carries its own sampling settings. Sampling is done for the whole batch at once by the
+engine's own sampler (``tinylm.infer.sampling.BatchSampler``), with one random generator per sequence,
+so a seeded request draws the same tokens however many others run beside it, and the same tokens as
+``tinylm generate`` with that seed. The decode step is the engine's too (``Engine.decode_step``, compiled
+when the engine is). Events go back through the request's callback, from the
 scheduler's thread: the server hands them to its event loop.
 """
 
 from __future__ import annotations
 
 import itertools
-import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -37,10 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinylm.infer.engine import Engine, SamplingSettings, _Row, apply_repetition_penalty
+from tinylm.infer.engine import Engine, Row
+from tinylm.infer.sampling import BatchSampler, SamplingSettings, random_seed, sample_rows
 from tinylm.model.llama import ModelConfig
 
-__all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "SlotCache", "TokenLogprob", "sample_rows"]
+__all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "SlotCache", "TokenLogprob"]
 
 
 class QueueFull(RuntimeError):
@@ -90,11 +92,11 @@ class Event:
 
 
 class Choice:
-    """One of a request's n sequences while it runs: its slot's bookkeeping and random generator."""
+    """One of a request's n sequences while it runs: its slot's text bookkeeping (its sampling state is
+    the sampler's row of the same number)."""
 
-    def __init__(self, ticket: Ticket, index: int, row: _Row, seed: int):
+    def __init__(self, ticket: Ticket, index: int, row: Row):
         self.ticket, self.index, self.row = ticket, index, row
-        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
 
 
 class Ticket:
@@ -172,34 +174,6 @@ class SlotCache:
             self.lengths[slot] += t
 
 
-def sample_rows(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
-) -> torch.Tensor:
-    """One token per row from logits [rows, vocab], each row with its own settings (tensors [rows]).
-
-    A temperature of 0 is greedy. Otherwise the logits are divided by the temperature, cut to the
-    top k (0 = off) and then to the nucleus of probability top_p (1 = off), and the token is read off
-    the cumulative distribution at ``uniform`` (a draw in [0, 1) from the row's own generator).
-    """
-    greedy = logits.argmax(dim=-1)
-    vocab = logits.shape[-1]
-    scaled = logits.float() / temperature.clamp(min=1e-5)[:, None]
-    truncate = bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1).any())
-    if truncate:  # rank the tokens, most likely first, and cut each row's tail
-        scaled, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device)[None, :]
-        scaled = scaled.masked_fill(rank >= torch.where(top_k > 0, top_k, vocab)[:, None], float("-inf"))
-        probs = scaled.softmax(dim=-1)
-        mass_above = probs.cumsum(dim=-1) - probs  # the probability of every token ranked above this one
-        scaled = scaled.masked_fill((mass_above >= top_p[:, None]) & (top_p < 1)[:, None], float("-inf"))
-    cumulative = scaled.softmax(dim=-1).cumsum(dim=-1)
-    # the first token whose cumulative probability passes the draw (strictly: a draw of exactly 0
-    # must not pick a leading token of probability 0)
-    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True).clamp(max=vocab - 1)
-    sampled = order.gather(1, picked).squeeze(1) if truncate else picked.squeeze(1)
-    return torch.where(temperature == 0, greedy, sampled)
-
-
 class Scheduler:
     """Runs an ``Engine``'s model for many requests at once; see the module's docstring.
 
@@ -236,9 +210,7 @@ class Scheduler:
         self.max_len = min(max_len or 4096, engine.context_length)
         config = self.model.config
         self.cache = SlotCache(config, max_batch, self.max_len, engine.device, engine.dtype)
-        vocab = config.vocab_size
-        self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=engine.device)  # prompt + output tokens
-        self.counts = torch.zeros(max_batch, vocab, device=engine.device)  # output tokens, for OpenAI's penalties
+        self.sampler = BatchSampler(config.vocab_size, engine.device, max_batch)  # row i samples for slot i
         self.slots: list[Choice] = []  # running choices; choice i is in cache slot i
         self.logits: torch.Tensor | None = None  # [len(slots), vocab]: each running choice's next-token logits
         self.waiting: deque[Ticket] = deque()
@@ -336,9 +308,7 @@ class Scheduler:
             self.cache.lengths[:rows] = [filled] * rows
             positions, mask = self.cache.begin_step(rows)
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.engine.device)
-            logits = self.model.lm_head(
-                self.model.hidden_states(tokens, position_ids=positions, mask=mask, cache=self.cache)[:, -1]
-            )
+            logits = self.engine.decode_step(tokens, positions, mask, self.cache)
             ones = torch.ones(rows, device=self.engine.device)
             for top_k in (0, 1):
                 sample_rows(
@@ -389,22 +359,24 @@ class Scheduler:
         for row, ticket in enumerate(tickets):
             request = ticket.request
             start = longest - len(request.prompt_ids)  # left padding
-            seed = request.settings.seed if request.settings.seed is not None else random.SystemRandom().getrandbits(62)
+            seed = random_seed()  # used when the request gave none
             for index in range(request.n):
                 slot = len(self.slots)
                 self.cache.fill(slot, cache.k[:, row, :, start:longest], cache.v[:, row, :, start:longest])
-                self.seen[slot].zero_()
-                self.seen[slot, request.prompt_ids] = True
-                self.counts[slot].zero_()
-                budget = request.settings.max_new_tokens
-                choice_row = _Row(
+                self.sampler.add(
+                    request.settings,
                     request.prompt_ids,
-                    budget,
-                    engine._stop_ids(request.settings),
-                    engine.tokenizer,
-                    request.settings.stop_strings,
+                    choice=index,
+                    presence_penalty=request.presence_penalty,
+                    frequency_penalty=request.frequency_penalty,
+                    seed=seed,
                 )
-                self.slots.append(Choice(ticket, index, choice_row, seed + index))
+                settings = request.settings
+                choice_row = Row(
+                    request.prompt_ids, settings.max_new_tokens, engine.stop_ids(settings), engine.tokenizer,
+                    settings.stop_strings,
+                )  # fmt: skip
+                self.slots.append(Choice(ticket, index, choice_row))
                 new_logits.append(logits[row])
         stacked = torch.stack(new_logits)
         self.logits = stacked if self.logits is None else torch.cat([self.logits, stacked])
@@ -412,10 +384,7 @@ class Scheduler:
     def _step(self) -> None:
         """Sample a token for every running choice, report it, let finished ones leave, decode the rest."""
         tokens, logprobs = self._sample()
-        rows = torch.arange(len(tokens), device=self.engine.device)
-        chosen = torch.tensor(tokens, device=self.engine.device)
-        self.counts[rows, chosen] += 1
-        self.seen[rows, chosen] = True
+        self.sampler.observe(tokens)
         leaving = []
         for slot, (choice, token) in enumerate(zip(self.slots, tokens)):
             ticket = choice.ticket
@@ -435,55 +404,26 @@ class Scheduler:
             return
         positions, mask = self.cache.begin_step(len(self.slots))
         next_ids = torch.tensor(tokens[: len(self.slots)], device=self.engine.device)[:, None]
-        hidden = self.model.hidden_states(next_ids, position_ids=positions, mask=mask, cache=self.cache)
-        self.logits = self.model.lm_head(hidden[:, -1])
+        self.logits = self.engine.decode_step(next_ids, positions, mask, self.cache)
         self.steps += 1
 
     def _leave(self, slot: int, tokens: list[int]) -> None:
         """Free ``slot``: the last running choice moves into it (with its cache row, penalties and token)."""
         last = len(self.slots) - 1
+        self.sampler.remove(slot)
         if slot != last:
             self.cache.move(last, slot)
-            self.seen[slot] = self.seen[last]
-            self.counts[slot] = self.counts[last]
             self.slots[slot] = self.slots[last]
             tokens[slot] = tokens[last]
         self.slots.pop()
 
     def _sample(self) -> tuple[list[int], list[TokenLogprob] | None]:
         """Each running choice's next token under its own settings (and its log-probabilities, if asked)."""
-        rows = len(self.slots)
-        logits = self.logits.float()
-        requests = [c.ticket.request for c in self.slots]
-        device = logits.device
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        raw = logits
-        penalty = [r.settings.repetition_penalty for r in requests]
-        if any(p != 1.0 for p in penalty):
-            logits = apply_repetition_penalty(logits, self.seen[:rows], column(penalty)[:, None])
-        presence, frequency = [r.presence_penalty for r in requests], [r.frequency_penalty for r in requests]
-        if any(presence) or any(frequency):
-            counts = self.counts[:rows]
-            logits = logits - column(presence)[:, None] * (counts > 0) - column(frequency)[:, None] * counts
-        uniform = torch.stack([torch.rand((), generator=c.generator) for c in self.slots])
-        settings = [r.settings for r in requests]
-        if all(s.temperature == 0 for s in settings):
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            tokens = sample_rows(
-                logits,
-                column([s.temperature for s in settings]),
-                column([s.top_k for s in settings], torch.long),
-                column([s.top_p for s in settings]),
-                uniform.to(device),
-            ).tolist()
-        wanted = [r.logprobs for r in requests]
+        tokens = self.sampler.sample(self.logits)
+        wanted = [c.ticket.request.logprobs for c in self.slots]
         if all(w is None for w in wanted):
             return tokens, None
-        return tokens, self._logprobs(raw, tokens, wanted)
+        return tokens, self._logprobs(self.logits.float(), tokens, wanted)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:

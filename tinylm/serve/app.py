@@ -34,8 +34,9 @@ from starlette.routing import Route
 
 from tinylm.infer.chat import ChatFormat, chat_format_for
 from tinylm.infer.engine import Engine
+from tinylm.infer.sampling import SamplingSettings, generation_eos_ids
 from tinylm.infer.scheduler import Event, QueueFull, Scheduler
-from tinylm.serve.protocol import APIError, Defaults, Generation, chat_request, completion_request, parse_json
+from tinylm.serve.protocol import APIError, Generation, chat_request, completion_request, parse_json
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
@@ -60,7 +61,8 @@ class Server:
     engine: Engine
     scheduler: Scheduler
     name: str
-    defaults: Defaults
+    defaults: SamplingSettings  # the model's generation_config.json: what a request leaves out
+    eos_token_ids: list[int]  # ... and the tokens it says a completion may end on
     chat_format: ChatFormat
     api_key: str | None = None
     max_body: int = 16 * 2**20
@@ -75,7 +77,13 @@ class Server:
             "owned_by": "tinylm",
             "context_length": self.scheduler.max_len,
             "vision": self.engine.vlm is not None,
-            "defaults": self.defaults.as_dict(),
+            "defaults": {
+                "temperature": self.defaults.temperature,
+                "top_p": self.defaults.top_p,
+                "top_k": self.defaults.top_k,
+                "repetition_penalty": self.defaults.repetition_penalty,
+                "max_tokens": self.defaults.max_new_tokens,
+            },
         }
 
 
@@ -445,17 +453,19 @@ def build_server(
     api_key: str | None = None,
     max_body: int = 16 * 2**20,
     thread: bool = True,
+    compile: bool = False,
 ) -> Server:
     """Load a model directory and make its scheduler (running in a thread of its own, unless
     ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
     path = Path(model_dir)
-    engine = Engine.from_dir(path, device=device, dtype=dtype)
+    engine = Engine.from_dir(path, device=device, dtype=dtype, compile=compile)
     if engine.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=thread)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     served = name or (path.resolve().parent.name if path.resolve().name == "final" else path.resolve().name)
-    return Server(engine, scheduler, served, Defaults.from_dir(path), chat_format, api_key, max_body)
+    eos_ids = generation_eos_ids(path)
+    return Server(engine, scheduler, served, engine.defaults, eos_ids, chat_format, api_key, max_body)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -17,14 +17,12 @@ import binascii
 import io
 import json
 import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from tinylm.image_processor import load_image
 from tinylm.infer.chat import IMAGE_PREFIX
-from tinylm.infer.engine import SamplingSettings
+from tinylm.infer.sampling import SamplingSettings
 from tinylm.infer.scheduler import Request
-from tinylm.io import read_json
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the completions endpoint allows 5
@@ -52,47 +50,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Defaults:
-    """Sampling defaults for requests that leave a field out: the model's generation_config.json.
-    A model saved with ``do_sample: false`` (tinylm's own) answers greedily unless asked otherwise."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_tokens: int = 256
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> Defaults:
-        path = Path(directory) / "generation_config.json"
-        if not path.is_file():
-            return cls()
-        config = read_json(path)
-        eos = config.get("eos_token_id")
-        defaults = cls(eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []))
-        if config.get("do_sample") is False:
-            defaults.temperature = 0.0
-        elif isinstance(config.get("temperature"), (int, float)):
-            defaults.temperature = float(config["temperature"])
-        for key in ("top_p", "top_k", "repetition_penalty"):
-            if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
-                setattr(defaults, key, type(getattr(defaults, key))(config[key]))
-        if isinstance(config.get("max_new_tokens"), int):
-            defaults.max_tokens = config["max_new_tokens"]
-        return defaults
-
-    def as_dict(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty,
-            "max_tokens": self.max_tokens,
-        }
 
 
 def parse_json(body: bytes) -> dict:
@@ -208,7 +165,7 @@ class Generation:
     chat: bool
 
 
-def sampling(fields: Fields, defaults: Defaults, max_batch: int) -> tuple[SamplingSettings, dict]:
+def sampling(fields: Fields, defaults: SamplingSettings, max_batch: int) -> tuple[SamplingSettings, dict]:
     """The sampling fields of either endpoint: SamplingSettings (its max_new_tokens still to be
     settled against the prompt) and the scheduler's extras."""
     refuse_unsupported(fields)
@@ -273,7 +230,12 @@ def stream_fields(fields: Fields) -> tuple[bool, bool]:
 
 
 def settle_length(
-    settings: SamplingSettings, prompt_ids: list[int], fields: Fields, max_len: int, defaults: Defaults, param: str
+    settings: SamplingSettings,
+    prompt_ids: list[int],
+    fields: Fields,
+    max_len: int,
+    defaults: SamplingSettings,
+    param: str,
 ) -> SamplingSettings:
     """Check the prompt against the context and settle max_new_tokens: the request's, which must fit
     beside the prompt, or the default, cut to the room left."""
@@ -289,7 +251,7 @@ def settle_length(
     if asked is None:
         name, asked = "max_tokens", fields.integer("max_tokens", None, 1, 2**31)
     if asked is None:
-        return replace(settings, max_new_tokens=min(defaults.max_tokens, room))
+        return replace(settings, max_new_tokens=min(defaults.max_new_tokens, room))
     if asked > room:
         raise APIError(
             f"'{name}' is {asked}, but the prompt is {len(prompt_ids)} tokens and this server's context is "
@@ -486,10 +448,8 @@ def completion_request(data: dict, server) -> Generation:
         raise APIError("'best_of' other than n is not supported by this server", "best_of")
     stream, include_usage = stream_fields(fields)
     logprobs = fields.integer("logprobs", None, 0, 5)
-    if server.defaults.eos_token_ids:
-        settings = replace(
-            settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.defaults.eos_token_ids})
-        )
+    if server.eos_token_ids:
+        settings = replace(settings, stop_token_ids=sorted({server.engine.tokenizer.eos_id, *server.eos_token_ids}))
     settings = end_tokens(settings, fields)
     prompts = completion_prompts(data.get("prompt"), server, extras["n"])
     requests = []

@@ -34,8 +34,9 @@ from tinylm.config import ConfigError, DPOConfig, save_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin import World
 from tinylm.data.builtin_preference import preference_pairs
-from tinylm.data.packing import Encoded, SeededWalk, encode_for_training
+from tinylm.data.chat_rows import Encoded, encode_for_training
 from tinylm.data.preference import read_preferences
+from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import chat_accuracy
 from tinylm.infer.chat import chat_format_for
@@ -43,9 +44,9 @@ from tinylm.infer.engine import Engine
 from tinylm.io import atomic_write_text
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
-from tinylm.train import distributed
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
 from tinylm.train.recipes import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation
+from tinylm.train.stage import stage_run
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 
@@ -220,8 +221,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
     if not cfg.init_from:
         raise ConfigError("init_from is not set: give the chat model to align (--init MODEL_DIR)")
     run_dir = Path(out_dir)
-    with distributed.process_group(cfg.train.device) as dist:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with stage_run(run_dir, cfg.train.device) as dist:
         model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
         check_context(cfg.train.seq_len, model.config)
         # Adapters (and QLoRA's 4-bit base) go in first, on the CPU: B starts at zero, so the model

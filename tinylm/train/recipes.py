@@ -5,6 +5,7 @@ Each recipe is a plain function (``pretrain(cfg, out_dir)``); the CLI only parse
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ from tinylm.chat_template import get_template
 from tinylm.config import ConfigError, PretrainConfig, SFTConfig, save_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.chat import Conversation, read_conversations
-from tinylm.data.packing import RowBatches, encode_conversations, pack, real_tokens, rows_batch
+from tinylm.data.chat_rows import RowBatches, encode_conversations, pack, real_tokens, rows_batch
 from tinylm.data.text import (
     PackedWindows,
     build_token_shards,
@@ -34,8 +35,8 @@ from tinylm.model.lora import add_lora
 from tinylm.model.quant import quantize_linear_layers
 from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
 from tinylm.tokenizer import Tokenizer
-from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
+from tinylm.train.stage import stage_run
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 TOKENIZER_STAMP = "trained_on.sha256"  # in the run's tokenizer/: the key of the corpus and settings it came from
@@ -194,34 +195,26 @@ def pretrain(
     if cfg.lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
     run_dir = Path(out_dir)
-    with distributed.process_group(cfg.train.device) as dist:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with stage_run(run_dir, cfg.train.device) as dist:
         if dist.is_main:  # the built-in corpus is written once, then every process reads it
             corpus_files(cfg, run_dir)
         distributed_barrier()
         files = corpus_files(cfg, run_dir)
         tokenizer = prepare_tokenizer(cfg, files, run_dir, dist.is_main)
-        shards_dir = run_dir / "data" / "shards"
-        if dist.is_main:
-            build_token_shards(
-                files,
-                tokenizer,
-                shards_dir,
-                text_field=cfg.data.text_field,
-                txt_split=cfg.data.txt_split,
-                val_fraction=cfg.data.val_fraction,
-                seed=cfg.data.builtin_seed,
-            )
-        distributed_barrier()
-        info = build_token_shards(
+        shards = functools.partial(
+            build_token_shards,
             files,
             tokenizer,
-            shards_dir,
+            run_dir / "data" / "shards",
             text_field=cfg.data.text_field,
             txt_split=cfg.data.txt_split,
             val_fraction=cfg.data.val_fraction,
             seed=cfg.data.builtin_seed,
         )
+        if dist.is_main:  # the main process builds the shards; then every process finds them cached
+            shards()
+        distributed_barrier()
+        info = shards()
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
@@ -380,8 +373,7 @@ def sft(
     if not cfg.init_from:
         raise ValueError("init_from is not set: give the model directory to fine-tune (--init MODEL_DIR)")
     run_dir = Path(out_dir)
-    with distributed.process_group(cfg.train.device) as dist:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with stage_run(run_dir, cfg.train.device) as dist:
         model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")
         check_context(cfg.train.seq_len, model.config)
         template = get_template(cfg.data.template)

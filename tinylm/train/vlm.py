@@ -33,9 +33,10 @@ import torch
 from tinylm.chat_template import get_template
 from tinylm.config import ConfigError, VLMStageConfig, save_config
 from tinylm.data.builtin_images import write_image_corpus
-from tinylm.data.image_data import read_coco_captions, read_image_conversations
-from tinylm.data.packing import SeededWalk, encode_for_training
-from tinylm.eval.images import heldout_report, render_heldout
+from tinylm.data.chat_rows import encode_for_training
+from tinylm.data.image_chat import read_coco_captions, read_image_conversations
+from tinylm.data.walk import SeededWalk
+from tinylm.eval.image_questions import heldout_report, render_heldout
 from tinylm.image_processor import PROCESSOR_FILE, ImageProcessor, load_image
 from tinylm.infer.engine import Engine
 from tinylm.io import atomic_write_text
@@ -44,7 +45,6 @@ from tinylm.model.loss import IGNORE
 from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
 from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vlm_dir
-from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.recipes import (
     check_context,
@@ -54,6 +54,7 @@ from tinylm.train.recipes import (
     prepare_lora,
     split_validation,
 )
+from tinylm.train.stage import stage_run
 from tinylm.train.trainer import FitResult, Task, fit
 
 STAGES = ("pretrain", "sft")
@@ -310,8 +311,7 @@ def train_vlm(
     if stage == "pretrain" and cfg.lora.enabled:
         raise ConfigError("lora is for stage 2 (tinylm vlm sft): in stage 1 the language model is frozen anyway")
     run_dir = Path(out_dir)
-    with distributed.process_group(cfg.train.device) as dist:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with stage_run(run_dir, cfg.train.device) as dist:
         model, tokenizer, processor = build_model(cfg, stage)
         check_context(cfg.train.seq_len, model.config.text)
         template = get_template(cfg.data.template)

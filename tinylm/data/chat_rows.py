@@ -9,7 +9,7 @@ tokens would spend most of the compute on padding. Packing puts several conversa
     attention:   A sees only A,    B only B,     C only C        (pad: only pad)
 
 Each conversation keeps its own positions (RoPE starts again at 0) and attends only to itself, so its
-loss is exactly the loss it would have in a row of its own (tests/test_packing.py checks this). The
+loss is exactly the loss it would have in a row of its own (tests/test_chat_rows.py checks this). The
 attention mask is built from the per-token segment ids on the device (``segment_mask``).
 
 A conversation longer than the context loses whole exchanges (a user turn and its answer) from the
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tinylm.data.walk import SeededWalk
 from tinylm.model.loss import IGNORE
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a row
@@ -177,50 +178,6 @@ def pack(examples: list[Encoded], seq_len: int, pad_id: int = 0, packed: bool = 
             out.segments[r, start:end] = segment
             start = end
     return out
-
-
-class SeededWalk:
-    """An endless, seeded, resumable walk over ``count`` training items in batches, sharded across
-    processes like the pretraining windows (rank r takes items r, r + world_size, ... of each epoch's
-    shuffled order). Subclasses turn the picked indices into a batch."""
-
-    def __init__(
-        self, count: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, what: str = "packed rows"
-    ):
-        self.count, self.batch_size, self.seed, self.rank, self.world_size = count, batch_size, seed, rank, world_size
-        self.what = what
-        self.per_rank = count // world_size
-        if self.per_rank == 0:
-            raise ValueError(f"{count} {what} are too few for {world_size} process(es): add data")
-        self.epoch, self.cursor = 0, 0
-        self.order = self._rank_order(0)
-
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
-        return order[self.rank :: self.world_size][: self.per_rank]
-
-    def next_picks(self) -> list[int]:
-        picks = []
-        for _ in range(self.batch_size):
-            if self.cursor == self.per_rank:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._rank_order(self.epoch)
-            picks.append(int(self.order[self.cursor]))
-            self.cursor += 1
-        return picks
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "rows": self.count, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["rows"] != self.count:
-            raise ValueError(
-                f"the saved data position is for {state['rows']} {self.what}, this data has {self.count}; "
-                "resume with the same data and settings"
-            )
-        self.epoch = state["epoch"]
-        self.cursor = min(state["cursor"] * state["world_size"] // self.world_size, self.per_rank)
-        self.order = self._rank_order(self.epoch)
 
 
 class RowBatches(SeededWalk):

@@ -5,7 +5,7 @@ import pytest
 from conftest import write_jsonl
 
 from tinylm.data.builtin_images import image_scenes, render, write_image_corpus
-from tinylm.data.image_data import IMAGE_TAG, ImageConversation, read_coco_captions, read_image_conversations
+from tinylm.data.image_chat import IMAGE_TAG, ImageConversation, read_coco_captions, read_image_conversations
 from tinylm.image_processor import load_image
 from tinylm.io import DataError
 

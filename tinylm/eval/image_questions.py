@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tinylm.data.builtin_images import BACKGROUND
 from tinylm.infer.chat import IMAGE_PREFIX, chat_format_for
-from tinylm.infer.engine import SamplingSettings
+from tinylm.infer.sampling import SamplingSettings
 
 KINDS = ("colour", "shape", "count", "position")
 

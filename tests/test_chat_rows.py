@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tinylm.data.packing import (
+from tinylm.data.chat_rows import (
     PAD_SEGMENT,
     Encoded,
     RowBatches,
