@@ -26,6 +26,7 @@ A command imports its modules only when it runs, so ``tinylm --help`` answers wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -602,8 +603,6 @@ def run(args, overrides: list[str]) -> int:
         tokenizer.save(args.out)
         print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}", file=sys.stderr)
     elif args.command in STAGES:
-        import importlib
-
         from tinylm import config as configs
 
         class_name, module, function = STAGES[args.command]

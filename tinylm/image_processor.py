@@ -32,7 +32,7 @@ class ImageError(ValueError):
 
 def load_image(source, where: str | None = None):
     """A PIL RGB image from a path, raw bytes, or a PIL image. ``where`` names the sample in errors."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # Pillow, loaded when a picture is first read
 
     label = f"{where}: " if where else ""
     if isinstance(source, Image.Image):
@@ -71,7 +71,7 @@ class ImageProcessor:
 
     def __call__(self, images) -> torch.Tensor:
         """PIL images (or paths, or bytes) → float32 [n, 3, size, size]."""
-        from PIL import Image
+        from PIL import Image  # Pillow, loaded when a picture is first read
 
         arrays = []
         for image in images:

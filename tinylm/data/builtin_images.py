@@ -102,7 +102,7 @@ def image_scenes(seed: int, count: int, heldout: bool = False) -> list[Scene]:
 
 def render(scene: Scene, size: int = 64):
     """The scene as a PIL RGB image of ``size``×``size`` pixels."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # Pillow, loaded when a picture is first drawn
 
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)

@@ -71,7 +71,7 @@ def tally(records: list[dict], replies: list[str]) -> dict:
 
 def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -> dict:
     """Held-out accuracy per kind against chance, the blank-picture control, and a few examples."""
-    from PIL import Image
+    from PIL import Image  # Pillow, loaded only for the blank picture
 
     records = read_heldout(heldout_path)[:limit]
     replies = answer_questions(engine, records, [r["image_path"] for r in records])

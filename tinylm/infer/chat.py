@@ -94,6 +94,7 @@ def chat_format_for(tokenizer, eos_token_ids=()) -> ChatFormat:
 def jinja_renderer(jinja: str, tokenizer) -> Callable[[list[dict]], str]:
     """Render a foreign Jinja chat template as transformers does, in a sandbox (the template came with
     a model directory, so it is not trusted to touch anything)."""
+    # jinja2 runs only a foreign model's chat template (tinylm's own render from their definitions)
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

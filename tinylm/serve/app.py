@@ -19,12 +19,15 @@ import asyncio
 import contextlib
 import hmac
 import json
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -472,11 +475,6 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     """Answer HTTP on ``host:port`` until Ctrl-C. The web side (uvicorn's event loop) runs in a
     thread; the model runs in this one (see ``Scheduler``), so ``server`` must come from
     ``build_server(..., thread=False)``."""
-    import signal
-    import threading
-
-    import uvicorn
-
     if server.scheduler.thread is not None:
         raise ValueError("serve() runs the scheduler itself: build the server with thread=False")
     if host in LOOPBACK:

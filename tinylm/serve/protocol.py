@@ -398,7 +398,7 @@ def content_parts(parts: list, where: str, role: str, server, images: list) -> s
 
 def read_image_url(part: dict, where: str):
     """A picture from a ``data:image/...;base64,...`` URL (the server fetches nothing from the network)."""
-    from PIL import Image
+    from PIL import Image  # Pillow, loaded when a request first brings a picture
 
     fields = Fields(part, where)
     fields.refuse_unknown({"type", "image_url"})

@@ -52,7 +52,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return None
-    import matplotlib
+    import matplotlib  # about half a second to import: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
