@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tinylm.config import PretrainConfig, load_config
+from tinylm.config import load_config
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.model.llama import CausalLM
+from tinylm.train.pretrain import PretrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tinylm" / "configs"
 SIZES = ("cpu-tiny", "minimind2-small")  # the model shapes of configs/<name>.yaml, vocab 6400

@@ -40,11 +40,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tinylm.config import LoRASection, PretrainConfig, TrainConfig, load_config  # noqa: E402
-from tinylm.device import resolve_device  # noqa: E402
-from tinylm.model.llama import CausalLM  # noqa: E402
-from tinylm.train.recipes import prepare_lora  # noqa: E402
-from tinylm.train.trainer import build_optimizer  # noqa: E402
+from tinylm.config import LoRASection, TrainConfig, load_config
+from tinylm.device import resolve_device
+from tinylm.model.llama import CausalLM
+from tinylm.train.pretrain import PretrainConfig
+from tinylm.train.stage import prepare_lora
+from tinylm.train.trainer import build_optimizer
 
 SHAPES = {
     "minimind2-small": [],

@@ -41,11 +41,12 @@ def random_model_dir(out: Path, size: str) -> Path:
     trained on the built-in corpus (the model's vocabulary is cut to the tokenizer's)."""
     import torch
 
-    from tinylm.config import PretrainConfig, load_config
+    from tinylm.config import load_config
     from tinylm.data.builtin import World, pretrain_documents
     from tinylm.model.llama import CausalLM
     from tinylm.modeldir import save_model_dir
     from tinylm.tokenizer import train_tokenizer
+    from tinylm.train.pretrain import PretrainConfig
 
     texts = pretrain_documents(World(0))[:3000]
     tokenizer = train_tokenizer(texts, vocab_size=6400)

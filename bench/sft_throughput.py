@@ -22,7 +22,7 @@ AdamW hyper-parameters and parameter groups (from configs/sft-cpu-tiny.yaml), fu
 cosine schedule (``tinylm.train.trainer.lr_lambda`` over each side's own number of steps) and gradient
 clipping. Validation is off on both sides: this is training throughput.
 
-* ours: what ``tinylm sft`` runs (``tinylm.train.recipes.sft``): the conversations best-fit packed into
+* ours: what ``tinylm sft`` runs (``tinylm.train.sft.sft``): the conversations best-fit packed into
   rows of ``seq_len`` (``pack(packed=True)``: several conversations per row, each with its own positions
   and attention), ``RowBatches`` of ``batch_size`` rows, ``NextTokenLoss``, ``tokens_per_batch=real_tokens``,
   through the real ``tinylm.train.trainer.fit`` with everything a user gets: metrics.jsonl every 10 steps,
@@ -77,22 +77,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import hf_model, print_summary, synchronize  # noqa: E402
+from train_throughput import hf_model, print_summary, synchronize
 
-from tinylm.chat_template import TEMPLATES, get_template  # noqa: E402
-from tinylm.config import PretrainConfig, SFTConfig, load_config  # noqa: E402
-from tinylm.data import builtin, builtin_chat  # noqa: E402
-from tinylm.data.chat import read_conversations  # noqa: E402
-from tinylm.data.chat_rows import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens  # noqa: E402
-from tinylm.device import autocast_dtype, resolve_device  # noqa: E402
-from tinylm.model.llama import CausalLM  # noqa: E402
-from tinylm.model.loss import IGNORE  # noqa: E402
-from tinylm.modeldir import load_model_dir  # noqa: E402
-from tinylm.tokenizer import train_tokenizer  # noqa: E402
-from tinylm.train import checkpoint as ckpt  # noqa: E402
-from tinylm.train import distributed  # noqa: E402
-from tinylm.train.objectives import NextTokenLoss  # noqa: E402
-from tinylm.train.trainer import Task, build_optimizer, fit, move  # noqa: E402
+from tinylm.chat_template import TEMPLATES, get_template
+from tinylm.config import load_config
+from tinylm.data import builtin, builtin_chat
+from tinylm.data.chat import read_conversations
+from tinylm.data.chat_rows import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens
+from tinylm.device import autocast_dtype, resolve_device
+from tinylm.model.llama import CausalLM
+from tinylm.model.loss import IGNORE
+from tinylm.modeldir import load_model_dir
+from tinylm.tokenizer import train_tokenizer
+from tinylm.train import checkpoint as ckpt
+from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss
+from tinylm.train.pretrain import PretrainConfig
+from tinylm.train.sft import SFTConfig
+from tinylm.train.trainer import Task, build_optimizer, fit, move
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 SFT_CONFIG = ROOT / "configs" / "sft-cpu-tiny.yaml"  # the training hyper-parameters of tinylm's SFT recipe

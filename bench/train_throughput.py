@@ -44,13 +44,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tinylm.config import PretrainConfig, TrainConfig, load_config  # noqa: E402
-from tinylm.device import autocast_dtype, resolve_device  # noqa: E402
-from tinylm.model.llama import CausalLM  # noqa: E402
-from tinylm.train import checkpoint as ckpt  # noqa: E402
-from tinylm.train import distributed  # noqa: E402
-from tinylm.train.objectives import NextTokenLoss, shift_window  # noqa: E402
-from tinylm.train.trainer import Task, build_optimizer, fit  # noqa: E402
+from tinylm.config import TrainConfig, load_config
+from tinylm.device import autocast_dtype, resolve_device
+from tinylm.model.llama import CausalLM
+from tinylm.train import checkpoint as ckpt
+from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss, shift_window
+from tinylm.train.pretrain import PretrainConfig
+from tinylm.train.trainer import Task, build_optimizer, fit
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 # Sized so that the whole benchmark (both configs) takes a few minutes on 2 CPU cores.

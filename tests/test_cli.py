@@ -14,8 +14,10 @@ import pytest
 
 from tinylm import __version__
 from tinylm.cli import build_parser, main, resolve_config_path
-from tinylm.config import ConfigError, PretrainConfig, SFTConfig, load_config
+from tinylm.config import ConfigError, load_config
 from tinylm.io import DirectoryInUse, directory_lock
+from tinylm.train.pretrain import PretrainConfig
+from tinylm.train.sft import SFTConfig
 
 TINY = [
     "--model.hidden_size=32",

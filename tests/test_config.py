@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tinylm.config import ConfigError, PretrainConfig, load_config, parse_overrides, save_config
+from tinylm.config import ConfigError, load_config, parse_overrides, save_config
+from tinylm.train.pretrain import PretrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

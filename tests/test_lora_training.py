@@ -11,9 +11,9 @@ from conftest import TRAIN, logged
 from safetensors.torch import load_file
 
 from tinylm.cli import main
-from tinylm.config import SFTConfig, load_config
+from tinylm.config import load_config
 from tinylm.modeldir import load_model_dir
-from tinylm.train.recipes import sft
+from tinylm.train.sft import SFTConfig, sft
 
 LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8"]
 IDS = torch.tensor([[5, 9, 30, 2, 77, 41]])

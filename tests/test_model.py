@@ -72,6 +72,26 @@ def test_kv_cache_matches_full_forward():
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+def test_kv_cache_rows_of_their_own_lengths_decode_as_alone():
+    """The server's use of the cache: rows filled to different lengths take one token each, at their
+    own positions, and get exactly the logits each row gets alone."""
+    model = make_model(num_key_value_heads=2)
+    prompts = [torch.randint(0, 211, (1, n)) for n in (5, 9, 3)]
+    nexts = torch.randint(0, 211, (3, 1))
+    shared = KVCache(model.config, batch_size=4, max_len=70)
+    alone = []
+    with torch.no_grad():
+        for row, (prompt, token) in enumerate(zip(prompts, nexts)):
+            own = KVCache(model.config, batch_size=1, max_len=16)
+            model(prompt, cache=own)
+            shared.fill(row, own.k[:, 0, :, : own.length], own.v[:, 0, :, : own.length])
+            alone.append(model(token[None], cache=own)[0, -1])
+        positions, mask = shared.begin_step(3)
+        together = model(nexts, position_ids=positions, mask=mask, cache=shared)[:, -1]
+    assert shared.lengths[:3] == [6, 10, 4] and mask.shape[-1] == KVCache.BUCKET
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+
+
 def test_left_padding_mask_gives_the_unpadded_result():
     model = make_model(num_key_value_heads=2)
     ids = torch.randint(0, 211, (1, 9))

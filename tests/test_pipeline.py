@@ -116,10 +116,11 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_writes_its_report(tmp_path):
-    from tinylm.config import PretrainConfig, load_config
+    from tinylm.config import load_config
     from tinylm.data import builtin, builtin_chat
     from tinylm.infer.engine import Engine
     from tinylm.quickstart import evaluate_facts, evaluate_questions, quickstart
+    from tinylm.train.pretrain import PretrainConfig
 
     sft_tiny = [
         "--train.max_steps=10",
@@ -196,8 +197,8 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus, capsys
 
 
 def test_the_runs_tokenizer_is_retrained_when_its_corpus_changes(tmp_path, corpus, capsys):
-    from tinylm.config import PretrainConfig, load_config
-    from tinylm.train.recipes import prepare_tokenizer
+    from tinylm.config import load_config
+    from tinylm.train.pretrain import PretrainConfig, prepare_tokenizer
 
     cfg = load_config(PretrainConfig, None, ["--data.vocab_size=300", "--data.text_field=body"])
     first = prepare_tokenizer(cfg, [corpus], tmp_path, main=True)

@@ -265,10 +265,8 @@ def test_identity_recipe_mixes_in_the_name_and_measures_it(base_and_chats, tmp_p
     # three steps teach the name nothing yet (the replies are still empty), and the measurement credits nothing
     assert measured["identity_accuracy"] == 0 and measured["general_mentioning_name"] == 0
     # what the run measured is what the saved model does
-    from tinylm.config import SFTConfig, load_config
-    from tinylm.train.recipes import identity_report
+    from tinylm.eval.questions import identity_report
 
-    cfg = load_config(SFTConfig, None, ["--data.identity_name=Nova", "--data.identity_author=Ada Lab"])
-    again = identity_report(Engine.from_dir(run / "final", device="cpu"), cfg)
+    again = identity_report(Engine.from_dir(run / "final", device="cpu"), "Nova", "Ada Lab")
     assert again["identity_accuracy"] == measured["identity_accuracy"]
     assert again["general_mentioning_name"] == measured["general_mentioning_name"]

@@ -93,8 +93,8 @@ PRETRAIN = [
 
 
 def pretrain_main(run_dir, mode, corpus):
-    from tinylm.config import PretrainConfig, load_config
-    from tinylm.train.recipes import pretrain
+    from tinylm.config import load_config
+    from tinylm.train.pretrain import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, None, [*PRETRAIN, f"--data.files=[{corpus}]"])
     callbacks = (

@@ -476,10 +476,10 @@ def is_model_dir(path: str) -> bool:
     return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
 
 
-# training command → (its config class in tinylm.config, the module and function of its recipe)
+# training command → (its config class, the module that holds it and the recipe, the recipe function)
 STAGES = {
-    "pretrain": ("PretrainConfig", "tinylm.train.recipes", "pretrain"),
-    "sft": ("SFTConfig", "tinylm.train.recipes", "sft"),
+    "pretrain": ("PretrainConfig", "tinylm.train.pretrain", "pretrain"),
+    "sft": ("SFTConfig", "tinylm.train.sft", "sft"),
     "dpo": ("DPOConfig", "tinylm.train.dpo", "dpo"),
     "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
 }
@@ -577,10 +577,10 @@ def run(args, overrides: list[str]) -> int:
 
         vlm_quickstart(args.out, llm=args.llm, device=args.device, overrides=overrides)
     elif args.command == "vlm":
-        from tinylm import config as configs
-        from tinylm.train.vlm import train_vlm
+        from tinylm.config import load_config
+        from tinylm.train.vlm import VLMStageConfig, train_vlm
 
-        cfg = configs.load_config(configs.VLMStageConfig, resolve_config_path(args.config), overrides)
+        cfg = load_config(VLMStageConfig, resolve_config_path(args.config), overrides)
         _, result = train_vlm(cfg, args.out, args.vlm_command, resume=args.resume)
         if result.interrupted:
             return 130
@@ -603,13 +603,14 @@ def run(args, overrides: list[str]) -> int:
         tokenizer.save(args.out)
         print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}", file=sys.stderr)
     elif args.command in STAGES:
-        from tinylm import config as configs
+        from tinylm.config import load_config
 
         class_name, module, function = STAGES[args.command]
+        stage = importlib.import_module(module)  # the stage's module holds its config class and its recipe
         # a distillation student given as a config brings its own data and training settings
         name = args.student if args.command == "distill" and not is_model_dir(args.student) else args.config
-        cfg = configs.load_config(getattr(configs, class_name), resolve_config_path(name), overrides)
-        _, result = getattr(importlib.import_module(module), function)(cfg, args.out, resume=args.resume)
+        cfg = load_config(getattr(stage, class_name), resolve_config_path(name), overrides)
+        _, result = getattr(stage, function)(cfg, args.out, resume=args.resume)
         if result.interrupted:
             return 130
     elif args.command == "generate":
@@ -723,11 +724,11 @@ def tokenizer_tool(args) -> None:
 
 # a shipped config's name → the config class it fills (the first prefix that matches)
 CONFIG_STAGES = (
-    ("sft-", "SFTConfig"),
-    ("dpo-", "DPOConfig"),
-    ("vlm-", "VLMStageConfig"),
-    ("student-", "DistillConfig"),
-    ("", "PretrainConfig"),
+    ("sft-", "tinylm.train.sft", "SFTConfig"),
+    ("dpo-", "tinylm.train.dpo", "DPOConfig"),
+    ("vlm-", "tinylm.train.vlm", "VLMStageConfig"),
+    ("student-", "tinylm.train.distill", "DistillConfig"),
+    ("", "tinylm.train.pretrain", "PretrainConfig"),
 )
 
 
@@ -742,12 +743,12 @@ def configs_tool(args) -> None:
         raise ValueError(f"configs {args.action}: name a config ({', '.join(shipped_configs())})")
     source = resolve_config_path(args.name)
     if args.action == "show":
-        from tinylm import config as configs
+        from tinylm.config import load_config, to_yaml
 
-        stage = next(cls for prefix, cls in CONFIG_STAGES if source.stem.startswith(prefix))
+        module, stage = next((m, c) for prefix, m, c in CONFIG_STAGES if source.stem.startswith(prefix))
         text = source.read_text(encoding="utf-8")
         comments = [line for line in text.splitlines() if line.startswith("#")]
-        resolved = configs.to_yaml(configs.load_config(getattr(configs, stage), source))
+        resolved = to_yaml(load_config(getattr(importlib.import_module(module), stage), source))
         sys.stdout.write("\n".join([*comments, f"# every key of {stage}, as {source.name} sets them", resolved]))
         return
     dest = Path(args.dest or f"{source.stem}.yaml")

@@ -4,6 +4,10 @@
 
 Every key is checked against the dataclass: an unknown key or a value of the wrong type is an error that
 names the key and where it came from. The fully resolved config is saved in the run directory.
+
+This module holds the loader and the sections every stage shares (``train``, ``lora``); each stage's own
+config lives beside its recipe (``tinylm.train.pretrain.PretrainConfig``, ``tinylm.train.sft.SFTConfig``,
+``tinylm.train.dpo.DPOConfig``, ``tinylm.train.distill.DistillConfig``, ``tinylm.train.vlm.VLMStageConfig``).
 """
 
 from __future__ import annotations
@@ -12,15 +16,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from tinylm.io import atomic_write_text
-from tinylm.model.llama import ModelConfig
 from tinylm.model.lora import ALL_LINEAR, LoRAConfig
-from tinylm.model.vision import PROJECTOR_ACTIVATIONS
 
 
 class ConfigError(ValueError):
@@ -41,21 +43,6 @@ def resolve_source(section, sources: tuple[str, ...]) -> None:
         )
     if section.source != "builtin" and not section.files:
         raise ConfigError(f"source is {section.source} but no files are given: set files: [...] (or --data FILE ...)")
-
-
-@dataclass
-class DataConfig:
-    source: str | None = None  # "builtin" (the generated offline corpus) or "files"; unset: files if any are given
-    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json / .parquet (plain or .gz)
-    text_field: str = "text"  # the field holding the text in .jsonl / .json / .parquet
-    txt_split: str = "blank"  # .txt documents: "blank" (blank-line separated), "line" or "file"
-    val_fraction: float = 0.01
-    tokenizer: str | None = None  # a tokenizer (or model) directory; None trains one on the corpus
-    vocab_size: int = 6400  # when training a tokenizer
-    builtin_seed: int = 0
-
-    def __post_init__(self):
-        resolve_source(self, ("builtin", "files"))
 
 
 @dataclass
@@ -148,183 +135,6 @@ class LoRASection(LoRAConfig):
     def lora_config(self) -> LoRAConfig:
         """The adapter's settings alone."""
         return LoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoRAConfig)})
-
-
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    init_from: str | None = None  # a model directory to continue pretraining from
-    lora: LoRASection = field(default_factory=LoRASection)
-
-
-@dataclass
-class ChatDataConfig:
-    source: str | None = None  # "builtin" (the built-in conversations) or "files"; unset: files if any are given
-    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet conversations (.json(l) may be .gz)
-    format: str = "auto"  # auto | openai | sharegpt | alpaca (auto: detected per record)
-    template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
-    skip_bad: bool = False  # skip invalid conversations (and report how many) instead of stopping
-    packing: bool = True  # several conversations per row (attention kept inside each)
-    identity_name: str | None = None  # teach the assistant this name ("who are you?"): the identity recipe
-    identity_author: str | None = None  # ... and who made it
-    val_fraction: float = 0.02
-    builtin_seed: int = 0
-
-    def __post_init__(self):
-        resolve_source(self, ("builtin", "files"))
-
-
-@dataclass
-class SFTConfig:
-    init_from: str | None = None  # the model directory to fine-tune (tinylm or a local transformers Llama/Qwen)
-    data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoRASection = field(default_factory=LoRASection)
-
-
-@dataclass
-class PreferenceDataConfig:
-    source: str | None = None  # "builtin" (the built-in preference pairs) or "files"; unset: files if any are given
-    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet pairs (.json(l) may be .gz)
-    format: str = "auto"  # auto | minimind | llamafactory | hh-rlhf (auto: detected per record)
-    template: str | None = None  # None: the model's own chat template (the one SFT attached)
-    skip_bad: bool = False  # skip invalid pairs (and report how many) instead of stopping
-    val_fraction: float = 0.05  # files only; the built-in pairs keep their own held-out set
-    builtin_seed: int = 0
-
-    def __post_init__(self):
-        resolve_source(self, ("builtin", "files"))
-
-
-@dataclass
-class DPOSection:
-    loss: str = "sigmoid"  # sigmoid (DPO) | orpo | simpo; ORPO and SimPO need no reference model
-    beta: float | None = None  # DPO/SimPO: the reward scale; ORPO: the odds-ratio weight (None: 0.1, SimPO 2.0)
-    # DPO's reference: model (scored batch by batch: a frozen copy, or the base under a LoRA adapter)
-    # | precomputed (scored once, before training)
-    reference: str = "model"
-    sft_weight: float = 0.0  # add this × the chosen answers' cross-entropy per token (keeps the answers likely)
-    simpo_gamma: float = 0.5  # SimPO: the target reward margin
-
-    def __post_init__(self):
-        if self.loss not in ("sigmoid", "orpo", "simpo"):
-            raise ConfigError(f"loss: expected sigmoid, orpo or simpo, got {self.loss!r}")
-        if self.reference not in ("model", "precomputed"):
-            raise ConfigError(f"reference: expected model or precomputed, got {self.reference!r}")
-        if self.reference == "precomputed" and self.loss != "sigmoid":
-            raise ConfigError(
-                f"reference is precomputed but loss {self.loss} uses no reference model: drop one of them"
-            )
-        if self.loss == "orpo" and self.sft_weight:
-            raise ConfigError(
-                "sft_weight is set but ORPO already includes the chosen answers' cross-entropy: leave it at 0"
-            )
-        if self.beta is None:
-            self.beta = 2.0 if self.loss == "simpo" else 0.1
-        if self.beta <= 0 or self.sft_weight < 0 or self.simpo_gamma < 0:
-            raise ConfigError(
-                f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, "
-                f"{self.simpo_gamma})"
-            )
-
-
-@dataclass
-class DPOConfig:
-    init_from: str | None = None  # the chat model to align (usually an SFT run's final/)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoRASection = field(default_factory=LoRASection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-
-
-@dataclass
-class DistillSection:
-    teacher: str | None = None  # the teacher model directory (same tokenizer as the student)
-    temperature: float = 1.0  # > 1 softens both distributions; the KL term is scaled by T²
-    kl_weight: float = 0.5  # loss = (1 - kl_weight) · cross-entropy + kl_weight · T² · KL(teacher ‖ student)
-    corpus: str = "text"  # text: pretraining text (``data``) | chat: conversations (``chat``), the assistant's tokens
-
-    def __post_init__(self):
-        if self.corpus not in ("text", "chat"):
-            raise ConfigError(f"corpus: expected text or chat, got {self.corpus!r}")
-        if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
-            raise ConfigError(
-                f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})"
-            )
-
-
-@dataclass
-class DistillConfig:
-    """A student (a model directory, or a new model of ``model``'s shape) learns from a teacher."""
-
-    init_from: str | None = None  # the student's model directory; None: a new model built from ``model``
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # pretraining text, with distill.corpus: text
-    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.corpus: chat
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillSection = field(default_factory=DistillSection)
-
-
-@dataclass
-class VisionSection:
-    """The vision encoder of ``tinylm vlm pretrain``: a pretrained tower from a local directory, or a new
-    built-in ViT of the shape below (trained from scratch: with ``train`` unset, it trains in stage 1)."""
-
-    tower: str | None = None  # a local SigLIP/CLIP directory (transformers layout); None: a new built-in ViT
-    image_size: int = 64  # the built-in ViT's shape (ignored with a tower, which brings its own)
-    patch_size: int = 8
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
-    # -1 for a new model, and the loaded model's own in stage 2
-    train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
-    projector_act: str = (
-        "gelu"  # the projector (Linear → act → Linear): gelu, gelu_pytorch_tanh, quick_gelu, relu or silu
-    )
-    projector_bias: bool = True
-
-    def __post_init__(self):
-        if self.projector_act not in PROJECTOR_ACTIVATIONS:
-            raise ConfigError(
-                f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}"
-            )
-
-
-@dataclass
-class ImageDataConfig:
-    # builtin (the generated pictures) | files (image conversations) | coco (caption annotations);
-    # unset: files if any are given, else builtin
-    source: str | None = None
-    # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet; coco: captions_*.json;
-    # records without images (text-only conversations) may be mixed in with files
-    files: list[str] = field(default_factory=list)
-    image_root: str | None = None  # relative image paths are looked up here (default: beside the data file)
-    coco_images: str | None = None  # coco: the image folder (default: found beside the annotations)
-    caption_prompt: str = "Describe the picture."  # the user turn of caption records and COCO captions
-    template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
-    skip_bad: bool = False  # skip invalid samples (and report how many) instead of stopping
-    val_fraction: float = 0.02
-    builtin_seed: int = 0
-    builtin_images: int = 2000  # training pictures of the built-in corpus (captions for stage 1, questions for stage 2)
-
-    def __post_init__(self):
-        resolve_source(self, ("builtin", "files", "coco"))
-
-
-@dataclass
-class VLMStageConfig:
-    """``tinylm vlm pretrain`` (stage 1: the projector learns, the language model is frozen) and
-    ``tinylm vlm sft`` (stage 2: the projector and the language model learn, fully or with LoRA)."""
-
-    init_from: str | None = None  # stage 1: a language model directory (or a VLM to continue); stage 2: a stage-1 VLM
-    vision: VisionSection = field(default_factory=VisionSection)
-    data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoRASection = field(default_factory=LoRASection)
 
 
 # -- building dataclasses from plain data -------------------------------------------------------

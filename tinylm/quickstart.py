@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from tinylm.config import PretrainConfig, SFTConfig, load_config
+from tinylm.config import load_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin import score_completion
 from tinylm.data.text import load_shard_info
@@ -23,7 +23,8 @@ from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import atomic_write_text
-from tinylm.train.recipes import evaluator, pretrain, sft, unigram_bpb
+from tinylm.train.pretrain import PretrainConfig, evaluator, pretrain, unigram_bpb
+from tinylm.train.sft import SFTConfig, sft
 
 SAMPLE_PROMPTS = ["Once upon a time", "从前，", "12 + 7 =", "The "]
 SFT_CONFIG = Path(__file__).parent / "configs" / "sft-cpu-tiny.yaml"

@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from tinylm.config import PretrainConfig, VLMStageConfig, load_config
+from tinylm.config import load_config
 from tinylm.io import atomic_write_text
-from tinylm.train.recipes import pretrain
-from tinylm.train.vlm import train_vlm
+from tinylm.train.pretrain import PretrainConfig, pretrain
+from tinylm.train.vlm import VLMStageConfig, train_vlm
 
 CONFIGS = Path(__file__).parent / "configs"
 LLM_STEPS = 300  # the language model only has to know the words; the pictures' questions teach the rest

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin_chat import score_reply
+from tinylm.infer.chat import chat_format_for
+from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 
 BATCH = 64  # questions answered together: one left-padded batch through the engine
@@ -50,3 +53,33 @@ def tally(items, verdicts: list[bool], examples: list[dict]) -> dict:
         "by_kind": {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())},
         "examples": examples,
     }
+
+
+def identity_report(engine, name: str, author: str, seed: int = 0) -> dict:
+    """How well the identity took: held-out paraphrased "who are you / who made you" questions answered
+    with the new name or author, and how often replies to general questions mention the name (they
+    should not: the model must not answer everything with its name)."""
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    asked = chat_accuracy(engine, builtin_chat.identity_questions(name, author), chat_format)
+    questions = builtin_chat.general_questions(builtin.World(seed))
+    replies = answer(engine, questions, chat_format)
+    general = tally(questions, [builtin_chat.score_reply(q, r) for q, r in zip(questions, replies)], [])
+    mentions = sum(name.lower() in reply.lower() for reply in replies)
+    return {
+        "name": name,
+        "author": author,
+        "identity_accuracy": asked["accuracy"],
+        "identity_questions": asked["total"],
+        "general_accuracy": general["accuracy"],
+        "general_questions": general["total"],
+        "general_mentioning_name": mentions / max(general["total"], 1),
+        "examples": asked["examples"],
+    }
+
+
+def heldout_qa_accuracy(model_dir, seed: int) -> float:
+    """Accuracy on the built-in held-out chat questions (of the world of ``seed``): a later stage (DPO)
+    must not cost the facts SFT taught."""
+    engine = Engine.from_dir(model_dir, device="cpu")
+    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+    return chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)["accuracy"]

@@ -13,12 +13,12 @@ main thread under ``tinylm serve``) and lets requests in and out of it *between 
     leave      a sequence that finished (stop token, stop string, length) or whose request was
                cancelled gives its slot back at once; the next waiting request takes it
 
-The keys and values live in a ``SlotCache``: one row of ``max_len`` positions per slot, each row
-filled to its own length. A decode step writes each row's new key at that row's own position and
-masks each row's attention to its own length, so rows of different ages decode side by side and each
-one gets exactly the tokens it would get alone. Running rows are kept in slots 0..n-1 (a leaving row's
-slot is filled by moving the last one into it), so a step reads plain slices of the cache, never a
-gathered copy.
+The keys and values live in a ``KVCache``, the engine's own kind, used row by row: one row of
+``max_len`` positions per slot, each row filled to its own length. A decode step writes each row's new
+key at that row's own position and masks each row's attention to its own length, so rows of different
+ages decode side by side and each one gets exactly the tokens it would get alone. Running rows are
+kept in slots 0..n-1 (a leaving row's slot is filled by moving the last one into it), so a step reads
+plain slices of the cache, never a gathered copy.
 
 Each request carries its own sampling settings. Sampling is done for the whole batch at once by the
 engine's own sampler (``tinylm.infer.sampling.BatchSampler``), with one random generator per sequence,
@@ -40,9 +40,9 @@ import torch
 
 from tinylm.infer.engine import Engine, Row
 from tinylm.infer.sampling import BatchSampler, SamplingSettings, random_seed, sample_rows
-from tinylm.model.llama import ModelConfig
+from tinylm.model.llama import KVCache
 
-__all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "SlotCache", "TokenLogprob"]
+__all__ = ["Choice", "Event", "QueueFull", "Request", "Scheduler", "TokenLogprob"]
 
 
 class QueueFull(RuntimeError):
@@ -117,63 +117,6 @@ class Ticket:
             self.cancelled = True
 
 
-class SlotCache:
-    """Keys and values for ``slots`` sequences of up to ``max_len`` tokens each, every row filled to
-    its own length. A decode step runs over rows 0..active-1 (``begin_step``): the model's attention
-    calls ``update`` per layer, which writes each row's new key at that row's length, and ``advance``
-    after the last layer."""
-
-    BUCKET = 64  # attention reads the cache in whole buckets of positions (the rest of a bucket is masked)
-
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.lengths = [0] * slots  # filled positions per slot (kept on the host: no device sync to read)
-        self.active = self.end = 0
-        self._positions = self._rows = None
-
-    def bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def fill(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put a prefilled prompt's keys and values [layers, kv_heads, length, head_dim] in ``slot``."""
-        length = k.shape[2]
-        self.k[:, slot, :, :length] = k
-        self.v[:, slot, :, :length] = v
-        self.lengths[slot] = length
-
-    def move(self, source: int, target: int) -> None:
-        """Copy one slot's filled positions into another (a leaving row's slot gets the last row)."""
-        length = self.lengths[source]
-        self.k[:, target, :, :length] = self.k[:, source, :, :length]
-        self.v[:, target, :, :length] = self.v[:, source, :, :length]
-        self.lengths[target] = length
-
-    def begin_step(self, active: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start a one-token step over slots 0..active-1: their positions [active, 1] (each row's own
-        length) and the attention mask [active, 1, 1, end] (each row sees its filled positions and
-        the new one). ``end`` is rounded up to a whole bucket, so the attention sees a few shapes
-        rather than a new one at every step: a GPU chooses (and loads) kernels per shape."""
-        self.active = active
-        longest = max(self.lengths[:active]) + 1
-        self.end = min(-(-longest // self.BUCKET) * self.BUCKET, self.max_len)
-        self._positions = torch.tensor(self.lengths[:active], device=self.k.device)
-        self._rows = torch.arange(active, device=self.k.device)
-        mask = torch.arange(self.end, device=self.k.device)[None, :] <= self._positions[:, None]
-        return self._positions[:, None], mask[:, None, None, :]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer, self._rows, :, self._positions] = k[:, :, 0]
-        self.v[layer, self._rows, :, self._positions] = v[:, :, 0]
-        return self.k[layer, : self.active, :, : self.end], self.v[layer, : self.active, :, : self.end]
-
-    def advance(self, t: int) -> None:
-        for slot in range(self.active):
-            self.lengths[slot] += t
-
-
 class Scheduler:
     """Runs an ``Engine``'s model for many requests at once; see the module's docstring.
 
@@ -209,7 +152,7 @@ class Scheduler:
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.max_len = min(max_len or 4096, engine.context_length)
         config = self.model.config
-        self.cache = SlotCache(config, max_batch, self.max_len, engine.device, engine.dtype)
+        self.cache = KVCache(config, max_batch, self.max_len, engine.device, engine.dtype)
         self.sampler = BatchSampler(config.vocab_size, engine.device, max_batch)  # row i samples for slot i
         self.slots: list[Choice] = []  # running choices; choice i is in cache slot i
         self.logits: torch.Tensor | None = None  # [len(slots), vocab]: each running choice's next-token logits
@@ -304,7 +247,7 @@ class Scheduler:
         than the second on an H200 without it). A CPU has nothing to warm."""
         if self.engine.device.type != "cuda":
             return
-        for rows, filled in itertools.product(range(1, self.max_batch + 1), range(0, self.max_len, SlotCache.BUCKET)):
+        for rows, filled in itertools.product(range(1, self.max_batch + 1), range(0, self.max_len, KVCache.BUCKET)):
             self.cache.lengths[:rows] = [filled] * rows
             positions, mask = self.cache.begin_step(rows)
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.engine.device)

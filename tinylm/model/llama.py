@@ -194,20 +194,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, filled left to right as tokens are decoded.
+    """Preallocated keys and values of every layer, [layers, rows, kv_heads, max_len, head_dim], that the
+    model appends each step's keys and values to (``update`` per layer, then ``advance``).
 
-    Shape per tensor: [layers, batch, kv_heads, max_len, head_dim]. ``length`` counts the filled slots;
-    the model writes a step's keys at [length, length + t) in each layer and then calls ``advance(t)``.
+    Rows are filled alike (``length`` positions each: a batch of left-padded prompts decoded together)
+    or, once ``begin_step`` is used, each to its own length (``lengths``): the server keeps one row per
+    request, joining and leaving at different ages. A step after ``begin_step(active)`` adds one token to
+    each of rows 0..active-1 at that row's own position, and attention reads the cache up to the longest
+    row, rounded up to a whole ``BUCKET`` (the rest masked), so a GPU sees a few shapes, not one per step.
     """
+
+    BUCKET = 64
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self.length = 0  # the filled positions of every row, while rows are filled alike
+        self.lengths = [0] * batch_size  # each row's own, once rows are used one by one (fill, move, begin_step)
+        self._step = None  # (positions, rows, active, end) of a step begun with begin_step
+
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._step is not None:  # one token per row, each at its own position
+            positions, rows, active, end = self._step
+            self.k[layer, rows, :, positions] = k[:, :, 0]
+            self.v[layer, rows, :, positions] = v[:, :, 0]
+            return self.k[layer, :active, :, :end], self.v[layer, :active, :, :end]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
@@ -216,7 +232,39 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, t: int) -> None:
-        self.length += t
+        if self._step is not None:
+            active = self._step[2]
+            self.lengths[:active] = [n + t for n in self.lengths[:active]]
+            self._step = None
+        else:
+            self.length += t
+
+    # -- rows of their own (the server's slots) -------------------------------------------------
+
+    def fill(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put a prefilled prompt's keys and values [layers, kv_heads, length, head_dim] in ``row``."""
+        length = k.shape[2]
+        self.k[:, row, :, :length] = k
+        self.v[:, row, :, :length] = v
+        self.lengths[row] = length
+
+    def move(self, source: int, target: int) -> None:
+        """Copy one row's filled positions into another (a leaving row's place gets the last row)."""
+        length = self.lengths[source]
+        self.k[:, target, :, :length] = self.k[:, source, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
+        self.lengths[target] = length
+
+    def begin_step(self, active: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a one-token step over rows 0..active-1, each at its own length: their positions
+        [active, 1] and the attention mask [active, 1, 1, end] (each row sees its filled positions and
+        the new one)."""
+        longest = max(self.lengths[:active]) + 1
+        end = min(-(-longest // self.BUCKET) * self.BUCKET, self.max_len)
+        positions = torch.tensor(self.lengths[:active], device=self.k.device)
+        self._step = (positions, torch.arange(active, device=self.k.device), active, end)
+        mask = torch.arange(end, device=self.k.device)[None, :] <= positions[:, None]
+        return positions[:, None], mask[:, None, None, :]
 
 
 def attention_mask(padding: torch.Tensor | None, query_len: int, key_len: int) -> torch.Tensor:

@@ -11,14 +11,47 @@ one trained on the data alone compare directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinylm.config import ConfigError, DistillConfig, PretrainConfig, SFTConfig, save_config
+from tinylm.config import ConfigError, TrainConfig, save_config
+from tinylm.model.llama import ModelConfig
 from tinylm.modeldir import load_model_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.objectives import DistillLoss
-from tinylm.train.recipes import pretrain, sft
+from tinylm.train.pretrain import DataConfig, PretrainConfig, pretrain
+from tinylm.train.sft import ChatDataConfig, SFTConfig, sft
 from tinylm.train.trainer import FitResult
+
+# -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
+
+
+@dataclass
+class DistillSection:
+    teacher: str | None = None  # the teacher model directory (same tokenizer as the student)
+    temperature: float = 1.0  # > 1 softens both distributions; the KL term is scaled by T²
+    kl_weight: float = 0.5  # loss = (1 - kl_weight) · cross-entropy + kl_weight · T² · KL(teacher ‖ student)
+    corpus: str = "text"  # text: pretraining text (``data``) | chat: conversations (``chat``), the assistant's tokens
+
+    def __post_init__(self):
+        if self.corpus not in ("text", "chat"):
+            raise ConfigError(f"corpus: expected text or chat, got {self.corpus!r}")
+        if self.temperature <= 0 or not 0 <= self.kl_weight <= 1:
+            raise ConfigError(
+                f"temperature must be > 0 and kl_weight in [0, 1] (got {self.temperature}, {self.kl_weight})"
+            )
+
+
+@dataclass
+class DistillConfig:
+    """A student (a model directory, or a new model of ``model``'s shape) learns from a teacher."""
+
+    init_from: str | None = None  # the student's model directory; None: a new model built from ``model``
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # pretraining text, with distill.corpus: text
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.corpus: chat
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
 
 
 def check_same_tokenizer(teacher, student, teacher_dir, student_dir) -> None:

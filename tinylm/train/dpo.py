@@ -24,30 +24,83 @@ import contextlib
 import copy
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tinylm.chat_template import find_template, get_template
-from tinylm.config import ConfigError, DPOConfig, save_config
-from tinylm.data import builtin, builtin_chat
+from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data.builtin import World
 from tinylm.data.builtin_preference import preference_pairs
 from tinylm.data.chat_rows import Encoded, encode_for_training
 from tinylm.data.preference import read_preferences
 from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
-from tinylm.eval.questions import chat_accuracy
-from tinylm.infer.chat import chat_format_for
-from tinylm.infer.engine import Engine
+from tinylm.eval.questions import heldout_qa_accuracy
 from tinylm.io import atomic_write_text
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
-from tinylm.train.recipes import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation
-from tinylm.train.stage import stage_run
+from tinylm.train.stage import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation, stage_run
 from tinylm.train.trainer import FitResult, Task, fit, move
+
+# -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
+
+
+@dataclass
+class PreferenceDataConfig:
+    source: str | None = None  # "builtin" (the built-in preference pairs) or "files"; unset: files if any are given
+    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet pairs (.json(l) may be .gz)
+    format: str = "auto"  # auto | minimind | llamafactory | hh-rlhf (auto: detected per record)
+    template: str | None = None  # None: the model's own chat template (the one SFT attached)
+    skip_bad: bool = False  # skip invalid pairs (and report how many) instead of stopping
+    val_fraction: float = 0.05  # files only; the built-in pairs keep their own held-out set
+    builtin_seed: int = 0
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files"))
+
+
+@dataclass
+class DPOSection:
+    loss: str = "sigmoid"  # sigmoid (DPO) | orpo | simpo; ORPO and SimPO need no reference model
+    beta: float | None = None  # DPO/SimPO: the reward scale; ORPO: the odds-ratio weight (None: 0.1, SimPO 2.0)
+    # DPO's reference: model (scored batch by batch: a frozen copy, or the base under a LoRA adapter)
+    # | precomputed (scored once, before training)
+    reference: str = "model"
+    sft_weight: float = 0.0  # add this × the chosen answers' cross-entropy per token (keeps the answers likely)
+    simpo_gamma: float = 0.5  # SimPO: the target reward margin
+
+    def __post_init__(self):
+        if self.loss not in ("sigmoid", "orpo", "simpo"):
+            raise ConfigError(f"loss: expected sigmoid, orpo or simpo, got {self.loss!r}")
+        if self.reference not in ("model", "precomputed"):
+            raise ConfigError(f"reference: expected model or precomputed, got {self.reference!r}")
+        if self.reference == "precomputed" and self.loss != "sigmoid":
+            raise ConfigError(
+                f"reference is precomputed but loss {self.loss} uses no reference model: drop one of them"
+            )
+        if self.loss == "orpo" and self.sft_weight:
+            raise ConfigError(
+                "sft_weight is set but ORPO already includes the chosen answers' cross-entropy: leave it at 0"
+            )
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
+        if self.beta <= 0 or self.sft_weight < 0 or self.simpo_gamma < 0:
+            raise ConfigError(
+                f"beta must be > 0, sft_weight and simpo_gamma >= 0 (got {self.beta}, {self.sft_weight}, "
+                f"{self.simpo_gamma})"
+            )
+
+
+@dataclass
+class DPOConfig:
+    init_from: str | None = None  # the chat model to align (usually an SFT run's final/)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
 
 @dataclass
@@ -281,20 +334,16 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             after = {k: v for k, v in result.last_metrics.items() if k.startswith("val_")}
             report = {"before": before, "after": after}
             if cfg.data.source == "builtin":
-                report["heldout_qa"] = {"before": heldout_qa(cfg.init_from, cfg.data.builtin_seed), "after": None}
+                report["heldout_qa"] = {
+                    "before": heldout_qa_accuracy(cfg.init_from, cfg.data.builtin_seed),
+                    "after": None,
+                }
             save_final(model, tokenizer, final, lora, cfg.init_from)
             if cfg.data.source == "builtin":
-                report["heldout_qa"]["after"] = heldout_qa(final, cfg.data.builtin_seed)
+                report["heldout_qa"]["after"] = heldout_qa_accuracy(final, cfg.data.builtin_seed)
             atomic_write_text(run_dir / "dpo.json", json.dumps(report, indent=2) + "\n")
             print(describe(report), file=sys.stderr)
         return final, result
-
-
-def heldout_qa(model_dir, seed: int) -> float:
-    """Accuracy on the built-in held-out chat questions: alignment must not cost the facts."""
-    engine = Engine.from_dir(model_dir, device="cpu")
-    chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
-    return chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)["accuracy"]
 
 
 def describe(report: dict) -> str:

@@ -1,7 +1,11 @@
-"""What every training stage does around its work.
+"""What every training stage does around its work, and the pieces stages share.
 
     with stage_run(run_dir, cfg.train.device) as dist:
-        ...  # read the data, build the model, fit, save run_dir/final
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")      # or a new model
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
+        ...                                                               # the stage's own data and objective
+        result = fit(task, cfg.train, run_dir, dist)
+        save_final(model, tokenizer, run_dir / "final", lora, cfg.init_from)
 
 Under ``torchrun`` it joins the process group (and waits for the other processes before leaving it);
 the run directory is created, and the main process holds its lock for the whole run, so a second run
@@ -11,12 +15,23 @@ scratch files under it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from tinylm.config import ConfigError
 from tinylm.io import directory_lock
+from tinylm.model.llama import CausalLM
+from tinylm.model.lora import add_lora
+from tinylm.model.quant import quantize_linear_layers
+from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
 from tinylm.train import distributed
+from tinylm.train.objectives import NextTokenLoss
+from tinylm.train.trainer import move
 
 
 @contextmanager
@@ -26,3 +41,101 @@ def stage_run(run_dir: str | Path, device_name: str) -> Iterator[distributed.Dis
         run_dir.mkdir(parents=True, exist_ok=True)
         with directory_lock(run_dir) if dist.is_main else nullcontext():
             yield dist
+
+
+def distributed_barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def check_context(seq_len: int, config) -> None:
+    """Training rows must fit the (language) model's context."""
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_len is {seq_len} but the model's context (max_position_embeddings) is "
+            f"{config.max_position_embeddings}: lower one or raise the other"
+        )
+
+
+def load_to_fine_tune(model_dir: str, stage: str):
+    """(model in fp32, its tokenizer) of a model directory that ``stage`` starts from."""
+    model, tokenizer = load_model_dir(model_dir)
+    if tokenizer is None:
+        raise ConfigError(f"{model_dir}: has no tokenizer.json; {stage} needs the model's tokenizer")
+    return model.float().train(), tokenizer
+
+
+def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
+    """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
+    only the adapter trains. Returns the LoRAConfig, or None for full fine-tuning."""
+    if not section.enabled:
+        return None
+
+    config = section.lora_config()
+    total = model.num_parameters()
+    if section.quantize == "nf4":
+        quantize_linear_layers(
+            model, config.target_modules, block_size=section.block_size, double_quant=section.double_quant
+        )
+    torch.manual_seed(seed)  # A's random start: the same run gives the same adapter
+    wrapped = add_lora(model, config)
+    if main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        base = (
+            "a 4-bit NF4 base" + (" (double quantized)" if section.double_quant else "")
+            if section.quantize == "nf4"
+            else "a frozen base"
+        )
+        print(
+            f"lora: rank {config.r} on {len(wrapped)} layers over {base}: {trainable:,} trainable parameters "
+            f"({trainable / total:.2%} of {total:,})",
+            file=sys.stderr,
+        )
+    return config
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` of the items (none when there are fewer than 20)."""
+    count = int(len(items) * fraction) if len(items) >= 20 else 0
+    chosen = set(np.random.default_rng(seed).permutation(len(items))[:count].tolist())
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+def loss_evaluator(size: int, make_batch, batch_size: int, max_batches: int):
+    """Validation loss (nats per labelled token) over the first ``max_batches`` batches of ``size`` items
+    in order; ``make_batch(indices)`` builds a batch."""
+    batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)][:max_batches]
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        if not batches:
+            return {}
+        device = next(model.parameters()).device
+        total = count = 0
+        for picks in batches:
+            batch = move(make_batch(picks), device)
+            total += NextTokenLoss()(model, batch).item()
+            count += NextTokenLoss().count(batch)
+        return {"val_loss": total / max(count, 1)}
+
+    return evaluate
+
+
+def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> None:
+    """The run's result: a model directory, or, for a LoRA run, an adapter directory (PEFT layout, with
+    the tokenizer and stop tokens) over ``base_dir``."""
+    model = model.cpu()
+    if lora is None:
+        save_model_dir(model, final, tokenizer=tokenizer)
+    else:
+        save_adapter(
+            model,
+            lora,
+            final,
+            base_model=str(Path(base_dir).resolve()),
+            tokenizer=tokenizer,
+            eos_token_id=model.config.eos_token_id,
+        )
+    print(
+        f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr
+    )

@@ -24,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tinylm.chat_template import get_template
-from tinylm.config import ConfigError, VLMStageConfig, save_config
+from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data.builtin_images import write_image_corpus
 from tinylm.data.chat_rows import encode_for_training
 from tinylm.data.image_chat import read_coco_captions, read_image_conversations
@@ -42,20 +42,83 @@ from tinylm.infer.engine import Engine
 from tinylm.io import atomic_write_text
 from tinylm.model.lora import merge_lora, restore_full_precision
 from tinylm.model.loss import IGNORE
-from tinylm.model.vision import SIGLIP, VisionConfig, VisionTransformer
+from tinylm.model.vision import PROJECTOR_ACTIVATIONS, SIGLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
 from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vlm_dir
 from tinylm.train.objectives import NextTokenLoss
-from tinylm.train.recipes import (
+from tinylm.train.stage import (
     check_context,
     distributed_barrier,
     load_to_fine_tune,
     loss_evaluator,
     prepare_lora,
     split_validation,
+    stage_run,
 )
-from tinylm.train.stage import stage_run
 from tinylm.train.trainer import FitResult, Task, fit
+
+# -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
+
+
+@dataclass
+class VisionSection:
+    """The vision encoder of ``tinylm vlm pretrain``: a pretrained tower from a local directory, or a new
+    built-in ViT of the shape below (trained from scratch: with ``train`` unset, it trains in stage 1)."""
+
+    tower: str | None = None  # a local SigLIP/CLIP directory (transformers layout); None: a new built-in ViT
+    image_size: int = 64  # the built-in ViT's shape (ignored with a tower, which brings its own)
+    patch_size: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
+    # -1 for a new model, and the loaded model's own in stage 2
+    train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
+    projector_act: str = (
+        "gelu"  # the projector (Linear → act → Linear): gelu, gelu_pytorch_tanh, quick_gelu, relu or silu
+    )
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        if self.projector_act not in PROJECTOR_ACTIVATIONS:
+            raise ConfigError(
+                f"projector_act: expected one of {', '.join(PROJECTOR_ACTIVATIONS)}, got {self.projector_act!r}"
+            )
+
+
+@dataclass
+class ImageDataConfig:
+    # builtin (the generated pictures) | files (image conversations) | coco (caption annotations);
+    # unset: files if any are given, else builtin
+    source: str | None = None
+    # files: LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet; coco: captions_*.json;
+    # records without images (text-only conversations) may be mixed in with files
+    files: list[str] = field(default_factory=list)
+    image_root: str | None = None  # relative image paths are looked up here (default: beside the data file)
+    coco_images: str | None = None  # coco: the image folder (default: found beside the annotations)
+    caption_prompt: str = "Describe the picture."  # the user turn of caption records and COCO captions
+    template: str = "chatml"  # chatml | vicuna | llama-chinese | raw
+    skip_bad: bool = False  # skip invalid samples (and report how many) instead of stopping
+    val_fraction: float = 0.02
+    builtin_seed: int = 0
+    builtin_images: int = 2000  # training pictures of the built-in corpus (captions for stage 1, questions for stage 2)
+
+    def __post_init__(self):
+        resolve_source(self, ("builtin", "files", "coco"))
+
+
+@dataclass
+class VLMStageConfig:
+    """``tinylm vlm pretrain`` (stage 1: the projector learns, the language model is frozen) and
+    ``tinylm vlm sft`` (stage 2: the projector and the language model learn, fully or with LoRA)."""
+
+    init_from: str | None = None  # stage 1: a language model directory (or a VLM to continue); stage 2: a stage-1 VLM
+    vision: VisionSection = field(default_factory=VisionSection)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+
 
 STAGES = ("pretrain", "sft")
 PIXEL_CACHE_BYTES = 1 << 30  # preprocessed images kept in memory between epochs
