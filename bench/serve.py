@@ -85,8 +85,10 @@ def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:
     ]
     if args.dtype:
         command += ["--dtype", args.dtype]
+    if args.compile:
+        command.append("--compile")
     server = subprocess.Popen(command)
-    deadline = time.time() + 300
+    deadline = time.time() + 600 if args.compile else time.time() + 300  # compiling takes a while
     while time.time() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15, help="per level and pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="serve with --compile (torch.compile the decode step)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (pictures travel inside it)")
     add_model_args(srv)
     srv.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step: a slow start, faster steps after"
+        "--compile", action="store_true", help="torch.compile the decode step the scheduler runs: a slow start"
     )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
