@@ -225,3 +225,52 @@ class LiveServer:
         self.thread.join(timeout=10)
         self.server.scheduler.close()
         self.socket.close()
+
+
+# -- a live server (tests/test_serve*.py) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A tiny chat model served on loopback (one per test module)."""
+    from tinylm.serve.app import build_server
+
+    model_dir = tiny_chat_dir(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    with LiveServer(build_server(model_dir, max_batch=8, max_body=2**20)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    """The official openai client, talking to ``live``."""
+    import openai
+
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(live, messages=None, prompt=None, **settings):
+    """What the engine alone generates for the same request (greedy): the Completion."""
+    from tinylm.infer.sampling import SamplingSettings
+
+    server = live.server
+    if messages is not None:
+        text = server.chat_format.render(messages)
+        settings = server.chat_format.settings(SamplingSettings(temperature=0, **settings), server.engine.tokenizer)
+    else:
+        stop_ids = sorted({server.engine.tokenizer.eos_id, *server.eos_token_ids})  # as generation_config.json says
+        text, settings = prompt, SamplingSettings(temperature=0, stop_token_ids=stop_ids, **settings)
+    return server.engine.run([text], settings)[0]
+
+
+QUESTION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "小明喜欢什么颜色？ the cat"}]
+
+
+QUESTION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "小明喜欢什么颜色？ the cat"}]
+
+
+def error_of(response, status):
+    """The body of an error response in OpenAI's shape, after checking its status and fields."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_MODEL
 from tinylm import __version__
 from tinylm.cli import build_parser, main, resolve_config_path
 from tinylm.config import ConfigError, load_config
@@ -20,11 +21,7 @@ from tinylm.train.pretrain import PretrainConfig
 from tinylm.train.sft import SFTConfig
 
 TINY = [
-    "--model.hidden_size=32",
-    "--model.num_hidden_layers=2",
-    "--model.num_attention_heads=2",
-    "--model.num_key_value_heads=1",
-    "--data.vocab_size=300",
+    *TINY_MODEL,
     "--train.seq_len=32",
     "--train.batch_size=4",
     "--train.eval_every=0",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.infer.engine import Engine, IncrementalDecoder, StopStringMatcher
-from tinylm.infer.sampling import SamplingSettings, apply_repetition_penalty, sample_next, truncate
+from tinylm.infer.sampling import SamplingSettings, apply_repetition_penalty, sample_rows, truncate
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.modeldir import save_model_dir
 from tinylm.tokenizer import train_tokenizer
@@ -165,7 +165,11 @@ def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(4000, 1)
     top_share = {}
     for t in (0.5, 1.0, 2.0):
-        draws = sample_next(logits, SamplingSettings(temperature=t), generator=torch.Generator().manual_seed(0))
+        rows = logits.shape[0]
+        uniform = torch.rand(rows, generator=torch.Generator().manual_seed(0))
+        draws = sample_rows(
+            logits, torch.full((rows,), t), torch.zeros(rows, dtype=torch.long), torch.ones(rows), uniform
+        )
         top_share[t] = (draws == 0).float().mean().item()
     expected = {t: math.exp(2 / t) / sum(math.exp(v / t) for v in (2, 1, 0, -1)) for t in top_share}
     for t in top_share:

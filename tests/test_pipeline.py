@@ -198,12 +198,13 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path, corpus, capsys
 
 def test_the_runs_tokenizer_is_retrained_when_its_corpus_changes(tmp_path, corpus, capsys):
     from tinylm.config import load_config
+    from tinylm.train import distributed
     from tinylm.train.pretrain import PretrainConfig, prepare_tokenizer
 
     cfg = load_config(PretrainConfig, None, ["--data.vocab_size=300", "--data.text_field=body"])
-    first = prepare_tokenizer(cfg, [corpus], tmp_path, main=True)
-    again = prepare_tokenizer(cfg, [corpus], tmp_path, main=True)
+    first = prepare_tokenizer(cfg, [corpus], tmp_path, distributed.setup("cpu"))
+    again = prepare_tokenizer(cfg, [corpus], tmp_path, distributed.setup("cpu"))
     assert capsys.readouterr().err.count("training a") == 1 and again.fingerprint() == first.fingerprint()
     corpus.write_text(json.dumps({"body": "完全不同的文本。" * 50}, ensure_ascii=False) + "\n", encoding="utf-8")
-    changed = prepare_tokenizer(cfg, [corpus], tmp_path, main=True)
+    changed = prepare_tokenizer(cfg, [corpus], tmp_path, distributed.setup("cpu"))
     assert "training a" in capsys.readouterr().err and changed.fingerprint() != first.fingerprint()

@@ -10,7 +10,6 @@ built-in corpus → BPE tokenizer → token shards → pretraining → final mod
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tinylm.eval.questions import chat_accuracy, tally
 from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
-from tinylm.io import atomic_write_text
+from tinylm.io import atomic_write_json, atomic_write_text
 from tinylm.train.pretrain import PretrainConfig, evaluator, pretrain, unigram_bpb
 from tinylm.train.sft import SFTConfig, sft
 
@@ -151,7 +150,7 @@ def quickstart(
         },
         "total_seconds": time.perf_counter() - started,
     }
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(run_dir / "report.json", report)
     text = render_report(report)
     atomic_write_text(run_dir / "report.md", text)
     print(text)

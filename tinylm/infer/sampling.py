@@ -34,7 +34,6 @@ __all__ = [
     "apply_repetition_penalty",
     "generation_defaults",
     "generation_eos_ids",
-    "sample_next",
     "sample_rows",
     "truncate",
 ]
@@ -166,23 +165,6 @@ def sample_rows(
     return torch.where(temperature == 0, greedy, picked.squeeze(1))
 
 
-def sample_next(
-    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One token per row of logits [rows, vocab] under one ``settings`` (no penalties), drawing the rows'
-    uniforms from ``generator`` in order: the sampler without the batch bookkeeping."""
-    rows = logits.shape[0]
-    column = torch.full((rows,), 1.0, device=logits.device)
-    uniform = torch.rand(rows, generator=generator).to(logits.device)
-    return sample_rows(
-        logits,
-        column * settings.temperature,
-        torch.full((rows,), settings.top_k, device=logits.device),
-        column * settings.top_p,
-        uniform,
-    )
-
-
 # -- the batch -----------------------------------------------------------------------------------------
 
 
@@ -193,19 +175,25 @@ class _RowState:
     presence: float
     frequency: float
 
+    @property
+    def penalized(self) -> bool:
+        return self.settings.repetition_penalty != 1.0 or bool(self.presence) or bool(self.frequency)
+
 
 class BatchSampler:
     """The next token of every row of a batch, each row under its own settings, generator and penalties.
 
     Rows are added in order (``add``), may leave (``remove``: the last row takes the leaving row's place,
-    as the server's slot cache does) and see what every row wrote (``observe``) for the penalties."""
+    as the server's slot cache does) and see what every row wrote (``observe``) for the penalties. The
+    [rows, vocab] bookkeeping the penalties read is made only once a row asks for a penalty: plain
+    sampling and greedy decoding pay nothing for it."""
 
     def __init__(self, vocab_size: int, device: torch.device | str, max_rows: int = 0):
         self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.capacity = max(max_rows, 1)
         self.rows: list[_RowState] = []
-        capacity = max(max_rows, 1)
-        self.seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=self.device)  # prompt + output
-        self.counts = torch.zeros(capacity, vocab_size, device=self.device)  # output, for OpenAI's penalties
+        self.seen: torch.Tensor | None = None  # [capacity, vocab] bool: prompt + output tokens
+        self.counts: torch.Tensor | None = None  # [capacity, vocab]: output tokens, for OpenAI's penalties
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -227,26 +215,29 @@ class BatchSampler:
         elif seed is None:
             seed = int(torch.randint(2**62, ()))
         row = len(self.rows)
-        if row == self.seen.shape[0]:  # grow (the engine's batches; the server allocates its maximum)
-            self.seen = torch.cat([self.seen, torch.zeros_like(self.seen)])
-            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
-        self.seen[row].zero_()
-        self.seen[row, prompt_ids] = True
-        self.counts[row].zero_()
         generator = torch.Generator().manual_seed(seed + choice)  # on the CPU: the same draws on every device
-        self.rows.append(_RowState(settings, generator, presence_penalty, frequency_penalty))
+        state = _RowState(settings, generator, presence_penalty, frequency_penalty)
+        self.rows.append(state)
+        if state.penalized:  # the others never read their row of the bookkeeping
+            self._reserve(row + 1)
+            self.seen[row].zero_()
+            self.seen[row, prompt_ids] = True
+            self.counts[row].zero_()
 
     def remove(self, row: int) -> None:
         """Drop ``row``; the last row moves into its place."""
         last = len(self.rows) - 1
         if row != last:
-            self.seen[row] = self.seen[last]
-            self.counts[row] = self.counts[last]
+            if self.seen is not None:
+                self.seen[row] = self.seen[last]
+                self.counts[row] = self.counts[last]
             self.rows[row] = self.rows[last]
         self.rows.pop()
 
     def observe(self, tokens: list[int]) -> None:
         """Each row wrote ``tokens[row]``: it counts for the penalties from now on."""
+        if not any(r.penalized for r in self.rows):
+            return
         rows = torch.arange(len(tokens), device=self.device)
         chosen = torch.tensor(tokens, device=self.device)
         self.counts[rows, chosen] += 1
@@ -254,6 +245,8 @@ class BatchSampler:
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
         """The rows' logits [rows, vocab] after their repetition, presence and frequency penalties."""
+        if not any(r.penalized for r in self.rows):
+            return logits
         rows = len(self.rows)
         logits = logits.float()
         penalty = [r.settings.repetition_penalty for r in self.rows]
@@ -266,13 +259,19 @@ class BatchSampler:
         return logits
 
     def sample(self, logits: torch.Tensor) -> list[int]:
-        """One token per row from its last-position logits [rows, vocab]. Every row draws its uniform,
-        greedy or not, so a row's draws do not depend on its neighbours' settings."""
+        """One token per row from its last-position logits [rows, vocab]. A row that samples draws one
+        uniform from its own generator per token (a greedy row draws nothing), so its tokens never depend
+        on its neighbours' settings."""
         logits = self.penalized(logits)
-        uniform = torch.stack([torch.rand((), generator=r.generator) for r in self.rows])
         settings = [r.settings for r in self.rows]
         if all(s.temperature == 0 for s in settings):
             return logits.argmax(dim=-1).tolist()
+        uniform = torch.stack(
+            [
+                torch.rand((), generator=r.generator) if s.temperature else torch.zeros(())
+                for r, s in zip(self.rows, settings)
+            ]
+        )
         return sample_rows(
             logits,
             self._column([s.temperature for s in settings]),
@@ -280,6 +279,17 @@ class BatchSampler:
             self._column([s.top_p for s in settings]),
             uniform.to(self.device),
         ).tolist()
+
+    def _reserve(self, rows: int) -> None:
+        """The penalty bookkeeping, made (or grown) to hold ``rows`` rows."""
+        self.capacity = max(self.capacity, rows)
+        if self.seen is None:
+            self.seen = torch.zeros(self.capacity, self.vocab_size, dtype=torch.bool, device=self.device)
+            self.counts = torch.zeros(self.capacity, self.vocab_size, device=self.device)
+        elif self.seen.shape[0] < rows:  # the engine's batches know their size; this is only a safety net
+            extra = self.capacity - self.seen.shape[0]
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(extra, self.vocab_size)])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra, self.vocab_size)])
 
     def _column(self, values, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from tinylm.data.preference import read_preferences
 from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import heldout_qa_accuracy
-from tinylm.io import atomic_write_text
+from tinylm.io import atomic_write_json
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
@@ -248,10 +247,6 @@ def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
             heldout,
             f"built-in: {len(train)} pairs, {len(heldout)} held-out pairs in phrasings training never uses",
         )
-    if cfg.data.source != "files":
-        raise ConfigError(f"data.source {cfg.data.source!r}: expected builtin or files")
-    if not cfg.data.files:
-        raise ConfigError("data.source is files but data.files is empty: list preference-pair files (--data FILE ...)")
     pairs, report = read_preferences(cfg.data.files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
     train, val = split_validation(pairs, cfg.data.val_fraction, cfg.train.seed)
     return train, val, report.summary()
@@ -341,7 +336,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             save_final(model, tokenizer, final, lora, cfg.init_from)
             if cfg.data.source == "builtin":
                 report["heldout_qa"]["after"] = heldout_qa_accuracy(final, cfg.data.builtin_seed)
-            atomic_write_text(run_dir / "dpo.json", json.dumps(report, indent=2) + "\n")
+            atomic_write_json(run_dir / "dpo.json", report)
             print(describe(report), file=sys.stderr)
         return final, result
 

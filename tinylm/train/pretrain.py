@@ -28,10 +28,10 @@ from tinylm.io import atomic_write_text
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.modeldir import load_model_dir
 from tinylm.tokenizer import Tokenizer
+from tinylm.train.distributed import Distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
 from tinylm.train.stage import (
     check_context,
-    distributed_barrier,
     prepare_lora,
     save_final,
     stage_run,
@@ -86,16 +86,12 @@ class WindowBatches:
 
 def corpus_files(cfg: PretrainConfig, run_dir: Path) -> list[Path]:
     """The text files to train on: the configured ones, or the built-in corpus written into the run."""
-    if cfg.data.source == "builtin":
+    if cfg.data.source == "builtin":  # the config checked the source and its files (resolve_source)
         return builtin.write_pretrain_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
-    if cfg.data.source != "files":
-        raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
-    if not cfg.data.files:
-        raise ValueError("data.source is files but data.files is empty: list .txt/.jsonl/.json/.parquet files")
     return [Path(f) for f in cfg.data.files]
 
 
-def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, main: bool):
+def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, dist: Distributed):
     """Load the configured tokenizer, the one of ``init_from``, the run's own, or train a new one."""
     source = cfg.data.tokenizer or cfg.init_from
     if source:
@@ -106,14 +102,14 @@ def prepare_tokenizer(cfg: PretrainConfig, files: list[Path], run_dir: Path, mai
         files, vocab_size=cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split
     )
     stamp = own / TOKENIZER_STAMP
-    if main and not (stamp.exists() and stamp.read_text(encoding="utf-8").strip() == key):
+    if dist.is_main and not (stamp.exists() and stamp.read_text(encoding="utf-8").strip() == key):
         print(f"training a {cfg.data.vocab_size}-token BPE tokenizer on {len(files)} file(s)", file=sys.stderr)
         tokenizer = train_tokenizer_from_files(
             files, cfg.data.vocab_size, text_field=cfg.data.text_field, txt_split=cfg.data.txt_split
         )
         tokenizer.save(own)
         atomic_write_text(stamp, key + "\n")
-    distributed_barrier()
+    dist.barrier()
     return Tokenizer.load(own)
 
 
@@ -170,9 +166,9 @@ def pretrain(
     with stage_run(run_dir, cfg.train.device) as dist:
         if dist.is_main:  # the built-in corpus is written once, then every process reads it
             corpus_files(cfg, run_dir)
-        distributed_barrier()
+        dist.barrier()
         files = corpus_files(cfg, run_dir)
-        tokenizer = prepare_tokenizer(cfg, files, run_dir, dist.is_main)
+        tokenizer = prepare_tokenizer(cfg, files, run_dir, dist)
         shards = functools.partial(
             build_token_shards,
             files,
@@ -185,7 +181,7 @@ def pretrain(
         )
         if dist.is_main:  # the main process builds the shards; then every process finds them cached
             shards()
-        distributed_barrier()
+        dist.barrier()
         info = shards()
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
         cfg.model = model.config  # with init_from, the loaded model's shape is the one that trains

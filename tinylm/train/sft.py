@@ -6,7 +6,6 @@ one training loop → a chat model (or a LoRA adapter) that stops where its temp
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from tinylm.data.chat import Conversation, read_conversations
 from tinylm.data.chat_rows import RowBatches, encode_conversations, pack, real_tokens, rows_batch
 from tinylm.eval.questions import identity_report
 from tinylm.infer.engine import Engine
-from tinylm.io import atomic_write_text
+from tinylm.io import atomic_write_json
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     check_context,
@@ -72,19 +71,13 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
             [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)],
             f"built-in: {len(found):,} conversations",
         )
-    elif cfg.data.source in ("builtin", "files"):
+    else:  # the config checked the source and its files (resolve_source)
         if cfg.data.source == "builtin":
             files = builtin_chat.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
-        elif not cfg.data.files:
-            raise ValueError(
-                "data.source is files but data.files is empty: list .json/.jsonl/.parquet conversation files"
-            )
         else:
             files = [Path(f) for f in cfg.data.files]
         conversations, report = read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
         summary = report.summary()
-    else:
-        raise ValueError(f"data.source {cfg.data.source!r}: expected builtin or files")
     if name:
         extra = builtin_chat.identity_conversations(name, author)
         conversations = conversations + [Conversation(m, f"identity template {i}") for i, m in enumerate(extra)]
@@ -161,7 +154,7 @@ def sft(
             if cfg.data.identity_name:
                 name, author = identity(cfg)
                 measured = identity_report(Engine(model.eval(), tokenizer), name, author, cfg.data.builtin_seed)
-                atomic_write_text(run_dir / "identity.json", json.dumps(measured, indent=2, ensure_ascii=False) + "\n")
+                atomic_write_json(run_dir / "identity.json", measured)
                 print(
                     f"identity: {measured['identity_accuracy']:.0%} of {measured['identity_questions']} held-out "
                     "questions answered "

@@ -43,11 +43,6 @@ def stage_run(run_dir: str | Path, device_name: str) -> Iterator[distributed.Dis
             yield dist
 
 
-def distributed_barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def check_context(seq_len: int, config) -> None:
     """Training rows must fit the (language) model's context."""
     if seq_len > config.max_position_embeddings:

@@ -22,7 +22,6 @@ next-token loss, computed by the vision-language model.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from tinylm.data.walk import SeededWalk
 from tinylm.eval.image_questions import heldout_report, render_heldout
 from tinylm.image_processor import PROCESSOR_FILE, ImageProcessor, load_image
 from tinylm.infer.engine import Engine
-from tinylm.io import atomic_write_text
+from tinylm.io import atomic_write_json
 from tinylm.model.lora import merge_lora, restore_full_precision
 from tinylm.model.loss import IGNORE
 from tinylm.model.vision import PROJECTOR_ACTIVATIONS, SIGLIP, VisionConfig, VisionTransformer
@@ -48,7 +47,6 @@ from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vl
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     check_context,
-    distributed_barrier,
     load_to_fine_tune,
     loss_evaluator,
     prepare_lora,
@@ -240,17 +238,13 @@ def image_conversations(cfg: VLMStageConfig, stage: str, run_dir: Path) -> tuple
             f"built-in pictures: {len(found):,} {'captions' if stage == 'pretrain' else 'questions'} from "
             f"{files[0].parent}",
         )
-    if not data.files:
-        raise ConfigError(f"data.source is {data.source} but data.files is empty: list the data files (--data ...)")
-    if data.source == "files":
+    if data.source == "files":  # the config checked the source and its files (resolve_source)
         found, report = read_image_conversations(
             data.files, image_root=data.image_root, skip_bad=data.skip_bad, prompt=data.caption_prompt
         )
         return found, report.summary()
-    if data.source == "coco":
-        found = [c for f in data.files for c in read_coco_captions(f, data.coco_images, prompt=data.caption_prompt)]
-        return found, f"COCO captions: {len(found):,} from {', '.join(data.files)}"
-    raise ConfigError(f"data.source {data.source!r}: expected builtin, files or coco")
+    found = [c for f in data.files for c in read_coco_captions(f, data.coco_images, prompt=data.caption_prompt)]
+    return found, f"COCO captions: {len(found):,} from {', '.join(data.files)}"
 
 
 def builtin_corpus(cfg: VLMStageConfig, run_dir: Path) -> dict[str, Path]:
@@ -386,7 +380,7 @@ def train_vlm(
 
         if dist.is_main and cfg.data.source == "builtin":
             builtin_corpus(cfg, run_dir)  # written once, then read by every process
-        distributed_barrier()
+        dist.barrier()
         samples, summary = image_conversations(cfg, stage, run_dir)
         train_set, val_set = split_validation(samples, cfg.data.val_fraction, cfg.train.seed)
         n = model.config.image_seq_length
@@ -449,7 +443,7 @@ def train_vlm(
                 report = heldout_report(
                     Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"]
                 )
-                atomic_write_text(run_dir / "heldout.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+                atomic_write_json(run_dir / "heldout.json", report)
                 print(render_heldout(report), file=sys.stderr)
         return final, result
 

@@ -1,0 +1,210 @@
+"""``tinylm <command>``: parse arguments, call one function. No logic lives here.
+
+    tinylm quickstart --out runs/quickstart
+    tinylm tokenizer train --data a.txt b.jsonl --vocab-size 6400 --out runs/tok
+    tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
+    tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
+    tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
+    tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
+    tinylm vlm quickstart --out runs/vlm
+    tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR]
+                        [--data captions.jsonl | --coco captions.json]
+    tinylm vlm sft --init runs/vlm1/final --out runs/vlm2 [--data conversations.jsonl] [--lora]
+    tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64
+    tinylm chat runs/tiny/final [--system TEXT] [--image PATH]
+    tinylm merge runs/tiny/final runs/adapter runs/merged
+    tinylm plot runs/tiny
+    tinylm tokenizer encode runs/tiny/final "Hello, 世界"
+    tinylm configs [list | show cpu-tiny | copy cpu-tiny my.yaml]
+
+Errors in what the user handed us (a config key, a data file, a model directory) print one line naming
+the culprit, not a traceback; set TINYLM_DEBUG=1 to see the traceback anyway.
+
+A command imports its modules only when it runs, so ``tinylm --help`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+from tinylm.cli.args import (
+    STAGES,
+    TRAINING_COMMANDS,
+    build_parser,
+    flag_overrides,
+    is_model_dir,
+    resolve_config_path,
+    sampling_settings,
+    torch_dtype,
+)
+from tinylm.cli.tools import configs_tool, tokenizer_tool
+
+__all__ = ["build_parser", "main", "resolve_config_path", "run"]
+
+
+def run(args, overrides: list[str]) -> int:
+    if overrides and args.command not in TRAINING_COMMANDS:
+        raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
+    overrides = [*overrides, *flag_overrides(args)]
+
+    if args.command == "quickstart":
+        from tinylm.quickstart import quickstart
+
+        quickstart(args.out, resolve_config_path(args.config), overrides)
+    elif args.command == "vlm" and args.vlm_command == "quickstart":
+        from tinylm.vlm_quickstart import vlm_quickstart
+
+        vlm_quickstart(args.out, llm=args.llm, device=args.device, overrides=overrides)
+    elif args.command == "vlm":
+        from tinylm.config import load_config
+        from tinylm.train.vlm import VLMStageConfig, train_vlm
+
+        cfg = load_config(VLMStageConfig, resolve_config_path(args.config), overrides)
+        _, result = train_vlm(cfg, args.out, args.vlm_command, resume=args.resume)
+        if result.interrupted:
+            return 130
+    elif args.command == "tokenizer" and args.tokenizer_command in ("encode", "decode"):
+        tokenizer_tool(args)
+    elif args.command == "configs":
+        configs_tool(args)
+    elif args.command == "tokenizer":
+        from tinylm.data.text import train_tokenizer_from_files
+        from tinylm.tokenizer import train_tokenizer
+
+        if args.data:
+            tokenizer = train_tokenizer_from_files(
+                args.data, args.vocab_size, text_field=args.text_field, txt_split=args.txt_split
+            )
+        else:
+            from tinylm.data import builtin
+
+            tokenizer = train_tokenizer(builtin.pretrain_documents(builtin.World(0)), args.vocab_size)
+        tokenizer.save(args.out)
+        print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}", file=sys.stderr)
+    elif args.command in STAGES:
+        from tinylm.config import load_config
+
+        class_name, module, function = STAGES[args.command]
+        stage = importlib.import_module(module)  # the stage's module holds its config class and its recipe
+        # a distillation student given as a config brings its own data and training settings
+        name = args.student if args.command == "distill" and not is_model_dir(args.student) else args.config
+        cfg = load_config(getattr(stage, class_name), resolve_config_path(name), overrides)
+        _, result = getattr(stage, function)(cfg, args.out, resume=args.resume)
+        if result.interrupted:
+            return 130
+    elif args.command == "generate":
+        from tinylm.infer.engine import Engine
+
+        engine = Engine.from_dir(
+            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+        )
+        for piece in engine.stream(args.prompt, sampling_settings(args, engine), images=args.image):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    elif args.command == "chat":
+        from tinylm.infer.chat import answer_prompts, chat_format_for, read_prompts, run_chat
+        from tinylm.infer.engine import Engine
+        from tinylm.io import atomic_write_text
+
+        engine = Engine.from_dir(
+            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+        )
+        chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+        if args.prompts:
+            records = answer_prompts(
+                engine,
+                read_prompts(args.prompts),
+                args.system,
+                sampling_settings(args, engine),
+                chat_format,
+                images=args.image,
+            )
+            lines = [json.dumps(r, ensure_ascii=False) for r in records]
+            if args.output:
+                atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+                print(f"wrote {len(lines)} answers to {args.output}", file=sys.stderr)
+            else:
+                for record in records:
+                    print(f"> {record['prompt']}\n{record['answer']}\n")
+        else:
+            run_chat(
+                engine,
+                system=args.system,
+                settings=sampling_settings(args, engine),
+                chat_format=chat_format,
+                images=args.image,
+            )
+    elif args.command == "serve":
+        from tinylm.serve.app import build_server, serve
+
+        server = build_server(
+            args.model_dir,
+            name=args.name,
+            device=args.device,
+            dtype=torch_dtype(args.dtype),
+            compile=args.compile,
+            max_batch=args.max_batch,
+            max_len=args.max_len,
+            max_waiting=args.max_waiting,
+            api_key=args.api_key,
+            max_body=int(args.max_body_mb * 2**20),
+            thread=False,
+        )
+        serve(server, args.host, args.port, args.log_level)
+    elif args.command == "merge":
+        from tinylm.modeldir import load_adapter_dir, read_adapter_config, save_model_dir
+
+        config = read_adapter_config(args.adapter_dir)
+        model, tokenizer = load_adapter_dir(
+            args.adapter_dir, base_dir=args.model_dir
+        )  # the adapter's tokenizer and stop tokens win
+        save_model_dir(model, args.out_dir, tokenizer=tokenizer)
+        print(
+            f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}",
+            file=sys.stderr,
+        )
+    elif args.command == "plot":
+        from tinylm.train.metrics import plot_losses
+
+        run_dir = Path(args.run_dir)
+        if plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png") is None:
+            raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no logged losses to plot")
+        print(run_dir / "loss.png")
+    return 0
+
+
+def out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+OUT_OF_MEMORY = (
+    "out of memory: lower train.batch_size (and raise train.grad_accum to keep the same tokens per step), "
+    "train.seq_len or the model's size; for inference, lower --max-batch / --max-len or use --dtype bfloat16"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return run(args, overrides)
+    except KeyboardInterrupt:  # outside training (which saves and returns 130 itself)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`tinylm generate ... | head`): not an error
+        sys.stderr.close()
+        return 0
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        if isinstance(e, RuntimeError) and not out_of_memory(e):
+            raise  # a bug, not the user's input: the traceback is what helps
+        print(f"error: {OUT_OF_MEMORY} ({e})" if out_of_memory(e) else f"error: {e}", file=sys.stderr)
+        return 2
