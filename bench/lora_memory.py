@@ -2,6 +2,7 @@
 parameters) and a ~100M one, on this machine's CPU (or a GPU with --device cuda).
 
     python bench/lora_memory.py                      # both shapes, all three methods
+    python bench/lora_memory.py --shapes cpu-tiny --steps 1   # a quick check that every part runs
     python bench/lora_memory.py --shapes minimind2-small --steps 5 --plot lora_memory.png
 
 Each (shape, method) runs in a fresh process, so one measurement cannot inherit another's memory:
@@ -47,7 +48,7 @@ from tinylm.train.pretrain import PretrainConfig
 from tinylm.train.stage import prepare_lora
 from tinylm.train.trainer import build_optimizer
 
-SHAPES = {
+SHAPES = {  # overrides of configs/minimind2-small.yaml
     "minimind2-small": [],
     "100M": [
         "--model.hidden_size=768",
@@ -56,7 +57,14 @@ SHAPES = {
         "--model.num_key_value_heads=4",
         "--model.intermediate_size=2048",
     ],
+    "cpu-tiny": [  # the quickstart's shape (with minimind2-small's vocabulary): a check that takes seconds
+        "--model.hidden_size=128",
+        "--model.num_hidden_layers=4",
+        "--model.num_attention_heads=4",
+        "--model.num_key_value_heads=2",
+    ],
 }
+DEFAULT_SHAPES = ["minimind2-small", "100M"]
 METHODS = {
     "full": LoRASection(),
     "lora": LoRASection(enabled=True, r=16, alpha=32),
@@ -174,7 +182,7 @@ def child(cmd: list[str], env) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warmup step)")
     parser.add_argument("--batch", type=int, default=4)

@@ -24,7 +24,7 @@ clipping. Validation is off on both sides: this is training throughput.
 
 * ours: what ``tinylm sft`` runs (``tinylm.train.sft.sft``): the conversations best-fit packed into
   rows of ``seq_len`` (``pack(packed=True)``: several conversations per row, each with its own positions
-  and attention), ``RowBatches`` of ``batch_size`` rows, ``NextTokenLoss``, ``tokens_per_batch=real_tokens``,
+  and attention), ``Batches`` of ``batch_size`` rows, ``NextTokenLoss``, ``tokens_per_batch=real_tokens``,
   through the real ``tinylm.train.trainer.fit`` with everything a user gets: metrics.jsonl every 10 steps,
   the tqdm bar (on stderr), a checkpoint per round and loss.png at the end. The whole ``fit`` call is
   timed, into a fresh run directory each round, optimizer creation included. It runs ``--steps`` steps.
@@ -37,7 +37,7 @@ clipping. Validation is off on both sides: this is training throughput.
   region. The padded batches are built inside the timed loop too (as a collator would); that costs
   well under a millisecond a step.
 
-How the work is equalized: before timing, the script replays ours' ``RowBatches`` (same rows, same seed,
+How the work is equalized: before timing, the script replays ours' ``Batches`` (same rows, same seed,
 hence exactly the batches ``fit`` will draw) for ``--steps`` steps and cuts every row back into its
 conversations. That list is the round's work for both sides: ours trains on it as ``steps`` packed
 batches of ``batch_size`` rows; the transformers loop trains on the very same conversations, shuffled
@@ -68,6 +68,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,8 @@ from tinylm.chat_template import TEMPLATES, get_template
 from tinylm.config import load_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.chat import read_conversations
-from tinylm.data.chat_rows import PAD_SEGMENT, RowBatches, encode_conversations, pack, real_tokens
+from tinylm.data.chat_rows import PAD_SEGMENT, encode_conversations, pack, real_tokens, rows_batch
+from tinylm.data.walk import Batches
 from tinylm.device import autocast_dtype, resolve_device
 from tinylm.model.llama import CausalLM
 from tinylm.model.loss import IGNORE
@@ -120,9 +122,9 @@ def load_conversations(files: list[str] | None) -> tuple[list[list[dict]], str]:
 
 
 def round_conversations(rows, batch_size: int, steps: int, seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per step of ours, the conversations it trains on as (input_ids, labels): ``RowBatches`` replayed
+    """Per step of ours, the conversations it trains on as (input_ids, labels): ``Batches`` replayed
     with the trainer's seed (so exactly the batches ``fit`` draws), every row cut back into its segments."""
-    batches = RowBatches(rows, batch_size, seed=seed)
+    batches = Batches(len(rows), batch_size, partial(rows_batch, rows), seed=seed)
     plan = []
     for _ in range(steps):
         batch, step = batches.next_batch(), []
@@ -157,7 +159,7 @@ def collate(conversations, pad_to: int | None, pad_id: int) -> dict:
 def run_ours(model, init_state, rows, train_cfg, dist) -> dict:
     """One fresh ``fit`` of ``train_cfg.max_steps`` packed steps into a fresh run directory."""
     model.load_state_dict(init_state)
-    batches = RowBatches(rows, train_cfg.batch_size, seed=train_cfg.seed)
+    batches = Batches(len(rows), train_cfg.batch_size, partial(rows_batch, rows), seed=train_cfg.seed)
     task = Task(model=model, batches=batches, objective=NextTokenLoss(), tokens_per_batch=real_tokens)
     with tempfile.TemporaryDirectory(prefix="tinylm-sft-bench-") as run_dir:
         synchronize(dist.device)
@@ -216,7 +218,9 @@ def same_loss_check(
     theirs.load_state_dict(init_state)
     ours.to(device).eval()
     theirs.to(device).eval()
-    packed = move(RowBatches(rows, train_cfg.batch_size, seed=train_cfg.seed).next_batch(), device)
+    packed = move(
+        Batches(len(rows), train_cfg.batch_size, partial(rows_batch, rows), seed=train_cfg.seed).next_batch(), device
+    )
     padded = move(collate(step_conversations, train_cfg.seq_len, pad_id), device)
     with autocast():
         ours_loss = NextTokenLoss()(ours, packed).item() / NextTokenLoss().count(packed)

@@ -265,9 +265,6 @@ def reference(live, messages=None, prompt=None, **settings):
 QUESTION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "小明喜欢什么颜色？ the cat"}]
 
 
-QUESTION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "小明喜欢什么颜色？ the cat"}]
-
-
 def error_of(response, status):
     """The body of an error response in OpenAI's shape, after checking its status and fields."""
     assert response.status_code == status, response.text

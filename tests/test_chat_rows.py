@@ -2,6 +2,7 @@
 drops whole exchanges from the left; batches resume where they stopped."""
 
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -9,13 +10,13 @@ import torch
 from tinylm.data.chat_rows import (
     PAD_SEGMENT,
     Encoded,
-    RowBatches,
     encode_conversations,
     encode_for_training,
     fit_conversation,
     pack,
     rows_batch,
 )
+from tinylm.data.walk import Batches
 from tinylm.model.llama import CausalLM, ModelConfig, segment_mask
 from tinylm.model.loss import IGNORE
 from tinylm.train.objectives import NextTokenLoss
@@ -130,16 +131,20 @@ def test_packed_loss_and_gradients_equal_each_conversation_alone():
         assert torch.allclose(packed, single, atol=1e-5)
 
 
+def row_batches(rows):
+    return Batches(len(rows), 3, partial(rows_batch, rows), seed=7)
+
+
 def test_row_batches_resume_where_they_stopped():
     examples = [Encoded([i] * 5, [i] * 5) for i in range(40)]
     rows = pack(examples, seq_len=16)
-    straight = RowBatches(rows, batch_size=3, seed=7)
+    straight = row_batches(rows)
     expected = [straight.next_batch()["input_ids"] for _ in range(10)]
-    first = RowBatches(rows, batch_size=3, seed=7)
+    first = row_batches(rows)
     seen = [first.next_batch()["input_ids"] for _ in range(4)]
-    resumed = RowBatches(rows, batch_size=3, seed=7)
+    resumed = row_batches(rows)
     resumed.load_state_dict(first.state_dict())
     seen += [resumed.next_batch()["input_ids"] for _ in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(expected, seen))
     with pytest.raises(ValueError, match="packed rows"):
-        RowBatches(pack(examples[:10], seq_len=16), batch_size=3, seed=7).load_state_dict(first.state_dict())
+        row_batches(pack(examples[:10], seq_len=16)).load_state_dict(first.state_dict())

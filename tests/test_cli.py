@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL
 
-from tests.conftest import TINY_MODEL
 from tinylm import __version__
 from tinylm.cli import build_parser, main, resolve_config_path
 from tinylm.config import ConfigError, load_config
@@ -47,6 +47,19 @@ def test_version_and_help_show_defaults_the_override_syntax_and_debugging(capsys
         build_parser().parse_args(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: cpu-tiny)" in text and "--section.key=value" in text and "TINYLM_DEBUG=1" in text
+
+
+def test_a_quickstart_prefix_says_which_stage_an_override_is_for(tmp_path, capsys):
+    from tinylm.cli.args import split_overrides
+
+    ours, rest = split_overrides(["--train.lr=0.1", "--sft.train.max_steps=5", "--sft.data.template=raw"], "sft")
+    assert ours == ["--train.max_steps=5", "--data.template=raw"] and rest == ["--train.lr=0.1"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quickstart", "--help"])
+    assert "--sft.train.max_steps=100" in " ".join(capsys.readouterr().out.split())
+    # a language model given with --llm is not trained here: overrides for its training are a mistake
+    code = main(["vlm", "quickstart", "--out", str(tmp_path / "v"), "--llm", str(tmp_path), "--llm.train.max_steps=3"])
+    assert code == 2 and "--llm.* overrides set the language model this run trains" in capsys.readouterr().err
 
 
 def test_configs_list_show_and_copy(tmp_path, capsys, monkeypatch):

@@ -8,8 +8,8 @@ import threading
 import httpx
 import pytest
 import torch
+from conftest import LiveServer, tiny_chat_dir
 
-from tests.conftest import LiveServer, tiny_chat_dir
 from tinylm.cli import main
 from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 import torch
+from conftest import wait_until
 
-from tests.conftest import wait_until
 from tests.test_engine import greedy, make_model, recompute_greedy
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings, sample_rows

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import QUESTION, reference, wait_until
 
-from tests.conftest import QUESTION, reference, wait_until
 from tinylm.infer.sampling import SamplingSettings
 
 # -- answers -------------------------------------------------------------------------------------

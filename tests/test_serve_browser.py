@@ -11,8 +11,8 @@ import tempfile
 
 import httpx
 import pytest
+from conftest import LiveServer, tiny_chat_dir
 
-from tests.conftest import LiveServer, tiny_chat_dir
 from tinylm.serve.app import build_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

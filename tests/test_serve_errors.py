@@ -10,8 +10,8 @@ import threading
 import httpx
 import openai
 import pytest
+from conftest import QUESTION, LiveServer, error_of, tiny_chat_dir, wait_until
 
-from tests.conftest import QUESTION, LiveServer, error_of, tiny_chat_dir, wait_until
 from tinylm.serve.app import build_server
 
 KEY = "sk-test-key"

@@ -6,8 +6,8 @@ import io
 
 import httpx
 import openai
+from conftest import LiveServer, error_of
 
-from tests.conftest import LiveServer, error_of
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.serve.app import build_server
 

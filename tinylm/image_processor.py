@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylm.io import read_json
+from tinylm.io import check_choice, read_json
 
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's numbering, which transformers' configs use
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -64,8 +64,7 @@ class ImageProcessor:
     processor_type: str = "SiglipImageProcessor"
 
     def __post_init__(self):
-        if self.resample not in RESAMPLE:
-            raise ValueError(f"resample {self.resample!r}: expected one of {', '.join(RESAMPLE)}")
+        check_choice("resample", self.resample, RESAMPLE)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std: expected three numbers each, std > 0 (got {self.mean}, {self.std})")
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,15 @@ class DataError(ValueError):
 
 
 # -- atomic writes ------------------------------------------------------------------------------
+
+
+Paths = str | Path | Iterable[str | Path]  # one data file, or several
+
+
+def check_choice(what: str, value, choices) -> None:
+    """A ValueError naming ``what`` and the choices when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{what} {value!r}: expected one of {', '.join(map(str, choices))}")
 
 
 def _umask() -> int:
@@ -465,7 +474,9 @@ class ReadReport:
         return "\n".join(lines)
 
 
-def read_records(paths, normalize: Callable, skip_bad: bool, **options) -> tuple[list[tuple[str, object]], ReadReport]:
+def read_records(
+    paths: Paths, normalize: Callable, skip_bad: bool, **options
+) -> tuple[list[tuple[str, object]], ReadReport]:
     """(where, what ``normalize`` made of the record) for every record of ``paths`` that it accepts, and
     the report. ``normalize(record)`` returns (format name, result) or raises DataError, which stops the
     reading or, with ``skip_bad``, is counted by its reason. ``options`` go to ``iter_records``."""

@@ -25,9 +25,18 @@ LLM_STEPS = 300  # the language model only has to know the words; the pictures' 
 
 
 def vlm_quickstart(
-    out_dir: str | Path, llm: str | None = None, device: str | None = None, overrides: list[str] | None = None
+    out_dir: str | Path,
+    llm: str | None = None,
+    device: str | None = None,
+    overrides: list[str] | None = None,
+    llm_overrides: list[str] | None = None,
 ) -> dict:
-    """Run every part (resuming any that already finished), write and print the report."""
+    """Run every part (resuming any that already finished), write and print the report. ``overrides``
+    reach both stages' configs, ``llm_overrides`` the language model's pretraining."""
+    if llm is not None and llm_overrides:
+        raise ValueError(
+            f"{' '.join(llm_overrides)}: --llm.* overrides set the language model this run trains, not one given"
+        )
     run_dir = Path(out_dir)
     device_override = [f"--train.device={device}"] if device else []
     seconds: dict[str, float] = {}
@@ -36,7 +45,7 @@ def vlm_quickstart(
         cfg = load_config(
             PretrainConfig,
             CONFIGS / "cpu-tiny.yaml",
-            [f"--train.max_steps={LLM_STEPS}", "--train.save_every=0", *device_override],
+            [f"--train.max_steps={LLM_STEPS}", "--train.save_every=0", *(llm_overrides or []), *device_override],
         )
         final, result = pretrain(cfg, run_dir / "llm", resume=True)
         if result.interrupted:

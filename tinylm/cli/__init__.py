@@ -40,6 +40,7 @@ from tinylm.cli.args import (
     is_model_dir,
     resolve_config_path,
     sampling_settings,
+    split_overrides,
     torch_dtype,
 )
 from tinylm.cli.tools import configs_tool, tokenizer_tool
@@ -55,11 +56,13 @@ def run(args, overrides: list[str]) -> int:
     if args.command == "quickstart":
         from tinylm.quickstart import quickstart
 
-        quickstart(args.out, resolve_config_path(args.config), overrides)
+        sft_overrides, overrides = split_overrides(overrides, "sft")
+        quickstart(args.out, resolve_config_path(args.config), overrides, sft_overrides=sft_overrides)
     elif args.command == "vlm" and args.vlm_command == "quickstart":
         from tinylm.vlm_quickstart import vlm_quickstart
 
-        vlm_quickstart(args.out, llm=args.llm, device=args.device, overrides=overrides)
+        llm_overrides, overrides = split_overrides(overrides, "llm")
+        vlm_quickstart(args.out, llm=args.llm, device=args.device, overrides=overrides, llm_overrides=llm_overrides)
     elif args.command == "vlm":
         from tinylm.config import load_config
         from tinylm.train.vlm import VLMStageConfig, train_vlm

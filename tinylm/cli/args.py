@@ -51,14 +51,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})" if text else f"default: {default}"
 
 
-def add_command(commands, name: str, help: str, overrides: bool = False) -> argparse.ArgumentParser:
+def add_command(commands, name: str, help: str, overrides: bool = False, stages: str = "") -> argparse.ArgumentParser:
     """A subcommand that refuses abbreviated options and shows defaults; ``overrides``: it takes
-    --section.key=value (said in its help)."""
+    --section.key=value (said in its help); ``stages``: what a prefixed override reaches (quickstarts)."""
+    epilog = OVERRIDES_HELP if overrides else "Set TINYLM_DEBUG=1 to see a traceback instead of a one-line error."
     return commands.add_parser(
         name,
         help=help,
         description=help,
-        epilog=OVERRIDES_HELP if overrides else "Set TINYLM_DEBUG=1 to see a traceback instead of a one-line error.",
+        epilog=f"{epilog} {stages}".rstrip(),
         allow_abbrev=False,
         formatter_class=HelpFormatter,
     )
@@ -97,11 +98,45 @@ def torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
+def add_quickstart(commands, help: str, stages: str) -> argparse.ArgumentParser:
+    """A quickstart command: --out and --device, and overrides for the stages ``stages`` describes."""
+    quick = add_command(commands, "quickstart", help, overrides=True, stages=stages)
+    quick.add_argument("--out", required=True, help="run directory")
+    quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+    return quick
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """--out, --resume and --device: what every training command takes."""
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
+
+
+TEMPLATE_HELP = "chat template: chatml | vicuna | llama-chinese | raw"
+
+
+def add_fine_tune_args(
+    parser: argparse.ArgumentParser,
+    config: str,
+    what: str,
+    formats=(),
+    init: str = "the model directory to fine-tune (tinylm's, or a local Llama/Qwen2/Qwen3)",
+    data: str | None = None,
+) -> None:
+    """What every stage that starts from a model takes: its config, the model (--init), the data files
+    (--data, and --format where there are several), the chat template and --skip-bad; ``what`` the
+    data's records are called."""
+    parser.add_argument("--config", default=config, help="config name or YAML path")
+    parser.add_argument("--init", required=True, help=init)
+    data = data or f".json / .jsonl(.gz) / .parquet {what} (default: the built-in ones)"
+    parser.add_argument("--data", nargs="+", default=None, help=data)
+    if formats:
+        parser.add_argument("--format", default=None, choices=["auto", *formats], help=f"the {what}' format")
+    parser.add_argument("--template", default=None, help=f"{TEMPLATE_HELP} (default: the config's, or the model's)")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help=f"skip invalid {what} and report counts instead of stopping"
+    )
 
 
 def add_lora_args(parser: argparse.ArgumentParser, output: str = "the output is the adapter") -> None:
@@ -145,16 +180,12 @@ def lora_overrides(args) -> dict:
     }
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
 def sampling_settings(args, engine):
     """The model's sampling defaults, with what the command line sets on top."""
-    return engine.defaults.updated(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    return engine.defaults.updated(**{name: getattr(args, name) for name in SAMPLING_FLAGS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,15 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinylm {__version__} (torch {torch_version})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    quick = add_command(
+    quick = add_quickstart(
         commands,
-        "quickstart",
         "corpus → tokenizer → pretraining → chat fine-tuning → what the models learned, in minutes",
-        overrides=True,
+        "Overrides set the pretraining; --sft.section.key=value the fine-tuning (--sft.train.max_steps=100).",
     )
-    quick.add_argument("--out", required=True, help="run directory")
     quick.add_argument("--config", default="cpu-tiny", help="config name or YAML path (default cpu-tiny)")
-    quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: the config's train.device)")
 
     tok = add_command(commands, "tokenizer", "train a tokenizer; encode and decode text with one").add_subparsers(
         dest="tokenizer_command", required=True, metavar="train|encode|decode"
@@ -224,23 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_args(pre)
 
     sft = add_command(commands, "sft", "supervised fine-tuning on conversations", overrides=True)
-    sft.add_argument("--config", default="sft-cpu-tiny", help="config name or YAML path")
-    sft.add_argument(
-        "--init", required=True, help="the model directory to fine-tune (tinylm, or a local Llama/Qwen2/Qwen3)"
-    )
-    sft.add_argument(
-        "--data", nargs="+", default=None, help=".json / .jsonl / .parquet conversations (default: the built-in ones)"
-    )
-    sft.add_argument(
-        "--format",
-        default=None,
-        choices=["auto", "openai", "sharegpt", "alpaca"],
-        help="conversation format (default: auto)",
-    )
-    sft.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
-    sft.add_argument(
-        "--skip-bad", action="store_true", help="skip invalid conversations and report counts instead of stopping"
-    )
+    add_fine_tune_args(sft, "sft-cpu-tiny", "conversations", ["openai", "sharegpt", "alpaca"])
     sft.add_argument(
         "--identity-name", default=None, help="the identity recipe: teach the assistant this name (mixed with the data)"
     )
@@ -249,23 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_args(sft)
 
     dpo = add_command(commands, "dpo", "align a chat model with preference pairs (DPO, SimPO, ORPO)", overrides=True)
-    dpo.add_argument("--config", default="dpo-cpu-tiny", help="config name or YAML path")
-    dpo.add_argument(
-        "--init", required=True, help="the chat model to align (an SFT run's final/, or a local model directory)"
-    )
-    dpo.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help=".json / .jsonl(.gz) / .parquet preference pairs (default: the built-in ones)",
-    )
-    dpo.add_argument(
-        "--format",
-        default=None,
-        choices=["auto", "minimind", "llamafactory", "hh-rlhf"],
-        help="pair format (default: auto)",
-    )
-    dpo.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    formats = ["minimind", "llamafactory", "hh-rlhf"]
+    add_fine_tune_args(dpo, "dpo-cpu-tiny", "pairs", formats, init="the chat model to align (an SFT run's final/)")
     dpo.add_argument(
         "--loss",
         default=None,
@@ -278,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score the reference once before training instead of batch by batch",
     )
-    dpo.add_argument("--skip-bad", action="store_true", help="skip invalid pairs and report counts instead of stopping")
     add_run_args(dpo)
     add_lora_args(dpo)
 
@@ -313,16 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     vlm = add_command(commands, "vlm", "vision-language models: two-stage training and a quickstart")
     vlm_commands = vlm.add_subparsers(dest="vlm_command", required=True, metavar="quickstart|pretrain|sft")
-    vlm_quick = add_command(
-        vlm_commands, "quickstart", "built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes", True
+    vlm_quick = add_quickstart(
+        vlm_commands,
+        "built-in pictures → stage 1 → stage 2 → held-out accuracy, in minutes",
+        "Overrides set both stages; --llm.section.key=value the language model's pretraining "
+        "(--llm.train.max_steps=100).",
     )
-    vlm_quick.add_argument("--out", required=True, help="run directory")
     vlm_quick.add_argument(
         "--llm",
         default=None,
         help="the language model to start from (default: pretrain a small one on the built-in corpus)",
     )
-    vlm_quick.add_argument("--device", default=None, help="auto | cpu | cuda | mps")
     for stage, about in (
         (
             "pretrain",
@@ -332,25 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)"),
     ):
         sub = add_command(vlm_commands, stage, about, overrides=True)
-        sub.add_argument("--config", default=f"vlm-{stage}-cpu-tiny", help="config name or YAML path")
-        sub.add_argument(
-            "--init",
-            required=True,
-            help="the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)",
-        )
-        sub.add_argument(
-            "--data",
-            nargs="+",
-            default=None,
-            help="LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)",
-        )
+        init = "the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)"
+        data = "LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)"
+        add_fine_tune_args(sub, f"vlm-{stage}-cpu-tiny", "samples", init=init, data=data)
         sub.add_argument(
             "--image-root", default=None, help="where relative image paths are found (default: beside each data file)"
         )
-        sub.add_argument(
-            "--skip-bad", action="store_true", help="skip invalid samples and report counts instead of stopping"
-        )
-        sub.add_argument("--template", default=None, help="chat template: chatml | vicuna | llama-chinese | raw")
         sub.add_argument("--train-vision", action="store_true", help="train the vision encoder too")
         add_run_args(sub)
         if stage == "pretrain":
@@ -460,6 +444,14 @@ STAGES = {
     "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
 }
 TRAINING_COMMANDS = ("quickstart", "vlm", *STAGES)  # the ones that take --section.key=value
+
+
+def split_overrides(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
+    """``--PREFIX.section.key=value`` overrides (without the prefix), and the rest: a quickstart runs two
+    configs, and the prefix says which one an override is for."""
+    start = f"--{prefix}."
+    ours = [f"--{o[len(start) :]}" for o in overrides if o.startswith(start)]
+    return ours, [o for o in overrides if not o.startswith(start)]
 
 
 def flag_overrides(args) -> list[str]:

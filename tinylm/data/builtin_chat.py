@@ -509,8 +509,10 @@ def heldout_questions(world: World, name: str = DEFAULT_NAME, author: str = DEFA
     return items + _refusal_items(world, rng) + identity_questions(name, author)
 
 
-def _other_values(attribute: str, value: str, lang: str) -> tuple[str, ...]:
-    return tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value)
+def _fact_item(context, question: str, attribute: str, value: str, lang: str, kind: str) -> ChatEvalItem:
+    """A question whose answer is a fact's value; every other value of that attribute is wrong."""
+    others = tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value)
+    return ChatEvalItem(_ask(context, question), value_text(attribute, value, lang), lang, kind, others)
 
 
 def _fact_items(world: World) -> list[ChatEvalItem]:
@@ -520,15 +522,7 @@ def _fact_items(world: World) -> list[ChatEvalItem]:
         for lang in LANGS:
             template = sft_heldout(world, TEMPLATES_PER_FACT, "question", entity.names["en"], attribute, lang)
             question = fact_question(entity, attribute, lang, template)
-            items.append(
-                ChatEvalItem(
-                    _ask([], question),
-                    value_text(attribute, value, lang),
-                    lang,
-                    "fact",
-                    _other_values(attribute, value, lang),
-                )
-            )
+            items.append(_fact_item([], question, attribute, value, lang, "fact"))
     return items
 
 
@@ -543,16 +537,7 @@ def _followup_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
             count = len(FOLLOWUP_TEMPLATES[then, lang])
             template = sft_heldout(world, count, "followup", entity.names["en"], then, lang)
             question = followup_question(entity, then, lang, template)
-            value = entity.facts[then]
-            items.append(
-                ChatEvalItem(
-                    _ask(context, question),
-                    value_text(then, value, lang),
-                    lang,
-                    "followup",
-                    _other_values(then, value, lang),
-                )
-            )
+            items.append(_fact_item(context, question, then, entity.facts[then], lang, "followup"))
     return items
 
 

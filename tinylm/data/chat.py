@@ -40,10 +40,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
-from tinylm.io import DataError, ReadReport, read_records
+from tinylm.io import DataError, Paths, ReadReport, check_choice, read_records
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -73,20 +72,11 @@ class Conversation:
     source: str
 
 
-class Turn(NamedTuple):
-    """A message before validation, with the names of the fields it came from (for errors)."""
-
-    role: str
-    content: object
-    role_field: str
-    content_field: str
-
-
 # -- reading files ------------------------------------------------------------------------------
 
 
 def read_conversations(
-    paths: str | Path | Iterable[str | Path], format: str = "auto", skip_bad: bool = False
+    paths: Paths, format: str = "auto", skip_bad: bool = False
 ) -> tuple[list[Conversation], ReadReport]:
     """Every valid conversation of ``paths``, in order, and a report of what was read and skipped.
 
@@ -94,8 +84,7 @@ def read_conversations(
     A bad record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason.
     Problems with a whole file (missing, unsupported type, not JSON at all) always raise.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_choice("format", format, FORMATS)
     found, report = read_records(paths, lambda record: _normalize(record, format), skip_bad, **RECORD_FILES)
     return [Conversation(messages, where) for where, messages in found], report
 
@@ -154,35 +143,40 @@ def check_text_only(record: dict) -> None:
             )
 
 
+class Turn(NamedTuple):
+    """A message before validation, with the names of the fields it came from (for errors)."""
+
+    role: str
+    content: object
+    role_field: str
+    content_field: str
+
+
 def openai_turns(record) -> list[Turn]:
     """Messages with ``role`` and ``content`` (a string or a list of text parts)."""
-    key, messages = message_list(record)
-    turns = []
-    for index, message in enumerate(messages):
-        label = f"{key}[{index}]"
-        message = as_object(message, label)
-        role = get_field(message, "role", label)
-        if role not in ROLES:
-            raise role_error(f"{label}.role", role, ROLES)
-        _check_default_weight(message, role, label)
-        content = text_of_parts(get_field(message, "content", label), f"{label}.content")
-        turns.append(Turn(role, content, f"{label}.role", f"{label}.content"))
-    return with_system_field(record, turns)
+    return with_system_field(record, [_openai_turn(message, label) for label, message in labelled_messages(record)])
+
+
+def _openai_turn(message: dict, label: str) -> Turn:
+    role = get_field(message, "role", label)
+    if role not in ROLES:
+        raise role_error(f"{label}.role", role, ROLES)
+    _check_default_weight(message, role, label)
+    content = text_of_parts(get_field(message, "content", label), f"{label}.content")
+    return Turn(role, content, f"{label}.role", f"{label}.content")
 
 
 def sharegpt_turns(record) -> list[Turn]:
     """Messages with ``from`` (human, gpt, system, ...) and ``value``."""
-    key, messages = message_list(record)
-    turns = []
-    for index, message in enumerate(messages):
-        label = f"{key}[{index}]"
-        message = as_object(message, label)
-        speaker = get_field(message, "from", label)
-        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
-        if role is None:
-            raise role_error(f"{label}.from", speaker, SHAREGPT_ROLES)
-        turns.append(Turn(role, get_field(message, "value", label), f"{label}.from", f"{label}.value"))
-    return with_system_field(record, turns)
+    return with_system_field(record, [_sharegpt_turn(message, label) for label, message in labelled_messages(record)])
+
+
+def _sharegpt_turn(message: dict, label: str) -> Turn:
+    speaker = get_field(message, "from", label)
+    role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+    if role is None:
+        raise role_error(f"{label}.from", speaker, SHAREGPT_ROLES)
+    return Turn(role, get_field(message, "value", label), f"{label}.from", f"{label}.value")
 
 
 def _alpaca_turns(record: dict) -> list[Turn]:
@@ -296,6 +290,13 @@ def message_list(record) -> tuple[str, list]:
             f"{keys[0]}: empty conversation; expected at least a user and an assistant message", "empty_conversation"
         )
     return keys[0], messages
+
+
+def labelled_messages(record) -> list[tuple[str, dict]]:
+    """(label, message) for each message of a record, the label naming it in errors ("messages[2]"),
+    each checked to be an object."""
+    key, messages = message_list(record)
+    return [(f"{key}[{i}]", as_object(message, f"{key}[{i}]")) for i, message in enumerate(messages)]
 
 
 def with_system_field(record, turns: list[Turn]) -> list[Turn]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tinylm.data.walk import SeededWalk
 from tinylm.model.loss import IGNORE
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a row
@@ -178,17 +177,6 @@ def pack(examples: list[Encoded], seq_len: int, pad_id: int = 0, packed: bool = 
             out.segments[r, start:end] = segment
             start = end
     return out
-
-
-class RowBatches(SeededWalk):
-    """Trainer batches from packed rows."""
-
-    def __init__(self, rows: PackedRows, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
-        super().__init__(len(rows), batch_size, seed=seed, rank=rank, world_size=world_size, what="packed rows")
-        self.rows = rows
-
-    def next_batch(self) -> dict:
-        return rows_batch(self.rows, self.next_picks())
 
 
 def rows_batch(rows: PackedRows, picks: Sequence[int]) -> dict:

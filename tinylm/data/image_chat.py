@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,7 @@ from tinylm.data.chat import (
     validate_turns,
     with_system_field,
 )
-from tinylm.io import DataError, ReadReport, read_records
+from tinylm.io import DataError, Paths, ReadReport, read_records
 
 IMAGE_TAG = "<image>"
 XTUNER_TAG = "<IMG_CONTEXT>"
@@ -93,7 +92,7 @@ class ImageConversation:
 
 
 def read_image_conversations(
-    paths: str | Path | Iterable[str | Path],
+    paths: Paths,
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     prompt: str = CAPTION_PROMPT,

@@ -38,9 +38,7 @@ transcript). A KTO record (a "kto_tag" or "label" instead of chosen and rejected
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from tinylm.data.chat import (
     MESSAGE_LISTS,
@@ -59,7 +57,7 @@ from tinylm.data.chat import (
     validate_turns,
     with_system_field,
 )
-from tinylm.io import DataError, ReadReport, read_records
+from tinylm.io import DataError, Paths, ReadReport, check_choice, read_records
 
 PREFERENCE_FORMATS = ("auto", "minimind", "llamafactory", "hh-rlhf")
 SIDES = ("chosen", "rejected")
@@ -79,16 +77,11 @@ class PreferencePair:
 
 
 def read_preferences(
-    paths: str | Path | Iterable[str | Path], format: str = "auto", skip_bad: bool = False
+    paths: Paths, format: str = "auto", skip_bad: bool = False
 ) -> tuple[list[PreferencePair], ReadReport]:
-    """Every valid preference pair of ``paths``, in order, and a report of what was read and skipped.
-
-    ``format`` is "auto" (detect each record) or forces one of "minimind", "llamafactory", "hh-rlhf".
-    A bad record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason.
-    Problems with a whole file (missing, unsupported type, not JSON at all) always raise.
-    """
-    if format not in PREFERENCE_FORMATS:
-        raise ValueError(f"format {format!r}: expected one of {', '.join(PREFERENCE_FORMATS)}")
+    """Every valid preference pair of ``paths``, in order, and the read report: the files and errors
+    as ``read_conversations`` has them; ``format`` "auto" or one of "minimind", "llamafactory", "hh-rlhf"."""
+    check_choice("format", format, PREFERENCE_FORMATS)
 
     def normalize(record):
         record_format, prompt, chosen, rejected = _normalize(record, format)

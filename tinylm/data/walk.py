@@ -10,6 +10,8 @@ from the same point of the epoch (rounded down to a whole step).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -55,3 +57,33 @@ class SeededWalk:
         self.epoch = state["epoch"]
         self.cursor = min(state["cursor"] * state["world_size"] // self.world_size, self.per_rank)
         self.order = self._rank_order(self.epoch)
+
+
+class Batches(SeededWalk):
+    """Trainer batches along the walk: ``collate(picks)`` makes each step's batch from the indices of
+    the items picked for it (packed rows, preference pairs, image samples)."""
+
+    def __init__(
+        self,
+        count: int,
+        batch_size: int,
+        collate: Callable[[list[int]], dict],
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        what: str = "packed rows",
+    ):
+        super().__init__(count, batch_size, seed=seed, rank=rank, world_size=world_size, what=what)
+        self.collate = collate
+
+    @classmethod
+    def for_run(cls, count: int, collate: Callable[[list[int]], dict], train, dist, what: str) -> Batches:
+        """The batches of one training run: ``train``'s batch size and seed, this process's share of
+        the items (``dist``: its rank among world_size processes)."""
+        return cls(
+            count, train.batch_size, collate, seed=train.seed, rank=dist.rank, world_size=dist.world_size, what=what
+        )
+
+    def next_batch(self) -> dict:
+        return self.collate(self.next_picks())

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,14 +35,14 @@ from tinylm.data.builtin import World
 from tinylm.data.builtin_preference import preference_pairs
 from tinylm.data.chat_rows import Encoded, encode_for_training
 from tinylm.data.preference import read_preferences
-from tinylm.data.walk import SeededWalk
+from tinylm.data.walk import Batches
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import heldout_qa_accuracy
 from tinylm.io import atomic_write_json
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
-from tinylm.train.stage import check_context, load_to_fine_tune, prepare_lora, save_final, split_validation, stage_run
+from tinylm.train.stage import load_to_fine_tune, prepare_lora, save_final, split_validation, stage_run
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 # -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
@@ -161,27 +162,6 @@ def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_log
     return batch
 
 
-class PairBatches(SeededWalk):
-    """Trainer batches of preference pairs (with their precomputed reference scores, if any)."""
-
-    def __init__(
-        self,
-        pairs: list[EncodedPair],
-        batch_size: int,
-        pad_id: int,
-        ref_logps=None,
-        *,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        super().__init__(len(pairs), batch_size, seed=seed, rank=rank, world_size=world_size, what="preference pairs")
-        self.pairs, self.pad_id, self.ref_logps = pairs, pad_id, ref_logps
-
-    def next_batch(self) -> dict:
-        return pairs_batch(self.pairs, self.next_picks(), self.pad_id, self.ref_logps)
-
-
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
     """log π(chosen) and log π(rejected) of every pair under ``model``: [pairs, 2]."""
@@ -266,12 +246,9 @@ def chat_template_of(cfg: DPOConfig, tokenizer):
 
 def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
     """Align the chat model in ``cfg.init_from`` with preference pairs; save ``out_dir/final``."""
-    if not cfg.init_from:
-        raise ConfigError("init_from is not set: give the chat model to align (--init MODEL_DIR)")
     run_dir = Path(out_dir)
     with stage_run(run_dir, cfg.train.device) as dist:
-        model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO")
-        check_context(cfg.train.seq_len, model.config)
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "DPO", cfg.train.seq_len)
         # Adapters (and QLoRA's 4-bit base) go in first, on the CPU: B starts at zero, so the model
         # scored below as the reference is exactly the one the adapter-off reference will be.
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
@@ -313,15 +290,8 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             simpo_gamma=cfg.dpo.simpo_gamma,
             reference=reference,
         )
-        batches = PairBatches(
-            train_set,
-            cfg.train.batch_size,
-            pad,
-            train_ref,
-            seed=cfg.train.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
+        collate = partial(pairs_batch, train_set, pad_id=pad, ref_logps=train_ref)
+        batches = Batches.for_run(len(train_set), collate, cfg.train, dist, "preference pairs")
         task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tinylm.chat_template import get_template
 from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.chat import Conversation, read_conversations
-from tinylm.data.chat_rows import RowBatches, encode_conversations, pack, real_tokens, rows_batch
+from tinylm.data.chat_rows import encode_conversations, pack, real_tokens, rows_batch
+from tinylm.data.walk import Batches
 from tinylm.eval.questions import identity_report
 from tinylm.infer.engine import Engine
 from tinylm.io import atomic_write_json
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
-    check_context,
     load_to_fine_tune,
     loss_evaluator,
     prepare_lora,
@@ -104,12 +105,9 @@ def sft(
 ) -> tuple[Path, FitResult]:
     """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``.
     ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own)."""
-    if not cfg.init_from:
-        raise ValueError("init_from is not set: give the model directory to fine-tune (--init MODEL_DIR)")
     run_dir = Path(out_dir)
     with stage_run(run_dir, cfg.train.device) as dist:
-        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")
-        check_context(cfg.train.seq_len, model.config)
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT", cfg.train.seq_len)
         template = get_template(cfg.data.template)
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
@@ -136,9 +134,7 @@ def sft(
                 f"validation: {len(val_examples):,} conversations",
                 file=sys.stderr,
             )
-        batches = RowBatches(
-            train_rows, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size
-        )
+        batches = Batches.for_run(len(train_rows), partial(rows_batch, train_rows), cfg.train, dist, "packed rows")
         evaluate = row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches)
         task = Task(
             model=model,

@@ -1,7 +1,7 @@
 """What every training stage does around its work, and the pieces stages share.
 
     with stage_run(run_dir, cfg.train.device) as dist:
-        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT")      # or a new model
+        model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT", cfg.train.seq_len)  # or a new model
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
         ...                                                               # the stage's own data and objective
         result = fit(task, cfg.train, run_dir, dist)
@@ -52,11 +52,16 @@ def check_context(seq_len: int, config) -> None:
         )
 
 
-def load_to_fine_tune(model_dir: str, stage: str):
-    """(model in fp32, its tokenizer) of a model directory that ``stage`` starts from."""
+def load_to_fine_tune(model_dir: str | None, stage: str, seq_len: int | None = None):
+    """(model in fp32, its tokenizer) of the model directory that ``stage`` starts from (the config's
+    init_from); ``seq_len``: the training rows' length, which must fit the model's context."""
+    if not model_dir:
+        raise ConfigError(f"init_from is not set: give the model directory {stage} starts from (--init MODEL_DIR)")
     model, tokenizer = load_model_dir(model_dir)
     if tokenizer is None:
         raise ConfigError(f"{model_dir}: has no tokenizer.json; {stage} needs the model's tokenizer")
+    if seq_len is not None:
+        check_context(seq_len, model.config)
     return model.float().train(), tokenizer
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source,
 from tinylm.data.builtin_images import write_image_corpus
 from tinylm.data.chat_rows import encode_for_training
 from tinylm.data.image_chat import read_coco_captions, read_image_conversations
-from tinylm.data.walk import SeededWalk
+from tinylm.data.walk import Batches
 from tinylm.eval.image_questions import heldout_report, render_heldout
 from tinylm.image_processor import PROCESSOR_FILE, ImageProcessor, load_image
 from tinylm.infer.engine import Engine
@@ -327,33 +328,6 @@ def real_tokens(batch: dict) -> int:
     return int(batch["lengths"].sum())
 
 
-class ImageBatches:
-    """Trainer batches: a seeded, resumable, sharded walk over the examples (as SFT's rows)."""
-
-    def __init__(
-        self,
-        examples: list[ImageExample],
-        batch_size: int,
-        pad_id: int,
-        cache: PixelCache,
-        *,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.walk = SeededWalk(len(examples), batch_size, seed=seed, rank=rank, world_size=world_size, what="samples")
-        self.examples, self.pad_id, self.cache = examples, pad_id, cache
-
-    def next_batch(self) -> dict:
-        return image_batch(self.examples, self.walk.next_picks(), self.pad_id, self.cache)
-
-    def state_dict(self) -> dict:
-        return self.walk.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.walk.load_state_dict(state)
-
-
 # -- the recipe ---------------------------------------------------------------------------------
 
 
@@ -409,15 +383,8 @@ def train_vlm(
                 file=sys.stderr,
             )
         pad, cache = tokenizer.eos_id, PixelCache(processor)
-        batches = ImageBatches(
-            train_examples,
-            cfg.train.batch_size,
-            pad,
-            cache,
-            seed=cfg.train.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
+        collate = partial(image_batch, train_examples, pad_id=pad, cache=cache)
+        batches = Batches.for_run(len(train_examples), collate, cfg.train, dist, "samples")
         evaluate = loss_evaluator(
             len(val_examples),
             lambda picks: image_batch(val_examples, picks, pad, cache),
