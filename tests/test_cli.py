@@ -46,7 +46,7 @@ def test_version_and_help_show_defaults_the_override_syntax_and_debugging(capsys
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: cpu-tiny)" in text and "--section.key=value" in text and "TINYLM_DEBUG=1" in text
+    assert "(default: cpu-tiny;" in text and "--section.key=value" in text and "TINYLM_DEBUG=1" in text
 
 
 def test_a_quickstart_prefix_says_which_stage_an_override_is_for(tmp_path, capsys):

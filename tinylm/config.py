@@ -48,6 +48,9 @@ def resolve_source(section, sources: tuple[str, ...]) -> None:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # > 0: train for this many minutes of wall-clock time (evaluations and checkpoints included) instead
+    # of max_steps; the cosine decays over the time, so the run ends on time with its schedule complete
+    max_minutes: float = 0.0
     batch_size: int = 16  # sequences per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
@@ -67,6 +70,8 @@ class TrainConfig:
     eval_batches: int = 16
     save_every: int = 500  # 0: only at the end (and on Ctrl-C)
     keep_checkpoints: int = 2  # 0 keeps them all
+    keep_best: bool = False  # the weights saved as final/ are those of the evaluation with the lowest val_loss
+    patience: int = 0  # stop after this many evaluations in a row without a lower val_loss (0: never); keeps the best
     progress: bool = True
 
     def __post_init__(self):
@@ -81,6 +86,7 @@ class TrainConfig:
             "eval_every": 0,
             "save_every": 0,
             "keep_checkpoints": 0,
+            "patience": 0,
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -92,6 +98,7 @@ class TrainConfig:
             "beta1": (0, 1),
             "beta2": (0, 1),
             "grad_clip": (0, None),
+            "max_minutes": (0, None),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)

@@ -96,6 +96,8 @@ def run(args, overrides: list[str]) -> int:
         stage = importlib.import_module(module)  # the stage's module holds its config class and its recipe
         # a distillation student given as a config brings its own data and training settings
         name = args.student if args.command == "distill" and not is_model_dir(args.student) else args.config
+        if args.command == "pretrain":
+            name, overrides = name or "cpu-tiny", [*pretrain_defaults(args, overrides), *overrides]
         cfg = load_config(getattr(stage, class_name), resolve_config_path(name), overrides)
         _, result = getattr(stage, function)(cfg, args.out, resume=args.resume)
         if result.interrupted:
@@ -180,6 +182,23 @@ def run(args, overrides: list[str]) -> int:
             raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no logged losses to plot")
         print(run_dir / "loss.png")
     return 0
+
+
+def pretrain_defaults(args, overrides: list[str]) -> list[str]:
+    """With --minutes: keep the best evaluation; and, given --data and no config (nor --init), a model,
+    vocabulary and schedule sized to the text and the budget (printed, each one overridable)."""
+    if not args.minutes:
+        return []
+    if args.config is not None or args.init or not args.data:
+        return ["--train.keep_best=true"]
+    from tinylm.config import load_config
+    from tinylm.train.pretrain import PretrainConfig
+    from tinylm.train.sizing import explain, size_run
+
+    given = load_config(PretrainConfig, resolve_config_path("cpu-tiny"), overrides)  # the data settings asked for
+    sizing = size_run(given.data.files, args.minutes, given.train.device, given.data.text_field, given.data.txt_split)
+    explain(sizing)
+    return sizing.overrides
 
 
 def out_of_memory(error: BaseException) -> bool:

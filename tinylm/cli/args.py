@@ -237,12 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     cfgs.add_argument("dest", nargs="?", default=None, help="copy: where to (default: NAME.yaml here)")
 
     pre = add_command(commands, "pretrain", "pretrain (or continue pretraining) a model", overrides=True)
-    pre.add_argument("--config", default="cpu-tiny", help="config name or YAML path")
+    pre.add_argument(
+        "--config",
+        default=None,
+        help="config name or YAML path (default: cpu-tiny; with --minutes and --data, one sized to them)",
+    )
     pre.add_argument(
         "--data",
         nargs="+",
         default=None,
         help=".txt / .jsonl / .json / .parquet files, plain or .gz (default: the built-in corpus)",
+    )
+    pre.add_argument(
+        "--val-data", nargs="+", default=None, help="validation text (default: a share of --data's documents)"
+    )
+    pre.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="train for this long (train.max_minutes): the schedule ends on time, the best evaluation is kept",
     )
     pre.add_argument(
         "--tokenizer", default=None, help="a tokenizer (or model) directory (default: train one on the data)"
@@ -373,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model_dir")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
-        "--prompts",
-        default=None,
-        help='answer each prompt of this file (.txt: one per line; .jsonl: {"prompt": ...}) and exit',
+        "--prompts", help='answer the prompts of this file (.txt lines, .jsonl {"prompt": ...}), then exit'
     )
     chat.add_argument(
         "--output", default=None, help="with --prompts: write the answers here as JSON lines instead of printing them"
@@ -519,6 +530,10 @@ def flag_overrides(args) -> list[str]:
                 pairs.update(
                     {"data.source": "coco", "data.files": "[" + ", ".join(json.dumps(f) for f in args.coco) + "]"}
                 )
+    if getattr(args, "val_data", None):
+        pairs["data.val_files"] = "[" + ", ".join(json.dumps(f) for f in args.val_data) + "]"
+    if getattr(args, "minutes", None):
+        pairs["train.max_minutes"] = args.minutes
     if getattr(args, "data", None):
         section = "chat" if getattr(args, "chat", False) else "data"  # distill --chat reads conversations
         pairs.update(

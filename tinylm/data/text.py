@@ -139,21 +139,23 @@ def build_token_shards(
     txt_split: str = "blank",
     val_fraction: float = 0.01,
     seed: int = 0,
+    val_paths: Iterable[str | Path] = (),
 ) -> ShardInfo:
     """Tokenize every document of ``paths`` once and split whole documents into train and validation.
 
     Documents go to validation by a seeded hash of their text: the ``val_fraction`` share (at least
     one when there are two or more) with the smallest hashes. The split does not depend on file order,
-    and identical documents share a hash, so a duplicate rarely sits on both sides.
+    and identical documents share a hash, so a duplicate rarely sits on both sides. Given
+    ``val_paths``, those files are the validation set instead and every document of ``paths`` trains.
 
     The result is cached: when ``out_dir/meta.json`` records the same inputs (paths, sizes,
     modification times, settings, tokenizer fingerprint), nothing is read or written again.
     """
-    paths = [Path(p) for p in paths]
+    paths, val_paths = [Path(p) for p in paths], [Path(p) for p in val_paths]
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction {val_fraction}: expected a number in [0, 1)")
     out_dir = Path(out_dir)
-    fingerprint = _inputs_fingerprint(paths, tokenizer, text_field, txt_split, val_fraction, seed)
+    fingerprint = _inputs_fingerprint(paths + val_paths, tokenizer, text_field, txt_split, val_fraction, seed)
     cached = _cached_shards(out_dir, fingerprint)
     if cached is not None:
         return cached
@@ -162,13 +164,27 @@ def build_token_shards(
     for leftover in out_dir.glob(".build-*"):  # scratch of a build that was killed; only one process builds
         shutil.rmtree(leftover, ignore_errors=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    documents = itertools.chain.from_iterable(read_documents(p, text_field, txt_split) for p in paths)
+    train_docs = [0]  # how many documents come from ``paths`` (the rest, from val_paths, validate)
+
+    def documents():
+        for path in paths:
+            for document in read_documents(path, text_field, txt_split):
+                train_docs[0] += 1
+                yield document
+        for path in val_paths:
+            yield from read_documents(path, text_field, txt_split)
+
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as scratch:
         scratch = Path(scratch)
-        lengths, text_bytes, hashes = _tokenize(documents, tokenizer, scratch / "all.bin", dtype, seed)
-        if len(lengths) == 0:
+        lengths, text_bytes, hashes = _tokenize(documents(), tokenizer, scratch / "all.bin", dtype, seed)
+        if train_docs[0] == 0:
             raise DataError(f"no documents in {', '.join(map(str, paths))}")
-        is_val = _choose_validation(hashes, val_fraction)
+        if val_paths:
+            is_val = np.arange(len(lengths)) >= train_docs[0]
+            if is_val.sum() == 0:
+                raise DataError(f"no documents in the validation files {', '.join(map(str, val_paths))}")
+        else:
+            is_val = _choose_validation(hashes, val_fraction)
         tokens = np.memmap(scratch / "all.bin", dtype=dtype, mode="r")
         starts = np.cumsum(lengths) - lengths
         meta = {
@@ -179,6 +195,7 @@ def build_token_shards(
             "eos_id": tokenizer.eos_id,
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "sources": [str(p) for p in paths],
+            "val_sources": [str(p) for p in val_paths],
         }
         for split, selected in (("train", ~is_val), ("val", is_val)):
             doc_starts = _copy_documents(tokens, starts, lengths, selected, scratch / f"{split}.bin")

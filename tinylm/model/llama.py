@@ -46,6 +46,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     initializer_range: float = 0.02
+    attention_dropout: float = 0.0  # training only: of the attention weights (transformers' key)
+    hidden_dropout: float = 0.0  # training only: of the embeddings and of each block's output to the residual
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = 0
     pad_token_id: int | None = None
@@ -70,6 +72,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {getattr(self, name)}")
 
     def eos_token_ids(self) -> list[int]:
         """eos_token_id as a list (config.json allows one id, a list, or none)."""
@@ -311,6 +316,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device=device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device=device)
         self.qk_norm = config.qk_norm
+        self.dropout = config.attention_dropout
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         b, t, _ = x.shape
@@ -328,7 +334,13 @@ class Attention(nn.Module):
         if causal and k.shape[2] != t:
             mask, causal = attention_mask(None, t, k.shape[2]).to(x.device), False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -354,10 +366,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
         self.mlp = MLP(config, device=device)
+        self.dropout = config.hidden_dropout
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache), self.dropout, self.training)
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout while training with p > 0; otherwise x itself (no copy, no kernel)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
 class Decoder(nn.Module):
@@ -421,6 +439,7 @@ class CausalLM(nn.Module):
         ``cache``: a KVCache to read the past from and append this step to.
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = dropout(x, self.config.hidden_dropout, self.training)
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + x.shape[1], device=x.device)[None]

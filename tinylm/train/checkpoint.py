@@ -155,3 +155,28 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return meta
+
+
+# -- the best weights so far (train.keep_best) ---------------------------------------------------
+
+BEST_DIR = "best"  # in the run directory, beside checkpoints/: weights.safetensors + best.json
+
+
+def save_best(run_dir, model, record: dict) -> None:
+    """Keep the trained tensors of the best evaluated step so far (``record``: its step and metrics),
+    replacing the previous best atomically."""
+    with atomic_directory(Path(run_dir) / BEST_DIR) as scratch:
+        save_file(checkpoint_state(model, trainable_only=True), scratch / "weights.safetensors")
+        (scratch / "best.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def load_best(run_dir, model) -> dict | None:
+    """Put the best weights kept by ``save_best`` into ``model``; return their record (None if none)."""
+    path = Path(run_dir) / BEST_DIR
+    if not (path / "best.json").is_file():
+        return None
+    missing, unexpected = model.load_state_dict(load_file(path / "weights.safetensors"), strict=False)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise ModelDirError(f"{path}: the kept best weights do not fit the model (unexpected {unexpected[:5]})")
+    return json.loads((path / "best.json").read_text(encoding="utf-8"))

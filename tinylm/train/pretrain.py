@@ -48,6 +48,7 @@ class DataConfig:
     text_field: str = "text"  # the field holding the text in .jsonl / .json / .parquet
     txt_split: str = "blank"  # .txt documents: "blank" (blank-line separated), "line" or "file"
     val_fraction: float = 0.01
+    val_files: list[str] = field(default_factory=list)  # the validation text (then nothing of files is held out)
     tokenizer: str | None = None  # a tokenizer (or model) directory; None trains one on the corpus
     vocab_size: int = 6400  # when training a tokenizer
     builtin_seed: int = 0
@@ -178,6 +179,7 @@ def pretrain(
             txt_split=cfg.data.txt_split,
             val_fraction=cfg.data.val_fraction,
             seed=cfg.data.builtin_seed,
+            val_paths=cfg.data.val_files,
         )
         if dist.is_main:  # the main process builds the shards; then every process finds them cached
             shards()

@@ -63,6 +63,8 @@ class FitResult:
     elapsed_s: float
     last_metrics: dict = field(default_factory=dict)
     interrupted: bool = False
+    best: dict | None = None  # with keep_best or patience: the evaluation whose weights the model ends with
+    stopped_early: bool = False
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -77,13 +79,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup to the peak, then a cosine down to ``min_lr_ratio`` of it at ``max_steps``."""
+def lr_lambda(cfg: TrainConfig, time_used: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_steps`` to the peak, then a cosine down to ``min_lr_ratio`` of it:
+    over the steps up to ``max_steps``, or, with a time budget (``max_minutes``), over the budget's
+    wall-clock time, ``time_used()`` being the fraction spent: the run then ends on time with its
+    schedule complete, whatever its speed."""
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if cfg.max_minutes and time_used is not None:
+            progress = min(1.0, time_used())
+        else:
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -95,16 +103,30 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, time_used=None):
     """AdamW over ``param_groups`` (fused where torch has it) and the warmup + cosine schedule."""
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device)
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_used))
 
 
 def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Clock:
+    """Wall-clock seconds a run has trained, carried across resumes, and the share of its time budget
+    (``max_minutes``) they make."""
+
+    def __init__(self, budget_s: float, before: float = 0.0):
+        self.budget_s, self.before, self.started = budget_s, before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def fraction(self) -> float:
+        return self.seconds() / self.budget_s if self.budget_s else 0.0
 
 
 def fit(
@@ -116,7 +138,9 @@ def fit(
     resume: bool = False,
     callbacks: list[Callable[[int, dict], None]] = (),
 ) -> FitResult:
-    """Train ``task`` for ``cfg.max_steps`` optimizer steps, logging and checkpointing into ``run_dir``."""
+    """Train ``task`` for ``cfg.max_steps`` optimizer steps (or ``cfg.max_minutes``), logging and
+    checkpointing into ``run_dir``; with ``keep_best`` or ``patience``, the model ends with the weights
+    of its best evaluation."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (existing := ckpt.list_checkpoints(run_dir)):
@@ -124,21 +148,31 @@ def fit(
             f"{run_dir} already holds a training run (checkpoint {existing[-1].name}): "
             "pass --resume to continue it, or choose another output directory"
         )
+    track_best = cfg.keep_best or cfg.patience > 0
+    if track_best and task.evaluate is None:
+        raise ValueError("train.keep_best and train.patience choose by validation loss, and this run has no validation")
     device, main = dist.device, dist.is_main
     model = task.model.to(device)
     model.train()
-    optimizer, scheduler = build_optimizer(model, cfg, device)
+    budget = cfg.max_minutes * 60
+    clock = Clock(budget)
+    optimizer, scheduler = build_optimizer(model, cfg, device, time_used=clock.fraction)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
 
     step, tokens, elapsed = 0, 0, 0.0
+    best, evals_since_best, stopped_early = None, 0, False  # the best evaluation so far: {"step", "val_loss", ...}
     if resume and (path := ckpt.latest_checkpoint(run_dir)) is not None:
         state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         task.batches.load_state_dict(state["data"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        clock.before = state.get("wall_s", elapsed)
+        best, evals_since_best = state.get("best"), state.get("evals_since_best", 0)
+        stopped_early = state.get("stopped_early", False)
         if main:
             print(f"resumed from {path} (step {step})", file=sys.stderr)
     elif resume and main:
         print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+    clock.started = time.perf_counter()
 
     log.truncate_after(step)  # records after the checkpoint (or, starting afresh, all) are from an abandoned run
     data_state = task.batches.state_dict()  # the data position as of the last completed step
@@ -152,13 +186,24 @@ def fit(
     amp = autocast_dtype(cfg.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
-    def save(at_step: int) -> None:
+    def save(at_step: int) -> float:
+        """Write a checkpoint (the main process; the others wait); return the seconds it took."""
+        began = time.perf_counter()
         if main:
-            trainer_state = {"tokens": tokens, "elapsed_s": elapsed, "data": data_state}
+            trainer_state = {
+                "tokens": tokens,
+                "elapsed_s": elapsed,
+                "wall_s": clock.seconds(),
+                "data": data_state,
+                "best": best,
+                "evals_since_best": evals_since_best,
+                "stopped_early": stopped_early,
+            }
             ckpt.save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, trainer_state, keep=cfg.keep_checkpoints
             )
         dist.barrier()
+        return time.perf_counter() - began
 
     def evaluate() -> dict:
         if task.evaluate is None:
@@ -169,21 +214,24 @@ def fit(
         model.train()
         return metrics
 
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        disable=not (main and cfg.progress),
-        file=sys.stderr,
-        unit="step",
-        dynamic_ncols=True,
-    )
+    def running() -> bool:
+        if stopped_early:
+            return False
+        return clock.seconds() < budget if budget else step < cfg.max_steps
+
+    shown = {"disable": not (main and cfg.progress), "file": sys.stderr, "dynamic_ncols": True}
+    if budget:  # the bar counts the budget's seconds
+        bar = tqdm(total=round(budget), initial=min(round(clock.before), round(budget)), unit="s", **shown)
+    else:
+        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", **shown)
     last: dict = {}
     saved_step = step  # the step of the newest checkpoint (on resume: the one just loaded)
     interrupted = False
     window_tokens, window_start = 0, time.perf_counter()
+    step_s, eval_s, save_s = 0.0, 0.0, 0.0  # wall times: a step (smoothed), the last evaluation and save
     with StopRequest(announce=main) as stop:
         try:
-            while step < cfg.max_steps:
+            while running():
                 started = time.perf_counter()
                 micro = [move(task.batches.next_batch(), device) for _ in range(cfg.grad_accum)]
                 targets = dist.all_reduce_sum(sum(task.objective.count(b) for b in micro))
@@ -203,9 +251,16 @@ def fit(
                 tokens += step_tokens
                 data_state = task.batches.state_dict()
                 window_tokens += step_tokens
-                elapsed += time.perf_counter() - started
+                took = time.perf_counter() - started
+                elapsed += took
+                step_s = took if step_s == 0 else 0.9 * step_s + 0.1 * took
+                if budget:  # the last step is the one after which another would overrun the budget
+                    over = clock.seconds() + step_s + eval_s + save_s >= budget
+                    final_step = bool(dist.all_reduce_sum(int(over))) if dist.enabled else over
+                else:
+                    final_step = step >= cfg.max_steps
 
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if step % cfg.log_every == 0 or final_step:
                     loss_value = dist.all_reduce_sum(loss_sum.item()) / max(targets, 1)
                     now = time.perf_counter()
                     last = {
@@ -220,11 +275,21 @@ def fit(
                     window_tokens, window_start = 0, now
                     last.update(objective_metrics(task.objective, dist))
                     log.write(last)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-                if task.evaluate is not None and (
-                    (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
-                ):
+                    bar.set_postfix(
+                        step=step, loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False
+                    )
+                if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final_step):
+                    began = time.perf_counter()
                     metrics = {"step": step, **evaluate()}
+                    eval_s = time.perf_counter() - began
+                    if track_best:
+                        best, evals_since_best = keep_if_best(metrics, best, evals_since_best, run_dir, model, dist)
+                        out_of_patience = bool(cfg.patience) and evals_since_best >= cfg.patience and not final_step
+                        if dist.enabled:  # every process stops after the same step
+                            out_of_patience = bool(dist.all_reduce_sum(int(out_of_patience)))
+                        if out_of_patience:
+                            stopped_early = final_step = True
+                            metrics["stopped_early"] = True
                     log.write(metrics)
                     last.update(metrics)
                     if main:
@@ -234,16 +299,16 @@ def fit(
                             ),
                             file=sys.stderr,
                         )
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                    save(step)
+                if (cfg.save_every and step % cfg.save_every == 0) or final_step:
+                    save_s = save(step)
                     saved_step = step
-                bar.update(1)
+                bar.update(max(0, round(min(clock.seconds(), budget)) - bar.n) if budget else 1)
                 for callback in callbacks:
                     callback(step, last)
+                if final_step:
+                    break
                 # every process stops after the same step, so the checkpoint below is one consistent state
-                if (
-                    dist.all_reduce_sum(int(stop.requested)) if dist.enabled else stop.requested
-                ) and step < cfg.max_steps:
+                if dist.all_reduce_sum(int(stop.requested)) if dist.enabled else stop.requested:
                     interrupted = True
                     break
             if interrupted and step > saved_step:
@@ -260,7 +325,37 @@ def fit(
             bar.close()
             if main:
                 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
-    return FitResult(step=step, tokens=tokens, elapsed_s=elapsed, last_metrics=last, interrupted=interrupted)
+    if track_best and not interrupted and best is not None:
+        dist.barrier()  # the main process wrote the best weights; every process takes them
+        ckpt.load_best(run_dir, model)
+        if main:
+            ended = "stopped early" if stopped_early else "ended"
+            print(
+                f"the run {ended} at step {step}; the model keeps step {best['step']}, the lowest validation loss "
+                f"({best['val_loss']:.4f}) of its evaluations",
+                file=sys.stderr,
+            )
+    return FitResult(
+        step=step,
+        tokens=tokens,
+        elapsed_s=elapsed,
+        last_metrics=last,
+        interrupted=interrupted,
+        best=best,
+        stopped_early=stopped_early,
+    )
+
+
+def keep_if_best(metrics: dict, best: dict | None, evals_since_best: int, run_dir: Path, model, dist):
+    """(the best evaluation so far, evaluations since it) after ``metrics``; a new best's weights are
+    saved beside the checkpoints (``checkpoint.save_best``)."""
+    if "val_loss" not in metrics:
+        raise ValueError("train.keep_best and train.patience choose by val_loss, and this stage's evaluation has none")
+    if best is not None and metrics["val_loss"] >= best["val_loss"]:
+        return best, evals_since_best + 1
+    if dist.is_main:
+        ckpt.save_best(run_dir, model, metrics)
+    return dict(metrics), 0
 
 
 def objective_metrics(objective, dist: Distributed) -> dict:
