@@ -156,6 +156,29 @@ def trained_base(base_and_chats, tmp_path_factory):
     unchanged(run, before)
 
 
+def tiny_qwen2_dir(path, tokenizer):
+    """A tiny random Qwen2 saved by transformers, with ``tokenizer``: a local "existing model" to
+    fine-tune (as a downloaded Qwen2.5 directory is laid out)."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_id,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
 # -- a live tinylm server on loopback (the serving tests, and the browser test) -----------------
 
 

@@ -112,7 +112,7 @@ def test_validation_files_are_the_validation_set(tmp_path):
     assert info.meta["val_bytes"] == len("a dog ran.") + len("the bird sang.")
 
 
-def test_sizing_grows_the_model_with_the_budget():
+def test_sizing_vocabulary_and_depth_knob():
     assert vocabulary(944_426) == 2048 and vocabulary(100) == 512 and vocabulary(10**10) == 16384
     assert shape(4, 2048).hidden_size == 128 and shape(4, 2048).num_hidden_layers == 4
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import NAMES, logged, wait_until
+from conftest import NAMES, TINY_MODEL, logged, tiny_qwen2_dir, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,7 @@ DOC_ORDER = [
 
 # -- what makes a command tiny ----------------------------------------------------------------------
 
-MODEL = [
-    "--model.hidden_size=32",
-    "--model.num_hidden_layers=2",
-    "--model.num_attention_heads=2",
-    "--model.num_key_value_heads=1",
-    "--data.vocab_size=300",
-]
+MODEL = TINY_MODEL  # a 2-layer, 32-wide model with a 300-token vocabulary
 TRAIN = [
     "--train.max_steps=2",
     "--train.seq_len=64",
@@ -252,29 +246,12 @@ def write_siglip(path: Path) -> None:
 
 
 def write_qwen(path: Path, tokenizer_from: Path) -> None:
-    """A tiny random Qwen2 saved by transformers, with a tokenizer that has ChatML's tokens (as
-    Qwen2.5-Instruct's has): the stand-in for ~/models/Qwen2.5-0.5B-Instruct."""
-    import torch
-    import transformers
-
+    """The stand-in for ~/models/Qwen2.5-0.5B-Instruct: a tiny Qwen2 whose tokenizer has ChatML's
+    tokens, as Qwen2.5-Instruct's has."""
     from tinylm.chat_template import get_template
     from tinylm.tokenizer import Tokenizer
 
-    tokenizer = get_template("chatml").attach(Tokenizer.load(tokenizer_from))
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_id,
-    )
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save(path)
+    tiny_qwen2_dir(path, get_template("chatml").attach(Tokenizer.load(tokenizer_from)))
 
 
 # runs the docs name as "yours" (a bigger teacher, an adapter of your own): an earlier run stands in

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN, logged
+from conftest import TRAIN, logged, tiny_qwen2_dir
 
 from tinylm.chat_template import get_template
 from tinylm.cli import main
@@ -206,21 +206,7 @@ def test_sft_fine_tunes_a_local_transformers_qwen2_directory(base_and_chats, tmp
     transformers = pytest.importorskip("transformers")
     _, base, chats = base_and_chats
     _, tokenizer = load_model_dir(base)
-    config = transformers.Qwen2Config(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_id,
-    )
-    torch.manual_seed(0)
-    qwen = tmp_path / "qwen"
-    transformers.Qwen2ForCausalLM(config).save_pretrained(qwen)
-    tokenizer.save(qwen)
+    qwen = tiny_qwen2_dir(tmp_path / "qwen", tokenizer)
     run = tmp_path / "run"
     assert (
         main(["sft", "--init", str(qwen), "--data", str(chats), "--out", str(run), *TRAIN, "--train.max_steps=5"]) == 0

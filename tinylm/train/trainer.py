@@ -119,8 +119,8 @@ class Clock:
     """Wall-clock seconds a run has trained, carried across resumes, and the share of its time budget
     (``max_minutes``) they make."""
 
-    def __init__(self, budget_s: float, before: float = 0.0):
-        self.budget_s, self.before, self.started = budget_s, before, time.perf_counter()
+    def __init__(self, budget_s: float):
+        self.budget_s, self.before, self.started = budget_s, 0.0, time.perf_counter()  # before: earlier sessions
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.started
