@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 from tinylm.config import LoRASection, TrainConfig, load_config
 from tinylm.device import resolve_device
 from tinylm.model.llama import CausalLM
+from tinylm.train.optim import build_optimizer
 from tinylm.train.pretrain import PretrainConfig
 from tinylm.train.stage import prepare_lora
-from tinylm.train.trainer import build_optimizer
 
 SHAPES = {  # overrides of configs/minimind2-small.yaml
     "minimind2-small": [],

@@ -19,7 +19,7 @@ tokens, -100 elsewhere). The tokenizer is trained on the messages' text
 Both sides train the same model (same shape, same initial weights; a fresh copy of those weights each
 round) with the same batch size (conversations per row are the only difference, see below), precision,
 AdamW hyper-parameters and parameter groups (from configs/sft-cpu-tiny.yaml), fused AdamW, warmup +
-cosine schedule (``tinylm.train.trainer.lr_lambda`` over each side's own number of steps) and gradient
+cosine schedule (``tinylm.train.optim.lr_lambda`` over each side's own number of steps) and gradient
 clipping. Validation is off on both sides: this is training throughput.
 
 * ours: what ``tinylm sft`` runs (``tinylm.train.sft.sft``): the conversations best-fit packed into
@@ -94,9 +94,10 @@ from tinylm.tokenizer import train_tokenizer
 from tinylm.train import checkpoint as ckpt
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
+from tinylm.train.optim import build_optimizer
 from tinylm.train.pretrain import PretrainConfig
 from tinylm.train.sft import SFTConfig
-from tinylm.train.trainer import Task, build_optimizer, fit, move
+from tinylm.train.trainer import Task, fit, move
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 SFT_CONFIG = ROOT / "configs" / "sft-cpu-tiny.yaml"  # the training hyper-parameters of tinylm's SFT recipe

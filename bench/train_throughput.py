@@ -50,8 +50,9 @@ from tinylm.model.llama import CausalLM
 from tinylm.train import checkpoint as ckpt
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss, shift_window
+from tinylm.train.optim import build_optimizer
 from tinylm.train.pretrain import PretrainConfig
-from tinylm.train.trainer import Task, build_optimizer, fit
+from tinylm.train.trainer import Task, fit
 
 CONFIGS = {"cpu-tiny": ROOT / "configs" / "cpu-tiny.yaml", "minimind2-small": ROOT / "configs" / "minimind2-small.yaml"}
 # Sized so that the whole benchmark (both configs) takes a few minutes on 2 CPU cores.

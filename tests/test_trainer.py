@@ -16,7 +16,8 @@ from train_worker import make_task, train_config
 
 from tinylm.train import checkpoint as ckpt
 from tinylm.train import distributed
-from tinylm.train.trainer import fit, lr_lambda, param_groups
+from tinylm.train.optim import lr_lambda, param_groups
+from tinylm.train.trainer import fit
 
 WORKER = Path(__file__).with_name("train_worker.py")
 

@@ -58,6 +58,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine decays to lr · min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1  # not applied to norms, embeddings and biases
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
@@ -105,6 +106,8 @@ class TrainConfig:
             if value < low or (high is not None and value > high) or (name == "lr" and value == 0):
                 expected = f"in [{low}, {high}]" if high is not None else ("> 0" if name == "lr" else f">= {low}")
                 raise ConfigError(f"{name}: expected a number {expected}, got {value}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer: expected adamw or muon, got {self.optimizer!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
 

@@ -4,14 +4,13 @@ stages differ only in the model, the batches and the objective they hand it.
 One optimizer step:
     1. take ``grad_accum`` micro-batches and count their loss targets (summed over processes);
     2. forward + backward each, scaling its summed loss by 1 / (targets of the whole step);
-    3. clip the gradient norm, step AdamW, step the warmup + cosine schedule;
+    3. clip the gradient norm, step the optimizer (AdamW, or Muon: tinylm.train.optim), step the schedule;
     4. now and then: log, evaluate, checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import threading
@@ -30,6 +29,7 @@ from tinylm.device import autocast_dtype
 from tinylm.train import checkpoint as ckpt
 from tinylm.train.distributed import Distributed
 from tinylm.train.metrics import MetricsLog, plot_losses
+from tinylm.train.optim import build_optimizer
 
 
 class Batches(Protocol):
@@ -65,50 +65,6 @@ class FitResult:
     interrupted: bool = False
     best: dict | None = None  # with keep_best or patience: the evaluation whose weights the model ends with
     stopped_early: bool = False
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrix weights only: not on norms, biases or embeddings (nor a lm_head tied to them)."""
-    decay, no_decay, seen = [], [], set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        is_matrix = param.ndim >= 2 and "embed" not in name
-        (decay if is_matrix else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(cfg: TrainConfig, time_used: Callable[[], float] | None = None) -> Callable[[int], float]:
-    """Linear warmup over ``warmup_steps`` to the peak, then a cosine down to ``min_lr_ratio`` of it:
-    over the steps up to ``max_steps``, or, with a time budget (``max_minutes``), over the budget's
-    wall-clock time, ``time_used()`` being the fraction spent: the run then ends on time with its
-    schedule complete, whatever its speed."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.max_minutes and time_used is not None:
-            progress = min(1.0, time_used())
-        else:
-            progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def fused_adamw(device: torch.device) -> bool:
-    """Use the one-kernel AdamW where torch has it: it reads and writes each parameter once per step
-    instead of once per elementwise operation (on a CPU that is 2-3x less optimizer time)."""
-    return device.type in ("cuda", "cpu")
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, time_used=None):
-    """AdamW over ``param_groups`` (fused where torch has it) and the warmup + cosine schedule."""
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device)
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_used))
 
 
 def move(batch: dict, device: torch.device) -> dict:
