@@ -127,5 +127,5 @@ def test_pretrain_sized_to_the_text_and_the_minutes(tmp_path, capsys):
     assert "sized to the data and the budget" in err and "a 512-token vocabulary" in err
     saved = json.loads((run / "final" / "config.json").read_text())
     chosen = (run / "config.yaml").read_text()
-    assert "keep_best: true" in chosen and "max_minutes: 0.05" in chosen
+    assert "keep_best: true" in chosen and "max_minutes: 0.05" in chosen and "optimizer: muon" in chosen
     assert saved["num_hidden_layers"] >= 2 and (run / "best" / "best.json").is_file()

@@ -170,3 +170,19 @@ def test_ddp_on_two_cpu_processes_matches_gradient_accumulation(tmp_path, per_pr
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     moved = max((a[k] - make_task(1).model.state_dict()[k]).abs().max().item() for k in a)
     assert moved > 1e-3  # the comparison is not between two untrained models
+
+
+def test_loss_plot_of_a_chinese_run_name_draws_without_glyph_warnings(tmp_path):
+    import warnings
+
+    from tinylm.train.metrics import MetricsLog, plot_losses
+
+    run = tmp_path / "西游记-10min"
+    run.mkdir()
+    log = MetricsLog(run / "metrics.jsonl")
+    for step in range(1, 4):
+        log.write({"step": step, "loss": 3.0 / step})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph would warn
+        assert plot_losses(run / "metrics.jsonl", run / "loss.png") == run / "loss.png"
+    assert (run / "loss.png").stat().st_size > 1000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 from tinylm.io import atomic_write_text
@@ -45,6 +46,29 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+# Fonts with Chinese glyphs, for titles made of run names like 西游记-10min: the first installed one backs
+# up matplotlib's default font. Without any, such characters draw as boxes (and warn no more).
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Droid Sans Fallback",
+    "Microsoft YaHei",
+    "SimHei",
+    "PingFang SC",
+    "Heiti SC",
+)
+
+
+def title_fonts() -> list[str]:
+    from matplotlib import font_manager, rcParams
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return [*rcParams["font.sans-serif"][:1], *(name for name in CJK_FONTS if name in installed)]
+
+
 def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path | None:
     """Training loss (and validation loss, where logged) against step; None when nothing was logged."""
     records = read_metrics(metrics_path)
@@ -64,10 +88,12 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "")
         ax.plot(*zip(*val), "o-", label="validation loss", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title or Path(metrics_path).parent.name)
+    ax.set_title(title or Path(metrics_path).parent.name, fontfamily=title_fonts())
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(out_path)
     plt.close(fig)
     return Path(out_path)
