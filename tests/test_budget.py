@@ -129,3 +129,17 @@ def test_pretrain_sized_to_the_text_and_the_minutes(tmp_path, capsys):
     chosen = (run / "config.yaml").read_text()
     assert "keep_best: true" in chosen and "max_minutes: 0.05" in chosen and "optimizer: muon" in chosen
     assert saved["num_hidden_layers"] >= 2 and (run / "best" / "best.json").is_file()
+
+
+def test_the_quickstart_takes_a_time_budget_for_each_stage(monkeypatch, tmp_path):
+    import tinylm.quickstart as qs
+    from tinylm.config import load_config
+    from tinylm.train.pretrain import PretrainConfig
+    from tinylm.train.sft import SFTConfig
+
+    seen = {}
+    monkeypatch.setattr(qs, "quickstart", lambda out, config, overrides, sft_overrides: seen.update(locals()))
+    argv = ["quickstart", "--out", str(tmp_path), "--train.max_minutes=3", "--sft.train.max_minutes=2"]
+    assert main(argv) == 0
+    assert load_config(PretrainConfig, seen["config"], seen["overrides"]).train.max_minutes == 3
+    assert load_config(SFTConfig, qs.SFT_CONFIG, seen["sft_overrides"]).train.max_minutes == 2

@@ -46,6 +46,7 @@ DOC_ORDER = [
     "docs/distill.md",
     "docs/vlm.md",
     "docs/serve.md",
+    "docs/export.md",
 ]
 
 # -- what makes a command tiny ----------------------------------------------------------------------
@@ -112,6 +113,10 @@ SKIPPED = {
     'pip install torch==2.13.0 -e ".[test]"': "installation (as above)",
     "python -m pytest": "this is the suite running it",
     'pip install -e ".[bench]"': "installation; the test extra holds the bench extra (checked below)",
+    "ollama create tinylm-chat -f chat.Modelfile": "Ollama is not installed here",
+    "ollama run tinylm-chat": "Ollama is not installed here",
+    "llama-cli -m chat.gguf -cnv": "llama.cpp's programs are not installed here",
+    "llama-server -m chat.gguf --port 8080": "llama.cpp's programs are not installed here",
     "torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m tinylm.cli pretrain ...": (
         "two machines with eight processes each"
     ),
@@ -401,6 +406,8 @@ class Sandbox:
         elif args.command == "vlm" and args.vlm_command == "quickstart":  # and --llm.* the language model
             assert (home / args.out / "sft" / "final" / "preprocessor_config.json").is_file()
             assert max(logged(home / args.out / "llm", "step")) == 2
+        elif args.command == "export":  # the file, and Ollama's Modelfile beside it
+            assert (home / args.out).stat().st_size > 0 and (home / args.out).with_suffix(".Modelfile").is_file()
         elif args.command == "tokenizer" and args.tokenizer_command == "train":
             assert (home / args.out / "tokenizer.json").is_file()
         elif args.command == "tokenizer":

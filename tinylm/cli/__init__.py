@@ -174,6 +174,12 @@ def run(args, overrides: list[str]) -> int:
             f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}",
             file=sys.stderr,
         )
+    elif args.command == "export":
+        from tinylm.export.gguf import export_gguf
+
+        written = export_gguf(args.model_dir, args.out, args.type)
+        for path in written:
+            print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

@@ -438,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
 
+    export = add_command(commands, "export", "convert a model directory for other runtimes")
+    formats = export.add_subparsers(dest="export_format", required=True, metavar="gguf")
+    gguf = add_command(formats, "gguf", "one GGUF file for llama.cpp, Ollama and LM Studio (and an Ollama Modelfile)")
+    gguf.add_argument("model_dir")
+    gguf.add_argument("out", help="the .gguf file to write")
+    gguf.add_argument(
+        "--type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"],
+        help="the matrices' type (norms and biases stay f32; default f16; q4_k_m: by llama.cpp's quantizer)",
+    )
+
     plot = add_command(commands, "plot", "(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
     return parser
