@@ -211,3 +211,19 @@ def test_llama_cpp_tokenizes_and_predicts_as_tinylm(chat_dir, tmp_path, llama_cp
         if len(generated) == 12:
             break
     assert generated == greedy(model, prompt, 12)
+
+
+def test_an_architecture_without_a_gguf_counterpart_is_refused_by_name(chat_dir, tmp_path):
+    import json
+    import shutil
+
+    from tinylm.io import write_manifest
+
+    odd = tmp_path / "odd"
+    shutil.copytree(chat_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    write_manifest(odd)
+    with pytest.raises(ExportError, match=r"odd: a llama model with biases"):
+        export_gguf(odd, tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()

@@ -248,10 +248,20 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int, directory: Path
     if tokenizer.bos_token is not None and (bos := tokenizer.token_to_id(tokenizer.bos_token)) is not None:
         writer.add_bos_token_id(bos)
     writer.add_add_bos_token(False)  # tinylm's encode adds no BOS: the chat template and data decide
-    if (end_of_turn := tokenizer.token_to_id("<|im_end|>")) is not None:
+    if (end_of_turn := end_of_turn_id(tokenizer)) is not None:
         writer.add_eot_token_id(end_of_turn)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
+    """The token an assistant ends its turn with, where it is one token: the template's end-of-turn
+    marker (``<|im_end|>`` for ChatML), or ``<|im_end|>`` for a template that is not tinylm's."""
+    template = find_template(tokenizer.chat_template)
+    for marker in template.stop_strings if template else ["<|im_end|>"]:
+        if len(ids := tokenizer.encode(marker)) == 1:
+            return ids[0]
+    return None
 
 
 def _llama_cpp():
