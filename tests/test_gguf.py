@@ -187,7 +187,8 @@ def llama_cpp():
 
 
 def load_in_llama_cpp(llama_cpp, path, **kwargs):
-    return llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, seed=0, **kwargs)
+    f32 = llama_cpp.GGML_TYPE_F32  # llama.cpp keeps its K/V cache in f16 unless told otherwise
+    return llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, seed=0, type_k=f32, type_v=f32, **kwargs)
 
 
 def test_llama_cpp_tokenizes_and_predicts_as_tinylm(chat_dir, tmp_path, llama_cpp):
@@ -227,3 +228,54 @@ def test_an_architecture_without_a_gguf_counterpart_is_refused_by_name(chat_dir,
     with pytest.raises(ExportError, match=r"odd: a llama model with biases"):
         export_gguf(odd, tmp_path / "odd.gguf")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_llama_cpp_chats_through_the_embedded_template(chat_dir, tmp_path, llama_cpp):
+    from tinylm.chat_template import find_template
+
+    export_gguf(chat_dir, tmp_path / "m.gguf", "f32")
+    llm = load_in_llama_cpp(llama_cpp, tmp_path / "m.gguf")
+    model, tokenizer = load_model_dir(chat_dir)
+    template = find_template(tokenizer.chat_template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, who are you?"}]
+    answer = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=12, repeat_penalty=1.0)
+    ours = greedy(model, template.encode(tokenizer, messages, add_generation_prompt=True)[0], 12)
+    stops = template.stop_token_ids(tokenizer)
+    ours = ours[: next((i for i, t in enumerate(ours) if t in stops), len(ours))]
+    expected = tokenizer.decode(ours).replace("\ufffd", "")  # llama-cpp-python drops a cut-off character
+    content = answer["choices"][0]["message"]["content"]
+    if answer["choices"][0]["finish_reason"] == "stop":
+        assert content == expected
+    else:  # at the length limit llama-cpp-python may take one more token to finish a character
+        assert content.startswith(expected) and len(content) <= len(expected) + 2
+
+
+def test_q4_k_m_comes_from_llama_cpps_quantizer_and_runs_there(chat_dir, tmp_path, llama_cpp):
+    from tinylm.model.llama import CausalLM, ModelConfig
+    from tinylm.modeldir import save_model_dir
+
+    _, tokenizer = load_model_dir(chat_dir)
+    torch.manual_seed(0)  # rows of 256 and 512 weights: whole k-quant super-blocks
+    shape = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = CausalLM(shape).eval()
+    save_model_dir(model, tmp_path / "wide", tokenizer)
+    export_gguf(tmp_path / "wide", tmp_path / "k.gguf", "q4_k_m")
+    fields, tensors = read(tmp_path / "k.gguf")
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert {t.tensor_type.name for t in tensors.values()} == {"F32", "Q4_K", "Q6_K"}
+    llm = load_in_llama_cpp(llama_cpp, tmp_path / "k.gguf", logits_all=True)
+    ids = tokenizer.encode(BILINGUAL[0] + BILINGUAL[1])
+    llm.eval(ids)
+    theirs = torch.from_numpy(llm.scores[: len(ids)].copy()).flatten()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].flatten()
+    assert torch.corrcoef(torch.stack([theirs, ours]))[0, 1] > 0.98  # 4-bit weights, the same function
+    assert not list(tmp_path.glob(".k.gguf*"))  # the f32 file it was made from is gone
