@@ -113,13 +113,39 @@ def test_transformers_reads_it_back_as_the_file_says_with_our_tokens(chat_dir, t
         torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
 
 
-def test_a_qwen2_with_attention_biases_keeps_them(chat_dir, tmp_path):
+def tiny_qwen3_dir(path, tokenizer):
+    """A tiny random Qwen3 saved by transformers: q/k norms, and heads of 128 dimensions, wider than
+    hidden / heads, as every Qwen3's are (transformers' GGUF loader assumes 128 for qwen3)."""
+    import transformers
+
+    config = transformers.Qwen3Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, make, tensor", [("qwen2", tiny_qwen2_dir, "attn_q.bias"), ("qwen3", tiny_qwen3_dir, "attn_q_norm.weight")]
+)
+def test_qwen_directories_keep_what_their_architecture_adds(chat_dir, tmp_path, kind, make, tensor):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms reach the file and come back through transformers."""
     transformers = pytest.importorskip("transformers")
     _, tokenizer = load_model_dir(chat_dir)
-    source = tiny_qwen2_dir(tmp_path / "qwen2", tokenizer)
+    source = make(tmp_path / kind, tokenizer)
     export_gguf(source, tmp_path / "q.gguf", "f32")
     fields, tensors = read(tmp_path / "q.gguf")
-    assert fields["general.architecture"] == "qwen2" and "blk.0.attn_q.bias" in tensors
+    assert fields["general.architecture"] == kind and f"blk.0.{tensor}" in tensors
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf").eval()
     model, _ = load_model_dir(source)
     ids = torch.tensor([tokenizer.encode(BILINGUAL[0])])
@@ -279,3 +305,18 @@ def test_q4_k_m_comes_from_llama_cpps_quantizer_and_runs_there(chat_dir, tmp_pat
         ours = model(torch.tensor([ids]))[0].flatten()
     assert torch.corrcoef(torch.stack([theirs, ours]))[0, 1] > 0.98  # 4-bit weights, the same function
     assert not list(tmp_path.glob(".k.gguf*"))  # the f32 file it was made from is gone
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2_dir, tiny_qwen3_dir])
+def test_llama_cpp_runs_qwen2_and_qwen3_files_as_tinylm_does(chat_dir, tmp_path, llama_cpp, make):
+    """Biases, q/k norms and heads wider than hidden / heads give llama.cpp tinylm's logits."""
+    _, tokenizer = load_model_dir(chat_dir)
+    source = make(tmp_path / "qwen", tokenizer)
+    export_gguf(source, tmp_path / "q.gguf", "f32")
+    llm = load_in_llama_cpp(llama_cpp, tmp_path / "q.gguf", logits_all=True)
+    model, _ = load_model_dir(source)
+    ids = tokenizer.encode(BILINGUAL[1] + BILINGUAL[0])
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(torch.from_numpy(llm.scores[: len(ids)].copy()), ours, atol=1e-3, rtol=1e-3)
