@@ -1,4 +1,4 @@
-"""Batch-1 greedy decoding speed: tinylm's Engine against transformers' ``generate``.
+"""Batch-1 greedy decoding speed: tinylm's Engine against transformers' ``generate`` (and llama.cpp).
 
 Both get the same weights, the same prompt and the same number of new tokens, in fp32 on the CPU
 (transformers with its SDPA attention). Neither has a token to stop on, so both generate exactly
@@ -8,6 +8,10 @@ process (ours, theirs, ours, theirs, ...) so a busy machine slows both alike; th
     python bench/decode.py                                  # cpu-tiny and minimind2-small, random weights
     python bench/decode.py --model-dir runs/tiny/final      # a saved model instead
     python bench/decode.py --compile                        # also time Engine(compile=True)
+    python bench/decode.py --llama-cpp f32 q8_0 q4_0          # also llama.cpp on the same weights, as GGUF
+
+llama.cpp (through llama-cpp-python) gets the weights as ``tinylm export gguf`` writes them, runs with
+as many threads as torch, and decodes greedily too; at f32 its tokens are checked against the others'.
 
 Speed does not depend on what the weights learned, so random weights measure the same thing.
 """
@@ -65,7 +69,46 @@ def timed(fn) -> tuple[float, list[int]]:
     return time.perf_counter() - start, tokens
 
 
-def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, rounds: int, compile: bool) -> float:
+def llama_cpp_runs(model: CausalLM, prompt: list[int], new_tokens: int, types: list[str], work: Path) -> dict:
+    """One greedy run per GGUF type of the same weights, in llama.cpp."""
+    import llama_cpp
+
+    from tinylm.export.gguf import export_gguf
+    from tinylm.modeldir import save_model_dir
+    from tinylm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["a small text to give the file a tokenizer"] * 4, vocab_size=300)
+    save_model_dir(model, work / "model", tokenizer)  # rows past the tokenizer's become unused tokens
+    runs = {}
+    for kind in types:
+        path = export_gguf(work / "model", work / f"{kind}.gguf", kind)[0]
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=torch.get_num_threads(), verbose=False
+        )
+
+        def generate(llm=llm):
+            llm.reset()
+            tokens = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+                tokens.append(token)
+                if len(tokens) == new_tokens:
+                    return tokens
+            return tokens
+
+        runs[f"llama.cpp {kind}"] = generate
+    return runs
+
+
+def compare(
+    name: str,
+    model: CausalLM,
+    prompt: list[int],
+    new_tokens: int,
+    rounds: int,
+    compile: bool,
+    llama_types: list[str] = (),
+    work: Path | None = None,
+) -> float:
     """Print tokens/s of each contestant per round and the median speed-up; return that median."""
     hf = transformers_twin(model)
     settings = SamplingSettings(max_new_tokens=new_tokens, temperature=0, stop_token_ids=[])
@@ -83,6 +126,8 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
         return out[0, len(prompt) :].tolist()
 
     runs["transformers"] = transformers_generate
+    if llama_types:
+        runs.update(llama_cpp_runs(model, prompt, new_tokens, llama_types, work / name.replace("/", "_")))
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
@@ -92,11 +137,12 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
     outputs = {label: run() for label, run in runs.items()}  # warm-up (and compilation)
     reference = outputs["transformers"]
     for label, tokens in outputs.items():
-        agree = (
-            "same tokens"
-            if tokens == reference
-            else f"DIFFERENT tokens from transformers ({len(tokens)} vs {len(reference)})"
-        )
+        if tokens == reference:
+            agree = "same tokens"
+        elif label.startswith("llama.cpp") and not label.endswith("f32"):
+            agree = f"rounded weights: {sum(a == b for a, b in zip(tokens, reference))}/{len(reference)} tokens agree"
+        else:
+            agree = f"DIFFERENT tokens from transformers ({len(tokens)} vs {len(reference)})"
         print(f"  {label:>15}: {agree}")
 
     rates = {label: [] for label in runs}
@@ -109,7 +155,7 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
         print(f"  round {round_ + 1}: {line}  ratio {rates['tinylm'][-1] / rates['transformers'][-1]:.2f}x")
 
     medians = {label: statistics.median(r) for label, r in rates.items()}
-    for label in contestants:
+    for label in [*contestants, *(label for label in runs if label.startswith("llama.cpp"))]:
         ratio = statistics.median(a / b for a, b in zip(rates[label], rates["transformers"]))
         print(
             f"  median: {label} {medians[label]:.0f} tok/s vs transformers {medians['transformers']:.0f} tok/s "
@@ -118,7 +164,8 @@ def compare(name: str, model: CausalLM, prompt: list[int], new_tokens: int, roun
     ceiling = weight_streaming_ceiling(model)
     print(
         f"  ceiling: one matrix-vector product per weight matrix alone runs at {ceiling:.0f} tok/s, "
-        f"{ceiling / medians['transformers']:.2f}x transformers: no fp32 engine can be further ahead"
+        f"{ceiling / medians['transformers']:.2f}x transformers: no engine built on torch's fp32 matrix-vector "
+        "products can be further ahead"
     )
     return statistics.median(a / b for a, b in zip(rates["tinylm"], rates["transformers"]))
 
@@ -131,7 +178,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
+    parser.add_argument(
+        "--llama-cpp",
+        nargs="*",
+        default=[],
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+        help="also time llama.cpp on these GGUF types of the same weights (needs llama-cpp-python)",
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_decode"), help="where the GGUF files go")
     args = parser.parse_args()
+    if args.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print('llama.cpp skipped: llama-cpp-python is not installed (pip install -e ".[llama]")')
+            args.llama_cpp = []
 
     torch.manual_seed(0)
     if args.model_dir:
@@ -145,7 +206,7 @@ def main() -> None:
         }
     for name, model in models.items():
         prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
-        compare(name, model, prompt, args.new_tokens, args.rounds, args.compile)
+        compare(name, model, prompt, args.new_tokens, args.rounds, args.compile, args.llama_cpp, args.work)
 
 
 if __name__ == "__main__":

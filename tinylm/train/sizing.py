@@ -143,7 +143,7 @@ def size_run(files, minutes: float, device: str = "auto", text_field: str = "tex
         f"corpus: {n_bytes:,} bytes (about {tokens:,.0f} tokens) → a {vocab:,}-token vocabulary",
         f"speed here ({device.type}, measured): "
         + ", ".join(f"depth {d} {r:,.0f} tokens/s" for d, r in rate.items())
-        + f"; in {minutes:g} minutes depth {depth} sees about {seen:,.0f} tokens",
+        + f"; in {minutes:g} minute{'' if minutes == 1 else 's'} depth {depth} sees about {seen:,.0f} tokens",
         f"model: depth {depth} (width {config.hidden_size}, {config.num_attention_heads} heads), "
         f"{config.num_parameters() / 1e6:.2f}M parameters: the deepest with ≥ {TOKENS_PER_PARAMETER} tokens per "
         "parameter in the budget",
