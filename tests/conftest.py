@@ -156,16 +156,17 @@ def trained_base(base_and_chats, tmp_path_factory):
     unchanged(run, before)
 
 
-def tiny_qwen2_dir(path, tokenizer):
-    """A tiny random Qwen2 saved by transformers, with ``tokenizer``: a local "existing model" to
-    fine-tune (as a downloaded Qwen2.5 directory is laid out)."""
+def tiny_qwen_dir(path, tokenizer, family: str = "qwen2"):
+    """A tiny random Qwen2 (q/k/v biases) or Qwen3 (q/k norms, heads of 128 dimensions as every
+    Qwen3's) saved by transformers, with ``tokenizer``: a local "existing model" laid out as a
+    downloaded Qwen2.5 / Qwen3 directory is."""
     import torch
     import transformers
 
-    config = transformers.Qwen2Config(
+    shape = dict(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=32 if family == "qwen2" else 64,
+        intermediate_size=64 if family == "qwen2" else 128,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -174,9 +175,17 @@ def tiny_qwen2_dir(path, tokenizer):
         eos_token_id=tokenizer.eos_id,
     )
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=128))
+    model.save_pretrained(path)
     tokenizer.save(path)
     return path
+
+
+def tiny_qwen2_dir(path, tokenizer):
+    return tiny_qwen_dir(path, tokenizer, "qwen2")
 
 
 # -- a live tinylm server on loopback (the serving tests, and the browser test) -----------------

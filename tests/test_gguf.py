@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_chat_dir, tiny_qwen2_dir
+from conftest import tiny_chat_dir, tiny_qwen2_dir, tiny_qwen_dir
 
 from tinylm.cli import main
 from tinylm.export.gguf import ExportError, export_gguf, permute_for_llama
@@ -114,25 +114,7 @@ def test_transformers_reads_it_back_as_the_file_says_with_our_tokens(chat_dir, t
 
 
 def tiny_qwen3_dir(path, tokenizer):
-    """A tiny random Qwen3 saved by transformers: q/k norms, and heads of 128 dimensions, wider than
-    hidden / heads, as every Qwen3's are (transformers' GGUF loader assumes 128 for qwen3)."""
-    import transformers
-
-    config = transformers.Qwen3Config(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
-    tokenizer.save(path)
-    return path
+    return tiny_qwen_dir(path, tokenizer, "qwen3")
 
 
 @pytest.mark.parametrize(
