@@ -302,3 +302,24 @@ def test_llama_cpp_runs_qwen2_and_qwen3_files_as_tinylm_does(chat_dir, tmp_path,
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     torch.testing.assert_close(torch.from_numpy(llm.scores[: len(ids)].copy()), ours, atol=1e-3, rtol=1e-3)
+
+
+def test_a_llama3_split_is_named_llama_bpe_and_llama_cpp_splits_as_tinylm(chat_dir, tmp_path, llama_cpp):
+    import shutil
+
+    from tinylm.io import write_manifest
+    from tinylm.tokenizer import Tokenizer
+
+    llama3 = tmp_path / "llama3"  # the same vocabulary, split the Llama 3 way (digits in threes)
+    shutil.copytree(chat_dir, llama3)
+    spec = (llama3 / "tokenizer.json").read_text(encoding="utf-8")
+    assert spec.count("\\\\p{N}|") == 1
+    (llama3 / "tokenizer.json").write_text(spec.replace("\\\\p{N}|", "\\\\p{N}{1,3}|"), encoding="utf-8")
+    write_manifest(llama3)
+    export_gguf(llama3, tmp_path / "l.gguf", "f32")
+    fields, _ = read(tmp_path / "l.gguf")
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe"
+    llm = load_in_llama_cpp(llama_cpp, tmp_path / "l.gguf", vocab_only=True)
+    ours = Tokenizer.load(llama3)
+    for text in BILINGUAL:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours.encode(text), text
