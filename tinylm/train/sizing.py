@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+from tinylm.config import TrainConfig
 from tinylm.data.text import read_documents
 from tinylm.device import resolve_device
 from tinylm.model.llama import CausalLM, ModelConfig
-from tinylm.train.optim import MuonAdamW, fused_adamw, param_groups
+from tinylm.train.optim import build_optimizer
 
 SAMPLE_BYTES = 64 * 2**20  # the corpus is measured on up to this much text
 MIN_DEPTH, MAX_DEPTH = 2, 12
@@ -71,8 +72,7 @@ def measure_tokens_per_s(config: ModelConfig, device: torch.device, steps: int =
     random tokens, after one warmup step."""
     torch.manual_seed(0)
     model = CausalLM(config).to(device).train()
-    groups = param_groups(model, 0.1, muon=True)
-    optimizer = MuonAdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=fused_adamw(device))
+    optimizer, _ = build_optimizer(model, TrainConfig(lr=1e-4, optimizer="muon"), device)
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN + 1), device=device)
     for i in range(steps + 1):
         if i == 1:
