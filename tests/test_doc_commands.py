@@ -47,6 +47,7 @@ DOC_ORDER = [
     "docs/vlm.md",
     "docs/serve.md",
     "docs/export.md",
+    "docs/quantize.md",
 ]
 
 # -- what makes a command tiny ----------------------------------------------------------------------
@@ -78,6 +79,7 @@ BENCH = {  # the smallest run of each benchmark that still does every part of it
     "lora_memory.py": "--shapes cpu-tiny --steps 1 --batch 1 --seq-len 16".split(),
     "serve.py": "--size cpu-tiny --clients 1 2 --new-tokens 4 --prompt-tokens 4 --seconds 0.5".split(),
     "own_text.py": "--text corpus.txt --minutes 0.05 --work runs/own_text --results own_text.jsonl".split(),
+    "quantize.py": "--calib-samples 4 --variants 2".split(),
 }
 
 
@@ -144,7 +146,8 @@ def test_doc_commands_are_read_as_a_reader_would():
     doc = ROOT / "docs" / "generate.md"
     assert (
         'tinylm generate runs/tiny/final --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 '
-        "--top-k 50 --top-p 0.95 --repetition-penalty 1.1 --seed 0 --device auto --dtype float32 --compile"
+        "--top-k 50 --top-p 0.95 --repetition-penalty 1.1 --seed 0 --device auto --dtype float32 --kv-cache int8 "
+        "--compile"
     ) in doc_commands(doc)
     lora = doc_commands(ROOT / "docs" / "lora.md")
     assert any("--lora.target_modules=[q_proj,v_proj]" in c for c in lora)  # a value's brackets stay
@@ -168,7 +171,7 @@ def write_stand_ins(home: Path) -> None:
     documents = list(builtin.pretrain_documents(builtin.World(1)))[:300]
     text = "\n\n".join(documents) + "\n"
     records = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents)
-    for name in ("corpus.txt", "a.txt", "domain.txt", "corpus/a.txt"):
+    for name in ("corpus.txt", "a.txt", "domain.txt", "corpus/a.txt", "held_out.txt"):
         (home / name).parent.mkdir(parents=True, exist_ok=True)
         (home / name).write_text(text, encoding="utf-8")
     for name in ("more.jsonl", "c.jsonl", "domain.jsonl", "corpus/b.jsonl"):
@@ -408,6 +411,9 @@ class Sandbox:
             assert max(logged(home / args.out / "llm", "step")) == 2
         elif args.command == "export":  # the file, and Ollama's Modelfile beside it
             assert (home / args.out).stat().st_size > 0 and (home / args.out).with_suffix(".Modelfile").is_file()
+        elif args.command == "quantize":  # a model directory with integer weights
+            config = json.loads((home / args.out / "config.json").read_text())
+            assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == args.bits
         elif args.command == "tokenizer" and args.tokenizer_command == "train":
             assert (home / args.out / "tokenizer.json").is_file()
         elif args.command == "tokenizer":

@@ -153,6 +153,32 @@ def test_batched_prompts_with_different_images_generate_as_alone(tmp_path, token
     assert streamed == engine.run([prompts[1]], settings, images=[images[1]])[0].text
 
 
+def test_a_quantized_vlm_keeps_its_vision_float_and_loads_here_and_in_transformers(tmp_path, tokenizer):
+    from tinylm.export.quantize import quantize_model_dir
+    from tinylm.model.intquant import IntLinear
+
+    out = quantize_model_dir(tiny_vlm_dir(tmp_path / "vlm", tokenizer), tmp_path / "int8", 8, None, "rtn")
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    engine = Engine.from_dir(out, device="cpu")
+    assert isinstance(engine.vlm.language_model.model.layers[1].mlp.down_proj, IntLinear)
+    assert not any(isinstance(m, IntLinear) for m in engine.vlm.vision_tower.modules())
+    red, blue = picture(tmp_path), picture(tmp_path, "blue.png", "blue", "square", ((0, 0), (2, 2)))
+    prompts, images = ["<image>\nWhat colour?", "Compare <image> and <image>."], [[red], [blue, red]]
+    settings = SamplingSettings(max_new_tokens=5, temperature=0, stop_token_ids=[])
+    together = [c.token_ids for c in engine.run(prompts, settings, images=images)]
+    assert together == [engine.run([p], settings, images=[i])[0].token_ids for p, i in zip(prompts, images)]
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    ids = engine.encode(prompts[0], images=1)
+    pixels = engine.processor([red])
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        ours, theirs = engine.vlm(torch.tensor([ids]), pixels), hf(input_ids=torch.tensor([ids]), pixel_values=pixels)
+    assert torch.allclose(ours, theirs.logits, atol=1e-4), (ours - theirs.logits).abs().max()
+
+
 def test_image_counts_and_tags_are_checked(tmp_path, tokenizer):
     engine = Engine.from_dir(tiny_vlm_dir(tmp_path / "vlm", tokenizer), device="cpu")
     settings = SamplingSettings(max_new_tokens=2, temperature=0)

@@ -18,6 +18,7 @@ The modules in ``tinylm.model`` know tensors only; the file formats live here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tinylm.io import (
     verify_manifest,
     write_manifest,
 )
+from tinylm.model.intquant import IntLinear, IntScheme, decoder_linears, int_layers_for_loading
 from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
 from tinylm.model.lora import ALL_LINEAR, LoRAConfig, adapter_state_dict, add_lora, load_adapter_state, merge_lora
 from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
@@ -111,7 +113,99 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _saved_dtype(state: dict[str, torch.Tensor]) -> str:
-    return str(next(iter(state.values())).dtype).removeprefix("torch.")
+    """The float dtype of the weights (a quantized model's integers aside)."""
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+# -- quantized weights (compressed-tensors' pack-quantized layout) --------------------------------
+
+QUANT_METHOD, QUANT_FORMAT = "compressed-tensors", "pack-quantized"
+VLM_FLOAT_PARTS = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")  # a LLaVA model's vision side stays float
+
+
+def quantization_config(model: nn.Module, prefix: str = "", ignore: tuple[str, ...] = ()) -> dict | None:
+    """config.json's ``quantization_config`` for a language model with IntLinear layers (None without):
+    the compressed-tensors block that transformers and vLLM read. Float linear layers are listed in
+    ``ignore`` (their names after ``prefix``), with the patterns of ``ignore``."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, IntLinear)}
+    if not layers:
+        return None
+    schemes = {m.scheme for m in layers.values()}
+    if len(schemes) > 1:
+        raise ValueError(f"one quantization scheme per model is supported, this one mixes {sorted(map(str, schemes))}")
+    scheme = schemes.pop()
+    floats = [name for name in decoder_linears(model) if name not in layers]
+    weights = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group" if scheme.group_size else "channel",
+        "group_size": scheme.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    group = {"targets": ["Linear"], "format": QUANT_FORMAT, "weights": weights}
+    group |= {"input_activations": None, "output_activations": None}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": QUANT_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ["lm_head", *ignore, *(prefix + name for name in floats)],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def read_quantization(path: Path, hf: dict) -> tuple[IntScheme, list[str]] | None:
+    """(scheme, ignored module names or "re:" patterns) of config.json's quantization_config, None when
+    the weights are float; a ModelDirError naming the field for a kind tinylm cannot run."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return None
+
+    def field(name: str, value, expected: str):
+        raise ModelDirError(
+            f"{path}: quantization_config.{name} is {value!r}; tinylm runs {expected} (as `tinylm quantize` writes)"
+        )
+
+    if not isinstance(quant, dict):
+        field("", quant, "a JSON object")
+    if quant.get("quant_method") != QUANT_METHOD:
+        field("quant_method", quant.get("quant_method"), f"{QUANT_METHOD!r} checkpoints")
+    if quant.get("format") != QUANT_FORMAT:
+        field("format", quant.get("format"), f"the {QUANT_FORMAT!r} format")
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        field("config_groups", groups, "one group")
+    ((key, group),) = groups.items()
+    weights = group.get("weights") if isinstance(group, dict) else None
+    if not isinstance(weights, dict):
+        field(f"config_groups.{key}.weights", weights, "integer weights")
+    if group.get("input_activations") or group.get("targets") != ["Linear"]:
+        field(
+            f"config_groups.{key}",
+            {k: group.get(k) for k in ("targets", "input_activations")},
+            'weight-only quantization of every "Linear"',
+        )
+    expected = {"type": "int", "symmetric": True, "actorder": None, "dynamic": False}
+    for name, value in expected.items():
+        if weights.get(name, value) != value:
+            field(f"config_groups.{key}.weights.{name}", weights.get(name), f"{name} {value!r}")
+    strategy, size = weights.get("strategy"), weights.get("group_size")
+    if strategy not in ("group", "channel") or (strategy == "group") != isinstance(size, int):
+        field(f"config_groups.{key}.weights.strategy", strategy, 'strategy "group" (with a group_size) or "channel"')
+    try:
+        scheme = IntScheme(weights.get("num_bits"), size if strategy == "group" else None)
+    except ValueError as e:
+        raise ModelDirError(f"{path}: quantization_config.config_groups.{key}.weights: {e}") from None
+    return scheme, list(quant.get("ignore") or [])
+
+
+def ignored(name: str, ignore: list[str]) -> bool:
+    return any(re.match(entry[3:], name) if entry.startswith("re:") else entry == name for entry in ignore)
 
 
 # -- plain models ---------------------------------------------------------------------------------
@@ -135,6 +229,8 @@ def save_model_dir(
     state = model_state_dict(model)
     hf_config = model.config.to_hf_dict()
     hf_config["dtype"] = hf_config["torch_dtype"] = _saved_dtype(state)  # transformers 5 reads the first, 4 the second
+    if (quant := quantization_config(model)) is not None:
+        hf_config["quantization_config"] = quant
     with atomic_directory(out_dir) as scratch:
         _save_weights(state, scratch / WEIGHTS)
         (scratch / CONFIG).write_text(json_text(hf_config), encoding="utf-8")
@@ -172,13 +268,21 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
         )
     verify_manifest(directory)
     config = read_model_config(directory)
+    quantized = read_quantization(directory / CONFIG, read_json(directory / CONFIG))
     state = read_weights(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model = CausalLM(config, device="meta")  # shapes only; the loaded tensors are assigned below
+    if quantized:
+        scheme, ignore = quantized
+        names = [name for name in decoder_linears(model) if not ignored(name, ignore)]
+        try:
+            int_layers_for_loading(model, names, scheme)
+        except ValueError as e:
+            raise ModelDirError(f"{directory / CONFIG}: quantization_config: {e}") from None
     _check_tensors(directory, model, state, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    if dtype is not None:  # floats only: quantized weights keep their integers
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -389,6 +493,8 @@ def save_vlm_dir(
     state = llava_state_dict(model)
     hf = model.config.to_hf_dict()
     hf["dtype"] = hf["torch_dtype"] = _saved_dtype(state)
+    if (quant := quantization_config(model.language_model, "language_model.", VLM_FLOAT_PARTS)) is not None:
+        hf["quantization_config"] = quant
     with atomic_directory(out_dir) as scratch:
         _save_weights(state, scratch / WEIGHTS)
         (scratch / CONFIG).write_text(json_text(hf), encoding="utf-8")
@@ -415,8 +521,16 @@ def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None
             raise
         raise ModelDirError(f"{directory / CONFIG}: {e}") from None
     state = read_weights(directory)
+    quantized = read_quantization(directory / CONFIG, read_json(directory / CONFIG))
+
+    def int_layers(model: VisionLanguageModel) -> None:  # the language model's, as quantization_config says
+        if quantized:
+            scheme, ignore = quantized
+            names = [n for n in decoder_linears(model.language_model) if not ignored(f"language_model.{n}", ignore)]
+            int_layers_for_loading(model.language_model, names, scheme, device="cpu")
+
     try:
-        model = vlm_from_state_dict(config, state)
+        model = vlm_from_state_dict(config, state, prepare=int_layers)
     except ValueError as e:
         raise ModelDirError(f"{directory}: {e}") from None
     saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)

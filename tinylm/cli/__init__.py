@@ -106,7 +106,11 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.infer.engine import Engine
 
         engine = Engine.from_dir(
-            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+            args.model_dir,
+            device=args.device,
+            dtype=torch_dtype(args.dtype),
+            compile=args.compile,
+            kv_cache=args.kv_cache,
         )
         for piece in engine.stream(args.prompt, sampling_settings(args, engine), images=args.image):
             sys.stdout.write(piece)
@@ -118,7 +122,11 @@ def run(args, overrides: list[str]) -> int:
         from tinylm.io import atomic_write_text
 
         engine = Engine.from_dir(
-            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile
+            args.model_dir,
+            device=args.device,
+            dtype=torch_dtype(args.dtype),
+            compile=args.compile,
+            kv_cache=args.kv_cache,
         )
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
         if args.prompts:
@@ -154,6 +162,7 @@ def run(args, overrides: list[str]) -> int:
             device=args.device,
             dtype=torch_dtype(args.dtype),
             compile=args.compile,
+            kv_cache=args.kv_cache,
             max_batch=args.max_batch,
             max_len=args.max_len,
             max_waiting=args.max_waiting,
@@ -180,6 +189,18 @@ def run(args, overrides: list[str]) -> int:
         written = export_gguf(args.model_dir, args.out, args.type)
         for path in written:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    elif args.command == "quantize":
+        from tinylm.export.quantize import Calibration, quantize_model_dir
+
+        size = args.group_size or (32 if args.bits == 4 else "channel")
+        calibration = Calibration(args.calib, args.calib_samples, args.calib_seq_len)
+        out = quantize_model_dir(
+            args.model_dir, args.out, args.bits, None if size == "channel" else size, args.method, calibration
+        )
+        print(
+            f"wrote {out} ({sum(f.stat().st_size for f in out.glob('*.safetensors')) / 2**20:.2f} MiB of weights)",
+            file=sys.stderr,
+        )
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

@@ -87,9 +87,15 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--device and --dtype: where and in what precision an inference command runs the model."""
+    """--device, --dtype and --kv-cache: where and in what precision an inference command runs the model."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: as saved)")
+    parser.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "int8"],
+        help="the KV cache's keys and values: auto = in the model's dtype; int8 = about half bf16's memory",
+    )
 
 
 def torch_dtype(name: str | None):
@@ -450,9 +456,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="the matrices' type (norms and biases stay f32; default f16; q4_k_m: by llama.cpp's quantizer)",
     )
 
+    quantize = add_command(
+        commands, "quantize", "8- or 4-bit integer weights (compressed-tensors' layout, for vLLM too)"
+    )
+    quantize.add_argument("model_dir")
+    quantize.add_argument("--out", required=True, help="the model directory to write")
+    quantize.add_argument("--bits", type=int, default=4, choices=[8, 4])
+    quantize.add_argument(
+        "--group-size",
+        type=group_size,
+        default=None,
+        help="input columns per scale: 32, 64, 128, ... or 'channel' (default: 32 at 4 bits, channel at 8)",
+    )
+    quantize.add_argument(
+        "--method", default="gptq", choices=["gptq", "rtn"], help="gptq: calibrated (default); rtn: round to nearest"
+    )
+    quantize.add_argument(
+        "--calib", nargs="+", metavar="FILE", help="calibration text for gptq (default: the built-in corpus)"
+    )
+    quantize.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    quantize.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
+
     plot = add_command(commands, "plot", "(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
     return parser
+
+
+def group_size(text: str) -> int | str:
+    """--group-size: a whole number of input columns, or "channel" (one scale per output channel)."""
+    if text == "channel":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of columns or 'channel', got {text!r}") from None
 
 
 def is_model_dir(path: str) -> bool:

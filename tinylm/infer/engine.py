@@ -40,7 +40,7 @@ import torch
 from tinylm import modeldir
 from tinylm.device import resolve_device
 from tinylm.infer.sampling import BatchSampler, SamplingSettings, generation_defaults
-from tinylm.model.llama import CausalLM, KVCache, attention_mask
+from tinylm.model.llama import KV_CACHES, CausalLM, KVCache, attention_mask
 from tinylm.model.vlm import expand_image_tags
 
 __all__ = ["Completion", "Engine", "IncrementalDecoder", "Row", "StopStringMatcher", "TextStream"]
@@ -216,6 +216,10 @@ class Engine:
     ``compile=True`` compiles the one-token decode step with ``torch.compile``: the first call takes a
     while (seconds to a minute), later ones skip most of PyTorch's per-operation overhead. See
     docs/generate.md for when that pays off.
+
+    ``kv_cache="int8"`` keeps the keys and values in an ``Int8KVCache``: about half the memory of a bf16
+    cache (so the server fits about twice the sequences), at a small cost in quality and some in speed
+    (see docs/quantize.md); "auto" keeps them in the model's dtype.
     """
 
     def __init__(
@@ -225,7 +229,11 @@ class Engine:
         device: str | torch.device | None = None,
         compile: bool = False,
         processor=None,
+        kv_cache: str = "auto",
     ):
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache: expected one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        self.kv_cache = kv_cache
         if device is not None:
             model = model.to(resolve_device(device) if isinstance(device, str) else device)
         self.vlm = None  # a VisionLanguageModel: its language model generates, its tower and projector see
@@ -247,12 +255,17 @@ class Engine:
 
     @classmethod
     def from_dir(
-        cls, path: str | Path, device: str = "auto", dtype: torch.dtype | None = None, compile: bool = False
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+        kv_cache: str = "auto",
     ) -> Engine:
         """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
         vision-language model directory with its image processor too."""
         loaded = modeldir.load(path, device=resolve_device(device), dtype=dtype)
-        engine = cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor)
+        engine = cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor, kv_cache=kv_cache)
         engine.defaults = generation_defaults(path)
         return engine
 
@@ -425,13 +438,17 @@ class Engine:
         tokens, padding = self._left_pad(prompts)
         batch, longest = tokens.shape
         positions = (padding.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, batch, longest + room, self.device, self.dtype)
+        cache = self.new_cache(batch, longest + room)
         mask = attention_mask(padding, longest, longest) if not bool(padding.all()) else None
         if self.vlm is not None:
             embeds = self.vlm.embed(tokens, None if pixels is None else pixels.to(self.device))
             hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
             return self.model.lm_head(hidden[:, -1]), cache, padding
         return self.last_logits(tokens, positions, mask, cache), cache, padding
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache of the engine's kind (``kv_cache``): for a prefill, or the server's slots."""
+        return KV_CACHES[self.kv_cache](self.model.config, batch_size, max_len, self.device, self.dtype)
 
     def last_logits(self, tokens, positions, mask, cache) -> torch.Tensor:
         """Run the model over ``tokens`` [batch, t], appending to ``cache``; logits of the last position only."""

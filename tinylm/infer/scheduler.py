@@ -13,12 +13,13 @@ main thread under ``tinylm serve``) and lets requests in and out of it *between 
     leave      a sequence that finished (stop token, stop string, length) or whose request was
                cancelled gives its slot back at once; the next waiting request takes it
 
-The keys and values live in a ``KVCache``, the engine's own kind, used row by row: one row of
-``max_len`` positions per slot, each row filled to its own length. A decode step writes each row's new
-key at that row's own position and masks each row's attention to its own length, so rows of different
-ages decode side by side and each one gets exactly the tokens it would get alone. Running rows are
-kept in slots 0..n-1 (a leaving row's slot is filled by moving the last one into it), so a step reads
-plain slices of the cache, never a gathered copy.
+The keys and values live in a ``KVCache`` of the engine's own kind (``Engine.new_cache``), used row by
+row: one row of ``max_len`` positions per slot, each row filled to its own length. A decode step writes
+each row's new key at that row's own position and masks each row's attention to its own length, so rows
+of different ages decode side by side and each one gets exactly the tokens it would get alone (with an
+int8 cache too: each vector has its own scale). Running rows are kept in slots 0..n-1 (a leaving row's
+slot is filled by moving the last one into it), so a step reads plain slices of the cache, never a
+gathered copy.
 
 Each request carries its own sampling settings. Sampling is done for the whole batch at once by the
 engine's own sampler (``tinylm.infer.sampling.BatchSampler``), with one random generator per sequence,
@@ -152,7 +153,7 @@ class Scheduler:
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.max_len = min(max_len or 4096, engine.context_length)
         config = self.model.config
-        self.cache = KVCache(config, max_batch, self.max_len, engine.device, engine.dtype)
+        self.cache = engine.new_cache(max_batch, self.max_len)
         self.sampler = BatchSampler(config.vocab_size, engine.device, max_batch)  # row i samples for slot i
         self.slots: list[Choice] = []  # running choices; choice i is in cache slot i
         self.logits: torch.Tensor | None = None  # [len(slots), vocab]: each running choice's next-token logits

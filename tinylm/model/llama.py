@@ -207,18 +207,26 @@ class KVCache:
     request, joining and leaving at different ages. A step after ``begin_step(active)`` adds one token to
     each of rows 0..active-1 at that row's own position, and attention reads the cache up to the longest
     row, rounded up to a whole ``BUCKET`` (the rest masked), so a GPU sees a few shapes, not one per step.
+
+    This one keeps keys and values in the model's dtype; ``Int8KVCache`` keeps them in about half the bytes.
     """
 
     BUCKET = 64
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        positions = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len)
+        self.k = self.allocate(positions, config.head_dim, device, dtype)
+        self.v = self.allocate(positions, config.head_dim, device, dtype)
+        self.dtype = dtype  # what attention reads the keys and values in
         self.max_len = max_len
         self.length = 0  # the filled positions of every row, while rows are filled alike
         self.lengths = [0] * batch_size  # each row's own, once rows are used one by one (fill, move, begin_step)
         self._step = None  # (positions, rows, active, end) of a step begun with begin_step
+
+    @staticmethod
+    def allocate(positions: tuple[int, ...], head_dim: int, device, dtype) -> torch.Tensor:
+        """Zeros for every position's vector, as this kind of cache stores it."""
+        return torch.zeros(*positions, head_dim, device=device, dtype=dtype)
 
     def bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -247,7 +255,8 @@ class KVCache:
     # -- rows of their own (the server's slots) -------------------------------------------------
 
     def fill(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put a prefilled prompt's keys and values [layers, kv_heads, length, head_dim] in ``row``."""
+        """Put a prefilled prompt's keys and values [layers, kv_heads, length, head_dim] in ``row``, as
+        a cache of this kind stores them (a slice of another one's ``k`` and ``v``)."""
         length = k.shape[2]
         self.k[:, row, :, :length] = k
         self.v[:, row, :, :length] = v
@@ -270,6 +279,47 @@ class KVCache:
         self._step = (positions, torch.arange(active, device=self.k.device), active, end)
         mask = torch.arange(end, device=self.k.device)[None, :] <= positions[:, None]
         return positions[:, None], mask[:, None, None, :]
+
+
+class Int8KVCache(KVCache):
+    """A KVCache that keeps each key and value vector as head_dim int8 numbers and their scale.
+
+    The scale is one fp16 number per layer, row, kv head and position: max |x| / 127 over the vector
+    (symmetric, so 0 stays 0), and its two bytes are stored right after the vector's int8 numbers. A
+    position then costs head_dim + 2 bytes instead of 2 · head_dim in bf16 — (head_dim + 2) / (2 · head_dim)
+    of the memory, 52% at head_dim 64 — so about twice the sequences fit. Vectors are quantized as the
+    model writes them, and a layer's filled span is dequantized to the model's dtype as attention reads
+    it (a temporary of one layer's size). Because each scale travels with its vector, rows copy as they
+    are (``fill``, ``move``: the server's slots), never quantized twice, and ``bytes`` counts the scales.
+    """
+
+    @staticmethod
+    def allocate(positions: tuple[int, ...], head_dim: int, device, dtype) -> torch.Tensor:
+        return torch.zeros(*positions, head_dim + SCALE_BYTES, device=device, dtype=torch.int8)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = super().update(layer, quantize_vectors(k), quantize_vectors(v))
+        return dequantize_vectors(k, self.dtype), dequantize_vectors(v, self.dtype)
+
+
+SCALE_BYTES = 2  # an fp16 scale after each int8 vector
+KV_CACHES = {"auto": KVCache, "int8": Int8KVCache}  # --kv-cache: the model's dtype, or int8
+
+
+def quantize_vectors(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] floats → [..., n + 2] int8: round(x / scale), then the fp16 scale's two bytes, where
+    scale = max |x| / 127 over the last dimension. Dividing by the stored (rounded) scale keeps every
+    number within scale / 2 of x."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).half()
+    tiny = torch.finfo(torch.float16).tiny  # an all-zero vector: 0 / tiny = 0
+    values = (x.float() / scale.float().clamp(min=tiny)).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([values, scale.view(torch.int8)], dim=-1)
+
+
+def dequantize_vectors(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``quantize_vectors``, in ``dtype``: [..., n + 2] int8 → [..., n]."""
+    values, scale = packed[..., :-SCALE_BYTES], packed[..., -SCALE_BYTES:].view(torch.float16)
+    return values.to(dtype).mul_(scale.to(dtype))  # in place: one temporary of the span's size, not two
 
 
 def attention_mask(padding: torch.Tensor | None, query_len: int, key_len: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.model.quant import NF4Linear
+from tinylm.model.quant import QuantizedLinear
 
 # Every linear layer of a decoder layer: what PEFT's "all-linear" means for these models (not the lm_head).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,7 +55,8 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank correction.
 
     The base is an ``nn.Linear`` (its ``weight`` and ``bias`` are kept under their own names, so the
-    model's tensor names do not change) or, for QLoRA, an ``NF4Linear`` holding 4-bit weights.
+    model's tensor names do not change) or a ``QuantizedLinear``: QLoRA's NF4 weights, or the integer
+    weights of a quantized model directory (``tinylm quantize``).
     ``disabled`` switches the correction off: the base model again, with nothing copied (DPO uses that
     as its reference model).
     """
@@ -68,10 +69,10 @@ class LoRALinear(nn.Module):
             self.weight, self.bias = base.weight, base.bias  # the very same tensors: nothing is copied
             self.weight.requires_grad_(False)
             device, dtype = base.weight.device, base.weight.dtype
-        else:  # a 4-bit base (tinylm.model.quant.NF4Linear): it dequantizes on the fly
+        else:  # a quantized base (tinylm.model.quant.QuantizedLinear): it dequantizes on the fly
             self.quantized = base
             self.register_parameter("weight", None)
-            device, dtype = base.weight_codes.device, base.compute_dtype or torch.float32
+            device, dtype = base.device, base.dtype
             self.bias = None
         if getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(False)
@@ -93,7 +94,7 @@ class LoRALinear(nn.Module):
         return self.weight if self.quantized is None else self.quantized.dequantize()
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear whose weight includes the correction (a 4-bit base is dequantized)."""
+        """A plain nn.Linear whose weight includes the correction (a quantized base is dequantized)."""
         base = self.base_weight()
         bias = self.bias if self.quantized is None else self.quantized.bias
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
@@ -103,7 +104,7 @@ class LoRALinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        base = "4-bit" if self.quantized is not None else "fp"
+        base = type(self.quantized).__name__ if self.quantized is not None else "fp"
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, base={base}"
 
 
@@ -121,8 +122,8 @@ def adapters_disabled(model: nn.Module):
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """A linear layer LoRA can wrap: nn.Linear or a 4-bit NF4Linear."""
-    return isinstance(module, (nn.Linear, NF4Linear))
+    """A linear layer LoRA can wrap: nn.Linear or a quantized one."""
+    return isinstance(module, (nn.Linear, QuantizedLinear))
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:

@@ -142,7 +142,26 @@ class NF4Matmul(torch.autograd.Function):
         return grad_output @ ctx.weight.dequantize(grad_output.dtype), None
 
 
-class NF4Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored in fewer bits: the common ground of NF4 (QLoRA's
+    training base) and grouped integers (``tinylm quantize``). Both give ``in_features``,
+    ``out_features``, a frozen ``bias`` (or None), ``forward`` and ``dequantize``; LoRA wraps either."""
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the layer computes in (LoRA's matrices beside it take the same)."""
+        return torch.float32
+
+
+class NF4Linear(QuantizedLinear):
     """A frozen linear layer whose weight is stored in NF4 (buffers ``weight_codes``, ``weight_absmax``
     and, when double quantized, ``weight_absmax_scale`` and ``weight_absmax_mean``). The bias, if any,
     stays in full precision, frozen. ``compute_dtype``: the dtype of the matmul (default: the input's)."""
@@ -169,6 +188,10 @@ class NF4Linear(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> NF4Linear:
         return cls(quantize_nf4(linear.weight, block_size, double_quant), linear.bias, compute_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype or torch.float32
 
     def packed_weight(self) -> NF4Weight:
         """The NF4Weight made of this module's buffers (no copy)."""
@@ -222,3 +245,8 @@ def quantize_linear_layers(
             f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}"
         )
     return replaced
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds its weight in fewer bits."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())

@@ -165,8 +165,9 @@ def llava_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor]) -> VisionLanguageModel:
-    """A model from LLaVA-named tensors (the legacy names above, or transformers 5's ``model.*`` ones)."""
+def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor], prepare=None) -> VisionLanguageModel:
+    """A model from LLaVA-named tensors (the legacy names above, or transformers 5's ``model.*`` ones).
+    ``prepare(model)``, if given, reshapes the new model before the tensors load (quantized layers)."""
     renames = (
         ("model.vision_tower.vision_model.", "vision_tower."),
         ("model.vision_tower.", "vision_tower."),
@@ -183,6 +184,8 @@ def vlm_from_state_dict(config: VLMConfig, state: dict[str, torch.Tensor]) -> Vi
                 break
         own[name] = tensor
     model = VisionLanguageModel(config)
+    if prepare is not None:
+        prepare(model)
     if config.text.tie_word_embeddings:
         own.pop("language_model.lm_head.weight", None)
     expected = set(model.state_dict()) - (

@@ -457,11 +457,12 @@ def build_server(
     max_body: int = 16 * 2**20,
     thread: bool = True,
     compile: bool = False,
+    kv_cache: str = "auto",
 ) -> Server:
     """Load a model directory and make its scheduler (running in a thread of its own, unless
     ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
     path = Path(model_dir)
-    engine = Engine.from_dir(path, device=device, dtype=dtype, compile=compile)
+    engine = Engine.from_dir(path, device=device, dtype=dtype, compile=compile, kv_cache=kv_cache)
     if engine.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=thread)
@@ -480,10 +481,11 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     if host in LOOPBACK:
         server.allowed_hosts = LOOPBACK
     kv = server.scheduler.cache.bytes() / 2**20
+    kv_kind = "int8 " if server.engine.kv_cache == "int8" else ""
     print(
         f"serving {server.name} ({'vision-language model' if server.engine.vlm is not None else 'language model'}, "
         f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
-        f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of KV cache"
+        f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of {kv_kind}KV cache"
     )
     web = uvicorn.Server(
         uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -25,6 +25,7 @@ import torch
 
 from tinylm.config import ConfigError
 from tinylm.io import directory_lock
+from tinylm.model.intquant import IntLinear
 from tinylm.model.llama import CausalLM
 from tinylm.model.lora import add_lora
 from tinylm.model.quant import quantize_linear_layers
@@ -68,8 +69,16 @@ def load_to_fine_tune(model_dir: str | None, stage: str, seq_len: int | None = N
 def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
     """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
     only the adapter trains. Returns the LoRAConfig, or None for full fine-tuning."""
+    quantized = quantized_scheme(model)
     if not section.enabled:
+        if quantized:
+            raise ConfigError(
+                f"the model is quantized ({quantized}): its integer weights cannot be fine-tuned; train a LoRA "
+                "adapter on it (--lora), or start from the float model it was made from"
+            )
         return None
+    if quantized and section.quantize == "nf4":
+        raise ConfigError(f"the model is already quantized ({quantized}): use --lora without --qlora to train on it")
 
     config = section.lora_config()
     total = model.num_parameters()
@@ -84,6 +93,8 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
         base = (
             "a 4-bit NF4 base" + (" (double quantized)" if section.double_quant else "")
             if section.quantize == "nf4"
+            else f"a frozen quantized base ({quantized})"
+            if quantized
             else "a frozen base"
         )
         print(
@@ -92,6 +103,12 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
             file=sys.stderr,
         )
     return config
+
+
+def quantized_scheme(model) -> str | None:
+    """How a model loaded from a quantized directory holds its weights ("int4, groups of 32"), or None."""
+    schemes = {m.scheme.describe() for m in model.modules() if isinstance(m, IntLinear)}
+    return ", ".join(sorted(schemes)) or None
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
