@@ -224,6 +224,9 @@ def test_bad_input_is_refused_with_a_reason_and_nothing_written(chat_dir, int4_d
         ModelDirError, match=r"config.json: quantization_config.config_groups.group_0.weights.symmetric"
     ):
         load_model_dir(broken)
+    assert main(["export", "gguf", str(int4_dir), str(tmp_path / "chat.gguf")]) == 2
+    assert "is quantized (int4, groups of 32); export the float model" in capsys.readouterr().err
+    assert not (tmp_path / "chat.gguf").exists()
     with pytest.raises(QuantizeError, match="--method"):
         quantize_model_dir(chat_dir, out, method="awq")
 
@@ -238,3 +241,12 @@ def test_quantize_command_writes_a_directory_from_the_built_in_calibration(chat_
     assert "gptq: layer 2/2" in err and str(out) in err
     model, _ = load_model_dir(out)
     assert model.model.layers[0].mlp.up_proj.scheme == IntScheme(8, None)
+
+
+def test_a_gguf_file_where_a_model_directory_belongs_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "chat.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    (tmp_path / "broken.gguf").write_bytes(b"\x00\x01garbage")
+    assert main(["generate", str(tmp_path / "chat.gguf"), "--prompt", "hi"]) == 2
+    assert "a GGUF file is for llama.cpp and Ollama" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "broken.gguf"), "--out", str(tmp_path / "out")]) == 2
+    assert "not even a valid GGUF file" in capsys.readouterr().err and not (tmp_path / "out").exists()

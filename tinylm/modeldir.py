@@ -69,7 +69,7 @@ def directory_kind(path: str | Path) -> str:
     if not directory.exists():
         raise ModelDirError(missing_directory(path, "model directory"), "missing_file")
     if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (it is a file)")
+        raise ModelDirError(f"{directory}: not a model directory (it is a file{_gguf_note(directory)})")
     if (directory / CONFIG).is_file():
         try:
             llava = read_json(directory / CONFIG).get("model_type") == "llava"
@@ -79,6 +79,17 @@ def directory_kind(path: str | Path) -> str:
     if (directory / ADAPTER_CONFIG).is_file():
         return "adapter"
     raise ModelDirError(f"{directory / CONFIG}: missing (a model directory holds config.json and its weights)")
+
+
+def _gguf_note(path: Path) -> str:
+    """What to say about a GGUF file given where a model directory belongs."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "; a GGUF file is for llama.cpp and Ollama: give tinylm the model directory it was exported from"
+    if path.suffix.lower() == ".gguf":
+        return f"; not even a valid GGUF file: it starts with {magic!r}, not b'GGUF' (truncated or corrupted?)"
+    return ""
 
 
 def load(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Loaded:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from tinylm.chat_template import CONTENT, find_template
-from tinylm.io import DataError, atomic_write_text, verify_manifest
-from tinylm.modeldir import directory_kind, read_model_config, read_weights
+from tinylm.io import DataError, atomic_write_text, read_json, verify_manifest
+from tinylm.modeldir import CONFIG, directory_kind, read_model_config, read_quantization, read_weights
 from tinylm.tokenizer import QWEN2_SPLIT, Tokenizer
 
 # --type → general.file_type's name in gguf.LlamaFileType
@@ -180,6 +180,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, type_name: str = "f16") 
         raise ExportError(f"{directory}: is a {kind} directory; export a plain model directory (merge adapters first)")
     verify_manifest(directory)
     config = read_model_config(directory)
+    if quantized := read_quantization(directory / CONFIG, read_json(directory / CONFIG)):
+        raise ExportError(
+            f"{directory}: is quantized ({quantized[0].describe()}); export the float model it was made from "
+            "(GGUF has its own integer types: --type q8_0, q4_0 or q4_k_m)"
+        )
     arch = architecture(config, directory)
     if not (directory / "tokenizer.json").is_file():
         raise ExportError(f"{directory}: has no tokenizer.json, and a GGUF carries its tokenizer")
