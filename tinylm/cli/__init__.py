@@ -48,6 +48,41 @@ from tinylm.cli.tools import configs_tool, tokenizer_tool
 __all__ = ["build_parser", "main", "resolve_config_path", "run"]
 
 
+def run_rag(args) -> int:
+    from tinylm.rag.embed import Embedder
+
+    embedder = Embedder(args.embedder, query_prefix=args.query_prefix) if args.embedder else None
+    if args.rag_command == "index":
+        from tinylm.rag.index import build_index
+
+        report = build_index(args.paths, args.out, embedder, args.chunk_size, args.chunk_overlap)
+        print(report.summary(), file=sys.stderr)
+        print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    from tinylm.rag.search import Searcher
+
+    searcher = Searcher(args.index, embedder)
+    if args.rag_command == "search":
+        for rank, hit in enumerate(searcher.search(args.query, args.k), 1):
+            if args.json:
+                fields = {"source": hit.source, "score": hit.score, "text": hit.text, "part": hit.part}
+                print(json.dumps(fields | {"start": hit.start}, ensure_ascii=False))
+            else:
+                print(f"[{rank}] {hit.where()} (score {hit.score:.3f})\n    {hit.text}\n")
+        return 0
+    from tinylm.infer.engine import Engine
+    from tinylm.rag.ask import Asker, sources
+
+    engine = Engine.from_dir(
+        args.model, device=args.device, dtype=torch_dtype(args.dtype), compile=args.compile, kv_cache=args.kv_cache
+    )
+    asker = Asker(engine, searcher, args.k, sampling_settings(args, engine), args.prompt_template, args.system)
+    reply, used = asker.answer(args.question)
+    print(reply)
+    print("\nSources:\n" + (sources(used) or "(none retrieved)"))
+    return 0
+
+
 def run(args, overrides: list[str]) -> int:
     if overrides and args.command not in TRAINING_COMMANDS:
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
@@ -129,6 +164,17 @@ def run(args, overrides: list[str]) -> int:
             kv_cache=args.kv_cache,
         )
         chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
+        augment = None
+        if args.rag:
+            from tinylm.rag.ask import Asker, sources
+            from tinylm.rag.search import Searcher
+
+            asker = Asker(engine, Searcher(args.rag), args.rag_k, sampling_settings(args, engine), system=args.system)
+
+            def augment(question: str) -> tuple[str, str]:
+                turn, used = asker.turn(question)
+                return turn, "Sources:\n" + (sources(used) or "(none retrieved)")
+
         if args.prompts:
             records = answer_prompts(
                 engine,
@@ -137,6 +183,7 @@ def run(args, overrides: list[str]) -> int:
                 sampling_settings(args, engine),
                 chat_format,
                 images=args.image,
+                augment=augment,
             )
             lines = [json.dumps(r, ensure_ascii=False) for r in records]
             if args.output:
@@ -152,6 +199,7 @@ def run(args, overrides: list[str]) -> int:
                 settings=sampling_settings(args, engine),
                 chat_format=chat_format,
                 images=args.image,
+                augment=augment,
             )
     elif args.command == "serve":
         from tinylm.serve.app import build_server, serve
@@ -201,6 +249,8 @@ def run(args, overrides: list[str]) -> int:
             f"wrote {out} ({sum(f.stat().st_size for f in out.glob('*.safetensors')) / 2**20:.2f} MiB of weights)",
             file=sys.stderr,
         )
+    elif args.command == "rag":
+        return run_rag(args)
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a vision-language model: show it this picture with the first message "
         "(with --prompts: with every prompt); repeat for several",
     )
+    chat.add_argument("--rag", metavar="INDEX", default=None, help="answer every turn from this tinylm rag index")
+    chat.add_argument("--rag-k", type=int, default=5, help="with --rag: passages retrieved per turn (default 5)")
     add_sampling_args(chat)
 
     srv = add_command(commands, "serve", "an OpenAI-compatible API and a web chat page, with continuous batching")
@@ -477,9 +479,48 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     quantize.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
 
+    add_rag(commands)
+
     plot = add_command(commands, "plot", "(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
     return parser
+
+
+def add_rag(commands) -> None:
+    rag = add_command(commands, "rag", "ask your documents: index files, search them, answer with citations")
+    sub = rag.add_subparsers(dest="rag_command", required=True, metavar="index|search|ask")
+    index = add_command(sub, "index", "index files and folders into one SQLite file (again: brings it up to date)")
+    index.add_argument("paths", nargs="+", help=".txt .md .html .pdf .json .jsonl files, or folders of them")
+    index.add_argument("--out", required=True, help="the index file to write (or update)")
+    index.add_argument("--chunk-size", type=int, default=120, help="passage size in terms: words, CJK characters")
+    index.add_argument("--chunk-overlap", type=int, default=20, help="terms a passage repeats of the one before")
+    add_embedder_args(index)
+    search = add_command(sub, "search", "the passages a question retrieves, best first")
+    search.add_argument("index")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="how many passages (default 5)")
+    search.add_argument("--json", action="store_true", help="one JSON line per passage: source, score, text, ...")
+    add_embedder_args(search)
+    ask = add_command(sub, "ask", "answer a question from the index's passages, citing them")
+    ask.add_argument("index")
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True, help="the chat model's directory")
+    ask.add_argument("-k", type=int, default=5, help="passages retrieved (those that fit the context go in)")
+    ask.add_argument("--system", default=None, help="system prompt")
+    ask.add_argument(
+        "--prompt-template", default=None, help="the user's turn, with {passages} and {question} (default: docs/rag.md)"
+    )
+    add_embedder_args(ask)
+    add_sampling_args(ask)
+
+
+def add_embedder_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--embedder",
+        default=None,
+        help="a local sentence-transformers / transformers encoder directory: dense + lexical (hybrid) search",
+    )
+    parser.add_argument("--query-prefix", default="", help="what the encoder wants before a question (E5: 'query: ')")
 
 
 def group_size(text: str) -> int | str:

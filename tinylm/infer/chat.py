@@ -126,12 +126,15 @@ def run_chat(
     output: TextIO = sys.stdout,
     chat_format: ChatFormat = PLAIN,
     images: list | None = None,
+    augment: Callable[[str], tuple[str, str]] | None = None,
 ) -> list[dict]:
     """Chat until /exit or end of input; return the conversation (system message first, if any; a
     message that came with images holds them under "images").
 
-    ``images`` go with the first message (as /image does). ``input_fn`` and ``output`` default to the
-    terminal; tests pass a scripted input and a StringIO.
+    ``images`` go with the first message (as /image does). ``augment(message)`` gives (what the model
+    reads instead of the message, a note shown after the reply): ``chat --rag`` puts retrieved
+    passages there and lists their sources; the conversation keeps the message as typed. ``input_fn``
+    and ``output`` default to the terminal; tests pass a scripted input and a StringIO.
     """
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
@@ -173,7 +176,8 @@ def run_chat(
         elif sees and has_image_markers(line):
             say(NO_MARKERS)
         else:
-            message = {"role": "user", "content": IMAGE_PREFIX * len(pending) + line}
+            turn, note = augment(line) if augment is not None else (line, None)
+            message = {"role": "user", "content": IMAGE_PREFIX * len(pending) + turn}
             if pending:
                 message["images"], pending = pending, []
             history.append(message)
@@ -184,7 +188,10 @@ def run_chat(
             reply = stream_reply(engine, prompt, settings, output, images_of(history) or None)
             if sees:  # a reply that wrote a tag would make every later prompt hold more tags than pictures
                 reply = reply.replace(IMAGE_TAG, "").replace(IMAGE_TOKEN, "")
+            message["content"] = message["content"].removesuffix(turn) + line  # later turns see it as typed
             history.append({"role": "assistant", "content": reply})
+            if note:
+                say(note)
     return with_system(system, history)
 
 
@@ -261,22 +268,26 @@ def answer_prompts(
     settings: SamplingSettings | None = None,
     chat_format: ChatFormat = PLAIN,
     images: list | None = None,
+    augment: Callable[[str], tuple[str, str]] | None = None,
 ) -> list[dict]:
     """Each prompt as a one-turn conversation, answered in one batch: a scripted check of a chat model.
-    ``images`` (a vision-language model) go with every prompt. Returns one record per prompt:
-    {"prompt", "answer", "finish_reason"}."""
+    ``images`` (a vision-language model) go with every prompt; ``augment`` as in ``run_chat`` (its
+    note is the record's "sources"). Returns one record per prompt: {"prompt", "answer", "finish_reason"}."""
     if engine.tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model has none (no tokenizer.json in its directory)")
     settings = chat_format.settings(settings or engine.defaults, engine.tokenizer)
     pictures = [attach_image(engine, image) for image in images or []]
+    turns = [augment(p) if augment is not None else (p, None) for p in prompts]
     rendered = [
-        chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + p}]))
-        for p in prompts
+        chat_format.render(with_system(system, [{"role": "user", "content": IMAGE_PREFIX * len(pictures) + turn}]))
+        for turn, _ in turns
     ]
     completions = engine.run(rendered, settings, images=[pictures] * len(prompts) if pictures else None)
-    return [
-        {"prompt": p, "answer": c.text.strip(), "finish_reason": c.finish_reason} for p, c in zip(prompts, completions)
-    ]
+    records = []
+    for prompt, (_, note), completion in zip(prompts, turns, completions):
+        record = {"prompt": prompt, "answer": completion.text.strip(), "finish_reason": completion.finish_reason}
+        records.append(record | ({"sources": note} if note is not None else {}))
+    return records
 
 
 def read_prompts(path) -> list[str]:
