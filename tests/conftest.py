@@ -184,6 +184,40 @@ def tiny_qwen_dir(path, tokenizer, family: str = "qwen2"):
     return path
 
 
+def tiny_encoder_dir(path, texts: list[str]):
+    """A tiny random BERT in sentence-transformers' layout (CLS pooling, as BGE), with a word-level
+    tokenizer over the terms of ``texts``: a local text encoder for dense retrieval."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tinylm.rag.chunks import terms
+
+    import torch
+
+    torch.manual_seed(0)  # the same weights whichever tests ran before
+    words = sorted({t for text in texts for t in terms(text)} | {"how", "many", "what", "who"})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    fast.save_pretrained(path)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    transformers.BertModel(config).save_pretrained(path)
+    pooling = {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+    (path / "modules.json").write_text(json.dumps([pooling]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    return path
+
+
 def tiny_qwen2_dir(path, tokenizer):
     return tiny_qwen_dir(path, tokenizer, "qwen2")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import NAMES, TINY_MODEL, logged, tiny_qwen2_dir, wait_until
+from conftest import NAMES, TINY_MODEL, logged, tiny_encoder_dir, tiny_qwen2_dir, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,7 @@ DOC_ORDER = [
     "docs/serve.md",
     "docs/export.md",
     "docs/quantize.md",
+    "docs/rag.md",
 ]
 
 # -- what makes a command tiny ----------------------------------------------------------------------
@@ -103,6 +104,8 @@ def tiny_settings(argv: list[str]) -> list[str]:
         return [*TRAIN, *([] if "--init" in argv else MODEL)]
     if command in ("sft", "dpo", "distill"):
         return TRAIN
+    if command == "rag" and argv[1] == "quickstart":  # two steps of the reading fine-tune (its own row length)
+        return [*(t for t in TRAIN if not t.startswith("--train.seq_len")), "--questions", "3"]
     return []
 
 
@@ -224,6 +227,8 @@ def write_stand_ins(home: Path) -> None:
     ] * 4
     (home / "mixed.json").write_text(json.dumps(mixed), encoding="utf-8")
 
+    tiny_encoder_dir(home / "my-encoder", documents)  # the reader's own text encoder, for dense retrieval
+
     (home / "annotations").mkdir()
     (home / "train2017").mkdir()
     images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(len(colours))]
@@ -344,7 +349,11 @@ class Sandbox:
             assert self.server is not None, f"{command}: no server is running"
             words = [w.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}") for w in words]
             answer = json.loads(self.subprocess(words))
-            assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] > 0
+            if "/v1/embeddings" in command:  # a vector per input
+                assert len(answer["data"]) == len(json.loads(words[words.index("-d") + 1])["input"])
+                assert all(d["embedding"] for d in answer["data"]) and answer["usage"]["prompt_tokens"] > 0
+            else:
+                assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] > 0
         else:
             raise AssertionError(f"{command}: the doc test does not know how to run this")
         self.ran.append((time.monotonic() - began, command))
@@ -411,6 +420,13 @@ class Sandbox:
             assert max(logged(home / args.out / "llm", "step")) == 2
         elif args.command == "export":  # the file, and Ollama's Modelfile beside it
             assert (home / args.out).stat().st_size > 0 and (home / args.out).with_suffix(".Modelfile").is_file()
+        elif args.command == "rag" and args.rag_command == "quickstart":  # its report, with the reading test
+            report = json.loads((home / args.out / "report.json").read_text())
+            assert report["questions"] == 6 and set(report["retrieval"]) == {"en", "zh"}
+        elif args.command == "rag" and args.rag_command == "index":
+            assert (home / args.out).stat().st_size > 0
+        elif args.command == "rag":  # passages, or an answer and its sources
+            assert printed.strip()
         elif args.command == "quantize":  # a model directory with integer weights
             config = json.loads((home / args.out / "config.json").read_text())
             assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == args.bits

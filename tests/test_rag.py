@@ -7,7 +7,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import tiny_chat_dir
+from conftest import tiny_chat_dir, tiny_encoder_dir
 
 from tinylm.cli import main
 from tinylm.io import DataError
@@ -126,11 +126,13 @@ def search(index, query, k=3, embedder=None):
 
 def test_lexical_search_finds_english_and_chinese_passages(docs, tmp_path):
     (docs / "skip.png").write_bytes(b"\x89PNG")
+    (docs / "empty.md").write_text("  \n\n ", encoding="utf-8")
     (docs / ".git").mkdir()
     (docs / ".git" / "HEAD.txt").write_text("ref: main")
     report = build_index([docs], tmp_path / "docs.db", progress=False)
     assert sorted(report.added) == sorted(str(docs / name) for name in DOCS)
-    assert report.ignored == [str(docs / "skip.png")] and report.chunks == 6
+    assert report.ignored == [str(docs / "skip.png")] and report.empty == [str(docs / "empty.md")]
+    assert report.chunks == 6 and "1 empty" in report.summary()
     assert search(tmp_path / "docs.db", "How many legs does the Grimum have?")[0].source.endswith("grimum.md")
     assert search(tmp_path / "docs.db", "Where is Kyoto?")[0].text.endswith("Kyoto is in Japan.")
     best = search(tmp_path / "docs.db", "小红喜欢什么颜色？")[0]
@@ -203,31 +205,8 @@ def test_an_index_of_another_format_or_no_index_is_refused(docs, tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    """A tiny random BERT in sentence-transformers' layout (CLS pooling, as BGE), with a word-level tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = tmp_path_factory.mktemp("encoder")
-    words = sorted({t for text in DOCS.values() for t in terms(text)} | {"how", "many", "what"})
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    fast.save_pretrained(path)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    )
-    transformers.BertModel(config).save_pretrained(path)
-    (path / "modules.json").write_text(
-        json.dumps([{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
-    )
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(
-        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
-    )
-    return path
+    pytest.importorskip("transformers")
+    return tiny_encoder_dir(tmp_path_factory.mktemp("encoder"), list(DOCS.values()))
 
 
 def test_an_encoder_directory_gives_unit_vectors_and_hybrid_search(docs, tmp_path, encoder_dir):
@@ -319,3 +298,47 @@ def test_the_context_decides_how_many_passages_go_in(docs, tmp_path):
     assert not asker.fits(with_passages(question, hits[: len(used) + 1]))
     _, given = asker.answer("How many legs does the Grimum have?")
     assert given[0].source.endswith("grimum.md")
+
+
+# -- reading practice and the reading test -------------------------------------------------------------
+
+
+def test_reading_practice_quotes_passages_and_cites_the_right_one():
+    import re
+
+    from tinylm.data.builtin import VALUES, value_text
+    from tinylm.rag.builtin import NOT_IN_PASSAGES, reading_conversations, training_names
+
+    values = {value_text(a, v, lang) for a in VALUES for v in VALUES[a] for lang in ("en", "zh")}
+    taken = training_names(0)
+    conversations = reading_conversations(200, taken)
+    unanswerable = 0
+    for user, assistant in conversations:
+        turn, reply = user["content"], assistant["content"]
+        numbered = dict(re.findall(r"^\[(\d)\] (.*)$", turn, flags=re.M))
+        assert 1 <= len(numbered) <= 5 and turn == with_passages(turn.rsplit("：" if "问题：" in turn else ": ", 1)[1],
+            [Hit("", "", 0, numbered[str(i)], 0) for i in range(1, len(numbered) + 1)])  # fmt: skip
+        assert not any(name in turn for name in taken)
+        if reply in NOT_IN_PASSAGES.values():
+            unanswerable += 1
+            continue
+        statement, cited = re.fullmatch(r"(.*) \[(\d)\]", reply).groups()
+        value = max((v for v in values if v in statement), key=len)  # the fact's value, as the reply states it
+        assert value in numbered[cited]  # ... and as the passage the reply cites states it
+    assert 0.15 < unanswerable / len(conversations) < 0.35
+
+
+def test_the_reading_test_world_is_new_and_its_passages_are_found(tmp_path):
+    from tinylm.rag.builtin import ReadingTest, training_names
+
+    taken = training_names(0)
+    test = ReadingTest(0, tmp_path / "world", exclude=taken)
+    assert len(test.questions) > 150 and not any(q.name in taken for q in test.questions)
+    assert {q.item.lang for q in test.questions} == {"en", "zh"}
+    build_index([test.folder], tmp_path / "world.db", progress=False)
+    searcher = Searcher(tmp_path / "world.db")
+    retrieval = test.retrieval(searcher)
+    for lang in ("en", "zh"):
+        assert retrieval[lang]["hit@5"] >= 0.95 and retrieval[lang]["hit@1"] >= 0.6, retrieval
+    limited = ReadingTest(0, tmp_path / "again", exclude=taken, limit=3)
+    assert [q.item.lang for q in limited.questions] == ["en"] * 3 + ["zh"] * 3

@@ -48,7 +48,15 @@ from tinylm.cli.tools import configs_tool, tokenizer_tool
 __all__ = ["build_parser", "main", "resolve_config_path", "run"]
 
 
-def run_rag(args) -> int:
+def run_rag(args, overrides: list[str]) -> int:
+    if args.rag_command == "quickstart":
+        from tinylm.rag_quickstart import rag_quickstart
+
+        device = [f"--train.device={args.device}"] if args.device else []
+        rag_quickstart(
+            args.out, args.init, overrides=[*overrides, *device], quickstart_overrides=device, questions=args.questions
+        )
+        return 0
     from tinylm.rag.embed import Embedder
 
     embedder = Embedder(args.embedder, query_prefix=args.query_prefix) if args.embedder else None
@@ -84,7 +92,8 @@ def run_rag(args) -> int:
 
 
 def run(args, overrides: list[str]) -> int:
-    if overrides and args.command not in TRAINING_COMMANDS:
+    reading = args.command == "rag" and args.rag_command == "quickstart"  # its overrides go to a fine-tune
+    if overrides and args.command not in TRAINING_COMMANDS and not reading:
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
     overrides = [*overrides, *flag_overrides(args)]
 
@@ -217,6 +226,10 @@ def run(args, overrides: list[str]) -> int:
             api_key=args.api_key,
             max_body=int(args.max_body_mb * 2**20),
             thread=False,
+            rag=args.rag,
+            rag_k=args.rag_k,
+            embedder=args.embedder,
+            query_prefix=args.query_prefix,
         )
         serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
@@ -250,7 +263,7 @@ def run(args, overrides: list[str]) -> int:
             file=sys.stderr,
         )
     elif args.command == "rag":
-        return run_rag(args)
+        return run_rag(args, overrides)
     elif args.command == "plot":
         from tinylm.train.metrics import plot_losses
 

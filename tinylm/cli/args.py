@@ -433,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-waiting", type=int, default=256, help="requests queued beyond the batch before new ones get 429"
     )
     srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (pictures travel inside it)")
+    srv.add_argument(
+        "--rag", metavar="INDEX", default=None, help="answer chat requests from this tinylm rag index, with sources"
+    )
+    srv.add_argument("--rag-k", type=int, default=5, help="with --rag: passages retrieved per request (default 5)")
+    srv.add_argument(
+        "--embedder",
+        metavar="DIR",
+        default=None,
+        help="a local sentence-transformers / transformers encoder directory for /v1/embeddings "
+        "(default: the --rag index's encoder, if it has one)",
+    )
+    srv.add_argument("--query-prefix", default="", help="what the encoder wants before a question (E5: 'query: ')")
     add_model_args(srv)
     srv.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step the scheduler runs: a slow start"
@@ -488,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_rag(commands) -> None:
     rag = add_command(commands, "rag", "ask your documents: index files, search them, answer with citations")
-    sub = rag.add_subparsers(dest="rag_command", required=True, metavar="index|search|ask")
+    sub = rag.add_subparsers(dest="rag_command", required=True, metavar="index|search|ask|quickstart")
     index = add_command(sub, "index", "index files and folders into one SQLite file (again: brings it up to date)")
     index.add_argument("paths", nargs="+", help=".txt .md .html .pdf .json .jsonl files, or folders of them")
     index.add_argument("--out", required=True, help="the index file to write (or update)")
@@ -512,6 +524,13 @@ def add_rag(commands) -> None:
     )
     add_embedder_args(ask)
     add_sampling_args(ask)
+    quick = add_quickstart(
+        sub,
+        "teach the quickstart's chat model to read passages, then test it on a world it never saw",
+        "Overrides (key=value) go to the reading fine-tune (tinylm sft's settings).",
+    )
+    quick.add_argument("--init", default=None, help="the chat model to teach (default: run the quickstart first)")
+    quick.add_argument("--questions", type=int, default=None, help="test questions per language (default: all)")
 
 
 def add_embedder_args(parser: argparse.ArgumentParser) -> None:

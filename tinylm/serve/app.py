@@ -5,17 +5,20 @@
     GET  /v1/models             the one model served
     POST /v1/chat/completions   a conversation in, the assistant's reply out (streamed or whole)
     POST /v1/completions        a prompt in, its continuation out
+    POST /v1/embeddings         texts in, their vectors out (with --embedder, or an index's encoder)
 
 A request is read (at most ``max_body`` bytes), checked field by field (``protocol``), and submitted
 to the scheduler, all before the response starts: so every mistake gets OpenAI's error shape with the
 right status, and a streamed reply, once begun, only carries the model's output. The scheduler's
 thread hands each ``Event`` to the event loop; a client that goes away cancels its request, and the
-scheduler frees its slot at the next step.
+scheduler frees its slot at the next step. With ``--rag``, a chat answer's prompt carries the passages
+retrieved for its question, and the response their sources (``retrieval``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -39,7 +42,17 @@ from tinylm.infer.chat import ChatFormat, chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings, generation_eos_ids
 from tinylm.infer.scheduler import Event, QueueFull, Scheduler
-from tinylm.serve.protocol import APIError, Generation, chat_request, completion_request, parse_json
+from tinylm.rag.embed import Embedder
+from tinylm.serve.protocol import (
+    APIError,
+    Embeddings,
+    Generation,
+    chat_request,
+    completion_request,
+    embedding_request,
+    parse_json,
+)
+from tinylm.serve.retrieval import Retrieval
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
@@ -70,6 +83,7 @@ class Server:
     api_key: str | None = None
     max_body: int = 16 * 2**20
     allowed_hosts: set[str] | None = None
+    retrieval: Retrieval | None = None  # --rag's index and the text encoder, when given
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model_card(self) -> dict:
@@ -89,6 +103,23 @@ class Server:
             },
         }
 
+    def cards(self) -> list[dict]:
+        """The chat model, then the text encoder when there is one."""
+        cards = [self.model_card()]
+        encoder = self.retrieval.embedder if self.retrieval is not None else None
+        if encoder is not None:
+            cards.append(
+                {
+                    "id": self.retrieval.encoder_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "tinylm",
+                    "context_length": encoder.max_length,
+                    "dimensions": encoder.dim,
+                }
+            )
+        return cards
+
 
 def create_app(server: Server) -> Starlette:
     html = PAGE.read_text(encoding="utf-8")
@@ -101,21 +132,28 @@ def create_app(server: Server) -> Starlette:
 
     async def models(request: Request) -> Response:
         authorize(server, request)
-        return JSON({"object": "list", "data": [server.model_card()]})
+        return JSON({"object": "list", "data": server.cards()})
 
     async def model(request: Request) -> Response:
         authorize(server, request)
-        if request.path_params["name"] != server.name:
-            raise APIError(
-                f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found"
-            )
-        return JSON(server.model_card())
+        for card in server.cards():
+            if card["id"] == request.path_params["name"]:
+                return JSON(card)
+        raise APIError(
+            f"the model '{request.path_params['name']}' does not exist", "model", 404, code="model_not_found"
+        )
 
     async def chat(request: Request) -> Response:
         return await generate(server, request, chat_request)
 
     async def completions(request: Request) -> Response:
         return await generate(server, request, completion_request)
+
+    async def embeddings(request: Request) -> Response:
+        embedding = embedding_request(await read_request(server, request), server)
+        vectors, tokens = await server.retrieval.embed(embedding)
+        body = embedding_body(embedding, vectors, tokens, server.retrieval.encoder_name)
+        return await run_in_threadpool(JSON, body)  # thousands of vectors take a while to write as JSON
 
     routes = [
         Route("/", page, methods=["GET"]),
@@ -124,6 +162,7 @@ def create_app(server: Server) -> Starlette:
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
     handlers = {APIError: api_error, HTTPException: http_error, Exception: server_error}
 
@@ -131,6 +170,8 @@ def create_app(server: Server) -> Starlette:
     async def lifespan(app):
         yield
         server.scheduler.close()
+        if server.retrieval is not None:
+            server.retrieval.close()
 
     return HostCheck(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), server)
 
@@ -205,10 +246,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-# -- generation ------------------------------------------------------------------------------------
-
-
-async def generate(server: Server, request: Request, parse) -> Response:
+async def read_request(server: Server, request: Request) -> dict:
+    """An authorized POST's JSON object."""
     authorize(server, request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":  # also keeps other web pages' form posts out (they cannot send JSON unasked)
@@ -217,7 +256,30 @@ async def generate(server: Server, request: Request, parse) -> Response:
             status=415,
             code="unsupported_media_type",
         )
-    data = parse_json(await read_body(request, server.max_body))
+    return parse_json(await read_body(request, server.max_body))
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+
+
+def embedding_body(embedding: Embeddings, vectors, tokens: int, model: str) -> dict:
+    """OpenAI's response: each vector as JSON numbers, or as base64 of its little-endian float32 bytes."""
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if embedding.base64 else v.tolist(),
+        }
+        for i, v in enumerate(vectors)
+    ]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+async def generate(server: Server, request: Request, parse) -> Response:
+    data = await read_request(server, request)
     try:  # in a worker thread: tokenizing a long conversation or decoding pictures must not stall other streams
         generation = await run_in_threadpool(parse, data, server)
     except ValueError as e:  # the engine's own checks (image tags, prompt ids) are the client's input too
@@ -386,7 +448,7 @@ class Answer:
                 choice["text"] = text
             choices.append(choice)
         kind = "chat.completion" if self.generation.chat else "text_completion"
-        return {
+        body = {
             "id": self.id,
             "object": kind,
             "created": self.created,
@@ -394,12 +456,16 @@ class Answer:
             "choices": choices,
             "usage": self.usage(),
         }
+        if self.generation.sources is not None:
+            body["sources"] = self.generation.sources
+        return body
 
     # -- the stream ----------------------------------------------------------------------------
 
     async def stream(self, events) -> AsyncIterator[str]:
-        """Server-sent events: role first (chat), then text as it comes, the finish reason on each
-        choice's last chunk, the usage chunk when asked for, then [DONE]."""
+        """Server-sent events: role first (chat; the first chunk also carries the sources with --rag),
+        then text as it comes, the finish reason on each choice's last chunk, the usage chunk when
+        asked for, then [DONE]."""
         try:
             if self.generation.chat:
                 for i in range(len(self.texts)):
@@ -411,7 +477,8 @@ class Answer:
                                 "logprobs": None,
                                 "finish_reason": None,
                             }
-                        ]
+                        ],
+                        first=i == 0,
                     )
             async for index, event in events:
                 text = self.add(index, event)
@@ -432,11 +499,13 @@ class Answer:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def sse(self, choices: list[dict], usage: dict | None = None) -> str:
+    def sse(self, choices: list[dict], usage: dict | None = None, first: bool = False) -> str:
         kind = "chat.completion.chunk" if self.generation.chat else "text_completion"
         chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.server.name, "choices": choices}
         if self.generation.include_usage:
             chunk["usage"] = usage
+        if first and self.generation.sources is not None:
+            chunk["sources"] = self.generation.sources
         # ASCII only: U+2028 and friends, raw, are line breaks to some clients' line splitters
         return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
@@ -458,10 +527,20 @@ def build_server(
     thread: bool = True,
     compile: bool = False,
     kv_cache: str = "auto",
+    rag: str | Path | None = None,
+    rag_k: int = 5,
+    embedder: str | Path | None = None,
+    query_prefix: str = "",
 ) -> Server:
     """Load a model directory and make its scheduler (running in a thread of its own, unless
-    ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does)."""
+    ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does). ``rag``: an
+    index whose passages answer chat requests; ``embedder``: an encoder directory for /v1/embeddings
+    (and the index's questions, whose vectors it must have made)."""
     path = Path(model_dir)
+    retrieval = None
+    if rag is not None or embedder is not None:  # first: a wrong index fails before the model loads
+        encoder = Embedder(embedder, query_prefix=query_prefix) if embedder is not None else None
+        retrieval = Retrieval(rag, rag_k, encoder)
     engine = Engine.from_dir(path, device=device, dtype=dtype, compile=compile, kv_cache=kv_cache)
     if engine.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
@@ -469,7 +548,9 @@ def build_server(
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
     served = name or (path.resolve().parent.name if path.resolve().name == "final" else path.resolve().name)
     eos_ids = generation_eos_ids(path)
-    return Server(engine, scheduler, served, engine.defaults, eos_ids, chat_format, api_key, max_body)
+    return Server(
+        engine, scheduler, served, engine.defaults, eos_ids, chat_format, api_key, max_body, retrieval=retrieval
+    )
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -487,6 +568,12 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
         f"{server.engine.device}, {server.engine.dtype}): up to {server.scheduler.max_batch} sequences of "
         f"{server.scheduler.max_len} tokens, {kv:.0f} MiB of {kv_kind}KV cache"
     )
+    retrieval = server.retrieval
+    if retrieval is not None and retrieval.searcher is not None:
+        searcher = retrieval.searcher
+        print(f"answering chat from {searcher.path} ({searcher.mode} search, up to {retrieval.k} passages)")
+    if retrieval is not None and retrieval.embedder is not None:
+        print(f"/v1/embeddings: {retrieval.encoder_name} ({retrieval.embedder.dim} dimensions)")
     web = uvicorn.Server(
         uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     )

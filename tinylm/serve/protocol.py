@@ -5,9 +5,11 @@ an ``APIError`` that names it (``param``) and says what was expected: the client
 shape with status 400, never a stack trace. Fields that would change the answer but are not supported
 here (tools, response formats, echo, ...) are refused by name rather than silently ignored.
 
-A chat request becomes one prompt through the model's chat template; a completions request may carry
-several prompts (strings or token ids). Each becomes one ``Request`` for the scheduler, with the same
-sampling settings, whose defaults come from the model directory's ``generation_config.json``.
+A chat request becomes one prompt through the model's chat template (with ``--rag``, its last user
+message carries the passages retrieved for it); a completions request may carry several prompts
+(strings or token ids). Each becomes one ``Request`` for the scheduler, with the same sampling
+settings, whose defaults come from the model directory's ``generation_config.json``. An embeddings
+request becomes the list of texts to encode.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ MAX_IMAGES = 8  # per request
 MAX_STOP_CHARS = 200  # per stop string: text is matched against every stop string at every token
 MAX_PIXELS = 4096 * 4096  # per picture, checked before it is decoded
 IMAGE_TAGS = ("<image>", "<|image|>")
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
+MAX_EMBEDDING_CHARS = 100_000  # per input, before tokenizing (bge-m3's 8,192 tokens are ~40,000 characters)
 IGNORED = {"user", "metadata", "store", "service_tier"}  # accepted, with no effect on the answer
 
 
@@ -163,6 +167,7 @@ class Generation:
     include_usage: bool
     logprobs: int | None  # None: none; else how many alternatives per token
     chat: bool
+    sources: list[dict] | None = None  # --rag: the passages the prompt cites (None: no retrieval)
 
 
 def sampling(fields: Fields, defaults: SamplingSettings, max_batch: int) -> tuple[SamplingSettings, dict]:
@@ -247,9 +252,7 @@ def settle_length(
             param,
             code="context_length_exceeded",
         )
-    name, asked = "max_completion_tokens", fields.integer("max_completion_tokens", None, 1, 2**31)
-    if asked is None:
-        name, asked = "max_tokens", fields.integer("max_tokens", None, 1, 2**31)
+    name, asked = asked_length(fields)
     if asked is None:
         return replace(settings, max_new_tokens=min(defaults.max_new_tokens, room))
     if asked > room:
@@ -260,6 +263,14 @@ def settle_length(
             code="context_length_exceeded",
         )
     return replace(settings, max_new_tokens=asked)
+
+
+def asked_length(fields: Fields) -> tuple[str, int | None]:
+    """(the field, the reply length it asks for), or (..., None) when the request leaves it to the server."""
+    asked = fields.integer("max_completion_tokens", None, 1, 2**31)
+    if asked is not None:
+        return "max_completion_tokens", asked
+    return "max_tokens", fields.integer("max_tokens", None, 1, 2**31)
 
 
 def end_tokens(settings: SamplingSettings, fields: Fields) -> SamplingSettings:
@@ -298,7 +309,7 @@ def check_model(fields: Fields, name: str) -> None:
 def chat_request(data: dict, server) -> Generation:
     """POST /v1/chat/completions → a Generation. ``server`` gives the engine, chat format, limits."""
     fields = Fields(data)
-    fields.refuse_unknown(SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
+    fields.refuse_unknown(SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "rag"})
     check_model(fields, server.name)
     settings, extras = sampling(fields, server.defaults, server.scheduler.max_batch)
     stream, include_usage = stream_fields(fields)
@@ -308,22 +319,46 @@ def chat_request(data: dict, server) -> Generation:
     elif fields.data.get("top_logprobs") is not None:
         raise APIError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     messages, images = chat_messages(data, server)
+    settings = end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields)
+    prompt_ids = chat_prompt(server, messages, images)
+    settled = settle_length(settings, prompt_ids, fields, server.scheduler.max_len, server.defaults, "messages")
+    messages, sources = grounded(server, fields, messages, images, settled)
+    if sources is not None:  # the question now stands in the template with its passages: settled again
+        prompt_ids = chat_prompt(server, messages, images)
+        settled = settle_length(settings, prompt_ids, fields, server.scheduler.max_len, server.defaults, "messages")
+    pixels = server.engine.pixels([images]) if images else None  # queued requests hold small tensors, not pictures
+    request = Request(prompt_ids, settled, logprobs=logprobs, pixels=pixels, **extras)
+    return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True, sources=sources)
+
+
+def chat_prompt(server, messages: list[dict], images: list) -> list[int]:
     try:
         prompt = server.chat_format.render(messages)
     except ValueError as e:
         raise APIError(str(e), "messages") from None
-    prompt_ids = encode(server, prompt, len(images), "messages")
-    settings = settle_length(
-        end_tokens(server.chat_format.settings(settings, server.engine.tokenizer), fields),
-        prompt_ids,
-        fields,
-        server.scheduler.max_len,
-        server.defaults,
-        "messages",
-    )
-    pixels = server.engine.pixels([images]) if images else None  # queued requests hold small tensors, not pictures
-    request = Request(prompt_ids, settings, logprobs=logprobs, pixels=pixels, **extras)
-    return Generation([request], extras["n"], stream, include_usage, logprobs, chat=True)
+    return encode(server, prompt, len(images), "messages")
+
+
+def grounded(
+    server, fields: Fields, messages: list[dict], images: list, settings: SamplingSettings
+) -> tuple[list[dict], list[dict] | None]:
+    """With ``--rag`` (unless the request says ``"rag": false``): the conversation whose last user
+    message carries as many passages as fit beside it and the reply, and their sources."""
+    searching = server.retrieval is not None and server.retrieval.searcher is not None
+    if not fields.boolean("rag", searching):
+        return messages, None
+    if not searching:
+        raise APIError("'rag': this server has no index; start it with tinylm serve MODEL --rag INDEX", "rag")
+    if messages[-1]["role"] != "user":  # nothing was asked (the client continues the assistant's turn)
+        return messages, []
+    max_len = server.scheduler.max_len
+    # the reply's room: what the request asks for, else as much as `rag ask` leaves (at most half the context)
+    room = settings.max_new_tokens if asked_length(fields)[1] else min(settings.max_new_tokens, max_len // 2)
+
+    def fits(conversation: list[dict]) -> bool:
+        return len(server.engine.encode(server.chat_format.render(conversation), len(images))) + room <= max_len
+
+    return server.retrieval.ground(messages, fits)
 
 
 def chat_messages(data: dict, server) -> tuple[list[dict], list]:
@@ -503,3 +538,72 @@ def completion_prompts(prompt, server, n: int) -> list[list[int]]:
     raise APIError(
         "'prompt' must be a non-empty string, array of strings, array of token ids, or array of those", "prompt"
     )
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Embeddings:
+    """A checked embeddings request: the texts to encode, and how to send the vectors back."""
+
+    texts: list[str]
+    base64: bool  # little-endian float32 bytes in base64 (what the openai client asks for), not JSON numbers
+    single: bool  # ``input`` was one string, not an array
+
+    def param(self, i: int) -> str:
+        return "input" if self.single else f"input[{i}]"
+
+
+def embedding_request(data: dict, server) -> Embeddings:
+    """POST /v1/embeddings → the texts to encode with the server's encoder."""
+    encoder = server.retrieval.embedder if server.retrieval is not None else None
+    if encoder is None:
+        raise APIError(
+            "this server has no text encoder: start it with tinylm serve MODEL --embedder DIR (a local "
+            "sentence-transformers or transformers encoder directory), or with --rag INDEX built with --embedder",
+            code="no_encoder",
+        )
+    fields = Fields(data)
+    fields.refuse_unknown({"model", "input", "encoding_format", "dimensions"})
+    name = server.retrieval.encoder_name
+    model = fields.string("model")
+    if model is not None and model != name:
+        raise APIError(
+            f"the model '{model}' is not this server's encoder; /v1/embeddings serves '{name}'",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
+    encoding = fields.string("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise APIError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    dimensions = fields.integer("dimensions", encoder.dim, 1, 2**31)
+    if dimensions != encoder.dim:
+        raise APIError(
+            f"'dimensions' must be this encoder's {encoder.dim}: it cannot shorten its vectors", "dimensions"
+        )
+    single = isinstance(data.get("input"), str)
+    texts = [data["input"]] if single else data.get("input")
+    if not isinstance(texts, list) or not texts:
+        raise APIError("'input' must be a non-empty string or array of strings", "input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise APIError(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts, got {len(texts)}", "input")
+    request = Embeddings(texts, encoding == "base64", single)
+    for i, text in enumerate(texts):
+        param = request.param(i)
+        if isinstance(text, list) or (isinstance(text, int) and not isinstance(text, bool)):
+            raise APIError(
+                f"'{param}': token ids are not accepted; the encoder reads text with its own tokenizer "
+                "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False) sends text)",
+                param,
+            )
+        if not isinstance(text, str):
+            raise APIError(f"'{param}' must be a string, got {json_type(text)}", param)
+        if not text:
+            raise APIError(f"'{param}' is empty: there is nothing to encode", param)
+        if len(text) > MAX_EMBEDDING_CHARS:
+            raise APIError(
+                f"'{param}' is {len(text)} characters long; at most {MAX_EMBEDDING_CHARS} are allowed", param
+            )
+    return request
