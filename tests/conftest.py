@@ -189,12 +189,11 @@ def tiny_encoder_dir(path, texts: list[str]):
     tokenizer over the terms of ``texts``: a local text encoder for dense retrieval."""
     import json
 
+    import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from tinylm.rag.chunks import terms
-
-    import torch
 
     torch.manual_seed(0)  # the same weights whichever tests ran before
     words = sorted({t for text in texts for t in terms(text)} | {"how", "many", "what", "who"})

@@ -81,6 +81,7 @@ BENCH = {  # the smallest run of each benchmark that still does every part of it
     "serve.py": "--size cpu-tiny --clients 1 2 --new-tokens 4 --prompt-tokens 4 --seconds 0.5".split(),
     "own_text.py": "--text corpus.txt --minutes 0.05 --work runs/own_text --results own_text.jsonl".split(),
     "quantize.py": "--calib-samples 4 --variants 2".split(),
+    "rag.py": "--sizes 300 --queries 10 --warmup 2 --embedders none tiny".split(),
 }
 
 
@@ -105,7 +106,9 @@ def tiny_settings(argv: list[str]) -> list[str]:
     if command in ("sft", "dpo", "distill"):
         return TRAIN
     if command == "rag" and argv[1] == "quickstart":  # two steps of the reading fine-tune (its own row length)
-        return [*(t for t in TRAIN if not t.startswith("--train.seq_len")), "--questions", "3"]
+        reading = [*(t for t in TRAIN if not t.startswith("--train.seq_len")), "--questions", "3"]
+        first = [*prefixed("quickstart", MODEL + TRAIN), *prefixed("quickstart.sft", TRAIN)]
+        return reading if "--init" in argv else [*reading, *first]
     return []
 
 
@@ -384,8 +387,9 @@ class Sandbox:
         return True
 
     def fresh_out(self, argv: list[str]) -> None:
-        """The docs show alternatives that write into one --out: each starts afresh (unless it resumes)."""
-        if "--out" in argv and "--resume" not in argv and (self.home / argv[argv.index("--out") + 1]).exists():
+        """The docs show alternatives that write into one --out: each starts afresh (unless it resumes).
+        An --out that is a file (a rag index) is brought up to date by design, so it stays."""
+        if "--out" in argv and "--resume" not in argv and (self.home / argv[argv.index("--out") + 1]).is_dir():
             shutil.rmtree(self.home / argv[argv.index("--out") + 1])
 
     def tinylm(self, argv: list[str]) -> None:

@@ -4,6 +4,7 @@ local encoder, both fused), incremental and atomic rebuilds, and answers that ci
 import itertools
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,3 +343,16 @@ def test_the_reading_test_world_is_new_and_its_passages_are_found(tmp_path):
         assert retrieval[lang]["hit@5"] >= 0.95 and retrieval[lang]["hit@1"] >= 0.6, retrieval
     limited = ReadingTest(0, tmp_path / "again", exclude=taken, limit=3)
     assert [q.item.lang for q in limited.questions] == ["en"] * 3 + ["zh"] * 3
+
+
+def test_a_large_index_scores_only_the_passages_holding_a_rare_term(docs, tmp_path, monkeypatch):
+    import tinylm.rag.search as rag_search
+
+    build_index([docs], tmp_path / "docs.db", progress=False)
+    question = "The Grimum lives in France"  # "the" and "in" are in two passages each, the others in one
+    everything = {Path(hit.source).name: hit.score for hit in search(tmp_path / "docs.db", question, k=10)}
+    assert list(everything) == ["grimum.md", "cities.html", "zorven.txt"]  # the Zorven's passage: "the" alone
+    monkeypatch.setattr(rag_search, "SCORED", 3)  # room for the passages of "grimum", "lives" and "france"
+    rare = {Path(hit.source).name: hit.score for hit in search(tmp_path / "docs.db", question, k=10)}
+    assert rare == pytest.approx({name: everything[name] for name in ("grimum.md", "cities.html")})
+    assert list(rare) == ["grimum.md", "cities.html"]  # BM25 over every term, best first, as before

@@ -6,8 +6,8 @@
 → the chat model (the quickstart's, or ``--init``)
 → fine-tuned on reading practice (tinylm.rag.builtin) mixed with its own conversations → sft/final
 → the test world's documents written as files and indexed (tinylm rag index) → test_world.db
-→ every test-world fact asked in both languages: retrieval hit@1 / hit@5, the answers with the
-  passages (before and after the practice) and without them
+→ every test-world fact asked in both languages: retrieval hit@1 / hit@5, the answers with the best
+  passage and with five (before and after the practice), and without any
 → report.json and report.md
 """
 
@@ -33,7 +33,7 @@ PRETRAIN_CONFIG = Path(__file__).parent / "configs" / "cpu-tiny.yaml"
 READING, CHAT = 3000, 3000  # practice conversations, and the built-in ones mixed in to keep the rest
 # the reading fine-tune: prompts with passages need the model's whole context
 READING_SFT = ["--train.seq_len=512", "--train.max_steps=400", "--train.lr=0.001", "--train.batch_size=16"]
-K = 5  # passages retrieved per question
+KS = (1, 5)  # passages retrieved per question: the best one alone, and rag ask's default
 
 
 def rag_quickstart(
@@ -48,8 +48,10 @@ def rag_quickstart(
     language (default all) of the test world; write report.json / report.md into ``out_dir``."""
     started = time.perf_counter()
     run_dir = Path(out_dir)
-    if init is None:
-        quickstart(run_dir / "quickstart", PRETRAIN_CONFIG, quickstart_overrides)
+    if init is None:  # --quickstart.sft.key=value reach its fine-tuning, --quickstart.key=value its pretraining
+        sft_first = [f"--{o[len('--sft.') :]}" for o in quickstart_overrides or [] if o.startswith("--sft.")]
+        pretraining = [o for o in quickstart_overrides or [] if not o.startswith("--sft.")]
+        quickstart(run_dir / "quickstart", PRETRAIN_CONFIG, pretraining, sft_overrides=sft_first)
         init = run_dir / "quickstart" / "sft" / "final"
 
     data = run_dir / "data" / "reading.jsonl"
@@ -74,7 +76,8 @@ def rag_quickstart(
     report["retrieval"] = test.retrieval(searcher)
     for label, model in (("before", init), ("after", final)):
         engine = Engine.from_dir(model, device=cfg.train.device)
-        report[f"with_rag_{label}"] = test.answers(asker=Asker(engine, searcher, K, settings))
+        for k in KS:
+            report[f"with_rag_{label}_k{k}"] = test.answers(asker=Asker(engine, searcher, k, settings))
         if label == "after":
             chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
             report["without_rag"] = test.answers(engine=engine, chat_format=chat_format)
@@ -103,12 +106,12 @@ def render(report: dict) -> str:
         row("retrieval hit@1", {lang: retrieval[lang]["hit@1"] for lang in ("en", "zh")}),
         row("retrieval hit@5", {lang: retrieval[lang]["hit@5"] for lang in ("en", "zh")}),
         row("answers without RAG", report["without_rag"]["accuracy"]),
-        row("answers with RAG, before reading practice", report["with_rag_before"]["accuracy"]),
-        row("answers with RAG, after reading practice", report["with_rag_after"]["accuracy"]),
-        "",
-        "## Answers with RAG (first few)",
-        "",
     ]
-    for e in report["with_rag_after"]["examples"]:
+    for label in ("before", "after"):
+        for k in KS:
+            name = f"answers with RAG ({k} passage{'s' if k > 1 else ''}), {label} reading practice"
+            lines.append(row(name, report[f"with_rag_{label}_k{k}"]["accuracy"]))
+    lines += ["", f"## Answers with RAG, {KS[-1]} passages (first few)", ""]
+    for e in report[f"with_rag_after_k{KS[-1]}"]["examples"]:
         lines.append(f"- {'✓' if e['correct'] else '✗'} {e['question']} → {e['reply'][:80]!r} (answer {e['answer']})")
     return "\n".join(lines) + "\n"

@@ -53,9 +53,9 @@ def run_rag(args, overrides: list[str]) -> int:
         from tinylm.rag_quickstart import rag_quickstart
 
         device = [f"--train.device={args.device}"] if args.device else []
-        rag_quickstart(
-            args.out, args.init, overrides=[*overrides, *device], quickstart_overrides=device, questions=args.questions
-        )
+        first, overrides = split_overrides(overrides, "quickstart")  # for the quickstart run without --init
+        overrides, first = [*overrides, *device], [*first, *device]
+        rag_quickstart(args.out, args.init, overrides=overrides, quickstart_overrides=first, questions=args.questions)
         return 0
     from tinylm.rag.embed import Embedder
 

@@ -527,7 +527,9 @@ def add_rag(commands) -> None:
     quick = add_quickstart(
         sub,
         "teach the quickstart's chat model to read passages, then test it on a world it never saw",
-        "Overrides (key=value) go to the reading fine-tune (tinylm sft's settings).",
+        "Overrides (--section.key=value) go to the reading fine-tune (tinylm sft's settings); without --init, "
+        "--quickstart.section.key=value to the quickstart's pretraining and --quickstart.sft.section.key=value to "
+        "its fine-tuning.",
     )
     quick.add_argument("--init", default=None, help="the chat model to teach (default: run the quickstart first)")
     quick.add_argument("--questions", type=int, default=None, help="test questions per language (default: all)")

@@ -37,7 +37,7 @@ NO_ANSWER_SHARE = 0.25
 QUESTION_TEMPLATES = 3  # fact_question's phrasings per attribute and language that practice draws from
 
 
-def test_seed(seed: int) -> int:
+def reading_test_seed(seed: int) -> int:
     """The world of the reading test: the next seed, never used by training or reading practice."""
     return seed + 1
 
@@ -88,7 +88,7 @@ class ReadingTest:
     """The test world's documents written as files (one per entity and language) and its questions."""
 
     def __init__(self, seed: int, folder: str | Path, exclude: set[str] = frozenset(), limit: int | None = None):
-        self.world = World(test_seed(seed))
+        self.world = World(reading_test_seed(seed))
         self.folder = Path(folder)
         self.questions: list[Question] = []
         rng = random.Random(f"tinylm-reading-test-{self.world.seed}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs (extension A, unified, compatibility)
 TERM = re.compile(rf"[{CJK}]+|[^\W{CJK}_]+", re.UNICODE)
+CJK_START = re.compile(f"[{CJK}]")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|(?<=[.!?][\"'”’)])\s+")
 
 
@@ -27,7 +28,7 @@ def terms(text: str) -> list[str]:
     """Lower-cased words and numbers, and each CJK run as its characters and overlapping pairs."""
     out = []
     for run in TERM.findall(text.lower()):
-        if re.match(rf"[{CJK}]", run):
+        if CJK_START.match(run):
             out += list(run) + [run[i : i + 2] for i in range(len(run) - 1)]
         else:
             out.append(run)
@@ -36,7 +37,7 @@ def terms(text: str) -> list[str]:
 
 def size(text: str) -> int:
     """A passage's size in terms: words and numbers, plus one per CJK character."""
-    return sum(len(run) if re.match(rf"[{CJK}]", run) else 1 for run in TERM.findall(text))
+    return sum(len(run) if CJK_START.match(run) else 1 for run in TERM.findall(text))
 
 
 def sentences(paragraph: str) -> list[str]:
