@@ -9,7 +9,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinylm.model.llama import CausalLM, ModelConfig
-from tinylm.model.quant import NF4Linear, NF4Matmul, NF4Weight, nf4_code_book, quantize_linear_layers, quantize_nf4
+from tinylm.model.quant import (
+    DequantizedMatmul,
+    NF4Linear,
+    NF4Weight,
+    nf4_code_book,
+    quantize_linear_layers,
+    quantize_nf4,
+)
 
 PUBLISHED_NF4 = [
     -1.0,
@@ -130,7 +137,7 @@ def test_nf4_linear_keeps_no_float_weight_for_backward():
     """What backward keeps of a 4-bit layer is the packed weight: nothing saved with save_for_backward,
     and every tensor the autograd node holds is a small integer or a block scale."""
     layer = NF4Linear.from_linear(nn.Linear(64, 64, bias=False))
-    out = NF4Matmul.apply(torch.randn(3, 64, requires_grad=True), layer.packed_weight())
+    out = DequantizedMatmul.apply(torch.randn(3, 64, requires_grad=True), layer.packed_weight())
     node = out.grad_fn
     assert not node.saved_tensors
     held = [value for value in vars(node).values()]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tinylm.model.quant import QuantizedLinear
+from tinylm.model.quant import DequantizedMatmul, QuantizedLinear
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what the 4-bit kernels accept
 KERNEL_MAX_ROWS = 64  # a decode step's sequences up to which the kernels beat dequantize + matmul (2 CPU cores)
@@ -164,7 +164,8 @@ class IntLinear(QuantizedLinear):
             if kernel is not None:
                 out = kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
                 return out if self.bias is None else out + self.bias.to(x.dtype)
-        return IntMatmul.apply(x, self) if self.bias is None else IntMatmul.apply(x, self) + self.bias.to(x.dtype)
+        out = DequantizedMatmul.apply(x, self)  # a prompt, or training: dequantized once for the call
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def kernel(self):
         """x [n, in] → x @ Wᵀ [n, out] by a low-bit kernel on this layer's device, or None where there is none."""
@@ -187,20 +188,6 @@ def is_decode_step(x: torch.Tensor) -> bool:
     """One token per sequence ([batch, 1, in], or a single row), for few enough sequences."""
     rows = x.numel() // x.shape[-1]
     return rows <= KERNEL_MAX_ROWS and (rows == 1 or (x.dim() >= 3 and x.shape[-2] == 1))
-
-
-class IntMatmul(torch.autograd.Function):
-    """x @ Wᵀ with W dequantized for the call, and again in backward for the input's gradient (only the
-    packed weight is kept between the two); W itself gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: IntLinear) -> torch.Tensor:
-        ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return grad_output @ ctx.layer.dequantize(grad_output.dtype), None
 
 
 # -- kernels ---------------------------------------------------------------------------------------

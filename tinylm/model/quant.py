@@ -128,12 +128,13 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     return NF4Weight(packed, absmax_codes, tuple(weight.shape), block_size, absmax_scale, absmax_mean)
 
 
-class NF4Matmul(torch.autograd.Function):
-    """x @ Wᵀ with W kept in NF4: dequantized in forward, and again in backward for the input's gradient.
-    Only the packed weight is kept for backward, never the float one; W itself gets no gradient."""
+class DequantizedMatmul(torch.autograd.Function):
+    """x @ Wᵀ with W kept packed (NF4, or a layer's integers): dequantized in forward, and again in
+    backward for the input's gradient. Only the packed weight is kept for backward, never the float one;
+    W itself gets no gradient. ``weight`` is anything with ``dequantize(dtype)``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight) -> torch.Tensor:
         ctx.weight = weight
         return F.linear(x, weight.dequantize(x.dtype))
 
@@ -210,7 +211,7 @@ class NF4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        out = NF4Matmul.apply(x.to(dtype), self.packed_weight())
+        out = DequantizedMatmul.apply(x.to(dtype), self.packed_weight())
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out.to(x.dtype)

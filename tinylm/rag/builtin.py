@@ -53,11 +53,14 @@ def reading_conversations(n: int, exclude: set[str] = frozenset(), seed: int = 0
     language; ``exclude``: entity names they must not mention (the training world's)."""
     rng = random.Random(f"tinylm-reading-{seed}")
     worlds = [World(s) for s in READING_SEEDS]
+    quoted: dict[tuple[int, str], dict[str, str]] = {}  # (world, language) → each entity's passage, made once
     conversations = []
     while len(conversations) < n:
         world, lang = rng.choice(worlds), LANGS[len(conversations) % 2]
         entities = [e for e in world.entities if e.names[lang] not in exclude]
-        texts = documents(world, lang)
+        if (world.seed, lang) not in quoted:
+            quoted[world.seed, lang] = {name: passages(text)[0].text for name, text in documents(world, lang).items()}
+        texts = quoted[world.seed, lang]
         entity = rng.choice(entities)
         attribute = rng.choice(list(entity.facts))
         question = fact_question(entity, attribute, lang, rng.randrange(QUESTION_TEMPLATES))
@@ -69,9 +72,7 @@ def reading_conversations(n: int, exclude: set[str] = frozenset(), seed: int = 0
             shown = [entity, *rng.sample(others, count - 1)]
             rng.shuffle(shown)
             reply = f"{fact_answer(entity, attribute, lang)} [{shown.index(entity) + 1}]"
-        hits = [
-            Hit(name, "", 0, passages(texts[e.names[lang]])[0].text, 0.0) for e in shown for name in [e.names[lang]]
-        ]
+        hits = [Hit(e.names[lang], "", 0, texts[e.names[lang]], 0.0) for e in shown]
         turn = with_passages(question, hits)
         conversations.append([{"role": "user", "content": turn}, {"role": "assistant", "content": reply}])
     return conversations
