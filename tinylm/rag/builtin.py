@@ -21,6 +21,7 @@ so that is near nothing).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tinylm.rag.ask import with_passages
 from tinylm.rag.chunks import passages
 from tinylm.rag.search import Hit
 
+CITATION = re.compile(r"\[\d+\]")
 READING_SEEDS = range(10_000, 10_064)  # the worlds practice passages come from
 NOT_IN_PASSAGES = {"en": "I don't know: the passages do not say that.", "zh": "我不知道，资料中没有提到。"}
 NO_ANSWER_SHARE = 0.25
@@ -140,7 +142,7 @@ class ReadingTest:
                 settings = chat_format.settings(SamplingSettings(max_new_tokens=32, temperature=0), engine.tokenizer)
             replies = [c.text.strip() for c in runner.run(prompts, settings)]
             for q, question, reply in zip(chunk, questions, replies):
-                ok = score_reply(q.item, reply)
+                ok = score_reply(q.item, CITATION.sub("", reply))  # "[2]" cites a passage; it is not "2 legs"
                 correct[q.item.lang] += ok
                 totals[q.item.lang] += 1
                 if len(examples) < 6 and start % 64 == 0:
