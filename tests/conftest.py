@@ -1,3 +1,4 @@
+import csv
 import hashlib
 import json
 import random
@@ -16,6 +17,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
@@ -336,3 +338,98 @@ def error_of(response, status):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     return error
+
+
+# -- benchmark files in their published layouts (tinylm eval) ---------------------------------------
+
+MMLU_ROWS = [
+    ["What is 2 + 2?", "3", "4", "5", "6", "B"],
+    ["Which is a colour?", "red", "seven", "dog", "run", "A"],
+    ["Pick the last letter.", "a", "b", "c", "z", "D"],
+]
+
+
+def write_csv(path, rows, header=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_benchmarks(root):
+    """Every benchmark of tinylm eval in its published layout under ``root``, a few items each."""
+    for split in ("test", "dev"):  # MMLU as its authors ship it: headerless, answer letters
+        write_csv(root / "mmlu" / split / f"high_school_math_{split}.csv", MMLU_ROWS)
+        write_csv(root / "mmlu" / split / f"world_religions_{split}.csv", MMLU_ROWS[::-1])
+    zh = [["2 加 2 等于几？", "3", "4", "5", "6", "B"], ["哪个是颜色？", "红色", "七", "狗", "跑", "A"]]
+    write_csv(
+        root / "cmmlu" / "test" / "agronomy.csv",
+        [[i, *r] for i, r in enumerate(zh)],
+        ["", "Question", "A", "B", "C", "D", "Answer"],
+    )
+    write_csv(
+        root / "cmmlu" / "dev" / "agronomy.csv",
+        [[i, *r] for i, r in enumerate(zh * 3)],
+        ["", "Question", "A", "B", "C", "D", "Answer"],
+    )
+    write_csv(
+        root / "ceval" / "val" / "accountant_val.csv",
+        [[i, *r] for i, r in enumerate(zh)],
+        ["id", "question", "A", "B", "C", "D", "answer"],
+    )
+    write_csv(
+        root / "ceval" / "dev" / "accountant_dev.csv",
+        [[i, *r, "因为"] for i, r in enumerate(zh * 3)],
+        ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
+    )
+    arc = [
+        {
+            "id": "q1",
+            "question": {
+                "stem": "Which is hot?",
+                "choices": [
+                    {"text": "ice", "label": "A"},
+                    {"text": "the sun", "label": "B"},
+                    {"text": "snow", "label": "C"},
+                ],
+            },
+            "answerKey": "B",
+        },
+        {
+            "id": "q2",
+            "question": {
+                "stem": "What do plants need?",
+                "choices": [{"text": "light", "label": "1"}, {"text": "plastic", "label": "2"}],
+            },
+            "answerKey": "1",
+        },
+    ]
+    write_jsonl(root / "arc" / "ARC-Challenge" / "ARC-Challenge-Test.jsonl", arc)
+    write_jsonl(root / "arc" / "ARC-Challenge" / "ARC-Challenge-Train.jsonl", arc)
+    swag = [
+        {
+            "activity_label": "Cooking",
+            "ctx_a": "A man cuts bread.",
+            "ctx_b": "he",
+            "endings": ["eats it [title] slowly.", "flies away.", "sings.", "sleeps."],
+            "label": 0,
+        },
+        {
+            "activity_label": "Running",
+            "ctx_a": "A woman runs.",
+            "ctx_b": "she",
+            "endings": ["stops.", "melts.", "writes.", "reads."],
+            "label": "0",
+        },
+    ]
+    write_jsonl(root / "hellaswag" / "hellaswag_val.jsonl", swag)
+    write_jsonl(root / "hellaswag" / "hellaswag_train.jsonl", swag)
+    gsm = [
+        {"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+        {"question": "A box holds 1,200 pens; 200 go. How many stay?", "answer": "1200 - 200 = 1000\n#### 1,000"},
+    ]
+    write_jsonl(root / "gsm8k" / "test.jsonl", gsm)
+    write_jsonl(root / "gsm8k" / "train.jsonl", gsm * 3)
+    return root

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import NAMES, TINY_MODEL, logged, tiny_encoder_dir, tiny_qwen2_dir, wait_until
+from conftest import NAMES, TINY_MODEL, logged, tiny_encoder_dir, tiny_qwen2_dir, wait_until, write_benchmarks
+
+from tinylm.eval.harness import split_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,8 @@ DOC_ORDER = [
     "docs/export.md",
     "docs/quantize.md",
     "docs/rag.md",
+    "docs/eval.md",
+    "docs/report.md",
 ]
 
 # -- what makes a command tiny ----------------------------------------------------------------------
@@ -82,6 +86,7 @@ BENCH = {  # the smallest run of each benchmark that still does every part of it
     "own_text.py": "--text corpus.txt --minutes 0.05 --work runs/own_text --results own_text.jsonl".split(),
     "quantize.py": "--calib-samples 4 --variants 2".split(),
     "rag.py": "--sizes 300 --queries 10 --warmup 2 --embedders none tiny".split(),
+    "eval.py": "--items 4 --context 16 --rounds 1".split(),
 }
 
 
@@ -121,6 +126,7 @@ SKIPPED = {
     'pip install torch==2.13.0 -e ".[test]"': "installation (as above)",
     "python -m pytest": "this is the suite running it",
     'pip install -e ".[bench]"': "installation; the test extra holds the bench extra (checked below)",
+    "tensorboard --logdir runs/sft-tb": "a server that runs until stopped (the tests read its event files)",
     "ollama create tinylm-chat -f chat.Modelfile": "Ollama is not installed here",
     "ollama run tinylm-chat": "Ollama is not installed here",
     "llama-cli -m chat.gguf -cnv": "llama.cpp's programs are not installed here",
@@ -231,6 +237,7 @@ def write_stand_ins(home: Path) -> None:
     (home / "mixed.json").write_text(json.dumps(mixed), encoding="utf-8")
 
     tiny_encoder_dir(home / "my-encoder", documents)  # the reader's own text encoder, for dense retrieval
+    write_benchmarks(home / "benchmarks")  # MMLU, C-Eval, CMMLU, ARC, HellaSwag, GSM8K in their own layouts
 
     (home / "annotations").mkdir()
     (home / "train2017").mkdir()
@@ -434,6 +441,16 @@ class Sandbox:
         elif args.command == "quantize":  # a model directory with integer weights
             config = json.loads((home / args.out / "config.json").read_text())
             assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == args.bits
+        elif args.command == "eval":  # the table; with --out the results (every task, with items), with --card the card
+            assert "| task | shots | metric |" in printed
+            if args.out:
+                results = json.loads((home / args.out / "results.json").read_text(encoding="utf-8"))["tasks"]
+                assert len(results) == len(split_tasks(args.tasks)) and all(t["items"] > 0 for t in results.values())
+            if args.card:
+                assert "## Evaluation" in (home / args.model_dir / "README.md").read_text(encoding="utf-8")
+        elif args.command == "report":  # the page and its markdown, in --out or in the run's report/
+            folder = home / (args.out or Path(args.run_dir) / "report")
+            assert "<svg" in (folder / "report.html").read_text(encoding="utf-8") and (folder / "report.md").is_file()
         elif args.command == "tokenizer" and args.tokenizer_command == "train":
             assert (home / args.out / "tokenizer.json").is_file()
         elif args.command == "tokenizer":

@@ -153,6 +153,11 @@ def test_quickstart_writes_its_report(tmp_path):
     assert [m["role"] for m in saved["sft"]["chat"]] == ["user", "assistant"] * 4
     assert (tmp_path / "qs" / "sft" / "final" / "chat_template.jinja").exists()
     assert "Fine-tuned into a chat model" in (tmp_path / "qs" / "report.md").read_text(encoding="utf-8")
+    # the whole run on one page (tinylm report), and each model's card with what the quickstart measured
+    page = (tmp_path / "qs" / "report" / "report.html").read_text(encoding="utf-8")
+    assert page.count("<svg") == 2 and "Held-out questions answered" in page
+    card = (tmp_path / "qs" / "sft" / "final" / "README.md").read_text(encoding="utf-8")
+    assert f"| held-out questions, greedy | accuracy | {questions['chat']['accuracy']:.1%} | 526 |" in card
 
 
 def test_tokenizer_train_command(tmp_path, corpus):

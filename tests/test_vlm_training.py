@@ -605,6 +605,10 @@ def test_vlm_quickstart_runs_every_part_and_reports_against_chance(base_and_chat
     assert (
         "| colour |" in printed and (out / "report.md").is_file() and (out / "sft" / "final" / "config.json").is_file()
     )
+    page = (out / "report" / "report.html").read_text(encoding="utf-8")  # tinylm report: both stages (--llm given)
+    assert "Stage pretrain: vision-language" in page and "Held-out pictures, greedy answers (sft/heldout.json)" in page
+    card = (out / "sft" / "final" / "README.md").read_text(encoding="utf-8")
+    assert f"| held-out picture questions | accuracy | {heldout['accuracy']:.1%} |" in card
 
 
 @pytest.mark.slow

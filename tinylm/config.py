@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -74,6 +74,9 @@ class TrainConfig:
     keep_best: bool = False  # the weights saved as final/ are those of the evaluation with the lowest val_loss
     patience: int = 0  # stop after this many evaluations in a row without a lower val_loss (0: never); keeps the best
     progress: bool = True
+    # live tracking besides metrics.jsonl: none | tensorboard | wandb (comma-separated for both; wandb
+    # runs offline unless WANDB_MODE says otherwise); see tinylm.train.tracking
+    report_to: str = "none"
 
     def __post_init__(self):
         at_least = {
@@ -110,6 +113,26 @@ class TrainConfig:
             raise ConfigError(f"optimizer: expected adamw or muon, got {self.optimizer!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        trackers = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        if not trackers or any(n not in ("none", "tensorboard", "wandb") for n in trackers):
+            raise ConfigError(
+                f"report_to: expected none, tensorboard, wandb or tensorboard,wandb; got {self.report_to!r}"
+            )
+
+
+@dataclass
+class EvalSection:
+    """Benchmarks run at every evaluation of a training run (``train.eval_every``), beside the validation
+    loss: ``tinylm eval``'s tasks and settings (see docs/eval.md); their metrics are logged as
+    ``<task>/<metric>`` (``mmlu/acc``). By default none run."""
+
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    shots: int | None = None
+    limit: int | None = 100  # items per task (per subject of MMLU, C-Eval, CMMLU): a quick look, not the full set
+    batch_size: int = 16
+    chat: bool = False
+    max_new_tokens: int = 128
 
 
 @dataclass

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST = "SHA256SUMS"
+# A model directory's model card: documentation that people edit and tinylm updates after saving (an
+# evaluation added), so the manifest, which guards what loading reads, leaves it out.
+MODEL_CARD = "README.md"
 
 
 class DataError(ValueError):
@@ -173,9 +176,10 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(directory: str | Path) -> None:
     """Record the SHA-256 of every file in the directory (recursively, sorted) in SHA256SUMS, in the
-    format ``sha256sum -c`` checks."""
+    format ``sha256sum -c`` checks; the model card (README.md at the top) is left out."""
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    unlisted = {directory / MANIFEST, directory / MODEL_CARD}
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p not in unlisted)
     lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
     atomic_write_text(directory / MANIFEST, "".join(lines))
 
@@ -226,6 +230,23 @@ def read_json(path: str | Path, default=_REQUIRED) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}", "wrong_type")
     return data
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """The JSON objects of a log written one line at a time (metrics.jsonl), in order; [] when the file
+    does not exist. A line cut short by a crash mid-write is skipped: a log is read as it stands."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 # -- records: every data file, one reader ---------------------------------------------------------

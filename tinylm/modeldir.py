@@ -11,7 +11,9 @@
 ``load(path)`` tells them apart and loads any; ``save_model_dir``, ``save_adapter`` and ``save_vlm_dir``
 write them. Every directory is written beside its destination and renamed into place only when complete,
 so a crash never leaves a half-written model where a good one was, and carries a SHA256SUMS manifest that
-loading verifies. Directories saved by transformers or PEFT (no manifest, perhaps sharded weights) load too.
+loading verifies, and a README.md model card (``tinylm.modelcard``; the stage that saved the model passes
+its facts as ``card``). Directories saved by transformers or PEFT (no manifest, perhaps sharded weights)
+load too.
 
 The modules in ``tinylm.model`` know tensors only; the file formats live here.
 """
@@ -40,8 +42,10 @@ from tinylm.io import (
 from tinylm.model.intquant import IntLinear, IntScheme, decoder_linears, int_layers_for_loading
 from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
 from tinylm.model.lora import ALL_LINEAR, LoRAConfig, adapter_state_dict, add_lora, load_adapter_state, merge_lora
+from tinylm.model.quant import QuantizedLinear
 from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TOKEN, VisionLanguageModel, VLMConfig, llava_state_dict, vlm_from_state_dict
+from tinylm.modelcard import CardFacts, SavedModel, derived_card, write_card
 from tinylm.tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
@@ -121,6 +125,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, path, metadata={"format": "pt"})
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Every weight of ``model``, a quantized layer's counted as the float weights it stands for."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+
+
+def has_chat_template(tokenizer: Tokenizer | None) -> bool:
+    return tokenizer is not None and bool(tokenizer.chat_template)
 
 
 def _saved_dtype(state: dict[str, torch.Tensor]) -> str:
@@ -233,9 +247,14 @@ def generation_config(config: ModelConfig, eos_token_id=None) -> dict:
 
 
 def save_model_dir(
-    model: CausalLM, out_dir: str | Path, tokenizer: Tokenizer | None = None, extra_files: dict[str, str] | None = None
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    extra_files: dict[str, str] | None = None,
+    card: CardFacts | None = None,
 ) -> Path:
-    """Write ``model`` (and its tokenizer) as a Hugging Face model directory with a manifest."""
+    """Write ``model`` (and its tokenizer) as a Hugging Face model directory with a manifest and a model
+    card (``card``: what the stage that made the model knows of it)."""
     out_dir = Path(out_dir)
     state = model_state_dict(model)
     hf_config = model.config.to_hf_dict()
@@ -250,6 +269,8 @@ def save_model_dir(
             tokenizer.save(scratch)
         for name, text in (extra_files or {}).items():
             (scratch / name).write_text(text, encoding="utf-8")
+        saved = SavedModel(out_dir, "model", hf_config, parameter_count(model), has_chat_template(tokenizer))
+        write_card(scratch, card, saved)
         write_manifest(scratch)
     return out_dir
 
@@ -336,9 +357,10 @@ def save_adapter(
     base_model: str | None = None,
     tokenizer: Tokenizer | None = None,
     eos_token_id=None,
+    card: CardFacts | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS), atomically, so
-    ``peft.PeftModel.from_pretrained`` loads them onto the transformers model.
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS and a model card),
+    atomically, so ``peft.PeftModel.from_pretrained`` loads them onto the transformers model.
 
     A training run's adapter also carries the tokenizer (with its chat template) and a
     generation_config.json with the stop tokens, so ``tinylm chat ADAPTER_DIR`` works as for a model.
@@ -359,13 +381,20 @@ def save_adapter(
         "use_dora": False,
     }
     out_dir = Path(out_dir)
+    state = adapter_state_dict(model)
+    size = sum(t.numel() for t in state.values())
+    base = model.config.to_hf_dict()
+    saved = SavedModel(
+        out_dir, "adapter", base, parameter_count(model) - size, has_chat_template(tokenizer), peft_config, size
+    )
     with atomic_directory(out_dir) as scratch:
-        _save_weights(adapter_state_dict(model), scratch / ADAPTER_WEIGHTS)
+        _save_weights(state, scratch / ADAPTER_WEIGHTS)
         (scratch / ADAPTER_CONFIG).write_text(json_text(peft_config), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(scratch)
         if eos_token_id is not None:
             (scratch / GENERATION).write_text(json_text({"eos_token_id": eos_token_id}), encoding="utf-8")
+        write_card(scratch, card, saved)
         write_manifest(scratch)
     return out_dir
 
@@ -469,6 +498,24 @@ def load_adapter_dir(
     return (model.to(device) if device is not None else model).eval(), tokenizer
 
 
+def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None) -> LoRAConfig:
+    """Fold an adapter into its base model (``base_dir``, or the one adapter_config.json names) and save
+    the result as a model directory, with the adapter's tokenizer and stop tokens; its card names both."""
+    config = read_adapter_config(adapter_dir)
+    base = Path(base_dir) if base_dir else base_model_path(Path(adapter_dir))
+    model, tokenizer = load_adapter_dir(adapter_dir, base_dir=base)
+    card = derived_card(
+        adapter_dir,
+        str(base),
+        "merging a LoRA adapter into its base model",
+        "finetune",
+        ["lora", "merged"],
+        [f"The adapter, rank {config.r}: `{adapter_dir}`."],
+    )
+    save_model_dir(model, out_dir, tokenizer=tokenizer, card=card)
+    return config
+
+
 # -- vision-language models (transformers' LLaVA layout) ------------------------------------------
 
 
@@ -495,11 +542,15 @@ def processor_config(config: VLMConfig) -> dict:
 
 
 def save_vlm_dir(
-    model: VisionLanguageModel, out_dir: str | Path, tokenizer: Tokenizer, processor: ImageProcessor
+    model: VisionLanguageModel,
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    card: CardFacts | None = None,
 ) -> Path:
     """Write a LLaVA model directory: config.json, model.safetensors, generation_config.json, the
-    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS.
-    Atomic, like every model directory."""
+    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS,
+    README.md (the model card, of ``card``). Atomic, like every model directory."""
     out_dir = Path(out_dir)
     state = llava_state_dict(model)
     hf = model.config.to_hf_dict()
@@ -513,6 +564,7 @@ def save_vlm_dir(
         tokenizer.save(scratch)
         processor.save(scratch)
         (scratch / PROCESSOR_CONFIG).write_text(json_text(processor_config(model.config)), encoding="utf-8")
+        write_card(scratch, card, SavedModel(out_dir, "llava", hf, parameter_count(model), chat=True))
         write_manifest(scratch)
     return out_dir
 

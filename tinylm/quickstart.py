@@ -5,7 +5,8 @@ built-in corpus → BPE tokenizer → token shards → pretraining → final mod
 → held-out facts completed greedily, a few samples
 → supervised fine-tuning on the built-in conversations (chatml) → a chat model in sft/final
 → held-out questions answered by the base model and by the chat model, a short chat
-→ report.json and report.md in the run directory
+→ report.json and report.md in the run directory; the evaluations on each model's card (README.md);
+  the whole run on one page (tinylm report): report/report.html
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin import score_completion
 from tinylm.data.text import load_shard_info
 from tinylm.eval.questions import chat_accuracy, tally
+from tinylm.eval.report import REPORT_DIR, write_report
 from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import atomic_write_json, atomic_write_text
+from tinylm.modelcard import add_evaluation
 from tinylm.train.pretrain import PretrainConfig, evaluator, pretrain, unigram_bpb
 from tinylm.train.sft import SFTConfig, sft
 
@@ -86,7 +89,8 @@ def render_report(report: dict) -> str:
     lines += [f"- **{m['role']}**: {m['content']}" for m in chat["chat"]]
     lines += [
         "",
-        "The loss curves are in loss.png and sft/loss.png; every logged step is in metrics.jsonl.",
+        "The loss curves are in loss.png and sft/loss.png; every logged step is in metrics.jsonl; the whole run "
+        f"on one page: {report['run_dir']}/{REPORT_DIR}/report.html",
         f"Chat with it: `tinylm chat {report['run_dir']}/sft/final`",
         "",
     ]
@@ -153,8 +157,36 @@ def quickstart(
     atomic_write_json(run_dir / "report.json", report)
     text = render_report(report)
     atomic_write_text(run_dir / "report.md", text)
+    base_card, chat_card = card_evaluations(report)
+    add_evaluation(final, base_card, "the quickstart (report.json)")
+    add_evaluation(chat_final, chat_card, "the quickstart (report.json)")
+    page, _ = write_report(run_dir)
     print(text)
+    print(f"The whole run on one page: {page}")
     return report
+
+
+def card_evaluations(report: dict) -> tuple[dict, dict]:
+    """The report's measurements as model card evaluation rows: (the pretrained model's, the chat model's)."""
+    validation, facts, questions = report["validation"], report["facts"], report["sft"]["questions"]
+    base = {
+        "held-out text": {
+            "loss (nats/token)": validation["loss"],
+            "bits per byte": validation["bpb"],
+            "bits per byte, unigram baseline": validation["unigram_bpb"],
+        },
+        "held-out facts, greedy completion": {"accuracy": facts["accuracy"], "items": facts["total"]},
+        **{f"held-out facts: {kind}": {"accuracy": share} for kind, share in facts["by_kind"].items()},
+        "held-out questions, plain labelled lines": {
+            "accuracy": questions["base"]["accuracy"],
+            "items": questions["base"]["total"],
+        },
+    }
+    chat = {
+        "held-out questions, greedy": {"accuracy": questions["chat"]["accuracy"], "items": questions["chat"]["total"]}
+    }
+    chat |= {f"held-out questions: {kind}": {"accuracy": share} for kind, share in questions["chat"]["by_kind"].items()}
+    return base, chat
 
 
 def evaluate_questions(base_engine, chat_engine, items) -> dict:

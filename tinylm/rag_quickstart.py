@@ -8,7 +8,7 @@
 → the test world's documents written as files and indexed (tinylm rag index) → test_world.db
 → every test-world fact asked in both languages: retrieval hit@1 / hit@5, the answers with the best
   passage and with five (before and after the practice), and without any
-→ report.json and report.md
+→ report.json and report.md; the whole run on one page (tinylm report): report/report.html
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tinylm.config import load_config
+from tinylm.eval.report import write_report
 from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
@@ -85,7 +86,9 @@ def rag_quickstart(
     report["total_seconds"] = time.perf_counter() - started
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render(report))
+    page, _ = write_report(run_dir)
     print(render(report))
+    print(f"The whole run on one page: {page}")
     return report
 
 

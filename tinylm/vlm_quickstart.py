@@ -6,7 +6,8 @@ built-in corpus → a small language model (skipped with --llm)
 → stage 2: the questions fine-tune projector, language model and ViT into a model that answers
 → held-out pictures: accuracy per kind of question against its chance rate, and against the same
   questions asked about a blank picture (what the wording alone gives away)
-→ report.json and report.md in the run directory, with the wall time of each part
+→ report.json and report.md in the run directory, with the wall time of each part; the whole run on one
+  page (tinylm report): report/report.html
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from tinylm.config import load_config
+from tinylm.eval.report import write_report
 from tinylm.io import atomic_write_text
 from tinylm.train.pretrain import PretrainConfig, pretrain
 from tinylm.train.vlm import VLMStageConfig, train_vlm
@@ -83,7 +85,9 @@ def vlm_quickstart(
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = render_report(report)
     atomic_write_text(run_dir / "report.md", text)
+    page, _ = write_report(run_dir)
     print(text)
+    print(f"The whole run on one page: {page}")
     return report
 
 

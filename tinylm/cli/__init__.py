@@ -14,6 +14,7 @@
     tinylm chat runs/tiny/final [--system TEXT] [--image PATH]
     tinylm merge runs/tiny/final runs/adapter runs/merged
     tinylm plot runs/tiny
+    tinylm report runs/quickstart
     tinylm tokenizer encode runs/tiny/final "Hello, 世界"
     tinylm configs [list | show cpu-tiny | copy cpu-tiny my.yaml]
 
@@ -233,13 +234,9 @@ def run(args, overrides: list[str]) -> int:
         )
         serve(server, args.host, args.port, args.log_level)
     elif args.command == "merge":
-        from tinylm.modeldir import load_adapter_dir, read_adapter_config, save_model_dir
+        from tinylm.modeldir import merge_adapter_dir
 
-        config = read_adapter_config(args.adapter_dir)
-        model, tokenizer = load_adapter_dir(
-            args.adapter_dir, base_dir=args.model_dir
-        )  # the adapter's tokenizer and stop tokens win
-        save_model_dir(model, args.out_dir, tokenizer=tokenizer)
+        config = merge_adapter_dir(args.adapter_dir, args.out_dir, args.model_dir)
         print(
             f"merged a rank-{config.r} adapter over {len(config.target_modules)} kinds of layer into {args.out_dir}",
             file=sys.stderr,
@@ -262,6 +259,35 @@ def run(args, overrides: list[str]) -> int:
             f"wrote {out} ({sum(f.stat().st_size for f in out.glob('*.safetensors')) / 2**20:.2f} MiB of weights)",
             file=sys.stderr,
         )
+    elif args.command == "eval":
+        from tinylm.eval.harness import evaluate
+        from tinylm.infer.engine import Engine
+
+        engine = Engine.from_dir(
+            args.model_dir, device=args.device, dtype=torch_dtype(args.dtype), kv_cache=args.kv_cache
+        )
+        results = evaluate(
+            engine,
+            args.tasks,
+            data_dir=args.data_dir,
+            shots=args.shots,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            chat=args.chat,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            out=args.out,
+            model_name=str(args.model_dir),
+        )
+        from tinylm.eval.harness import markdown
+
+        print(markdown(results))
+        if args.card:
+            from tinylm.modelcard import add_evaluation
+
+            source = f"tinylm eval --tasks {args.tasks}" + (f" --shots {args.shots}" if args.shots is not None else "")
+            if not add_evaluation(args.model_dir, results["tasks"], source):
+                print(f"{args.model_dir} has no README.md model card to add the results to", file=sys.stderr)
     elif args.command == "rag":
         return run_rag(args, overrides)
     elif args.command == "plot":
@@ -271,6 +297,11 @@ def run(args, overrides: list[str]) -> int:
         if plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png") is None:
             raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no logged losses to plot")
         print(run_dir / "loss.png")
+    elif args.command == "report":
+        from tinylm.eval.report import write_report
+
+        for path in write_report(args.run_dir, args.out):
+            print(path)
     return 0
 
 

@@ -492,10 +492,50 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
 
     add_rag(commands)
+    add_eval(commands)
 
     plot = add_command(commands, "plot", "(re)draw loss.png of a run from its metrics.jsonl")
     plot.add_argument("run_dir")
+    report = add_command(
+        commands,
+        "report",
+        "one self-contained HTML page (and markdown) about a run: every stage's settings, loss curves, "
+        "evaluations, samples, wall times and tokens/s",
+    )
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None, help="the folder for report.html and report.md (default RUN_DIR/report)")
     return parser
+
+
+def add_eval(commands) -> None:
+    ev = add_command(
+        commands,
+        "eval",
+        "score a model on benchmarks (MMLU, C-Eval, CMMLU, ARC, HellaSwag, GSM8K), perplexity, prompts",
+    )
+    ev.add_argument("model_dir")
+    ev.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated: mmlu, cmmlu, ceval, arc_challenge, arc_easy, hellaswag, gsm8k, builtin, "
+        "ppl:FILE[,FILE...] (perplexity), prompts:FILE (answers saved for reading)",
+    )
+    ev.add_argument(
+        "--data-dir",
+        default=None,
+        help="benchmark files in their published layout under DIR/<task>/ (default: through the datasets library)",
+    )
+    ev.add_argument("--shots", type=int, default=None, help="few-shot examples per item (default: 0; gsm8k 5)")
+    ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (of each subject)")
+    ev.add_argument("--batch-size", type=int, default=32, help="items scored or generated together (default 32)")
+    ev.add_argument("--chat", action="store_true", help="put each prompt through the model's chat template")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: reply budget (default 256)")
+    ev.add_argument("--seed", type=int, default=0, help="builtin: the world whose held-out questions are asked")
+    ev.add_argument("--out", default=None, help="write results.json, results.md and samples_<task>.jsonl here")
+    ev.add_argument(
+        "--card", action="store_true", help="also put the results in the model directory's card (its README.md)"
+    )
+    add_model_args(ev)
 
 
 def add_rag(commands) -> None:

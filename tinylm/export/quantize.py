@@ -35,6 +35,7 @@ from tinylm.model.gptq import Hessian, gptq
 from tinylm.model.intquant import IntLinear, IntScheme, decoder_linears, replace_module
 from tinylm.model.llama import CausalLM
 from tinylm.model.quant import is_quantized
+from tinylm.modelcard import derived_card
 from tinylm.modeldir import (
     CONFIG,
     directory_kind,
@@ -103,10 +104,12 @@ def quantize_model_dir(
         tokens = calibration_tokens(loaded.tokenizer, calibration or Calibration(), language_model)
         quantize_gptq(language_model, names, scheme, tokens)
 
+    what = f"{scheme.describe()}, {'GPTQ' if method == 'gptq' else 'round to nearest'}"
+    card = derived_card(source, str(source), f"quantization ({what})", "quantized", ["quantized", method])
     if model is language_model:
-        save_model_dir(model, out, tokenizer=loaded.tokenizer)
+        save_model_dir(model, out, tokenizer=loaded.tokenizer, card=card)
     else:
-        save_vlm_dir(model, out, loaded.tokenizer, loaded.processor)
+        save_vlm_dir(model, out, loaded.tokenizer, loaded.processor, card)
     return out
 
 

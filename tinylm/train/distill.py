@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinylm.config import ConfigError, TrainConfig, save_config
+from tinylm.config import ConfigError, EvalSection, TrainConfig, save_config
 from tinylm.model.llama import ModelConfig
+from tinylm.modelcard import CardFacts
 from tinylm.modeldir import load_model_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.objectives import DistillLoss
@@ -52,6 +53,7 @@ class DistillConfig:
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # conversations, with distill.corpus: chat
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalSection = field(default_factory=EvalSection)  # benchmarks at each evaluation (none by default)
 
 
 def check_same_tokenizer(teacher, student, teacher_dir, student_dir) -> None:
@@ -85,12 +87,17 @@ def distill(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False, ca
     objective = DistillLoss(
         teacher.float(), cfg.distill.temperature, cfg.distill.kl_weight, vocab_size=teacher_tokenizer.vocab_size
     )
+    card = CardFacts(
+        stage=f"distillation from the teacher `{cfg.distill.teacher}`",
+        tags=["distillation"],
+        settings={"distillation": f"temperature {cfg.distill.temperature:g}, KL weight {cfg.distill.kl_weight:g}"},
+    )
     if cfg.distill.corpus == "text":
-        stage = PretrainConfig(model=cfg.model, data=cfg.data, train=cfg.train, init_from=cfg.init_from)
-        return pretrain(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
+        stage = PretrainConfig(model=cfg.model, data=cfg.data, train=cfg.train, init_from=cfg.init_from, eval=cfg.eval)
+        return pretrain(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective, card=card)
     if not cfg.init_from:
         raise ConfigError(
             "distill.corpus is chat: the student must be a model directory (--student DIR) with a tokenizer"
         )
-    stage = SFTConfig(init_from=cfg.init_from, data=cfg.chat, train=cfg.train)
-    return sft(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective)
+    stage = SFTConfig(init_from=cfg.init_from, data=cfg.chat, train=cfg.train, eval=cfg.eval)
+    return sft(stage, out_dir, resume=resume, callbacks=callbacks, objective=objective, card=card)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tinylm.chat_template import find_template, get_template
-from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
+from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data.builtin import World
 from tinylm.data.builtin_preference import preference_pairs
 from tinylm.data.chat_rows import Encoded, encode_for_training
@@ -41,8 +41,17 @@ from tinylm.eval.questions import heldout_qa_accuracy
 from tinylm.io import atomic_write_json
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
+from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
-from tinylm.train.stage import load_to_fine_tune, prepare_lora, save_final, split_validation, stage_run
+from tinylm.train.stage import (
+    load_to_fine_tune,
+    prepare_lora,
+    run_card,
+    save_final,
+    split_validation,
+    stage_run,
+    with_benchmarks,
+)
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 # -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
@@ -101,6 +110,7 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRASection = field(default_factory=LoRASection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    eval: EvalSection = field(default_factory=EvalSection)  # benchmarks at each evaluation (none by default)
 
 
 @dataclass
@@ -292,6 +302,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         )
         collate = partial(pairs_batch, train_set, pad_id=pad, ref_logps=train_ref)
         batches = Batches.for_run(len(train_set), collate, cfg.train, dist, "preference pairs")
+        evaluate = with_benchmarks(evaluate, cfg.eval, tokenizer, dist)
         task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
@@ -303,12 +314,37 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
                     "before": heldout_qa_accuracy(cfg.init_from, cfg.data.builtin_seed),
                     "after": None,
                 }
-            save_final(model, tokenizer, final, lora, cfg.init_from)
+            name = {"sigmoid": "DPO", "orpo": "ORPO", "simpo": "SimPO"}[cfg.dpo.loss]
+            card = CardFacts(stage=f"preference optimisation ({name})", tags=[name.lower()])
+            card = run_card(card, result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
+            save_final(model, tokenizer, final, lora, cfg.init_from, card)
             if cfg.data.source == "builtin":
                 report["heldout_qa"]["after"] = heldout_qa_accuracy(final, cfg.data.builtin_seed)
             atomic_write_json(run_dir / "dpo.json", report)
+            add_evaluation(final, card_evaluation(report, len(val_set)), f"before and after {name} (dpo.json)")
             print(describe(report), file=sys.stderr)
         return final, result
+
+
+def card_evaluation(report: dict, pairs: int) -> dict[str, dict]:
+    """dpo.json's measurements as model card evaluation rows: the held-out pairs, and the held-out
+    questions of the built-in world (which DPO must not cost)."""
+    before, after = report["before"], report["after"]
+    found = {}
+    if before:
+        found["held-out preference pairs"] = {
+            "prefers chosen": after.get("val_prefers_chosen"),
+            "prefers chosen before": before.get("val_prefers_chosen"),
+            "reward accuracy": after.get("val_accuracy"),
+            "reward margin": after.get("val_margin"),
+            "items": pairs,
+        }
+    if report.get("heldout_qa"):
+        found["held-out questions"] = {
+            "accuracy": report["heldout_qa"]["after"],
+            "accuracy before": report["heldout_qa"]["before"],
+        }
+    return found
 
 
 def describe(report: dict) -> str:

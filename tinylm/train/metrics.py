@@ -7,21 +7,24 @@ import math
 import warnings
 from pathlib import Path
 
-from tinylm.io import atomic_write_text
+from tinylm.io import atomic_write_text, read_json_lines
 
 
 class MetricsLog:
     """Appends one JSON line per record; flushed at once so a crash loses nothing already logged."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, trackers=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers  # live mirrors of the records (tinylm.train.tracking.Trackers), if any
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step``: on resume those steps will be logged again, and a fresh
@@ -34,16 +37,7 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The logged records; a line cut short by a crash mid-write is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_json_lines(path)
 
 
 # Fonts with Chinese glyphs, for titles made of run names like 西游记-10min: the first installed one backs

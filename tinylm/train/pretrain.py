@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
+from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data import builtin
 from tinylm.data.text import (
     PackedWindows,
@@ -26,6 +26,7 @@ from tinylm.data.text import (
 )
 from tinylm.io import atomic_write_text
 from tinylm.model.llama import CausalLM, ModelConfig
+from tinylm.modelcard import CardFacts
 from tinylm.modeldir import load_model_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.distributed import Distributed
@@ -33,8 +34,10 @@ from tinylm.train.objectives import NextTokenLoss, shift_window
 from tinylm.train.stage import (
     check_context,
     prepare_lora,
+    run_card,
     save_final,
     stage_run,
+    with_benchmarks,
 )
 from tinylm.train.trainer import FitResult, Task, fit
 
@@ -64,6 +67,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init_from: str | None = None  # a model directory to continue pretraining from
     lora: LoRASection = field(default_factory=LoRASection)
+    eval: EvalSection = field(default_factory=EvalSection)  # benchmarks at each evaluation (none by default)
 
 
 TOKENIZER_STAMP = "trained_on.sha256"  # in the run's tokenizer/: the key of the corpus and settings it came from
@@ -157,10 +161,17 @@ def unigram_bpb(train_bin: Path, val_bin: Path, meta: dict, vocab_size: int, dty
 
 
 def pretrain(
-    cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None
+    cfg: PretrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks=(),
+    objective=None,
+    card: CardFacts | None = None,
 ) -> tuple[Path, FitResult]:
     """Tokenize the corpus, train a model from scratch (or continue one), save ``out_dir/final``.
-    ``objective``: the loss (default: next-token cross-entropy; distillation passes its own)."""
+    ``objective``: the loss (default: next-token cross-entropy; distillation passes its own), ``card``:
+    the stage's words on the model card (distillation's, likewise)."""
     if cfg.lora.enabled and not cfg.init_from:
         raise ConfigError("lora.enabled needs a model to adapt: continue pretraining one with --init MODEL_DIR")
     run_dir = Path(out_dir)
@@ -205,6 +216,7 @@ def pretrain(
             world_size=dist.world_size,
         )
         evaluate = evaluator(info.val_bin, info.meta, cfg.train.seq_len, cfg.train.eval_batches, info.dtype)
+        evaluate = with_benchmarks(evaluate, cfg.eval, tokenizer, dist)
         task = Task(
             model=model,
             batches=WindowBatches(windows, cfg.train.batch_size),
@@ -214,5 +226,9 @@ def pretrain(
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
-            save_final(model, tokenizer, final, lora, cfg.init_from)
+            card = card or CardFacts(
+                stage="continued pretraining" if cfg.init_from else "pretraining", tags=["pretraining"]
+            )
+            card = run_card(card, result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
+            save_final(model, tokenizer, final, lora, cfg.init_from, card)
         return final, result

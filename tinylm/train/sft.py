@@ -7,12 +7,12 @@ one training loop → a chat model (or a LoRA adapter) that stops where its temp
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 from tinylm.chat_template import get_template
-from tinylm.config import ConfigError, LoRASection, TrainConfig, resolve_source, save_config
+from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.chat import Conversation, read_conversations
 from tinylm.data.chat_rows import encode_conversations, pack, real_tokens, rows_batch
@@ -20,14 +20,17 @@ from tinylm.data.walk import Batches
 from tinylm.eval.questions import identity_report
 from tinylm.infer.engine import Engine
 from tinylm.io import atomic_write_json
+from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     load_to_fine_tune,
     loss_evaluator,
     prepare_lora,
+    run_card,
     save_final,
     split_validation,
     stage_run,
+    with_benchmarks,
 )
 from tinylm.train.trainer import FitResult, Task, fit
 
@@ -57,6 +60,7 @@ class SFTConfig:
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRASection = field(default_factory=LoRASection)
+    eval: EvalSection = field(default_factory=EvalSection)  # benchmarks at each evaluation (none by default)
 
 
 def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
@@ -95,16 +99,35 @@ def identity(cfg: SFTConfig) -> tuple[str | None, str | None]:
     return cfg.data.identity_name, cfg.data.identity_author or builtin_chat.DEFAULT_AUTHOR
 
 
+def identity_evaluation(measured: dict) -> dict[str, dict]:
+    """The identity recipe's measurements as model card evaluation rows."""
+    return {
+        "identity questions": {"accuracy": measured["identity_accuracy"], "items": measured["identity_questions"]},
+        "general questions": {
+            "accuracy": measured["general_accuracy"],
+            "share mentioning the name": measured["general_mentioning_name"],
+            "items": measured["general_questions"],
+        },
+    }
+
+
 def row_evaluator(rows, batch_size: int, max_batches: int):
     """Validation loss (nats per assistant token) over packed validation rows."""
     return loss_evaluator(len(rows), lambda picks: rows_batch(rows, picks), batch_size, max_batches)
 
 
 def sft(
-    cfg: SFTConfig, out_dir: str | Path, *, resume: bool = False, callbacks=(), objective=None
+    cfg: SFTConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks=(),
+    objective=None,
+    card: CardFacts | None = None,
 ) -> tuple[Path, FitResult]:
     """Fine-tune the model in ``cfg.init_from`` on conversations; save a chat model in ``out_dir/final``.
-    ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own)."""
+    ``objective``: the loss (default: cross-entropy of the assistant's tokens; distillation passes its own),
+    ``card``: the stage's words on the model card (distillation's, likewise)."""
     run_dir = Path(out_dir)
     with stage_run(run_dir, cfg.train.device) as dist:
         model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT", cfg.train.seq_len)
@@ -135,7 +158,9 @@ def sft(
                 file=sys.stderr,
             )
         batches = Batches.for_run(len(train_rows), partial(rows_batch, train_rows), cfg.train, dist, "packed rows")
-        evaluate = row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches)
+        evaluate = with_benchmarks(
+            row_evaluator(val_rows, cfg.train.batch_size, cfg.train.eval_batches), cfg.eval, tokenizer, dist
+        )
         task = Task(
             model=model,
             batches=batches,
@@ -146,11 +171,16 @@ def sft(
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
-            save_final(model, tokenizer, final, lora, cfg.init_from)
-            if cfg.data.identity_name:
-                name, author = identity(cfg)
+            name, author = identity(cfg)
+            card = card or CardFacts(stage="supervised fine-tuning (SFT)", tags=["sft"])
+            if name:
+                card = replace(card, notes=[*card.notes, f"It was taught to call itself {name}, made by {author}."])
+            card = run_card(card, result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
+            save_final(model, tokenizer, final, lora, cfg.init_from, card)
+            if name:
                 measured = identity_report(Engine(model.eval(), tokenizer), name, author, cfg.data.builtin_seed)
                 atomic_write_json(run_dir / "identity.json", measured)
+                add_evaluation(final, identity_evaluation(measured), "held-out identity questions (identity.json)")
                 print(
                     f"identity: {measured['identity_accuracy']:.0%} of {measured['identity_questions']} held-out "
                     "questions answered "

@@ -5,7 +5,8 @@
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
         ...                                                               # the stage's own data and objective
         result = fit(task, cfg.train, run_dir, dist)
-        save_final(model, tokenizer, run_dir / "final", lora, cfg.init_from)
+        card = run_card(CardFacts(stage="..."), result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
+        save_final(model, tokenizer, run_dir / "final", lora, cfg.init_from, card)
 
 Under ``torchrun`` it joins the process group (and waits for the other processes before leaving it);
 the run directory is created, and the main process holds its lock for the whole run, so a second run
@@ -18,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from tinylm.model.intquant import IntLinear
 from tinylm.model.llama import CausalLM
 from tinylm.model.lora import add_lora
 from tinylm.model.quant import quantize_linear_layers
+from tinylm.modelcard import BUILTIN_LANGUAGES, CardFacts, builtin_dataset
 from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
@@ -118,6 +121,46 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
 
 
+def with_benchmarks(evaluate, section, tokenizer, dist):
+    """``evaluate`` (the validation loss), then ``section.tasks`` (the config's ``eval`` section) run by
+    ``tinylm eval`` on the model as it is, their metrics as ``<task>/<metric>``. The main process runs
+    the tasks; the tasks' names and files are checked now, so a typo fails before training does."""
+    if not section.tasks:
+        return evaluate
+    from tinylm.eval.harness import evaluate as run_tasks
+    from tinylm.eval.harness import task_names
+    from tinylm.infer.engine import Engine
+
+    task_names(section.tasks)
+
+    def with_tasks(model) -> dict:
+        metrics = evaluate(model) if evaluate is not None else {}
+        if dist.is_main:
+            settings = {k: getattr(section, k) for k in ("data_dir", "shots", "limit", "batch_size", "chat")}
+            found = run_tasks(
+                Engine(model, tokenizer),
+                section.tasks,
+                **settings,
+                max_new_tokens=section.max_new_tokens,
+                progress=False,
+            )
+            for task, entry in found["tasks"].items():
+                metrics.update({f"{task}/{k}": v for k, v in entry.items() if k in BENCHMARK_METRICS})
+        return metrics
+
+    return with_tasks
+
+
+BENCHMARK_METRICS = {
+    "acc",
+    "acc_norm",
+    "exact_match,strict-match",
+    "exact_match,flexible-extract",
+    "bits_per_byte",
+    "word_perplexity",
+}
+
+
 def loss_evaluator(size: int, make_batch, batch_size: int, max_batches: int):
     """Validation loss (nats per labelled token) over the first ``max_batches`` batches of ``size`` items
     in order; ``make_batch(indices)`` builds a batch."""
@@ -138,21 +181,84 @@ def loss_evaluator(size: int, make_batch, batch_size: int, max_batches: int):
     return evaluate
 
 
-def save_final(model, tokenizer, final: Path, lora, base_dir: str | None) -> None:
+def save_final(model, tokenizer, final: Path, lora, base_dir: str | None, card: CardFacts | None = None) -> None:
     """The run's result: a model directory, or, for a LoRA run, an adapter directory (PEFT layout, with
-    the tokenizer and stop tokens) over ``base_dir``."""
+    the tokenizer and stop tokens) over ``base_dir``; ``card``: its model card's facts (see run_card)."""
     model = model.cpu()
     if lora is None:
-        save_model_dir(model, final, tokenizer=tokenizer)
+        save_model_dir(model, final, tokenizer=tokenizer, card=card)
     else:
+        base = str(Path(base_dir).resolve())
+        card = card or CardFacts()
+        card = replace(card, base_model=base, relation="adapter", tags=[*card.tags, "lora", "peft"])
         save_adapter(
             model,
             lora,
             final,
-            base_model=str(Path(base_dir).resolve()),
+            base_model=base,
             tokenizer=tokenizer,
             eos_token_id=model.config.eos_token_id,
+            card=card,
         )
     print(
         f"saved {final}" + (" (a LoRA adapter; tinylm merge folds it into the base)" if lora else ""), file=sys.stderr
     )
+
+
+# -- the model card of a run's result ------------------------------------------------------------
+
+
+def run_card(card: CardFacts, result, train, data=None, base: str | None = None, lora=None) -> CardFacts:
+    """The model card's facts of a finished run: ``card`` (the stage's own words, tags and notes)
+    completed with the run's numbers (steps, tokens, time, final losses, the benchmarks of its last
+    evaluation), its data (the config's data section), the model it started from and its key settings."""
+    last = result.last_metrics
+    training = {
+        "steps": result.step,
+        "tokens": result.tokens,
+        "seconds": result.elapsed_s,
+        "tokens_per_s": result.tokens / result.elapsed_s if result.elapsed_s else None,
+        "train_loss": last.get("loss"),
+        "val_loss": last.get("val_loss"),
+        "best_val_loss": result.best.get("val_loss") if result.best else None,
+    }
+    datasets, language = data_facts(data) if data is not None else ([], [])
+    benchmarks: dict[str, dict] = {}
+    for key, value in last.items():
+        task, _, metric = key.rpartition("/")
+        if task and metric in BENCHMARK_METRICS:
+            benchmarks.setdefault(task, {})[metric] = value
+    return replace(
+        card,
+        base_model=card.base_model or base,
+        relation=card.relation or ("finetune" if base else None),
+        datasets=card.datasets or datasets,
+        language=card.language or language,
+        training=training,
+        settings={**train_settings(train, lora), **card.settings},
+        evaluation={**benchmarks, **card.evaluation},
+        evaluation_source=card.evaluation_source or ("the run's last evaluation" if benchmarks else ""),
+    )
+
+
+def data_facts(section) -> tuple[list[str], list[str]]:
+    """(datasets, languages) of a stage's data section: the built-in world of its seed, in English and
+    Chinese, or the names of its files (whose languages the card leaves to the reader)."""
+    if section.source == "builtin":
+        return [builtin_dataset(section.builtin_seed)], list(BUILTIN_LANGUAGES)
+    return [Path(f).name for f in section.files], []
+
+
+def train_settings(train, lora=None) -> dict[str, str]:
+    """The settings a model card shows of a run (its config.yaml holds them all)."""
+    accumulated = f" ({train.batch_size} × {train.grad_accum} accumulated)" if train.grad_accum > 1 else ""
+    settings = {
+        "batch": f"{train.batch_size * train.grad_accum} rows of {train.seq_len} tokens{accumulated}",
+        "learning rate": f"{train.lr:g}, {train.warmup_steps} warmup steps, cosine to {train.min_lr_ratio:g}×",
+        "optimizer": f"{train.optimizer}, weight decay {train.weight_decay:g}",
+        "precision": train.precision,
+    }
+    if lora is not None and lora.enabled:
+        base = ", over a 4-bit NF4 base (QLoRA)" if lora.quantize == "nf4" else ""
+        settings["LoRA"] = f"rank {lora.r}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}{base}"
+    return settings

@@ -11,6 +11,7 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ from tinylm.train import checkpoint as ckpt
 from tinylm.train.distributed import Distributed
 from tinylm.train.metrics import MetricsLog, plot_losses
 from tinylm.train.optim import build_optimizer
+from tinylm.train.tracking import Trackers
 
 
 class Batches(Protocol):
@@ -131,6 +133,7 @@ def fit(
     clock.started = time.perf_counter()
 
     log.truncate_after(step)  # records after the checkpoint (or, starting afresh, all) are from an abandoned run
+    log.trackers = Trackers(cfg.report_to, run_dir, dataclasses.asdict(cfg), start_step=step, enabled=main)
     data_state = task.batches.state_dict()  # the data position as of the last completed step
     train_model = model
     if cfg.compile:
@@ -279,6 +282,7 @@ def fit(
                 print(f"\naborted at step {step}; the newest complete checkpoint is step {saved_step}", file=sys.stderr)
         finally:
             bar.close()
+            log.trackers.close()
             if main:
                 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
     if track_best and not interrupted and best is not None:

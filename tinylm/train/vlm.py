@@ -44,6 +44,7 @@ from tinylm.model.lora import merge_lora, restore_full_precision
 from tinylm.model.loss import IGNORE
 from tinylm.model.vision import PROJECTOR_ACTIVATIONS, SIGLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
+from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vlm_dir
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
@@ -51,6 +52,7 @@ from tinylm.train.stage import (
     load_to_fine_tune,
     loss_evaluator,
     prepare_lora,
+    run_card,
     split_validation,
     stage_run,
 )
@@ -401,7 +403,8 @@ def train_vlm(
                 if cfg.lora.quantize != "none":  # QLoRA trained over 4-bit weights; the merge uses the originals
                     restore_full_precision(model.language_model, load_vlm_dir(cfg.init_from)[0].language_model)
                 merge_lora(model.language_model)  # one LLaVA directory: the adapter folded into the language model
-            save_vlm_dir(model, final, tokenizer, processor)  # (the tensors are copied to the CPU as they are saved)
+            card = run_card(stage_card(cfg, stage), result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
+            save_vlm_dir(model, final, tokenizer, processor, card)  # (tensors are copied to the CPU as they are saved)
             print(
                 f"saved {final}" + (" (the LoRA adapter merged into the language model)" if lora else ""),
                 file=sys.stderr,
@@ -411,8 +414,38 @@ def train_vlm(
                     Engine(model.eval(), tokenizer, processor=processor), builtin_corpus(cfg, run_dir)["heldout"]
                 )
                 atomic_write_json(run_dir / "heldout.json", report)
+                add_evaluation(final, heldout_evaluation(report), "held-out pictures (heldout.json)")
                 print(render_heldout(report), file=sys.stderr)
         return final, result
+
+
+def stage_card(cfg: VLMStageConfig, stage: str) -> CardFacts:
+    """The model card's words for a stage's model: which stage, and the vision tower it sees with."""
+    words = "stage 1 (captions teach the projector)" if stage == "pretrain" else "stage 2 (image conversations)"
+    tower = f"the vision tower of `{cfg.vision.tower}`" if cfg.vision.tower else None
+    notes = [f"It sees with {tower}."] if tower and stage == "pretrain" else []
+    return CardFacts(stage=f"vision-language training, {words}", tags=["vlm", "llava"], notes=notes)
+
+
+def heldout_evaluation(report: dict) -> dict[str, dict]:
+    """heldout.json as model card evaluation rows: accuracy per kind of question, against chance and
+    against the same questions about a blank picture."""
+    blank = report["blank_picture"]
+    found = {
+        "held-out picture questions": {
+            "accuracy": report["accuracy"],
+            "accuracy, blank picture": blank["accuracy"],
+            "items": report["questions"],
+        }
+    }
+    for kind, row in report["by_kind"].items():
+        found[f"held-out questions: {kind}"] = {
+            "accuracy": row["accuracy"],
+            "accuracy, chance": row["chance"],
+            "accuracy, blank picture": blank["by_kind"][kind]["accuracy"],
+            "items": row["questions"],
+        }
+    return found
 
 
 def vlm_pretrain(cfg: VLMStageConfig, out_dir, *, resume: bool = False, callbacks=()):
