@@ -87,6 +87,7 @@ BENCH = {  # the smallest run of each benchmark that still does every part of it
     "quantize.py": "--calib-samples 4 --variants 2".split(),
     "rag.py": "--sizes 300 --queries 10 --warmup 2 --embedders none tiny".split(),
     "eval.py": "--items 4 --context 16 --rounds 1".split(),
+    "rollouts.py": "--group 2 --prompt-tokens 8 --new-tokens 4 --rounds 1".split(),
 }
 
 

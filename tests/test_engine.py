@@ -75,6 +75,28 @@ def test_left_padded_batch_rows_equal_their_own_runs():
         assert row == recompute_greedy(model, prompt, 12)
 
 
+def test_a_repeated_prompt_is_prefilled_once_and_decodes_as_alone():
+    """A group of answers to one prompt (RL's rollouts) shares one prefill; each row is still its own:
+    greedy rows equal a lone run, and sampled rows draw from seed + row as they would unshared."""
+    model = make_model()
+    engine = Engine(model)
+    p, q = [5, 17, 42, 8], [3, 4, 5, 6, 7, 8, 9]
+    prefilled = []
+    prefill = engine.prefill
+    engine.prefill = lambda prompts, *args, **kw: prefilled.append(len(prompts)) or prefill(prompts, *args, **kw)
+    assert engine.generate([p, q, p, p], greedy(10)) == [engine.generate([x], greedy(10))[0] for x in (p, q, p, p)]
+    assert prefilled[0] == 2  # two distinct prompts for four rows
+    logits, cache, padding = engine.shared_prefill([p, q, p], room=4)
+    want_logits, want_cache, want_padding = prefill([p, q, p], room=4)
+    assert torch.allclose(logits, want_logits, atol=1e-5) and torch.equal(padding, want_padding)
+    assert torch.allclose(cache.k[:, :, :, : cache.length], want_cache.k[:, :, :, : cache.length], atol=1e-5)
+    sampled = SamplingSettings(max_new_tokens=12, temperature=1.0, seed=7, stop_token_ids=[])
+    group = engine.generate([p] * 4, sampled)
+    assert len({tuple(g) for g in group}) > 1  # different samples from one prompt
+    shifted = engine.generate([q, p, p, p, p], sampled)[1:]  # the same rows, one place later: seeds 8..11
+    assert group[1:] == shifted[:3]
+
+
 def test_rows_stop_independently_on_their_stop_token():
     engine = Engine(make_model())
     prompts = [[3, 4, 5], list(range(20, 33))]

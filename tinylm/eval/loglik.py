@@ -133,9 +133,7 @@ class Scorer:
         """Tokens 2.. of every continuation, in one batch on copies of their items' cache rows."""
         index = torch.tensor(rows, device=self.engine.device)
         tails = self.engine.new_cache(len(rows), cache.max_len)
-        tails.k[:, :, :, : cache.length] = cache.k[:, index, :, : cache.length]
-        tails.v[:, :, :, : cache.length] = cache.v[:, index, :, : cache.length]
-        tails.length = cache.length
+        tails.take_rows(cache, index)
         tokens = torch.zeros(len(rows), length, dtype=torch.long, device=self.engine.device)
         for i, c in enumerate(continuations):  # inputs are tokens 1..n-1; right padding is never read
             tokens[i, : len(c) - 1] = torch.tensor(c[:-1])

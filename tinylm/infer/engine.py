@@ -264,6 +264,11 @@ class Engine:
     ) -> Engine:
         """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
         vision-language model directory with its image processor too."""
+        if modeldir.is_reward_dir(path):
+            raise modeldir.ModelDirError(
+                f"{path}: is a reward model: it scores conversations and writes none, so it cannot chat, generate, "
+                "serve or be evaluated on benchmarks (tinylm.train.rm.score_conversations scores with it)"
+            )
         loaded = modeldir.load(path, device=resolve_device(device), dtype=dtype)
         engine = cls(loaded.model, loaded.tokenizer, compile=compile, processor=loaded.processor, kv_cache=kv_cache)
         engine.defaults = generation_defaults(path)
@@ -399,8 +404,12 @@ class Engine:
 
         ``pixels``: the images of all prompts in order; the prefill then runs on the vision-language
         model's embeddings, with each image's features in place of its placeholder tokens.
+
+        A prompt that appears several times (a group of answers sampled for one prompt, as RL does) is
+        prefilled once, and its rows of the cache are copied for the others: the same keys and values,
+        a fraction of the work.
         """
-        logits, cache, padding = self.prefill(prompts, pixels, room=steps)
+        logits, cache, padding = self.shared_prefill(prompts, pixels, room=steps)
         batch, longest = padding.shape
         padded = not bool(padding.all())
 
@@ -445,6 +454,22 @@ class Engine:
             hidden = self.model.hidden_states(inputs_embeds=embeds, position_ids=positions, mask=mask, cache=cache)
             return self.model.lm_head(hidden[:, -1]), cache, padding
         return self.last_logits(tokens, positions, mask, cache), cache, padding
+
+    def shared_prefill(
+        self, prompts: list[list[int]], pixels: torch.Tensor | None = None, room: int = 0
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """``prefill``, with each distinct prompt run once and its results copied to the rows that
+        repeat it (text prompts; prompts with images are each run)."""
+        first: dict[tuple[int, ...], int] = {}  # each distinct prompt → its row in the prefill
+        for prompt in prompts:
+            first.setdefault(tuple(prompt), len(first))
+        if pixels is not None or len(first) == len(prompts):
+            return self.prefill(prompts, pixels, room)
+        logits, cache, padding = self.prefill([list(p) for p in first], None, room)
+        rows = torch.tensor([first[tuple(p)] for p in prompts], device=self.device)
+        copies = self.new_cache(len(prompts), cache.max_len)
+        copies.take_rows(cache, rows)
+        return logits[rows], copies, padding[rows]
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache of the engine's kind (``kv_cache``): for a prefill, or the server's slots."""

@@ -262,6 +262,15 @@ class KVCache:
         self.v[:, row, :, :length] = v
         self.lengths[row] = length
 
+    def take_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fill this cache from ``source`` (a cache of the same kind, rows filled alike): row i gets
+        source row ``rows[i]`` (rows may repeat), up to the filled length. Choices that share a prompt,
+        and answers sampled for one prompt, start this way from one prefill."""
+        length = source.length
+        self.k[:, :, :, :length] = source.k[:, rows, :, :length]
+        self.v[:, :, :, :length] = source.v[:, rows, :, :length]
+        self.length = length
+
     def move(self, source: int, target: int) -> None:
         """Copy one row's filled positions into another (a leaving row's place gets the last row)."""
         length = self.lengths[source]
@@ -438,20 +447,17 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
 
 
-class CausalLM(nn.Module):
-    """The whole language model: token ids in, next-token logits out."""
+class DecoderModel(nn.Module):
+    """The decoder (``model.*``: embeddings, layers, final norm) and its rotary frequencies: what every
+    model on this decoder shares. A head on top makes it a model: ``CausalLM``'s lm_head predicts the
+    next token, ``tinylm.model.reward.RewardModel``'s score rates a whole sequence."""
 
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
         self.config = config
         self.model = Decoder(config, device=device)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         # inv_freq is derived from the config, not learned or saved
         self.register_buffer("inv_freq", rope_frequencies(config).to(device), persistent=False)
-        if device != "meta":
-            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) weights, zero biases, unit norms; residual outputs scaled by 1/√(2·layers)."""
@@ -466,7 +472,7 @@ class CausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        self.inv_freq = rope_frequencies(self.config).to(self.lm_head.weight.device)
+        self.inv_freq = rope_frequencies(self.config).to(self.model.embed_tokens.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B or 1, 1, T, head_dim] for the given positions, computed in float32."""
@@ -500,6 +506,21 @@ class CausalLM(nn.Module):
             cache.advance(x.shape[1])
         return self.model.norm(x)
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class CausalLM(DecoderModel):
+    """The whole language model: token ids in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__(config, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if device != "meta":
+            self.reset_parameters()
+
     def forward(
         self,
         input_ids=None,
@@ -526,9 +547,6 @@ class CausalLM(nn.Module):
             picked = logits.log_softmax(-1).gather(-1, labels[labelled][:, None]).squeeze(-1)
             return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(labelled, picked)
         return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def tied_head_names(model: nn.Module) -> set[str]:
