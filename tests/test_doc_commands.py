@@ -52,6 +52,7 @@ DOC_ORDER = [
     "docs/quantize.md",
     "docs/rag.md",
     "docs/eval.md",
+    "docs/rl.md",
     "docs/report.md",
 ]
 
@@ -109,7 +110,7 @@ def tiny_settings(argv: list[str]) -> list[str]:
         return TRAIN
     if command == "pretrain":
         return [*TRAIN, *([] if "--init" in argv else MODEL)]
-    if command in ("sft", "dpo", "distill"):
+    if command in ("sft", "dpo", "rm", "distill"):
         return TRAIN
     if command == "rag" and argv[1] == "quickstart":  # two steps of the reading fine-tune (its own row length)
         reading = [*(t for t in TRAIN if not t.startswith("--train.seq_len")), "--questions", "3"]
@@ -456,6 +457,10 @@ class Sandbox:
             assert (home / args.out / "tokenizer.json").is_file()
         elif args.command == "tokenizer":
             assert printed.strip()
+        elif args.command == "rm":  # a reward model (or its adapter) and its before/after report
+            from tinylm.modeldir import is_reward_dir
+
+            assert is_reward_dir(home / args.out / "final") and (home / args.out / "rm.json").is_file()
         elif getattr(args, "out", None):  # a training stage: its model, or its adapter
             final = home / args.out / "final"
             assert (final / "model.safetensors").is_file() or (final / "adapter_model.safetensors").is_file()

@@ -13,8 +13,9 @@ from tinylm.chat_template import TEMPLATES, find_template, get_template
 from tinylm.cli import main
 from tinylm.config import load_config
 from tinylm.modeldir import load_model_dir
-from tinylm.train.dpo import DPOConfig, encode_pairs, final_answer_only, pairs_batch
+from tinylm.train.dpo import DPOConfig
 from tinylm.train.objectives import PreferenceLoss, preference_losses
+from tinylm.train.pairs import encode_pairs, final_answer_only, pairs_batch
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ names the key and where it came from. The fully resolved config is saved in the 
 
 This module holds the loader and the sections every stage shares (``train``, ``lora``); each stage's own
 config lives beside its recipe (``tinylm.train.pretrain.PretrainConfig``, ``tinylm.train.sft.SFTConfig``,
-``tinylm.train.dpo.DPOConfig``, ``tinylm.train.distill.DistillConfig``, ``tinylm.train.vlm.VLMStageConfig``).
+``tinylm.train.dpo.DPOConfig``, ``tinylm.train.rm.RMConfig``, ``tinylm.train.distill.DistillConfig``,
+``tinylm.train.vlm.VLMStageConfig``).
 """
 
 from __future__ import annotations

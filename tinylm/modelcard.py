@@ -85,12 +85,17 @@ class SavedModel:
     """What the model directory writer knows of the directory it writes."""
 
     path: Path  # where the directory will be (the usage snippets load it from there)
-    kind: str  # "model", "adapter" or "llava"
+    kind: str  # "model", "adapter", "llava" or "reward"
     config: dict  # its config.json (for an adapter: its base model's)
     parameters: int  # every weight, a quantized one counted as one (an adapter: its base model's)
     chat: bool = False  # its tokenizer has a chat template
     adapter: dict | None = None  # an adapter's adapter_config.json
     adapter_parameters: int = 0
+
+    @property
+    def rewards(self) -> bool:
+        """A reward model, or a reward model's adapter (PEFT's task_type SEQ_CLS): it scores text."""
+        return self.kind == "reward" or (self.adapter or {}).get("task_type") == "SEQ_CLS"
 
 
 # -- the whole card -------------------------------------------------------------------------------
@@ -121,9 +126,11 @@ def metadata(facts: CardFacts, saved: SavedModel) -> dict:
     if facts.language:
         meta["language"] = list(facts.language)
     meta["library_name"] = "peft" if saved.kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = "image-text-to-text" if saved.kind == "llava" else "text-generation"
-    tags = ["tinylm", *model_types(saved.config), *facts.tags]
-    if saved.chat:
+    meta["pipeline_tag"] = (
+        "image-text-to-text" if saved.kind == "llava" else "text-classification" if saved.rewards else "text-generation"
+    )
+    tags = ["tinylm", *model_types(saved.config), *(["reward-model"] if saved.rewards else []), *facts.tags]
+    if saved.chat and not saved.rewards:
         tags.append("chat")
     meta["tags"] = list(dict.fromkeys(tags))
     if facts.datasets:
@@ -231,9 +238,12 @@ def introduction(facts: CardFacts, saved: SavedModel) -> str:
     """The title and a paragraph: what the model is, how it was made, from what."""
     size = f"{short_count(saved.parameters)}-parameter " if saved.parameters else ""
     kind = family(config_of_text(saved.config))
+    adapter = f"A LoRA adapter (PEFT's layout) for a {size}{kind} model"
     what = {
-        "adapter": f"A LoRA adapter (PEFT's layout) for a {size}{kind} model",
+        "adapter": adapter + (" that makes it a reward model (its score head kept whole)" if saved.rewards else ""),
         "llava": f"A {size}vision-language model (LLaVA layout) with a {kind} language model",
+        "reward": f"A {size}{kind} reward model: it gives the last answer of a conversation a score, higher "
+        "for a better answer",
     }.get(saved.kind, f"A {size}{kind} {'chat ' if saved.chat else ''}model")
     lines = [
         f"# {card_title(saved.path)}",
@@ -444,9 +454,64 @@ def table_rows(section: str) -> list[list[str]]:
 
 def usage_section(saved: SavedModel) -> str:
     path = saved.path.as_posix()
-    parts = ["## How to use", "", "With transformers:", "", "```python", *transformers_snippet(saved, path), "```"]
-    parts += ["", "With tinylm:", "", "```bash", *tinylm_snippet(saved, path), "```", ""]
+    snippet = reward_snippet if saved.rewards else transformers_snippet
+    parts = ["## How to use", "", "With transformers:", "", "```python", *snippet(saved, path), "```"]
+    if saved.rewards:  # no command runs a reward model: it is read from Python (and by later RL stages)
+        parts += ["", "With tinylm:", "", "```python", *tinylm_reward_snippet(path), "```", ""]
+    else:
+        parts += ["", "With tinylm:", "", "```bash", *tinylm_snippet(saved, path), "```", ""]
     return "\n".join(parts)
+
+
+SCORED = [  # the conversation the reward snippets score
+    "messages = [",
+    '    {"role": "user", "content": "Who are you?"},',
+    '    {"role": "assistant", "content": "I am an assistant. How can I help?"},',
+    "]",
+]
+
+
+def reward_snippet(saved: SavedModel, path: str) -> list[str]:
+    """Score a conversation with transformers: the reward model as a one-label sequence classifier (an
+    adapter: its base loaded as one, with the pad id training used, then the adapter)."""
+    if saved.kind == "adapter":
+        pad = saved.config.get("pad_token_id")
+        load = [
+            "import torch",
+            "from peft import AutoPeftModelForSequenceClassification",
+            "from transformers import AutoTokenizer",
+            "",
+            "# its base model as a one-score classifier, then the adapter and the score head",
+            "model = AutoPeftModelForSequenceClassification.from_pretrained(",
+            f'    "{path}", num_labels=1, pad_token_id={pad}',
+            ")",
+        ]
+    else:
+        load = [
+            "import torch",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f'model = AutoModelForSequenceClassification.from_pretrained("{path}")',
+        ]
+    return [
+        *load,
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        *SCORED,
+        'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)',
+        "with torch.no_grad():",
+        "    print(model(**inputs).logits[0, 0].item())  # the reward: higher for a better answer",
+    ]
+
+
+def tinylm_reward_snippet(path: str) -> list[str]:
+    return [
+        "from tinylm.modeldir import load",
+        "from tinylm.train.rm import score_conversations",
+        "",
+        f'loaded = load("{path}")  # the RewardModel and its tokenizer',
+        *SCORED,
+        "print(score_conversations(loaded.model, loaded.tokenizer, [messages]))",
+    ]
 
 
 def transformers_snippet(saved: SavedModel, path: str) -> list[str]:

@@ -6,14 +6,17 @@
               its base model is the directory adapter_config.json names         → the base, adapter merged
     llava     config.json with model_type llava (transformers' LLaVA layout), the tokenizer,
               preprocessor_config.json, processor_config.json                   → VisionLanguageModel
+    reward    config.json with architectures [Llama/Qwen2/Qwen3ForSequenceClassification], one label
+              and a pad_token_id, model.safetensors (the decoder and score.weight), the tokenizer,
+              SHA256SUMS; or an adapter with task_type SEQ_CLS, its score head whole    → RewardModel
     vision    a SigLIP or CLIP vision tower (alone, or inside a whole SigLIP/CLIP/LLaVA model)
 
 ``load(path)`` tells them apart and loads any; ``save_model_dir``, ``save_adapter`` and ``save_vlm_dir``
-write them. Every directory is written beside its destination and renamed into place only when complete,
-so a crash never leaves a half-written model where a good one was, and carries a SHA256SUMS manifest that
-loading verifies, and a README.md model card (``tinylm.modelcard``; the stage that saved the model passes
-its facts as ``card``). Directories saved by transformers or PEFT (no manifest, perhaps sharded weights)
-load too.
+write them (the first two a language model or a reward model, whichever they are given). Every directory
+is written beside its destination and renamed into place only when complete, so a crash never leaves a
+half-written model where a good one was, and carries a SHA256SUMS manifest that loading verifies, and a
+README.md model card (``tinylm.modelcard``; the stage that saved the model passes its facts as ``card``).
+Directories saved by transformers or PEFT (no manifest, perhaps sharded weights) load too.
 
 The modules in ``tinylm.model`` know tensors only; the file formats live here.
 """
@@ -33,6 +36,7 @@ from tinylm.image_processor import ImageProcessor
 from tinylm.io import (
     DataError,
     atomic_directory,
+    atomic_write_json,
     json_text,
     missing_directory,
     read_json,
@@ -41,8 +45,17 @@ from tinylm.io import (
 )
 from tinylm.model.intquant import IntLinear, IntScheme, decoder_linears, int_layers_for_loading
 from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
-from tinylm.model.lora import ALL_LINEAR, LoRAConfig, adapter_state_dict, add_lora, load_adapter_state, merge_lora
+from tinylm.model.lora import (
+    ALL_LINEAR,
+    KEY_PREFIX,
+    LoRAConfig,
+    adapter_state_dict,
+    add_lora,
+    load_adapter_state,
+    merge_lora,
+)
 from tinylm.model.quant import QuantizedLinear
+from tinylm.model.reward import RewardModel
 from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TOKEN, VisionLanguageModel, VLMConfig, llava_state_dict, vlm_from_state_dict
 from tinylm.modelcard import CardFacts, SavedModel, derived_card, write_card
@@ -51,6 +64,14 @@ from tinylm.tokenizer import Tokenizer
 CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PROCESSOR_CONFIG = "processor_config.json"  # LlavaProcessor's settings (the image processor has its own file)
+REWARD_ARCHITECTURES = {  # model_type → the transformers class of a reward model (one score per sequence)
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+}
+CLASSIFIER_KEYS = ("num_labels", "id2label", "label2id", "problem_type")  # config.json keys of a classifier
+REWARD_TASK = "SEQ_CLS"  # PEFT's task_type of an adapter for a sequence classifier
+REWARD_HEADS = {"score", "classifier"}  # what PEFT keeps whole in such an adapter (modules_to_save)
 
 
 class ModelDirError(DataError):
@@ -68,7 +89,8 @@ class Loaded:
 
 
 def directory_kind(path: str | Path) -> str:
-    """ "model", "adapter" or "llava"; a ModelDirError when ``path`` is none of them."""
+    """ "model", "adapter", "llava" or "reward"; a ModelDirError when ``path`` is none of them. (An
+    adapter may be a reward model's: ``is_reward_dir`` tells.)"""
     directory = Path(path)
     if not directory.exists():
         raise ModelDirError(missing_directory(path, "model directory"), "missing_file")
@@ -76,10 +98,14 @@ def directory_kind(path: str | Path) -> str:
         raise ModelDirError(f"{directory}: not a model directory (it is a file{_gguf_note(directory)})")
     if (directory / CONFIG).is_file():
         try:
-            llava = read_json(directory / CONFIG).get("model_type") == "llava"
+            hf = read_json(directory / CONFIG)
         except DataError:  # loading it will say what is wrong (its checksum, or where the JSON breaks)
-            llava = False
-        return "llava" if llava else "model"
+            hf = {}
+        hf = hf if isinstance(hf, dict) else {}
+        if hf.get("model_type") == "llava":
+            return "llava"
+        classifier = any(str(name).endswith("ForSequenceClassification") for name in hf.get("architectures") or [])
+        return "reward" if classifier else "model"
     if (directory / ADAPTER_CONFIG).is_file():
         return "adapter"
     raise ModelDirError(f"{directory / CONFIG}: missing (a model directory holds config.json and its weights)")
@@ -97,11 +123,22 @@ def _gguf_note(path: Path) -> str:
 
 
 def load(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Loaded:
-    """Any model directory tinylm can run: a model, an adapter (merged into its base) or a LLaVA model.
-    ``dtype`` None keeps the dtype the weights were saved in."""
+    """Any model directory tinylm can run: a model, an adapter (merged into its base), a LLaVA model or
+    a reward model. ``dtype`` None keeps the dtype the weights were saved in."""
     if directory_kind(path) == "llava":
         return Loaded(*load_vlm_dir(path, device=device, dtype=dtype))
+    if is_reward_dir(path):
+        return Loaded(*load_reward_dir(path, device=device, dtype=dtype))
     return Loaded(*load_model_dir(path, device=device, dtype=dtype))
+
+
+def is_reward_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a reward model: a model directory with a one-score classifier head, or a
+    PEFT adapter for one (task_type SEQ_CLS)."""
+    kind = directory_kind(path)
+    if kind == "adapter":
+        return read_json(Path(path) / ADAPTER_CONFIG).get("task_type") == REWARD_TASK
+    return kind == "reward"
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -247,32 +284,68 @@ def generation_config(config: ModelConfig, eos_token_id=None) -> dict:
 
 
 def save_model_dir(
-    model: CausalLM,
+    model: CausalLM | RewardModel,
     out_dir: str | Path,
     tokenizer: Tokenizer | None = None,
     extra_files: dict[str, str] | None = None,
     card: CardFacts | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer) as a Hugging Face model directory with a manifest and a model
-    card (``card``: what the stage that made the model knows of it)."""
+    card (``card``: what the stage that made the model knows of it). A reward model is written as
+    transformers' sequence classifier (``hf_config``), with no generation_config.json: it writes nothing."""
     out_dir = Path(out_dir)
+    reward = isinstance(model, RewardModel)
     state = model_state_dict(model)
-    hf_config = model.config.to_hf_dict()
+    hf_config = hf_config_of(model)
     hf_config["dtype"] = hf_config["torch_dtype"] = _saved_dtype(state)  # transformers 5 reads the first, 4 the second
-    if (quant := quantization_config(model)) is not None:
+    if (quant := quantization_config(model, ignore=("score",) if reward else ())) is not None:
         hf_config["quantization_config"] = quant
     with atomic_directory(out_dir) as scratch:
         _save_weights(state, scratch / WEIGHTS)
         (scratch / CONFIG).write_text(json_text(hf_config), encoding="utf-8")
-        (scratch / GENERATION).write_text(json_text(generation_config(model.config)), encoding="utf-8")
+        if not reward:
+            (scratch / GENERATION).write_text(json_text(generation_config(model.config)), encoding="utf-8")
         if tokenizer is not None:
-            tokenizer.save(scratch)
+            _save_tokenizer(tokenizer, scratch, model)
         for name, text in (extra_files or {}).items():
             (scratch / name).write_text(text, encoding="utf-8")
-        saved = SavedModel(out_dir, "model", hf_config, parameter_count(model), has_chat_template(tokenizer))
+        kind = "reward" if reward else "model"
+        saved = SavedModel(out_dir, kind, hf_config, parameter_count(model), has_chat_template(tokenizer))
         write_card(scratch, card, saved)
         write_manifest(scratch)
     return out_dir
+
+
+def hf_config_of(model: CausalLM | RewardModel) -> dict:
+    """The config.json of ``model``. A reward model's is the one transformers writes for its sequence
+    classifier with a single label (``AutoModelForSequenceClassification`` then loads it); its
+    ``pad_token_id`` marks where padded rows end, as the classifier reads each row's last other token."""
+    hf = model.config.to_hf_dict()
+    if isinstance(model, RewardModel):
+        hf["architectures"] = [REWARD_ARCHITECTURES[hf["model_type"]]]
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return hf
+
+
+def _save_tokenizer(tokenizer: Tokenizer, directory: Path, model: nn.Module) -> None:
+    """The tokenizer files. A reward model's tokenizer names the model's pad id as its pad token, so that
+    a batch padded by transformers' tokenizer pads with the very token config.json's pad_token_id names,
+    and the classifier reads every row's own last token."""
+    tokenizer.save(directory)
+    if not isinstance(model, RewardModel):
+        return
+    pad_token = tokenizer.id_to_token(model.config.pad_token_id)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        settings = read_json(directory / name)
+        settings["pad_token"] = pad_token
+        atomic_write_json(directory / name, settings)
+
+
+def declared_pad_id(directory: Path, tokenizer: Tokenizer | None) -> int | None:
+    """The id of the pad token ``directory``'s tokenizer_config.json names, None without one."""
+    token = read_json(directory / "tokenizer_config.json", default={}).get("pad_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.token_to_id(token) if tokenizer is not None and isinstance(token, str) else None
 
 
 def read_model_config(directory: str | Path) -> ModelConfig:
@@ -291,6 +364,12 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
     directory loads as its base model with the adapter merged. ``dtype`` None keeps the saved dtype."""
     directory = Path(path)
     kind = directory_kind(directory)
+    if is_reward_dir(directory):
+        raise ModelDirError(
+            f"{directory}: is a reward model (it scores conversations, it writes none); load it with "
+            "tinylm.modeldir.load or load_reward_dir, and start a language-model stage from the chat model it was "
+            "trained from"
+        )
     if kind == "adapter":
         return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
     if kind == "llava":
@@ -298,13 +377,41 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
             f"{directory}: is a vision-language model (model_type llava); load it with tinylm.modeldir.load "
             "or load_vlm_dir, or start stage 2 from it with tinylm vlm sft --init"
         )
+    return _load_decoder_dir(directory, CausalLM, device, dtype, with_tokenizer)
+
+
+def load_reward_dir(path: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
+    """A reward model directory, or a reward model's adapter over its base → (RewardModel, Tokenizer or
+    None). Verifies SHA256SUMS when present; directories saved by transformers or PEFT load too."""
+    directory = Path(path)
+    if not is_reward_dir(directory):
+        raise ModelDirError(
+            f"{directory}: is not a reward model (expected config.json architectures [...ForSequenceClassification], "
+            "or adapter_config.json task_type SEQ_CLS); train one with tinylm rm --init CHAT_MODEL"
+        )
+    if directory_kind(directory) == "adapter":
+        return load_adapter_dir(directory, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
+    hf = read_json(directory / CONFIG)
+    id2label = hf.get("id2label")
+    labels = hf.get("num_labels", len(id2label) if isinstance(id2label, dict) else 2)  # transformers' default: 2
+    if labels != 1:
+        raise ModelDirError(
+            f"{directory / CONFIG}: a classifier of {labels} labels; a reward model gives one score (num_labels 1)"
+        )
+    return _load_decoder_dir(directory, RewardModel, device, dtype, with_tokenizer)
+
+
+def _load_decoder_dir(directory: Path, model_class, device, dtype, with_tokenizer: bool):
+    """The weights of ``directory`` in a ``model_class`` (CausalLM or RewardModel) built from its config.json."""
     verify_manifest(directory)
     config = read_model_config(directory)
+    if model_class is RewardModel:  # the head's shape says what these said
+        config.extra = {k: v for k, v in config.extra.items() if k not in CLASSIFIER_KEYS}
     quantized = read_quantization(directory / CONFIG, read_json(directory / CONFIG))
     state = read_weights(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    model = CausalLM(config, device="meta")  # shapes only; the loaded tensors are assigned below
+    model = model_class(config, device="meta")  # shapes only; the loaded tensors are assigned below
     if quantized:
         scheme, ignore = quantized
         names = [name for name in decoder_linears(model) if not ignored(name, ignore)]
@@ -316,7 +423,7 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
     if dtype is not None:  # floats only: quantized weights keep their integers
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and model_class is CausalLM:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_frequencies(config)  # the one buffer that is derived, not loaded
     model = model.to(device) if device is not None else model
@@ -364,10 +471,15 @@ def save_adapter(
 
     A training run's adapter also carries the tokenizer (with its chat template) and a
     generation_config.json with the stop tokens, so ``tinylm chat ADAPTER_DIR`` works as for a model.
+
+    A reward model's adapter is PEFT's for a sequence classifier (task_type SEQ_CLS): the LoRA
+    matrices and, kept whole (``modules_to_save``), the score head that training made, which PEFT
+    loads onto ``AutoModelForSequenceClassification`` of the base (with num_labels 1 and the pad id).
     """
+    reward = isinstance(model, RewardModel)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": REWARD_TASK if reward else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": config.r,
         "lora_alpha": config.alpha,
@@ -377,13 +489,15 @@ def save_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": ["score"] if reward else None,
         "use_dora": False,
     }
     out_dir = Path(out_dir)
     state = adapter_state_dict(model)
+    if reward:
+        state[KEY_PREFIX + "score.weight"] = model.score.weight.detach().to("cpu").contiguous()
     size = sum(t.numel() for t in state.values())
-    base = model.config.to_hf_dict()
+    base = hf_config_of(model)
     saved = SavedModel(
         out_dir, "adapter", base, parameter_count(model) - size, has_chat_template(tokenizer), peft_config, size
     )
@@ -391,8 +505,8 @@ def save_adapter(
         _save_weights(state, scratch / ADAPTER_WEIGHTS)
         (scratch / ADAPTER_CONFIG).write_text(json_text(peft_config), encoding="utf-8")
         if tokenizer is not None:
-            tokenizer.save(scratch)
-        if eos_token_id is not None:
+            _save_tokenizer(tokenizer, scratch, model)
+        if eos_token_id is not None and not reward:
             (scratch / GENERATION).write_text(json_text({"eos_token_id": eos_token_id}), encoding="utf-8")
         write_card(scratch, card, saved)
         write_manifest(scratch)
@@ -413,7 +527,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     for key, expected in unsupported.items():
         if raw.get(key, expected) not in (expected, None):
             raise ModelDirError(f"{path}: {key} is {raw[key]!r}; tinylm supports only {key}={expected!r}")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+    kept = raw.get("modules_to_save") or []
+    if kept and not (raw.get("task_type") == REWARD_TASK and set(kept) <= REWARD_HEADS):
+        raise ModelDirError(
+            f"{path}: modules_to_save is {kept!r}; tinylm reads it only as a reward model's score head "
+            '(task_type SEQ_CLS, modules_to_save ["score"])'
+        )
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
         if raw.get(key):
             raise ModelDirError(f"{path}: {key} is set ({raw[key]!r}); tinylm does not support it")
     targets = raw.get("target_modules")
@@ -446,11 +566,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     verify_manifest(adapter_dir)  # a tinylm adapter carries SHA256SUMS; PEFT's has none
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     saved = read_safetensors(weights_path)
+    head = saved.pop(KEY_PREFIX + "score.weight", None) if isinstance(model, RewardModel) else None
+    if isinstance(model, RewardModel) and (head is None or head.shape != model.score.weight.shape):
+        found = "none" if head is None else f"one of shape {tuple(head.shape)}"
+        raise ModelDirError(
+            f"{weights_path}: a reward model's adapter carries its score head, {KEY_PREFIX}score.weight of shape "
+            f"{tuple(model.score.weight.shape)}; this one has {found}"
+        )
     add_lora(model, config)
     try:
         load_adapter_state(model, saved)
     except ValueError as e:
         raise ModelDirError(f"{weights_path}: {e}") from None
+    if head is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(head)
+        model.score.weight.requires_grad_(False)
     return config
 
 
@@ -483,19 +614,39 @@ def load_adapter_dir(
 ):
     """An adapter directory → (its base model with the adapter merged in, tokenizer). The base is
     ``base_dir``, or the one adapter_config.json names. The tokenizer (with its chat template) and the
-    stop tokens saved with the adapter win over the base model's. ``dtype`` None keeps the base's."""
+    stop tokens saved with the adapter win over the base model's. ``dtype`` None keeps the base's.
+
+    A reward model's adapter turns its base (a chat model) into a reward model: the decoder with the
+    adapter merged, the adapter's score head, and the pad id its tokenizer names (``adapter_pad_id``)."""
     adapter_dir = Path(adapter_dir)
-    model, tokenizer = load_model_dir(base_dir or base_model_path(adapter_dir), with_tokenizer=with_tokenizer)
-    saved_dtype = model.lm_head.weight.dtype
+    base = Path(base_dir) if base_dir else base_model_path(adapter_dir)
+    reward = is_reward_dir(adapter_dir)
+    load_base = load_reward_dir if reward and is_reward_dir(base) else load_model_dir
+    model, tokenizer = load_base(base, with_tokenizer=with_tokenizer or reward)
+    if (with_tokenizer or reward) and (adapter_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(adapter_dir)
+    if reward and not isinstance(model, RewardModel):
+        model = RewardModel.from_language_model(model, adapter_pad_id(adapter_dir, tokenizer, model.config))
+    saved_dtype = model.model.embed_tokens.weight.dtype
     load_adapter(model.float(), adapter_dir)
     merge_lora(model)
     eos = read_json(adapter_dir / GENERATION, default={}).get("eos_token_id")
     if eos is not None:
         model.config.eos_token_id = eos
-    if with_tokenizer and (adapter_dir / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.load(adapter_dir)
     model = model.to(dtype or saved_dtype)
-    return (model.to(device) if device is not None else model).eval(), tokenizer
+    return (model.to(device) if device is not None else model).eval(), tokenizer if with_tokenizer else None
+
+
+def adapter_pad_id(adapter_dir: Path, tokenizer: Tokenizer | None, config: ModelConfig) -> int:
+    """The pad id of a reward model's adapter: the pad token its tokenizer names (tinylm rm names the
+    one it trained with), else the base's pad_token_id, else the tokenizer's end-of-document id."""
+    for pad in (declared_pad_id(adapter_dir, tokenizer), config.pad_token_id, tokenizer and tokenizer.eos_id):
+        if pad is not None:
+            return pad
+    raise ModelDirError(
+        f"{adapter_dir}: a reward model's adapter needs a pad id (where padded rows end), and neither it nor its "
+        "base has a tokenizer or a pad_token_id"
+    )
 
 
 def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None) -> LoRAConfig:

@@ -5,6 +5,7 @@
     tinylm pretrain --config configs/cpu-tiny.yaml --out runs/tiny [--resume] [--train.max_steps=200 ...]
     tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
     tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
+    tinylm rm --init runs/chat/final --data pairs.jsonl --out runs/rm [--lora | --qlora]
     tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
     tinylm vlm quickstart --out runs/vlm
     tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR]

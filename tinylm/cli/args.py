@@ -297,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(dpo)
     add_lora_args(dpo)
 
+    rm = add_command(commands, "rm", "train a reward model on preference pairs (Bradley-Terry)", overrides=True)
+    add_fine_tune_args(rm, "rm-cpu-tiny", "pairs", formats, init="the chat model it starts from (an SFT run's final/)")
+    add_run_args(rm)
+    add_lora_args(rm, output="the output is the adapter and the score head (PEFT's SEQ_CLS layout)")
+
     dis = add_command(
         commands, "distill", "train a small student on a teacher's next-token distributions", overrides=True
     )
@@ -603,6 +608,7 @@ STAGES = {
     "pretrain": ("PretrainConfig", "tinylm.train.pretrain", "pretrain"),
     "sft": ("SFTConfig", "tinylm.train.sft", "sft"),
     "dpo": ("DPOConfig", "tinylm.train.dpo", "dpo"),
+    "rm": ("RMConfig", "tinylm.train.rm", "rm"),
     "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
 }
 TRAINING_COMMANDS = ("quickstart", "vlm", *STAGES)  # the ones that take --section.key=value
@@ -637,12 +643,17 @@ def flag_overrides(args) -> list[str]:
                 "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False),
             }
         )
-    if args.command == "dpo":
+    if args.command in ("dpo", "rm"):
         pairs.update(
             {
                 "data.format": args.format,
                 "data.template": args.template,
                 "data.skip_bad": args.skip_bad or None,
+            }
+        )
+    if args.command == "dpo":
+        pairs.update(
+            {
                 "dpo.loss": args.loss,
                 "dpo.beta": args.beta,
                 "dpo.reference": "precomputed" if args.precompute_ref else None,

@@ -44,6 +44,7 @@ def tokenizer_tool(args) -> None:
 CONFIG_STAGES = (
     ("sft-", "tinylm.train.sft", "SFTConfig"),
     ("dpo-", "tinylm.train.dpo", "DPOConfig"),
+    ("rm-", "tinylm.train.rm", "RMConfig"),
     ("vlm-", "tinylm.train.vlm", "VLMStageConfig"),
     ("student-", "tinylm.train.distill", "DistillConfig"),
     ("", "tinylm.train.pretrain", "PretrainConfig"),

@@ -29,46 +29,34 @@ from pathlib import Path
 
 import torch
 
-from tinylm.chat_template import find_template, get_template
-from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
-from tinylm.data.builtin import World
-from tinylm.data.builtin_preference import preference_pairs
-from tinylm.data.chat_rows import Encoded, encode_for_training
-from tinylm.data.preference import read_preferences
+from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, save_config
 from tinylm.data.walk import Batches
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import heldout_qa_accuracy
 from tinylm.io import atomic_write_json
 from tinylm.model.lora import adapters_disabled
-from tinylm.model.loss import IGNORE
 from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
+from tinylm.train.pairs import (
+    EncodedPair,
+    PreferenceDataConfig,
+    chat_template_of,
+    encode_pairs,
+    pair_evaluator,
+    pairs_batch,
+    preference_data,
+)
 from tinylm.train.stage import (
     load_to_fine_tune,
     prepare_lora,
     run_card,
     save_final,
-    split_validation,
     stage_run,
     with_benchmarks,
 )
 from tinylm.train.trainer import FitResult, Task, fit, move
 
 # -- the stage's config (the YAML sections and --section.key=value keys it takes) ----------------
-
-
-@dataclass
-class PreferenceDataConfig:
-    source: str | None = None  # "builtin" (the built-in preference pairs) or "files"; unset: files if any are given
-    files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet pairs (.json(l) may be .gz)
-    format: str = "auto"  # auto | minimind | llamafactory | hh-rlhf (auto: detected per record)
-    template: str | None = None  # None: the model's own chat template (the one SFT attached)
-    skip_bad: bool = False  # skip invalid pairs (and report how many) instead of stopping
-    val_fraction: float = 0.05  # files only; the built-in pairs keep their own held-out set
-    builtin_seed: int = 0
-
-    def __post_init__(self):
-        resolve_source(self, ("builtin", "files"))
 
 
 @dataclass
@@ -113,65 +101,6 @@ class DPOConfig:
     eval: EvalSection = field(default_factory=EvalSection)  # benchmarks at each evaluation (none by default)
 
 
-@dataclass
-class EncodedPair:
-    chosen: Encoded
-    rejected: Encoded
-    source: str
-
-
-def final_answer_only(mask: list[bool]) -> list[bool]:
-    """The loss mask of a whole conversation → the mask of its last assistant turn alone."""
-    end = max(i for i, m in enumerate(mask) if m) + 1
-    start = end
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    return [start <= i < end for i in range(len(mask))]
-
-
-def encode_pairs(pairs, template, tokenizer, seq_len: int) -> tuple[list[EncodedPair], list[str]]:
-    """Each pair as two training sequences (prompt + chosen, prompt + rejected) whose labels mark the
-    answer. A pair longer than ``seq_len`` is truncated, as preference trainers commonly do: the
-    prompt loses tokens from its start (but keeps at least half the context when the answers are
-    long), the answers lose their ends. Returns the pairs and the sources of the truncated ones."""
-    budget = seq_len + 1  # inputs and the shifted labels come from seq_len + 1 tokens
-    encoded, truncated = [], []
-    for pair in pairs:
-        sides = []
-        for answer in (pair.chosen, pair.rejected):
-            ids, mask = template.encode(tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}])
-            mask = final_answer_only(mask)
-            start, end = mask.index(True), len(mask) - mask[::-1].index(True)
-            sides.append((ids[:start], ids[start:end]))  # what follows the end-of-turn marker is not the answer
-        prompt_len, answer_len = max(len(p) for p, _ in sides), max(len(a) for _, a in sides)
-        if prompt_len + answer_len > budget:
-            keep_prompt = min(prompt_len, max(budget - answer_len, budget // 2))
-            sides = [(p[len(p) - min(len(p), keep_prompt) :], a[: budget - keep_prompt]) for p, a in sides]
-            truncated.append(pair.source)
-        encoded.append(
-            EncodedPair(
-                *(encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides), pair.source
-            )
-        )
-    return encoded, truncated
-
-
-def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict:
-    """Rows 0..P-1: the picked pairs' chosen sides, rows P..2P-1: their rejected sides; right-padded
-    to the longest (padding after the answer changes nothing under causal attention)."""
-    rows = [pairs[i].chosen for i in picks] + [pairs[i].rejected for i in picks]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.tensor(row.input_ids)
-        labels[r, : len(row)] = torch.tensor(row.labels)
-    batch = {"input_ids": input_ids, "labels": labels}
-    if ref_logps is not None:
-        batch["ref_logps"] = torch.cat([ref_logps[picks, 0], ref_logps[picks, 1]])
-    return batch
-
-
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -> torch.Tensor:
     """log π(chosen) and log π(rejected) of every pair under ``model``: [pairs, 2]."""
@@ -205,53 +134,6 @@ def reference_scorer(model, lora):
             return sequence_logps(frozen, batch)[0]
 
     return score
-
-
-def pair_evaluator(pairs: list[EncodedPair], ref_logps, cfg: DPOConfig, pad_id: int):
-    """Held-out loss, reward accuracy, margin and prefers_chosen over the validation pairs."""
-    size = cfg.train.batch_size
-    batches = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)][: cfg.train.eval_batches]
-
-    @torch.no_grad()
-    def evaluate(model) -> dict:
-        if not batches:
-            return {}
-        device = next(model.parameters()).device
-        objective = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, simpo_gamma=cfg.dpo.simpo_gamma)
-        loss = sum(
-            objective(model, move(pairs_batch(pairs, picks, pad_id, ref_logps), device)).item() for picks in batches
-        )
-        totals = objective.pop_metrics()
-        count = totals.pop("count")
-        return {"val_loss": loss / count, **{f"val_{key}": value / count for key, value in totals.items()}}
-
-    return evaluate
-
-
-def preference_data(cfg: DPOConfig) -> tuple[list, list, str]:
-    """(training pairs, validation pairs, a line saying where they came from)."""
-    if cfg.data.source == "builtin":
-        train, heldout = preference_pairs(World(cfg.data.builtin_seed))
-        return (
-            train,
-            heldout,
-            f"built-in: {len(train)} pairs, {len(heldout)} held-out pairs in phrasings training never uses",
-        )
-    pairs, report = read_preferences(cfg.data.files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
-    train, val = split_validation(pairs, cfg.data.val_fraction, cfg.train.seed)
-    return train, val, report.summary()
-
-
-def chat_template_of(cfg: DPOConfig, tokenizer):
-    if cfg.data.template:
-        return get_template(cfg.data.template)
-    template = find_template(tokenizer.chat_template)
-    if template is None:
-        raise ConfigError(
-            f"{cfg.init_from}: its tokenizer has no tinylm chat template to score answers with; "
-            "name one with --template (chatml, vicuna, llama-chinese, raw)"
-        )
-    return template
 
 
 def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
@@ -290,7 +172,8 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             train_ref = (
                 score_pairs(model, train_set, pad, cfg.train.batch_size) if cfg.dpo.reference == "precomputed" else None
             )
-            evaluate = pair_evaluator(val_set, val_ref, cfg, pad)
+            validation = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, simpo_gamma=cfg.dpo.simpo_gamma)
+            evaluate = pair_evaluator(val_set, pad, cfg.train, validation, val_ref)
             before = evaluate(model)
         reference = reference_scorer(model, lora) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
         objective = PreferenceLoss(

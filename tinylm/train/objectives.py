@@ -87,7 +87,33 @@ def preference_losses(
     raise ValueError(f"preference loss {kind!r}: expected sigmoid, simpo or orpo")
 
 
-class PreferenceLoss:
+class PairTotals:
+    """What a pair objective adds up for the log: per pair the rewards of both answers, their margin
+    (chosen − rejected) and whether it is positive (accuracy: a tie counts as wrong), summed since the
+    last ``pop_metrics`` with their "count"; the trainer averages them over all processes."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def add_pairs(self, chosen: torch.Tensor, rejected: torch.Tensor, **more: torch.Tensor) -> None:
+        margin = chosen - rejected
+        for key, value in {
+            "count": chosen.shape[0],
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "margin": margin.sum(),
+            "accuracy": (margin > 0).sum(),
+            **more,
+        }.items():
+            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Sums since the last call ("count" pairs); the caller averages them over all processes."""
+        totals, self.totals = self.totals, {}
+        return totals
+
+
+class PreferenceLoss(PairTotals):
     """DPO and its reference-free relatives on batches of answer pairs.
 
     batch = {"input_ids", "labels"} [2P, T]: rows 0..P-1 are the prompts with their chosen answers,
@@ -105,6 +131,7 @@ class PreferenceLoss:
         simpo_gamma: float = 0.5,
         reference=None,
     ):
+        super().__init__()
         self.kind, self.beta, self.sft_weight, self.simpo_gamma, self.reference = (
             kind,
             beta,
@@ -112,7 +139,6 @@ class PreferenceLoss:
             simpo_gamma,
             reference,
         )
-        self.totals: dict[str, float] = {}
 
     def count(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # the loss is per pair
@@ -123,29 +149,36 @@ class PreferenceLoss:
         if self.kind == "sigmoid":
             ref_logps = batch["ref_logps"] if "ref_logps" in batch else self.reference(batch)
         losses, chosen, rejected = preference_losses(self.kind, self.beta, logps, lengths, ref_logps, self.simpo_gamma)
+        pairs = logps.shape[0] // 2
         if self.sft_weight:
-            pairs = logps.shape[0] // 2
             losses = losses - self.sft_weight * logps[:pairs] / lengths[:pairs].clamp(min=1)
-        self._add(losses.detach(), chosen, rejected, logps.detach())
+        self.add_pairs(chosen, rejected, prefers_chosen=(logps[:pairs] > logps[pairs:]).sum())
         return losses.sum()
 
-    def _add(self, losses, chosen, rejected, logps) -> None:
-        pairs = losses.shape[0]
-        margin = chosen - rejected
-        for key, value in {
-            "count": pairs,
-            "rewards/chosen": chosen.sum(),
-            "rewards/rejected": rejected.sum(),
-            "margin": margin.sum(),
-            "accuracy": (margin > 0).sum(),
-            "prefers_chosen": (logps[:pairs] > logps[pairs:]).sum(),
-        }.items():
-            self.totals[key] = self.totals.get(key, 0.0) + float(value)
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Sums since the last call ("count" pairs); the caller averages them over all processes."""
-        totals, self.totals = self.totals, {}
-        return totals
+# -- reward models ------------------------------------------------------------------------------
+
+
+class BradleyTerryLoss(PairTotals):
+    """A reward model learns from answer pairs (Bradley & Terry, 1952; InstructGPT's reward model):
+    the chance that people prefer the chosen answer is modelled as σ(r_chosen − r_rejected), and the
+    loss is its negative log, −log σ(r_chosen − r_rejected) per pair. Only the margin counts, so the
+    rewards' level is free (adding a constant to every reward changes nothing).
+
+    batch = {"input_ids"} [2P, T]: rows 0..P-1 the prompts with their chosen answers, rows P..2P-1
+    the same prompts with the rejected ones, right-padded with the model's pad id; the model gives
+    one reward per row (``tinylm.model.reward.RewardModel``). Adds up rewards, margin and accuracy.
+    """
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # the loss is per pair
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        rewards = model(batch["input_ids"])
+        pairs = rewards.shape[0] // 2
+        chosen, rejected = rewards[:pairs], rewards[pairs:]
+        self.add_pairs(chosen.detach(), rejected.detach())
+        return -F.logsigmoid(chosen - rejected).sum()
 
 
 # -- distillation -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from tinylm.config import ConfigError
 from tinylm.io import directory_lock
 from tinylm.model.intquant import IntLinear
-from tinylm.model.llama import CausalLM
+from tinylm.model.llama import DecoderModel
 from tinylm.model.lora import add_lora
 from tinylm.model.quant import quantize_linear_layers
 from tinylm.modelcard import BUILTIN_LANGUAGES, CardFacts, builtin_dataset
@@ -69,9 +69,11 @@ def load_to_fine_tune(model_dir: str | None, stage: str, seq_len: int | None = N
     return model.float().train(), tokenizer
 
 
-def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
+def prepare_lora(model: DecoderModel, section, seed: int, main: bool = True, train_in_full: tuple[str, ...] = ()):
     """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
-    only the adapter trains. Returns the LoRAConfig, or None for full fine-tuning."""
+    only the adapter trains, and the modules named in ``train_in_full`` (a reward model's new score
+    head: PEFT's ``modules_to_save``) with it, whole. Returns the LoRAConfig, or None for full
+    fine-tuning."""
     quantized = quantized_scheme(model)
     if not section.enabled:
         if quantized:
@@ -91,6 +93,8 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
         )
     torch.manual_seed(seed)  # A's random start: the same run gives the same adapter
     wrapped = add_lora(model, config)
+    for name in train_in_full:
+        model.get_submodule(name).requires_grad_(True)
     if main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = (
@@ -100,8 +104,9 @@ def prepare_lora(model: CausalLM, section, seed: int, main: bool = True):
             if quantized
             else "a frozen base"
         )
+        whole = f" (and {', '.join(train_in_full)} whole)" if train_in_full else ""
         print(
-            f"lora: rank {config.r} on {len(wrapped)} layers over {base}: {trainable:,} trainable parameters "
+            f"lora: rank {config.r} on {len(wrapped)} layers{whole} over {base}: {trainable:,} trainable parameters "
             f"({trainable / total:.2%} of {total:,})",
             file=sys.stderr,
         )
