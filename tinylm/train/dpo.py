@@ -41,10 +41,9 @@ from tinylm.train.pairs import (
     EncodedPair,
     PreferenceDataConfig,
     chat_template_of,
-    encode_pairs,
     pair_evaluator,
     pairs_batch,
-    preference_data,
+    training_pairs,
 )
 from tinylm.train.stage import (
     load_to_fine_tune,
@@ -148,21 +147,10 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         template = chat_template_of(cfg, tokenizer)
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)
-        train_pairs, val_pairs, summary = preference_data(cfg)
-        train_set, truncated = encode_pairs(train_pairs, template, tokenizer, cfg.train.seq_len)
-        val_set, _ = encode_pairs(val_pairs, template, tokenizer, cfg.train.seq_len)
-        if not train_set:
-            raise ValueError(f"no preference pairs to train on ({summary})")
-        pad = tokenizer.eos_id
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            print(f"data: {summary}", file=sys.stderr)
-            note = (
-                f" ({len(truncated):,} truncated to train.seq_len={cfg.train.seq_len}, e.g. {', '.join(truncated[:2])})"
-                if truncated
-                else ""
-            )
-            print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
+        train_set, val_set = training_pairs(cfg, template, tokenizer, dist.is_main)
+        pad = tokenizer.eos_id
 
         # The reference is the model as it is now: score the validation pairs (and, if asked, the
         # training pairs) with it before anything changes, in the precision training will use.

@@ -1,8 +1,8 @@
 """Preference pairs as training data, for every stage that learns from them (DPO, the reward model).
 
-    train, val, summary = preference_data(cfg)                  # built-in pairs, or files
     template = chat_template_of(cfg, tokenizer)                 # the model's own chat template
-    encoded, truncated = encode_pairs(train, template, tokenizer, seq_len)
+    encoded, encoded_val = training_pairs(cfg, template, tokenizer, announce=True)
+                                                                # read (preference_data), encoded (encode_pairs)
     batch = pairs_batch(encoded, picks, pad_id)                 # rows: chosen sides, then rejected sides
     evaluate = pair_evaluator(encoded_val, pad_id, cfg.train, objective)
 
@@ -14,6 +14,7 @@ and a ``train`` section.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,25 @@ def encode_pairs(
             rows = [encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides]
         encoded.append(EncodedPair(*rows, pair.source))
     return encoded, truncated
+
+
+def training_pairs(cfg, template, tokenizer, announce: bool, for_reward_model: bool = False):
+    """(training pairs, validation pairs) read (``preference_data``) and encoded for the model, or one
+    line saying there are none; with ``announce``, where they came from and how many were truncated."""
+    train_pairs, val_pairs, summary = preference_data(cfg)
+    seq_len = cfg.train.seq_len
+    train_set, truncated = encode_pairs(train_pairs, template, tokenizer, seq_len, for_reward_model=for_reward_model)
+    val_set, _ = encode_pairs(val_pairs, template, tokenizer, seq_len, for_reward_model=for_reward_model)
+    if not train_set:  # the read report on one line: each file, and the first error of each kind
+        raise ValueError(f"no preference pairs to train on ({'; '.join(map(str.strip, summary.splitlines()))})")
+    if announce:
+        print(f"data: {summary}", file=sys.stderr)
+        note = f" ({len(truncated):,} truncated to train.seq_len={seq_len}, e.g. {', '.join(truncated[:2])})"
+        print(
+            f"train: {len(train_set):,} pairs{note if truncated else ''}; validation: {len(val_set):,} pairs",
+            file=sys.stderr,
+        )
+    return train_set, val_set
 
 
 def pairs_batch(pairs: list[EncodedPair], picks: list[int], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict:

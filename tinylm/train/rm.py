@@ -44,10 +44,9 @@ from tinylm.train.objectives import BradleyTerryLoss
 from tinylm.train.pairs import (
     PreferenceDataConfig,
     chat_template_of,
-    encode_pairs,
     pair_evaluator,
     pairs_batch,
-    preference_data,
+    training_pairs,
 )
 from tinylm.train.stage import load_to_fine_tune, prepare_lora, run_card, save_final, stage_run
 from tinylm.train.trainer import FitResult, Task, fit
@@ -141,20 +140,10 @@ def rm(cfg: RMConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()
         # The adapter goes in on the CPU, before anything is scored; the new score head trains whole.
         lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main, train_in_full=("score",))
         model = model.to(dist.device)
-        train_pairs, val_pairs, summary = preference_data(cfg)
-        train_set, truncated = encode_pairs(train_pairs, template, tokenizer, cfg.train.seq_len, for_reward_model=True)
-        val_set, _ = encode_pairs(val_pairs, template, tokenizer, cfg.train.seq_len, for_reward_model=True)
-        if not train_set:  # the read report on one line: each file, and the first error of each kind
-            raise ValueError(f"no preference pairs to train on ({'; '.join(map(str.strip, summary.splitlines()))})")
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            print(f"data: {summary}", file=sys.stderr)
-            note = (
-                f" ({len(truncated):,} truncated to train.seq_len={cfg.train.seq_len}, e.g. {', '.join(truncated[:2])})"
-                if truncated
-                else ""
-            )
-            print(f"train: {len(train_set):,} pairs{note}; validation: {len(val_set):,} pairs", file=sys.stderr)
+        train_set, val_set = training_pairs(cfg, template, tokenizer, dist.is_main, for_reward_model=True)
+        if dist.is_main:
             print(
                 f"reward model: scores read at each conversation's last token; pad id {pad} "
                 f"({tokenizer.id_to_token(pad)}), which the {template.name} template never writes",
