@@ -6,6 +6,7 @@
     tinylm sft --init runs/tiny/final --data chats.jsonl --out runs/chat [--template chatml] [--lora | --qlora]
     tinylm dpo --init runs/chat/final --data pairs.jsonl --out runs/dpo [--loss sigmoid|orpo|simpo] [--lora]
     tinylm rm --init runs/chat/final --data pairs.jsonl --out runs/rm [--lora | --qlora]
+    tinylm grpo --init runs/chat/final --reward arithmetic --out runs/grpo [--data prompts.jsonl] [--lora]
     tinylm distill --teacher runs/big/final --student cpu-tiny --out runs/student [--data a.txt] [--chat]
     tinylm vlm quickstart --out runs/vlm
     tinylm vlm pretrain --init runs/chat/final --out runs/vlm1 [--vision SIGLIP_DIR]

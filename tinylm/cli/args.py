@@ -302,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(rm)
     add_lora_args(rm, output="the output is the adapter and the score head (PEFT's SEQ_CLS layout)")
 
+    grpo = add_command(
+        commands, "grpo", "reinforcement learning with GRPO on verifiable or learned rewards", overrides=True
+    )
+    add_fine_tune_args(
+        grpo,
+        "grpo-cpu-tiny",
+        "prompts",
+        init="the chat model to train (an SFT run's final/)",
+        data=".json / .jsonl(.gz) / .parquet prompts with answers, GSM8K's layout too (default: built-in arithmetic)",
+    )
+    grpo.add_argument(
+        "--reward",
+        default=None,
+        help="arithmetic | facts | think (built-in verifiers, joined by +) | rm:REWARD_MODEL_DIR | "
+        "python:MODULE:FUNCTION (default: the config's, arithmetic)",
+    )
+    grpo.add_argument("--group-size", type=int, default=None, help="replies sampled per prompt (default 8)")
+    add_run_args(grpo)
+    add_lora_args(grpo)
+
     dis = add_command(
         commands, "distill", "train a small student on a teacher's next-token distributions", overrides=True
     )
@@ -609,6 +629,7 @@ STAGES = {
     "sft": ("SFTConfig", "tinylm.train.sft", "sft"),
     "dpo": ("DPOConfig", "tinylm.train.dpo", "dpo"),
     "rm": ("RMConfig", "tinylm.train.rm", "rm"),
+    "grpo": ("GRPOConfig", "tinylm.train.grpo", "grpo"),
     "distill": ("DistillConfig", "tinylm.train.distill", "distill"),
 }
 TRAINING_COMMANDS = ("quickstart", "vlm", *STAGES)  # the ones that take --section.key=value
@@ -641,6 +662,15 @@ def flag_overrides(args) -> list[str]:
                 "data.skip_bad": args.skip_bad or None,
                 "data.identity_name": args.identity_name and json.dumps(args.identity_name, ensure_ascii=False),
                 "data.identity_author": args.identity_author and json.dumps(args.identity_author, ensure_ascii=False),
+            }
+        )
+    if args.command == "grpo":
+        pairs.update(
+            {
+                "data.template": args.template,
+                "data.skip_bad": args.skip_bad or None,
+                "grpo.reward": args.reward and json.dumps(args.reward),
+                "grpo.group_size": args.group_size,
             }
         )
     if args.command in ("dpo", "rm"):

@@ -45,6 +45,7 @@ CONFIG_STAGES = (
     ("sft-", "tinylm.train.sft", "SFTConfig"),
     ("dpo-", "tinylm.train.dpo", "DPOConfig"),
     ("rm-", "tinylm.train.rm", "RMConfig"),
+    ("grpo-", "tinylm.train.grpo", "GRPOConfig"),
     ("vlm-", "tinylm.train.vlm", "VLMStageConfig"),
     ("student-", "tinylm.train.distill", "DistillConfig"),
     ("", "tinylm.train.pretrain", "PretrainConfig"),

@@ -577,7 +577,7 @@ def general_questions(world: World) -> list[ChatEvalItem]:
     return [item for item in heldout_questions(world) if item.kind in ("fact", "followup", "arithmetic")]
 
 
-def _says(text: str, phrase: str) -> bool:
+def says(text: str, phrase: str) -> bool:
     """Whether ``phrase`` occurs in ``text`` as whole words: "8" is not in "18", "red" not in "reddish"."""
     return re.search(rf"(?<![0-9A-Za-z]){re.escape(phrase)}(?![0-9A-Za-z])", text) is not None
 
@@ -586,7 +586,7 @@ def score_reply(item: ChatEvalItem, reply: str) -> bool:
     """True when the assistant's reply states the answer and nothing in ``item.wrong``. Asked the
     Zorble's colour, "The Zorble is red." is right, "The Zorble is red or blue." is not; asked about a
     stranger, "I don't know." is right, "I don't know, maybe red." is not."""
-    return _says(reply, item.answer) and not any(_says(reply, w) for w in item.wrong)
+    return says(reply, item.answer) and not any(says(reply, w) for w in item.wrong)
 
 
 def write_sft_corpus(out_dir: str | Path, seed: int = 0) -> list[Path]:

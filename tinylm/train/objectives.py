@@ -181,6 +181,70 @@ class BradleyTerryLoss(PairTotals):
         return -F.logsigmoid(chosen - rejected).sum()
 
 
+# -- reinforcement learning ---------------------------------------------------------------------
+
+
+class GRPOLoss:
+    """Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath) on a batch of rollouts.
+
+    batch = {"input_ids", "labels"} [R, T]: each row a prompt with one sampled reply, the reply's tokens
+    labelled (its end-of-turn token too); "advantages" [R], the reply's reward relative to its group's;
+    "ref_logps" [R, T] (with a KL term), the reference model's log-probability of each labelled token;
+    "old_logps" [R, T] (with several updates per rollout), the policy's when it sampled. Per token,
+
+        ratio = π(token) / π_old(token)
+        loss  = −min(ratio · A, clip(ratio, 1 − ε, 1 + ε) · A) + β · KL
+        KL    = π_ref/π − log(π_ref/π) − 1        (Schulman's k3 estimator: unbiased, never negative)
+
+    summed over every reply token: the trainer divides by the tokens of the whole step (the token-level
+    mean of DAPO, so a long reply weighs by its length, not one reply's mean per row). With one update
+    per rollout, π_old is π itself (detached): the ratio is 1, only its gradient counts, and nothing
+    is clipped. Adds up per reply: reward, its group's spread, length, KL and the share of clipped tokens.
+    """
+
+    def __init__(self, beta: float, epsilon: float):
+        self.beta, self.epsilon = beta, epsilon
+        self.totals: dict[str, float] = {}
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        logps = model(batch["input_ids"], labels=batch["labels"], per_token=True)
+        mask = (batch["labels"] != IGNORE).to(logps.dtype)
+        old = batch.get("old_logps", logps.detach())
+        ratio = torch.exp(logps - old)
+        advantages = batch["advantages"].to(logps.dtype)[:, None]
+        clipped = ratio.clamp(1 - self.epsilon, 1 + self.epsilon)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        kl = torch.zeros_like(logps)
+        if self.beta:
+            log_ratio = batch["ref_logps"] - logps
+            kl = torch.exp(log_ratio) - log_ratio - 1
+            per_token = per_token + self.beta * kl
+        with torch.no_grad():
+            lengths = mask.sum(-1).clamp(min=1)
+            was_clipped = (clipped * advantages < ratio * advantages).to(logps.dtype)
+            self.add(
+                count=len(lengths),
+                reward=batch["rewards"].sum(),
+                reward_std=batch["group_std"].sum(),
+                length=mask.sum(),
+                kl=((kl * mask).sum(-1) / lengths).sum(),
+                clip_fraction=((was_clipped * mask).sum(-1) / lengths).sum(),
+            )
+        return (per_token * mask).sum()
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Sums since the last call ("count" replies); the caller averages them over all processes."""
+        totals, self.totals = self.totals, {}
+        return totals
+
+
 # -- distillation -------------------------------------------------------------------------------
 
 
