@@ -112,6 +112,8 @@ def tiny_settings(argv: list[str]) -> list[str]:
         return [*TRAIN, *([] if "--init" in argv else MODEL)]
     if command in ("sft", "dpo", "rm", "distill"):
         return TRAIN
+    if command == "grpo":
+        return [*TRAIN, "--grpo.group_size=2", "--grpo.max_new_tokens=4"]
     if command == "rag" and argv[1] == "quickstart":  # two steps of the reading fine-tune (its own row length)
         reading = [*(t for t in TRAIN if not t.startswith("--train.seq_len")), "--questions", "3"]
         first = [*prefixed("quickstart", MODEL + TRAIN), *prefixed("quickstart.sft", TRAIN)]
@@ -208,6 +210,12 @@ def write_stand_ins(home: Path) -> None:
         for q, a in questions
     ]  # LLaMA-Factory's layout, as the docs' --format llamafactory says (and auto-detection finds)
     (home / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), "utf-8")
+    prompts = [{"prompt": f"What is {a} + {b}?", "answer": a + b} for a in range(5) for b in range(5)]
+    (home / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    (home / "my_rewards.py").write_text(
+        "def score(messages, reply, answer):\n    return 1.0 if answer is not None and answer in reply else 0.0\n",
+        encoding="utf-8",
+    )
     (home / "questions.txt").write_text("Who is Tom?\n小明喜欢什么颜色？\n", encoding="utf-8")
 
     colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}

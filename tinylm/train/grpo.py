@@ -221,7 +221,8 @@ class Rollouts:
             replies = engine.run([p.ids for p in chosen], settings)
         finally:
             self.policy.train()
-        rewards = torch.tensor(self.reward([p.prompt for p in chosen], [c.text for c in replies]), dtype=torch.float32)
+        texts = [reply_text(self.tokenizer, c, self.settings) for c in replies]
+        rewards = torch.tensor(self.reward([p.prompt for p in chosen], texts), dtype=torch.float32)
         grouped = rewards.view(-1, group)
         spread = grouped.std(-1, keepdim=True)
         advantages = grouped - grouped.mean(-1, keepdim=True)
@@ -269,6 +270,20 @@ class Rollouts:
             self.served = 0
 
 
+def reply_text(tokenizer, completion, settings: SamplingSettings) -> str:
+    """A reply as the reward reads it: every token the policy wrote, special ones too (the engine's
+    text leaves out ``<|think|>`` and ``<|think_end|>``, which the verifiers look for), without the
+    end-of-turn token or stop string that ended it."""
+    ids = completion.token_ids
+    if ids and ids[-1] in (settings.stop_token_ids or ()):
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    for stop in settings.stop_strings:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
 def reference_logps(model, lora):
     """The reference's log-probability of each labelled token of a batch: the model with its LoRA
     adapter switched off, or a frozen copy of the model as it is now."""
@@ -310,7 +325,8 @@ def heldout_evaluator(heldout: list[EncodedPrompt], tokenizer, template, reward:
         engine = Engine(model, tokenizer)
         replies = []
         for start in range(0, len(heldout), 64):
-            replies += [c.text for c in engine.run([p.ids for p in heldout[start : start + 64]], settings)]
+            completions = engine.run([p.ids for p in heldout[start : start + 64]], settings)
+            replies += [reply_text(tokenizer, c, settings) for c in completions]
         prompts = [p.prompt for p in heldout]
         if builtin:
             verdicts = [bool(facts_reward(p, r)) for p, r in zip(prompts, replies)]
