@@ -11,7 +11,15 @@ from conftest import read_metrics, tiny_chat_dir, write_jsonl
 from tinylm.chat_template import get_template
 from tinylm.cli import main
 from tinylm.data.builtin import World
-from tinylm.data.rl_prompts import RLPrompt, builtin_prompts, heldout_prompts, read_prompts, split_thinking
+from tinylm.data.builtin_chat import heldout_questions
+from tinylm.data.rl_prompts import (
+    BUILTIN_KINDS,
+    RLPrompt,
+    builtin_prompts,
+    heldout_prompts,
+    read_prompts,
+    split_thinking,
+)
 from tinylm.io import DataError
 from tinylm.model.loss import IGNORE
 from tinylm.modeldir import load_model_dir
@@ -39,18 +47,37 @@ def ask(text: str) -> list[dict]:
 
 def test_builtin_prompts_never_ask_a_heldout_question():
     world = World(0)
-    prompts = builtin_prompts(world, ("arithmetic", "facts"))
-    asked = {p.messages[-1]["content"] for p in prompts}
+    prompts = builtin_prompts(world, BUILTIN_KINDS)
     heldout = heldout_prompts(world)
-    arithmetic = [p for p in heldout if p.kind == "arithmetic"]
-    assert arithmetic and not asked & {p.messages[-1]["content"] for p in heldout if p.kind in ("arithmetic", "fact")}
-    # no held-out problem is asked in any phrasing: its two operands never appear together
+    asked = {tuple(m["content"] for m in p.messages) for p in prompts}
+    assert not asked & {tuple(m["content"] for m in p.messages) for p in heldout}
+    assert {p.kind for p in prompts} == {"arithmetic", "fact", "followup", "refusal", "identity"}
+    assert {p.kind for p in prompts} == {p.kind for p in heldout}
+    held_problems = {p.messages[-1]["content"] for p in heldout if p.kind == "arithmetic"}
     for p in prompts:
+        assert p.answer and p.answer not in p.wrong and p.lang in ("en", "zh")
         if p.kind == "arithmetic":
-            assert p.answer is not None and p.answer not in p.wrong and len(p.wrong) == 18
-    assert {p.lang for p in prompts} == {"en", "zh"} and {p.kind for p in prompts} == {"arithmetic", "fact"}
+            assert len(p.wrong) == 18 and p.messages[-1]["content"] not in held_problems
+        if p.kind == "followup":
+            assert [m["role"] for m in p.messages] == ["user", "assistant", "user"]
+    assert len([p for p in prompts if p.kind == "arithmetic"]) == 1056
     with pytest.raises(ValueError, match="poems"):
         builtin_prompts(world, ("poems",))
+
+
+def test_the_facts_reward_scores_every_builtin_kind_as_the_heldout_evaluation_does():
+    from tinylm.data.builtin_chat import score_reply
+
+    facts = build_reward("facts", None)
+    for item, prompt in zip(heldout_questions(World(0)), heldout_prompts(World(0))):
+        for reply in (
+            item.answer,
+            f"Maybe {item.answer}.",
+            "I don't know.",
+            "7",
+            f"{item.answer} or {(item.wrong or ('x',))[0]}",
+        ):
+            assert facts([prompt], [reply]) == [float(score_reply(item, reply))]
 
 
 def test_prompt_files_in_every_layout(tmp_path):
@@ -351,7 +378,13 @@ def test_a_tiny_grpo_run_raises_its_reward(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "grpo.json").read_text())
     assert report["reward"] == "python:tiny_rewards:letters" and report["steps"] == 30
     assert report["after"]["val_reward"] > report["before"]["val_reward"]
-    assert [p["step"] for p in report["curve"]] == [15, 30]
+    assert [p["step"] for p in report["curve"]] == [0, 15, 30]  # before training, then each evaluation
+    assert (out / "rewards.png").stat().st_size > 10_000
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert "reinforcement learning (GRPO, reward python:tiny_rewards:letters)" in page
+    assert "GRPO, held-out" in page and "rewards.png" in page
+    assert "training reward" in (out / "report" / "report.html").read_text(encoding="utf-8")
     assert all({"kl", "length", "clip_fraction", "reward_std"} <= set(r) for r in read_metrics(out) if "reward" in r)
     model, _ = load_model_dir(out / "final")
     assert model.config.max_position_embeddings == 128
@@ -382,7 +415,20 @@ def test_resuming_in_the_middle_of_a_round_takes_the_same_steps(tmp_path, monkey
 def test_grpo_on_builtin_arithmetic_reports_every_heldout_kind(tmp_path, capsys):
     policy = tiny_chat_dir(tmp_path / "policy")
     out = tmp_path / "run"
-    assert main(grpo_args(policy, out, "--train.max_steps=2", "--grpo.group_size=2")) == 0
+    assert (
+        main(
+            grpo_args(
+                policy,
+                out,
+                "--train.max_steps=2",
+                "--grpo.group_size=2",
+                "--data.kinds=[arithmetic]",
+                "--reward",
+                "arithmetic",
+            )
+        )
+        == 0
+    )
     report = json.loads((out / "grpo.json").read_text())
     # the tiny tokenizer spells Chinese in bytes: some held-out questions do not fit its context of 128
     assert report["reward"] == "arithmetic" and report["prompts"] == 1056 and 0 < report["heldout"] < 526
@@ -397,7 +443,7 @@ def test_grpo_errors_name_the_problem(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "hi", "answer": "3"}, {"prompt": "what is two?"}])
     cases = [
-        (["--data", str(prompts)], "prompts.jsonl:2: the arithmetic reward compares replies"),
+        (["--data", str(prompts), "--reward", "arithmetic"], "prompts.jsonl:2: the arithmetic reward compares replies"),
         (["--reward", "python:nowhere:f"], "cannot import nowhere"),
         (["--reward", "exactness"], "expected built-in verifiers"),
         (["--group-size", "1"], "group_size: a group needs at least 2 replies"),
@@ -425,3 +471,18 @@ def test_the_reward_reads_the_reasoning_markers_the_chat_text_hides(tmp_path):
     ) == [1]
     cut = Completion([1], [*tokenizer.encode("7 </s> more")], finish_reason="stop")
     assert reply_text(tokenizer, cut, SamplingSettings(stop_strings=["</s>"])) == "7 "
+
+
+def test_builtin_kinds_take_weights(tmp_path):
+    from tinylm.config import ConfigError, load_config
+    from tinylm.train.grpo import prompt_sets
+
+    cfg = load_config(GRPOConfig, None, ["--data.kinds=[arithmetic:3,identity]"])
+    train, heldout, where = prompt_sets(cfg)
+    assert cfg.data.weights == {"arithmetic": 3, "identity": 1}
+    assert len([p for p in train if p.kind == "arithmetic"]) == 3 * 1056
+    assert len([p for p in train if p.kind == "identity"]) == len(builtin_prompts(World(0), ("identity",)))
+    assert "arithmetic ×3, identity" in where and len(heldout) == 526
+    for bad in ("[arithmetic:0]", "[arithmetic:x]", "[poems]"):
+        with pytest.raises(ConfigError, match="expected KIND or KIND:WEIGHT"):
+            load_config(GRPOConfig, None, [f"--data.kinds={bad}"])

@@ -48,6 +48,7 @@ SPECIAL_TOKENS = (
     "<|reserved_2|>",
     "<|reserved_3|>",
 )
+THINK, THINK_END = "<|think|>", "<|think_end|>"  # around reasoning that comes before the answer
 EOS_TOKEN = SPECIAL_TOKENS[0]
 
 # Qwen2's pre-tokenizer regex (\p{L}: any letter, \p{N}: any digit, \s: whitespace).

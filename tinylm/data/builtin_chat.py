@@ -31,6 +31,7 @@ from tinylm.data.builtin import (  # the world these conversations talk about
     value_text,
 )
 from tinylm.io import atomic_write_text
+from tinylm.tokenizer import THINK, THINK_END
 
 # -- conversations for supervised fine-tuning ---------------------------------------------------
 #
@@ -41,8 +42,8 @@ from tinylm.io import atomic_write_text
 # attributes and identity questions keep phrasings back the same way, and some strangers (entities that
 # do not exist) and the held-out arithmetic problems are only ever asked at evaluation.
 
-SFT_VERSION = 1  # bump whenever generated conversations change, so cached files are rewritten
-DEFAULT_CONVERSATIONS = 2880  # six rounds of 480 (see sft_round)
+SFT_VERSION = 2  # bump whenever generated conversations change, so cached files are rewritten
+DEFAULT_CONVERSATIONS = 3168  # six rounds of 528 (see sft_round)
 DEFAULT_NAME, DEFAULT_AUTHOR = "TinyLM", "Maple Lab"  # who the assistant says it is, and who made it
 SYSTEM_SHARE = 0.2  # the share of conversations that open with a system prompt
 N_STRANGERS, HELDOUT_STRANGERS = 12, 4  # per kind: names of no one, and how many of them only evaluation uses
@@ -133,6 +134,10 @@ ARITHMETIC_QUESTIONS = {
 }
 OPERATION_WORDS = {("+", "en"): "plus", ("-", "en"): "minus", ("+", "zh"): "加", ("-", "zh"): "减"}
 ARITHMETIC_ANSWERS = {"en": "The answer is {v}.", "zh": "答案是{v}。"}
+# The share of arithmetic answers that work the problem out first, between <|think|> and <|think_end|>:
+# enough that the chat model can reason (and sampling often does), few enough that it mostly answers
+# straight away, which is what reinforcement learning then changes (docs/rl.md).
+REASONING_SHARE = 1 / 3
 
 # Refusals. The world never says how old anyone is, what they sing or weigh, and strangers are no one;
 # every refusal contains REFUSAL_MARKERS[lang] and states nothing about the entity.
@@ -285,7 +290,7 @@ def chat(exchanges: list[tuple[str, str]], system: str | None = None) -> list[di
     return messages
 
 
-def _ask(context: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
+def ask(context: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
     """Messages that end with a question for the model: ``context`` exchanges, then ``question``."""
     return [*chat(context), {"role": "user", "content": question}]
 
@@ -358,8 +363,23 @@ def arithmetic_question(problem: tuple[int, str, int], lang: str, template: int)
     return ARITHMETIC_QUESTIONS[lang][template].format(a=a, op=op, b=b, word=OPERATION_WORDS[op, lang])
 
 
-def arithmetic_reply(problem: tuple[int, str, int], lang: str) -> str:
-    return ARITHMETIC_ANSWERS[lang].format(v=arithmetic_answer(problem))
+def arithmetic_reply(problem: tuple[int, str, int], lang: str, reasoning: bool = False) -> str:
+    """ "The answer is 7."; with ``reasoning``, the worked steps first, between the reasoning markers."""
+    answer = ARITHMETIC_ANSWERS[lang].format(v=arithmetic_answer(problem))
+    return f"{THINK}{arithmetic_steps(problem)}{THINK_END}{answer}" if reasoning else answer
+
+
+def arithmetic_steps(problem: tuple[int, str, int]) -> str:
+    """A problem worked out one step at a time, each step the same small move that any problem takes:
+    one goes from the second number to the first (a sum) or off both (a difference) until the second
+    is 0. "8 + 3 = 9 + 2 = 10 + 1 = 11 + 0 = 11", "7 - 2 = 6 - 1 = 5 - 0 = 5". A held-out problem is
+    worked with the same moves as the training ones (and appears inside longer ones' steps)."""
+    a, op, b = problem
+    steps = [f"{a} {op} {b}"]
+    while b > 0:
+        a, b = (a + 1 if op == "+" else a - 1), b - 1
+        steps.append(f"{a} {op} {b}")
+    return " = ".join(steps) + f" = {a}"
 
 
 # -- training conversations ---------------------------------------------------------------------
@@ -394,11 +414,12 @@ def multiturn_exchanges(world: World, rng: random.Random, entity: Entity, lang: 
     return exchanges
 
 
-def arithmetic_exchange(world: World, rng: random.Random, lang: str) -> tuple[str, str]:
-    """A problem that is not held out, in any phrasing, answered "The answer is 7."."""
+def arithmetic_exchange(world: World, rng: random.Random, lang: str, reasoning: bool = False) -> tuple[str, str]:
+    """A problem that is not held out, in any phrasing, answered "The answer is 7.", with ``reasoning``
+    worked out first (``arithmetic_steps``)."""
     problem = rng.choice([p for p in arithmetic_problems() if p not in world.heldout_problems])
     question = arithmetic_question(problem, lang, rng.randrange(len(ARITHMETIC_QUESTIONS[lang])))
-    return question, arithmetic_reply(problem, lang)
+    return question, arithmetic_reply(problem, lang, reasoning)
 
 
 def refusal_exchange(world: World, rng: random.Random, lang: str, unknown: list[Entity]) -> tuple[str, str]:
@@ -419,15 +440,20 @@ def system_prompt(rng: random.Random, lang: str) -> str | None:
     return rng.choice(SYSTEM_PROMPTS[lang]) if rng.random() < SYSTEM_SHARE else None
 
 
-def sft_round(world: World, rng: random.Random, name: str, author: str) -> list[list[dict[str, str]]]:
-    """One round of 480 conversations (with the default world), shuffled:
+def sft_round(
+    world: World, rng: random.Random, name: str, author: str, reasoning: random.Random | None = None
+) -> list[list[dict[str, str]]]:
+    """One round of 528 conversations (with the default world), shuffled:
 
-    - 288 (60%) single-turn fact questions: every fact, in both languages, in a training phrasing;
-    - 80 (17%) multi-turn conversations: one starting at each entity, in both languages;
-    - 48 (10%) arithmetic questions and 40 (8%) refusals, alternating between the languages;
+    - 288 (55%) single-turn fact questions: every fact, in both languages, in a training phrasing;
+    - 80 (15%) multi-turn conversations: one starting at each entity, in both languages;
+    - 96 (18%) arithmetic questions and 40 (8%) refusals, alternating between the languages;
     - 24 (5%) identity questions in either language, answered with ``name`` and ``author``.
 
-    A fifth of them, whatever their kind, open with a system prompt.
+    A fifth of them, whatever their kind, open with a system prompt. A third of the arithmetic answers
+    work the problem out first. Half of the arithmetic questions, and which answers reason first, are
+    drawn from ``reasoning``, a stream of its own (without it: 48 arithmetic questions, none reasoned),
+    so that every other conversation is what it was before arithmetic answers reasoned.
     """
     facts = [(e, a, lang) for e, a, _ in world.facts() for lang in LANGS]
     unknown = strangers(world)
@@ -437,12 +463,21 @@ def sft_round(world: World, rng: random.Random, name: str, author: str) -> list[
         (lang, [(training_fact_question(world, rng, e, a, lang), fact_answer(e, a, lang))]) for e, a, lang in facts
     ]
     parts += [(lang, multiturn_exchanges(world, rng, e, lang)) for e in world.entities for lang in LANGS]
-    parts += [(lang, [arithmetic_exchange(world, rng, lang)]) for lang in alternating[: len(facts) // 6]]
+    parts += [
+        (lang, [arithmetic_exchange(world, rng, lang, reasoning is not None and reasoning.random() < REASONING_SHARE)])
+        for lang in alternating[: len(facts) // 6]
+    ]
     parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: len(world.entities)]]
     for lang, _, question, reply in rng.sample(identity, len(facts) // 12):
         parts.append((lang, [(question, reply.format(name=name, author=author))]))
     rng.shuffle(parts)
-    return [chat(exchanges, system_prompt(rng, lang)) for lang, exchanges in parts]
+    conversations = [chat(exchanges, system_prompt(rng, lang)) for lang, exchanges in parts]
+    if reasoning is not None:
+        for lang in alternating[: len(facts) // 6]:
+            exchange = arithmetic_exchange(world, reasoning, lang, reasoning.random() < REASONING_SHARE)
+            conversation = chat([exchange], system_prompt(reasoning, lang))
+            conversations.insert(reasoning.randrange(len(conversations) + 1), conversation)
+    return conversations
 
 
 def sft_conversations(
@@ -453,9 +488,10 @@ def sft_conversations(
     fact is asked again in every round, in a freshly chosen training phrasing."""
     n = DEFAULT_CONVERSATIONS if n is None else n
     rng = random.Random(f"tinylm-sft-{world.seed}")
+    reasoning = random.Random(f"tinylm-sft-reasoning-{world.seed}")
     conversations: list[list[dict[str, str]]] = []
     while len(conversations) < n:
-        conversations += sft_round(world, rng, name, author)
+        conversations += sft_round(world, rng, name, author, reasoning)
     return conversations[:n]
 
 
@@ -492,7 +528,7 @@ def identity_questions(name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -
     ``author`` (asked who made it)."""
     asked = dict.fromkeys((lang, topic, question) for lang, topic, question, _ in identity_templates(heldout=True))
     return [
-        ChatEvalItem(_ask([], question), name if topic == "name" else author, lang, "identity")
+        ChatEvalItem(ask([], question), name if topic == "name" else author, lang, "identity")
         for lang, topic, question in asked
     ]
 
@@ -512,7 +548,7 @@ def heldout_questions(world: World, name: str = DEFAULT_NAME, author: str = DEFA
 def _fact_item(context, question: str, attribute: str, value: str, lang: str, kind: str) -> ChatEvalItem:
     """A question whose answer is a fact's value; every other value of that attribute is wrong."""
     others = tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value)
-    return ChatEvalItem(_ask(context, question), value_text(attribute, value, lang), lang, kind, others)
+    return ChatEvalItem(ask(context, question), value_text(attribute, value, lang), lang, kind, others)
 
 
 def _fact_items(world: World) -> list[ChatEvalItem]:
@@ -549,7 +585,7 @@ def _arithmetic_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
         others = tuple(str(v) for v in range(19) if str(v) != answer)
         for lang in LANGS:
             question = arithmetic_question(problem, lang, rng.randrange(len(ARITHMETIC_QUESTIONS[lang])))
-            items.append(ChatEvalItem(_ask([], question), answer, lang, "arithmetic", others))
+            items.append(ChatEvalItem(ask([], question), answer, lang, "arithmetic", others))
     return items
 
 
@@ -567,7 +603,7 @@ def _refusal_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
         questions += [
             unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang)) for e in world.entities
         ]
-        items += [ChatEvalItem(_ask([], q), REFUSAL_MARKERS[lang], lang, "refusal", any_value) for q in questions]
+        items += [ChatEvalItem(ask([], q), REFUSAL_MARKERS[lang], lang, "refusal", any_value) for q in questions]
     return items
 
 

@@ -25,22 +25,50 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import permutations
 
-from tinylm.data.builtin import LANGS, TEMPLATES_PER_FACT, World, arithmetic_answer, arithmetic_problems, value_text
+from tinylm.data.builtin import (
+    ATTRIBUTES,
+    LANGS,
+    TEMPLATES_PER_FACT,
+    VALUES,
+    World,
+    arithmetic_answer,
+    arithmetic_problems,
+    value_text,
+)
 from tinylm.data.builtin_chat import (
     ARITHMETIC_QUESTIONS,
-    VALUES,
+    DEFAULT_AUTHOR,
+    DEFAULT_NAME,
+    FOLLOWUP_TEMPLATES,
+    REFUSAL_MARKERS,
+    UNKNOWN_QUESTIONS,
     ChatEvalItem,
     arithmetic_question,
+    fact_answer,
     fact_question,
+    followup_question,
     heldout_questions,
+    identity_templates,
     sft_choices,
+    strangers,
+    unknown_question,
 )
+from tinylm.data.builtin_chat import ask as chat_messages
 from tinylm.data.chat import RECORD_FILES, Turn, get_field, kind_of, openai_turns, validate_turns, with_system_field
 from tinylm.io import DataError, Paths, ReadReport, read_records
+from tinylm.tokenizer import THINK, THINK_END
 
-THINK, THINK_END = "<|think|>", "<|think_end|>"  # reasoning the reply does not count as its answer
-BUILTIN_KINDS = ("arithmetic", "facts")
+BUILTIN_KINDS = ("arithmetic", "facts", "followups", "refusals", "identity")
+# a prompt's kind (as the held-out questions name it) → the built-in kind that asks it
+KIND_OF_PROMPT = {
+    "arithmetic": "arithmetic",
+    "fact": "facts",
+    "followup": "followups",
+    "refusal": "refusals",
+    "identity": "identity",
+}
 GSM8K_ANSWER = "####"
 
 
@@ -69,8 +97,17 @@ def split_thinking(reply: str) -> tuple[str | None, str]:
 
 
 def builtin_prompts(world: World, kinds: tuple[str, ...] = ("arithmetic",)) -> list[RLPrompt]:
-    """The training prompts of the built-in world, never a held-out one: every arithmetic problem that
-    is not held out, in every phrasing and both languages; every fact in the phrasings SFT trains on."""
+    """The training prompts of the built-in world, never a held-out one (see ``BUILTIN_KINDS``):
+
+    arithmetic  every problem that is not held out, in every phrasing, in both languages (1,056)
+    facts       every fact in the phrasings SFT trains on (864)
+    followups   each entity asked one fact, then a follow-up about another in a training phrasing
+    refusals    the strangers training talks about, and the questions about attributes nobody has, in
+                training phrasings: the right answer is "I don't know"
+    identity    the identity questions training asks: the answer names the assistant or its author
+
+    Every prompt's answer and wrong values are as the held-out questions of its kind have them, so
+    the ``facts`` reward checks any kind (an arithmetic answer's wrong values are the other numbers)."""
     for kind in kinds:
         if kind not in BUILTIN_KINDS:
             raise ValueError(f"built-in prompt kinds: expected some of {', '.join(BUILTIN_KINDS)}, got {kind!r}")
@@ -84,19 +121,56 @@ def builtin_prompts(world: World, kinds: tuple[str, ...] = ("arithmetic",)) -> l
             for lang in LANGS:
                 for template in range(len(ARITHMETIC_QUESTIONS[lang])):
                     question = arithmetic_question(problem, lang, template)
-                    prompts.append(_builtin(question, answer, others, "arithmetic", lang))
+                    prompts.append(_builtin([], question, answer, others, "arithmetic", lang))
     if "facts" in kinds:
         for entity, attribute, value in world.facts():
-            others = tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value for lang in LANGS)
             for lang in LANGS:
                 for template in sft_choices(world, TEMPLATES_PER_FACT, "question", entity.names["en"], attribute, lang):
                     question = fact_question(entity, attribute, lang, template)
-                    prompts.append(_builtin(question, value_text(attribute, value, lang), others, "fact", lang))
+                    prompts.append(_fact([], question, attribute, value, lang, "fact"))
+    if "followups" in kinds:
+        for entity in world.entities:
+            for lang in LANGS:
+                for first, then in permutations(entity.facts, 2):
+                    template = sft_choices(world, TEMPLATES_PER_FACT, "question", entity.names["en"], first, lang)[0]
+                    context = [(fact_question(entity, first, lang, template), fact_answer(entity, first, lang))]
+                    key = ("followup", entity.names["en"], then, lang)
+                    for choice in sft_choices(world, len(FOLLOWUP_TEMPLATES[then, lang]), *key):
+                        question = followup_question(entity, then, lang, choice)
+                        prompts.append(_fact(context, question, then, entity.facts[then], lang, "followup"))
+    if "refusals" in kinds:
+        for lang in LANGS:
+            any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
+            questions = [
+                fact_question(s, attribute, lang, template)
+                for s in strangers(world)
+                for attribute in ATTRIBUTES[s.kind]
+                for template in range(TEMPLATES_PER_FACT)
+            ]
+            count = len(UNKNOWN_QUESTIONS[lang])
+            questions += [
+                unknown_question(e, lang, t)
+                for e in world.entities
+                for t in sft_choices(world, count, "unknown", e.names["en"], lang)
+            ]
+            prompts += [_builtin([], q, REFUSAL_MARKERS[lang], any_value, "refusal", lang) for q in questions]
+    if "identity" in kinds:
+        asked = dict.fromkeys((lang, topic, question) for lang, topic, question, _ in identity_templates())
+        for lang, topic, question in asked:
+            prompts.append(
+                _builtin([], question, DEFAULT_NAME if topic == "name" else DEFAULT_AUTHOR, (), "identity", lang)
+            )
     return prompts
 
 
-def _builtin(question: str, answer: str, wrong: tuple[str, ...], kind: str, lang: str) -> RLPrompt:
-    return RLPrompt([{"role": "user", "content": question}], answer, wrong, kind, lang, "builtin")
+def _fact(context, question: str, attribute: str, value: str, lang: str, kind: str) -> RLPrompt:
+    """A question whose answer is a fact's value; the attribute's other values (in ``lang``) are wrong."""
+    others = tuple(value_text(attribute, v, lang) for v in VALUES[attribute] if v != value)
+    return _builtin(context, question, value_text(attribute, value, lang), others, kind, lang)
+
+
+def _builtin(context, question: str, answer: str, wrong: tuple[str, ...], kind: str, lang: str) -> RLPrompt:
+    return RLPrompt(chat_messages(context, question), answer, wrong, kind, lang, f"builtin {kind}")
 
 
 def heldout_prompts(world: World) -> list[RLPrompt]:

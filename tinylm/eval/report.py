@@ -150,7 +150,7 @@ def read_stage(run_dir: Path, path: Path) -> Stage:
     stage = Stage(
         name=name,
         path=path,
-        kind=stage_kind(config),
+        kind=stage_kind(config, path),
         config_text=(path / "config.yaml").read_text(encoding="utf-8"),
         records=read_json_lines(path / "metrics.jsonl"),
     )
@@ -158,8 +158,12 @@ def read_stage(run_dir: Path, path: Path) -> Stage:
     return stage
 
 
-def stage_kind(config: dict) -> str:
-    """What a stage did, told from the sections of its config."""
+def stage_kind(config: dict, path: Path | None = None) -> str:
+    """What a stage did, told from the sections of its config (and a reward model by its rm.json)."""
+    if "grpo" in config:
+        return f"reinforcement learning (GRPO, reward {config['grpo'].get('reward', 'arithmetic')})"
+    if path is not None and (path / "rm.json").is_file():
+        return "reward model"
     if "distill" in config:
         return "distillation"
     if "dpo" in config:
@@ -191,7 +195,12 @@ def summary(stage: Stage, config: dict, final: Path) -> Table:
     if evaluations:
         rows += [[f"final validation {k.removeprefix('val_')}", number(v)] for k, v in val_metrics(evaluations[-1])]
         benchmarks = [(k, v) for k, v in evaluations[-1].items() if "/" in k and isinstance(v, (int, float))]
-        rows += [[f"final {k} (eval.tasks)", metric_value(k, v)] for k, v in benchmarks]
+        rows += [
+            [f"final {k.removeprefix('heldout/')} (held-out questions)", metric_value(k, v)]
+            if k.startswith("heldout/")
+            else [f"final {k} (eval.tasks)", metric_value(k, v)]
+            for k, v in benchmarks
+        ]
         best = min(stage.curve("val_loss"), key=lambda point: point[1], default=None)
         if best is not None and len(evaluations) > 1:
             rows.append(["best validation loss", f"{best[1]:.4f} at step {best[0]:,}"])
@@ -260,6 +269,11 @@ KEY_SETTINGS = (  # (section, key) of the config, shown in this order where set
     ("dpo", "loss"),
     ("dpo", "beta"),
     ("dpo", "reference"),
+    ("grpo", "reward"),
+    ("grpo", "group_size"),
+    ("grpo", "beta"),
+    ("grpo", "updates"),
+    ("data", "kinds"),
     ("distill", "teacher"),
     ("distill", "temperature"),
     ("distill", "kl_weight"),
@@ -365,6 +379,30 @@ def dpo_report(report: dict, name: str) -> list[Table]:
     if qa:
         rows.append(["held-out questions answered", percent(qa.get("before")), percent(qa.get("after"))])
     return [Table(f"Preference optimisation, held-out pairs ({name})", ["measure", "before", "after"], rows)]
+
+
+def grpo_report(report: dict, name: str) -> list[Table]:
+    """GRPO's grpo.json: the held-out results before and after, and at each evaluation."""
+    before, after = report.get("before") or {}, report.get("after") or {}
+    keys = [k for k in after if k.startswith("heldout/") or k in ("val_reward", "val_length")]
+
+    def shown(key, value):
+        return percent(value) if key.startswith("heldout/") else metric_value(key, value)
+
+    rows = [[k.removeprefix("heldout/"), shown(k, before.get(k, float("nan"))), shown(k, after[k])] for k in keys]
+    columns = [k for k in keys if k in ("heldout/accuracy", "val_reward") or "arithmetic" in k]
+    curve = [
+        [f"{p['step']:,}", f"{p['seconds']:,.0f} s", *(shown(k, p.get(k, float("nan"))) for k in columns)]
+        for p in report.get("curve", [])
+    ]
+    return [
+        Table(f"GRPO, held-out ({name}; reward {report.get('reward')})", ["measure", "before", "after"], rows),
+        Table(
+            f"GRPO, each evaluation ({name})",
+            ["step", "training", *(k.removeprefix("heldout/") for k in columns)],
+            curve,
+        ),
+    ]
 
 
 def identity_report(report: dict, name: str) -> list[Table]:
@@ -483,5 +521,6 @@ MEASUREMENTS = {
     "results.json": eval_results,
     "heldout.json": heldout_pictures,
     "dpo.json": dpo_report,
+    "grpo.json": grpo_report,
     "identity.json": identity_report,
 }

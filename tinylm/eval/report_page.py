@@ -61,7 +61,12 @@ def html_table(table: Table) -> str:
 
 
 def html_figure(stage: Stage) -> str:
-    svg = loss_svg(stage.curve("loss"), stage.curve("val_loss"), f"{stage.name}: loss")
+    if stage.curve("reward"):  # reinforcement learning: its loss says little, its reward and accuracy say it all
+        held = stage.curve("heldout/accuracy") or stage.curve("val_reward")
+        labels = ("training reward", "held-out accuracy" if stage.curve("heldout/accuracy") else "held-out reward")
+        svg = loss_svg(stage.curve("reward"), held, f"{stage.name}: reward", labels, "reward / accuracy")
+    else:
+        svg = loss_svg(stage.curve("loss"), stage.curve("val_loss"), f"{stage.name}: loss")
     return f"<figure>{svg}</figure>" if svg else "<p>No losses logged yet.</p>"
 
 
@@ -71,8 +76,15 @@ WIDTH, HEIGHT = 720, 320
 LEFT, RIGHT, TOP, BOTTOM = 64, 150, 28, 44  # the plot's margins: tick labels, the legend, the title, the axis title
 
 
-def loss_svg(train: list[tuple[float, float]], val: list[tuple[float, float]], title: str) -> str:
-    """Training loss (a line) and validation loss (points joined by a line) against step, as SVG."""
+def loss_svg(
+    train: list[tuple[float, float]],
+    val: list[tuple[float, float]],
+    title: str,
+    labels: tuple[str, str] = ("training loss", "validation loss"),
+    axis: str = "loss",
+) -> str:
+    """Training loss (a line) and validation loss (points joined by a line) against step, as SVG (or
+    any two such curves, named by ``labels``, on an ``axis``)."""
     points = train + val
     if not points:
         return ""
@@ -101,20 +113,20 @@ def loss_svg(train: list[tuple[float, float]], val: list[tuple[float, float]], t
     parts += [
         f'<rect x="{LEFT}" y="{TOP}" width="{right - LEFT}" height="{bottom - TOP}" fill="none" stroke="#999"/>',
         f'<text x="{(LEFT + right) / 2}" y="{HEIGHT - 6}" text-anchor="middle">step</text>',
-        f'<text transform="translate(14 {(TOP + bottom) / 2}) rotate(-90)" text-anchor="middle">loss</text>',
+        f'<text transform="translate(14 {(TOP + bottom) / 2}) rotate(-90)" text-anchor="middle">{escape(axis)}</text>',
     ]
     if train:
         parts.append(polyline(train, x, y, TRAIN_COLOUR, 1.5))
     if val:
         parts.append(polyline(val, x, y, VAL_COLOUR, 1.5))
         parts += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3" fill="{VAL_COLOUR}"/>' for s, v in val]
-    legend = [("training loss", TRAIN_COLOUR, train), ("validation loss", VAL_COLOUR, val)]
+    legend = [(labels[0], TRAIN_COLOUR, train), (labels[1], VAL_COLOUR, val)]
     for row, (label, colour, _) in enumerate(item for item in legend if item[2]):
         top = TOP + 12 + 20 * row
         parts.append(
             f'<line x1="{right + 12}" x2="{right + 36}" y1="{top}" y2="{top}" stroke="{colour}" stroke-width="3"/>'
         )
-        parts.append(f'<text x="{right + 42}" y="{top + 4}">{label}</text>')
+        parts.append(f'<text x="{right + 42}" y="{top + 4}">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -151,9 +163,10 @@ def render_markdown(report: Report, out_dir: Path) -> str:
     lines += [text for table in report.tables for text in markdown_table(table)]
     for stage in report.stages:
         lines += [f"## Stage {stage.name}: {stage.kind}", ""]
-        if (stage.path / "loss.png").is_file():
-            link = Path(os.path.relpath(stage.path / "loss.png", out_dir)).as_posix()
-            lines += [f"![loss curves of {stage.name}]({link})", ""]
+        for image, what in (("loss.png", "loss curves"), ("rewards.png", "reward and held-out accuracy")):
+            if (stage.path / image).is_file():
+                link = Path(os.path.relpath(stage.path / image, out_dir)).as_posix()
+                lines += [f"![{what} of {stage.name}]({link})", ""]
         lines += [text for table in stage.tables for text in markdown_table(table)]
         lines += [
             "<details><summary>config.yaml</summary>",

@@ -34,7 +34,14 @@ import torch
 
 from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data.builtin import World
-from tinylm.data.rl_prompts import BUILTIN_KINDS, RLPrompt, builtin_prompts, heldout_prompts, read_prompts
+from tinylm.data.rl_prompts import (
+    BUILTIN_KINDS,
+    KIND_OF_PROMPT,
+    RLPrompt,
+    builtin_prompts,
+    heldout_prompts,
+    read_prompts,
+)
 from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import tally
@@ -44,6 +51,7 @@ from tinylm.io import DataError, atomic_write_json
 from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
 from tinylm.modelcard import CardFacts, add_evaluation
+from tinylm.train.metrics import plot_rewards
 from tinylm.train.objectives import GRPOLoss
 from tinylm.train.pairs import chat_template_of
 from tinylm.train.rewards import Reward, build_reward, facts_reward
@@ -65,7 +73,9 @@ from tinylm.train.trainer import FitResult, Task, fit, move
 class PromptDataConfig:
     source: str | None = None  # "builtin" (the built-in world's training prompts) or "files"; unset: files if given
     files: list[str] = field(default_factory=list)  # .json / .jsonl / .parquet prompts (rl_prompts' layouts)
-    kinds: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in: arithmetic and/or facts
+    # built-in: which kinds of prompt (rl_prompts.BUILTIN_KINDS), each "KIND" or "KIND:WEIGHT" (its
+    # prompts walked WEIGHT times per epoch: "arithmetic:4" asks arithmetic four times as often)
+    kinds: list[str] = field(default_factory=lambda: ["arithmetic"])
     template: str | None = None  # None: the model's own chat template
     skip_bad: bool = False  # skip invalid prompts, and prompts too long for the context, and count them
     val_fraction: float = 0.05  # files only; the built-in prompts are evaluated on the held-out questions
@@ -73,9 +83,15 @@ class PromptDataConfig:
 
     def __post_init__(self):
         resolve_source(self, ("builtin", "files"))
-        for kind in self.kinds:
-            if kind not in BUILTIN_KINDS:
-                raise ConfigError(f"kinds: expected some of {', '.join(BUILTIN_KINDS)}, got {kind!r}")
+        self.weights = {}
+        for entry in self.kinds:
+            kind, _, weight = str(entry).partition(":")
+            if kind not in BUILTIN_KINDS or (weight and not (weight.isdigit() and int(weight) > 0)):
+                raise ConfigError(
+                    f"kinds: expected KIND or KIND:WEIGHT, KIND one of {', '.join(BUILTIN_KINDS)} and WEIGHT a whole "
+                    f"number above 0, got {entry!r}"
+                )
+            self.weights[kind] = int(weight or 1)
 
 
 @dataclass
@@ -126,9 +142,10 @@ def prompt_sets(cfg: GRPOConfig) -> tuple[list[RLPrompt], list[RLPrompt], str]:
     """(training prompts, held-out prompts, a line saying where they came from)."""
     if cfg.data.source == "builtin":
         world = World(cfg.data.builtin_seed)
-        train = builtin_prompts(world, tuple(cfg.data.kinds))
+        weights = cfg.data.weights
+        train = [p for p in builtin_prompts(world, tuple(weights)) for _ in range(weights[KIND_OF_PROMPT[p.kind]])]
         heldout = heldout_prompts(world)
-        kinds = " and ".join(cfg.data.kinds)
+        kinds = ", ".join(f"{k} ×{w}" if w > 1 else k for k, w in weights.items())
         return (
             train,
             heldout,
@@ -407,12 +424,13 @@ def grpo(cfg: GRPOConfig, out_dir: str | Path, *, resume: bool = False, callback
                 "seconds": result.elapsed_s,
                 "before": before,
                 "after": after,
-                "curve": curve(run_dir / "metrics.jsonl"),
+                "curve": [{"step": 0, "seconds": 0.0, **before}, *curve(run_dir / "metrics.jsonl")],
             }
             card = CardFacts(stage=f"reinforcement learning (GRPO, reward {reward.name})", tags=["grpo"])
             card = run_card(card, result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
             save_final(model, tokenizer, final, lora, cfg.init_from, card)
             atomic_write_json(run_dir / "grpo.json", report)
+            plot_rewards(run_dir / "metrics.jsonl", run_dir / "rewards.png", f"GRPO: {run_dir.name}", before)
             add_evaluation(final, card_evaluation(report), "before and after GRPO (grpo.json)")
             print(describe(report), file=sys.stderr)
         return final, result

@@ -91,3 +91,38 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "")
         fig.savefig(out_path)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_rewards(
+    metrics_path: str | Path, out_path: str | Path, title: str = "", before: dict | None = None
+) -> Path | None:
+    """A reinforcement-learning run: the training reward and every held-out accuracy (``heldout/...``,
+    or ``val_reward``) against step, ``before`` training at step 0; None when nothing was logged."""
+    records = ([{"step": 0, **before}] if before else []) + read_metrics(metrics_path)
+    reward = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    keys = sorted({k for r in records for k in r if k.startswith("heldout/") or k == "val_reward"})
+    if not reward and not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if reward:
+        ax.plot(*zip(*reward), label="reward (training rollouts)", linewidth=1, color="black")
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        style = "o-" if key in ("heldout/accuracy", "val_reward") or "arithmetic" in key else "o--"
+        ax.plot(*zip(*points), style, label=key.removeprefix("heldout/"), markersize=3, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / held-out accuracy")
+    ax.set_title(title or Path(metrics_path).parent.name, fontfamily=title_fonts())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(out_path)
+    plt.close(fig)
+    return Path(out_path)
