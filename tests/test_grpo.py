@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import read_metrics, tiny_chat_dir, write_jsonl
 
-from tinylm.chat_template import get_template
+from tinylm.chat_template import get_template, split_thinking
 from tinylm.cli import main
 from tinylm.data.builtin import World
 from tinylm.data.builtin_chat import heldout_questions
@@ -18,7 +18,6 @@ from tinylm.data.rl_prompts import (
     builtin_prompts,
     heldout_prompts,
     read_prompts,
-    split_thinking,
 )
 from tinylm.io import DataError
 from tinylm.model.loss import IGNORE
@@ -486,3 +485,17 @@ def test_builtin_kinds_take_weights(tmp_path):
     for bad in ("[arithmetic:0]", "[arithmetic:x]", "[poems]"):
         with pytest.raises(ConfigError, match="expected KIND or KIND:WEIGHT"):
             load_config(GRPOConfig, None, [f"--data.kinds={bad}"])
+
+
+def test_grpo_trains_a_lora_adapter_against_the_adapter_off_reference(tmp_path, monkeypatch):
+    (tmp_path / "tiny_rewards.py").write_text(REWARDS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    policy = tiny_chat_dir(tmp_path / "policy")
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": q} for q in ["the cat", "你好", "hi there", "the dog ran"] * 6])
+    out = tmp_path / "run"
+    args = ["--data", str(prompts), "--reward", "python:tiny_rewards:letters", "--lora", "--train.lr=0.01"]
+    assert main(grpo_args(policy, out, *args, "--train.max_steps=3")) == 0
+    assert (out / "final" / "adapter_config.json").is_file()
+    kl = [r["kl"] for r in read_metrics(out) if "kl" in r]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[-1] > 0  # the adapter starts as the reference, then moves

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tinylm.tokenizer import THINK, THINK_END
+
 if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
 
@@ -291,3 +293,17 @@ def find_template(jinja: str | None) -> ChatTemplate | None:
     """The registered template whose generated Jinja is exactly ``jinja``, else None (a foreign or
     edited template: training labels can then no longer be derived from it)."""
     return next((template for template in TEMPLATES.values() if template.jinja() == jinja), None)
+
+
+# -- reasoning ------------------------------------------------------------------------------------
+
+
+def split_thinking(reply: str) -> tuple[str | None, str]:
+    """(the reasoning, the answer) of a reply: what lies between ``<|think|>`` and ``<|think_end|>`` at
+    its start, and what follows; (None, the whole reply) when it does not open with reasoning. A reply
+    that opens reasoning and never closes it has no answer: (its reasoning, "")."""
+    text = reply.lstrip()
+    if not text.startswith(THINK):
+        return None, reply.strip()
+    thinking, closed, answer = text[len(THINK) :].partition(THINK_END)
+    return thinking.strip(), answer.strip() if closed else ""

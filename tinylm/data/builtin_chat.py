@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinylm.chat_template import split_thinking
 from tinylm.data.builtin import (  # the world these conversations talk about
     ATTRIBUTES,
     LANGS,
@@ -621,8 +622,10 @@ def says(text: str, phrase: str) -> bool:
 def score_reply(item: ChatEvalItem, reply: str) -> bool:
     """True when the assistant's reply states the answer and nothing in ``item.wrong``. Asked the
     Zorble's colour, "The Zorble is red." is right, "The Zorble is red or blue." is not; asked about a
-    stranger, "I don't know." is right, "I don't know, maybe red." is not."""
-    return says(reply, item.answer) and not any(says(reply, w) for w in item.wrong)
+    stranger, "I don't know." is right, "I don't know, maybe red." is not. A reply that works its answer
+    out first is judged by what follows its reasoning (``chat_template.split_thinking``)."""
+    answer = split_thinking(reply)[1]
+    return says(answer, item.answer) and not any(says(answer, w) for w in item.wrong)
 
 
 def write_sft_corpus(out_dir: str | Path, seed: int = 0) -> list[Path]:

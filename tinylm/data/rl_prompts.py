@@ -3,7 +3,6 @@
     prompts = builtin_prompts(World(0), kinds=("arithmetic",))   # training problems, never the held-out ones
     heldout = heldout_prompts(World(0))                          # the chat model's held-out questions
     prompts, report = read_prompts(["math.jsonl"])               # the user's own
-    thinking, answer = split_thinking(reply)                     # "<|think|>…<|think_end|>7" → ("…", "7")
 
 Each ``RLPrompt`` is a conversation that ends with the user's turn (validated as ``tinylm.data.chat``
 validates messages), the answer a right reply gives (None where a reward model or the user's function
@@ -58,7 +57,6 @@ from tinylm.data.builtin_chat import (
 from tinylm.data.builtin_chat import ask as chat_messages
 from tinylm.data.chat import RECORD_FILES, Turn, get_field, kind_of, openai_turns, validate_turns, with_system_field
 from tinylm.io import DataError, Paths, ReadReport, read_records
-from tinylm.tokenizer import THINK, THINK_END
 
 BUILTIN_KINDS = ("arithmetic", "facts", "followups", "refusals", "identity")
 # a prompt's kind (as the held-out questions name it) → the built-in kind that asks it
@@ -80,17 +78,6 @@ class RLPrompt:
     kind: str = "prompt"  # "arithmetic", "fact", ... ("prompt" for a file's)
     lang: str = ""
     source: str = ""  # "path:line", or "builtin"
-
-
-def split_thinking(reply: str) -> tuple[str | None, str]:
-    """(the reasoning, the answer) of a reply: what lies between ``<|think|>`` and ``<|think_end|>`` at
-    its start, and what follows; (None, the whole reply) when it does not open with reasoning. A reply
-    that opens reasoning and never closes it has no answer: (its reasoning, "")."""
-    text = reply.lstrip()
-    if not text.startswith(THINK):
-        return None, reply.strip()
-    thinking, closed, answer = text[len(THINK) :].partition(THINK_END)
-    return thinking.strip(), answer.strip() if closed else ""
 
 
 # -- built-in prompts ---------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 
 BATCH = 64  # questions answered together: one left-padded batch through the engine
+REPLY_TOKENS = 96  # room for a reply that works its answer out first (a worked sum takes up to ~60 tokens)
 
 
-def chat_accuracy(engine, items, chat_format, max_new_tokens: int = 32, examples: int = 6) -> dict:
+def chat_accuracy(engine, items, chat_format, max_new_tokens: int = REPLY_TOKENS, examples: int = 6) -> dict:
     """{"accuracy", "correct", "total", "by_kind": {"fact/en": share, ...}, "examples": [...]}."""
     replies = answer(engine, items, chat_format, max_new_tokens)
     verdicts = [score_reply(item, reply) for item, reply in zip(items, replies)]
@@ -30,7 +31,7 @@ def chat_accuracy(engine, items, chat_format, max_new_tokens: int = 32, examples
     return tally(items, verdicts, shown)
 
 
-def answer(engine, items, chat_format, max_new_tokens: int = 32) -> list[str]:
+def answer(engine, items, chat_format, max_new_tokens: int = REPLY_TOKENS) -> list[str]:
     """Each item's conversation rendered in ``chat_format`` and answered greedily, in batches."""
     settings = chat_format.settings(SamplingSettings(max_new_tokens=max_new_tokens, temperature=0), engine.tokenizer)
     replies = []

@@ -42,6 +42,7 @@ from tinylm.device import resolve_device
 from tinylm.infer.sampling import BatchSampler, SamplingSettings, generation_defaults
 from tinylm.model.llama import KV_CACHES, CausalLM, KVCache, attention_mask
 from tinylm.model.vlm import expand_image_tags
+from tinylm.tokenizer import THINK, THINK_END
 
 __all__ = ["Completion", "Engine", "IncrementalDecoder", "Row", "StopStringMatcher", "TextStream"]
 
@@ -49,6 +50,15 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for bytes that are not (yet
 
 
 # -- from tokens to text ---------------------------------------------------------------------------
+
+
+def shown_special_ids(tokenizer) -> set[int]:
+    """The special tokens that are part of a reply's text: the reasoning markers, so that a reply that
+    works something out reads "<|think|>8 + 3 = ... = 11<|think_end|>The answer is 11." rather than
+    running the reasoning into the answer. Every other special token (ends of turns, image slots) is
+    markup and left out of the text."""
+    found = (tokenizer.token_to_id(marker) for marker in (THINK, THINK_END))
+    return {token for token in found if token is not None and token in tokenizer.special_ids.values()}
 
 
 class IncrementalDecoder:
@@ -68,6 +78,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer, context: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        self.shown = shown_special_ids(tokenizer)
         self.window: list[int] = []
         self.printed = 0  # characters of decode(window) that are already out
         last = list(context[-1:])
@@ -75,7 +86,16 @@ class IncrementalDecoder:
             self.window, self.printed = last, len(self._decode(last))
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not self.shown.intersection(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        pieces, run = [], []
+        for token in ids:
+            if token in self.shown:
+                pieces += [self.tokenizer.decode(run, skip_special_tokens=True), self.tokenizer.id_to_token(token)]
+                run = []
+            else:
+                run.append(token)
+        return "".join(pieces) + self.tokenizer.decode(run, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (often "", while a character is unfinished)."""

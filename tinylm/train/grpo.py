@@ -44,7 +44,7 @@ from tinylm.data.rl_prompts import (
 )
 from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
-from tinylm.eval.questions import tally
+from tinylm.eval.questions import REPLY_TOKENS, tally
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import DataError, atomic_write_json
@@ -323,14 +323,11 @@ def reference_logps(model, lora):
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-EVAL_TOKENS = 32  # held-out replies may be this long at least (as the quickstart's evaluation allows)
-
-
 def heldout_evaluator(heldout: list[EncodedPrompt], tokenizer, template, reward: Reward, builtin: bool, cfg):
     """The held-out prompts answered greedily: for the built-in world, the share of right answers per
     kind and language (``heldout/arithmetic/en``, ...) and overall; for files, the mean reward."""
     settings = SamplingSettings(
-        max_new_tokens=max(cfg.grpo.max_new_tokens, EVAL_TOKENS),
+        max_new_tokens=max(cfg.grpo.max_new_tokens, REPLY_TOKENS),
         temperature=0,
         stop_token_ids=template.stop_token_ids(tokenizer),
         stop_strings=template.stop_strings,

@@ -28,8 +28,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from tinylm.chat_template import split_thinking
 from tinylm.data.builtin_chat import says
-from tinylm.data.rl_prompts import RLPrompt, numbers_in, split_thinking
+from tinylm.data.rl_prompts import RLPrompt, numbers_in
 from tinylm.modeldir import is_reward_dir, load_reward_dir
 from tinylm.train.rm import score_conversations
 
