@@ -22,6 +22,14 @@ def write_jsonl(path, records):
     return path
 
 
+def reply_text(tokenizer, ids) -> str:
+    """What the engine's text of ``ids`` should read: no special tokens but the reasoning markers,
+    which are part of a reply (decoded here independently of the engine's incremental decoder)."""
+    markers = {tokenizer.token_to_id("<|think|>"), tokenizer.token_to_id("<|think_end|>")}
+    hidden = set(tokenizer.special_ids.values()) - markers
+    return tokenizer.decode([i for i in ids if i not in hidden])
+
+
 def read_metrics(run_dir) -> list[dict]:
     """Every record a training run wrote to its metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reply_text
 
 from tinylm.infer.engine import Engine, IncrementalDecoder, StopStringMatcher
 from tinylm.infer.sampling import SamplingSettings, apply_repetition_penalty, sample_rows, truncate
@@ -324,7 +325,9 @@ def test_stream_of_a_real_model_equals_decoded_ids(tokenizer):
     settings = SamplingSettings(max_new_tokens=30, temperature=0.9, seed=0, stop_token_ids=[])
     text = "".join(engine.stream("the cat", settings))
     ids = engine.generate([tokenizer.encode("the cat")], settings)[0]
-    assert text == engine.complete(["the cat"], settings)[0] == tokenizer.decode(ids, skip_special_tokens=True)
+    # the text leaves out special tokens, except the reasoning markers, which are part of a reply
+    assert text == engine.complete(["the cat"], settings)[0] == reply_text(tokenizer, ids)
+    assert tokenizer.token_to_id("<|think_end|>") in ids, "this seed writes a reasoning marker: it must show"
 
 
 # -- limits, loading --------------------------------------------------------------------------------

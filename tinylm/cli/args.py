@@ -310,13 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         "grpo-cpu-tiny",
         "prompts",
         init="the chat model to train (an SFT run's final/)",
-        data=".json / .jsonl(.gz) / .parquet prompts with answers, GSM8K's layout too (default: built-in arithmetic)",
+        data=".json / .jsonl(.gz) / .parquet prompts with answers, GSM8K's layout too (default: the built-in prompts)",
     )
     grpo.add_argument(
         "--reward",
         default=None,
         help="arithmetic | facts | think (built-in verifiers, joined by +) | rm:REWARD_MODEL_DIR | "
-        "python:MODULE:FUNCTION (default: the config's, arithmetic)",
+        "python:MODULE:FUNCTION (default: the config's; grpo-cpu-tiny's is facts)",
     )
     grpo.add_argument("--group-size", type=int, default=None, help="replies sampled per prompt (default 8)")
     add_run_args(grpo)

@@ -85,12 +85,7 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "")
     ax.set_title(title or Path(metrics_path).parent.name, fontfamily=title_fonts())
     ax.grid(alpha=0.3)
     ax.legend()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        fig.savefig(out_path)
-    plt.close(fig)
-    return Path(out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_rewards(
@@ -120,6 +115,13 @@ def plot_rewards(
     ax.set_title(title or Path(metrics_path).parent.name, fontfamily=title_fonts())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return save_figure(fig, out_path)
+
+
+def save_figure(fig, out_path: str | Path) -> Path:
+    """Lay out, write and close a figure (a title's missing CJK glyphs draw as boxes, without warnings)."""
+    import matplotlib.pyplot as plt
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.tight_layout()
