@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from tinylm.model.llama import CausalLM, ModelConfig
 
 # Tiny models gain nothing from a second thread, and on a busy machine threads that wait for each
 # other make every small operation many times slower.
@@ -20,6 +23,31 @@ def write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+class ScriptedLM(CausalLM):
+    """A stand-in model that emits ``script`` whatever the prompt, so tests can choose the exact
+    tokens (say, the bytes of a split emoji): at position p it predicts script[p - prompt_len + 1]."""
+
+    def __init__(self, vocab_size: int, script: list[int], prompt_len: int):
+        config = ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=vocab_size,
+            num_hidden_layers=0,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+        )
+        super().__init__(config)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.eye(vocab_size))
+        self.script, self.prompt_len = torch.tensor(script), prompt_len
+
+    def hidden_states(self, input_ids, *, position_ids, mask=None, cache=None, inputs_embeds=None):
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        step = (position_ids - self.prompt_len + 1).clamp(0, len(self.script) - 1)
+        return 10.0 * F.one_hot(self.script[step], self.config.vocab_size).float()
 
 
 def reply_text(tokenizer, ids) -> str:

@@ -50,7 +50,7 @@ def test_version_and_help_show_defaults_the_override_syntax_and_debugging(capsys
 
 
 def test_a_quickstart_prefix_says_which_stage_an_override_is_for(tmp_path, capsys):
-    from tinylm.cli.args import split_overrides
+    from tinylm.cli.training_args import split_overrides
 
     ours, rest = split_overrides(["--train.lr=0.1", "--sft.train.max_steps=5", "--sft.data.template=raw"], "sft")
     assert ours == ["--train.max_steps=5", "--data.template=raw"] and rest == ["--train.lr=0.1"]

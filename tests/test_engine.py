@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import reply_text
+from conftest import ScriptedLM, reply_text
 
 from tinylm.infer.engine import Engine, IncrementalDecoder, StopStringMatcher
 from tinylm.infer.sampling import SamplingSettings, apply_repetition_penalty, sample_rows, truncate
@@ -268,31 +267,6 @@ def test_stop_string_matcher_holds_back_possible_starts():
     out = [matcher.feed(p) for p in ["a\nU", "nder", " EN", "ough"]] + [matcher.flush()]
     assert "".join(out) == "a\nUnder ENough" and not matcher.stopped
     assert out[0] == "a"  # "\nU" waited until "nder" showed it was not a stop string
-
-
-class ScriptedLM(CausalLM):
-    """A stand-in model that emits ``script`` whatever the prompt, so tests can choose the exact
-    tokens (say, the bytes of a split emoji): at position p it predicts script[p - prompt_len + 1]."""
-
-    def __init__(self, vocab_size: int, script: list[int], prompt_len: int):
-        config = ModelConfig(
-            vocab_size=vocab_size,
-            hidden_size=vocab_size,
-            num_hidden_layers=0,
-            num_attention_heads=2,
-            tie_word_embeddings=False,
-            max_position_embeddings=256,
-        )
-        super().__init__(config)
-        with torch.no_grad():
-            self.lm_head.weight.copy_(torch.eye(vocab_size))
-        self.script, self.prompt_len = torch.tensor(script), prompt_len
-
-    def hidden_states(self, input_ids, *, position_ids, mask=None, cache=None, inputs_embeds=None):
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        step = (position_ids - self.prompt_len + 1).clamp(0, len(self.script) - 1)
-        return 10.0 * F.one_hot(self.script[step], self.config.vocab_size).float()
 
 
 def test_stream_is_whole_characters_and_matches_complete(tokenizer):

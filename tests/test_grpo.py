@@ -453,23 +453,23 @@ def test_grpo_errors_name_the_problem(tmp_path, capsys):
         assert message in capsys.readouterr().err, message
 
 
-def test_the_reward_reads_the_reasoning_markers_the_chat_text_hides(tmp_path):
-    from tinylm.infer.engine import Completion
+def test_the_reward_reads_the_reply_with_its_reasoning_and_without_its_end_of_turn(tmp_path):
+    from conftest import ScriptedLM
+
+    from tinylm.infer.engine import Engine
     from tinylm.infer.sampling import SamplingSettings
-    from tinylm.train.grpo import reply_text
 
     _, tokenizer = load_model_dir(tiny_chat_dir(tmp_path / "policy"))
     think, think_end, im_end = (tokenizer.token_to_id(t) for t in ("<|think|>", "<|think_end|>", "<|im_end|>"))
-    ids = [think, *tokenizer.encode("3 4"), think_end, *tokenizer.encode("7"), im_end]
-    completion = Completion([1], ids, text=tokenizer.decode(ids, skip_special_tokens=True), finish_reason="stop")
-    settings = SamplingSettings(stop_token_ids=[im_end], stop_strings=["<|im_end|>"])
-    assert completion.text == "3 47"  # what the chat shows
-    assert reply_text(tokenizer, completion, settings) == "<|think|>3 4<|think_end|>7"
-    assert build_reward("arithmetic", None)(
-        [RLPrompt(ask("3 + 4?"), "7")], [reply_text(tokenizer, completion, settings)]
-    ) == [1]
-    cut = Completion([1], [*tokenizer.encode("7 </s> more")], finish_reason="stop")
-    assert reply_text(tokenizer, cut, SamplingSettings(stop_strings=["</s>"])) == "7 "
+    prompt = tokenizer.encode("3 + 4?")
+    for script, stops in (
+        ([think, *tokenizer.encode("3 4"), think_end, *tokenizer.encode("7"), im_end], {"stop_token_ids": [im_end]}),
+        ([think, *tokenizer.encode("3 4"), think_end, *tokenizer.encode("7 </s> more")], {"stop_strings": ["</s>"]}),
+    ):
+        engine = Engine(ScriptedLM(tokenizer.vocab_size, script, len(prompt)), tokenizer)
+        (completion,) = engine.run([prompt], SamplingSettings(max_new_tokens=40, temperature=0, **stops))
+        assert completion.text.rstrip() == "<|think|>3 4<|think_end|>7"
+        assert build_reward("arithmetic", None)([RLPrompt(ask("3 + 4?"), "7")], [completion.text]) == [1]
 
 
 def test_builtin_kinds_take_weights(tmp_path):

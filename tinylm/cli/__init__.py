@@ -35,18 +35,10 @@ import os
 import sys
 from pathlib import Path
 
-from tinylm.cli.args import (
-    STAGES,
-    TRAINING_COMMANDS,
-    build_parser,
-    flag_overrides,
-    is_model_dir,
-    resolve_config_path,
-    sampling_settings,
-    split_overrides,
-    torch_dtype,
-)
+from tinylm.cli.args import build_parser
+from tinylm.cli.parsing import resolve_config_path, sampling_settings, torch_dtype
 from tinylm.cli.tools import configs_tool, tokenizer_tool
+from tinylm.cli.training_args import STAGES, TRAINING_COMMANDS, flag_overrides, is_model_dir, split_overrides
 
 __all__ = ["build_parser", "main", "resolve_config_path", "run"]
 

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tinylm.cli.args import CONFIG_DIR, resolve_config_path, shipped_configs
+from tinylm.cli.parsing import CONFIG_DIR, resolve_config_path, shipped_configs
 
 
 def tokenizer_tool(args) -> None:

@@ -21,7 +21,6 @@ the higher probability).
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +33,6 @@ from tinylm.data.walk import Batches
 from tinylm.device import autocast_dtype
 from tinylm.eval.questions import heldout_qa_accuracy
 from tinylm.io import atomic_write_json
-from tinylm.model.lora import adapters_disabled
 from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
 from tinylm.train.pairs import (
@@ -48,6 +46,7 @@ from tinylm.train.pairs import (
 from tinylm.train.stage import (
     load_to_fine_tune,
     prepare_lora,
+    reference_scorer,
     run_card,
     save_final,
     stage_run,
@@ -114,25 +113,9 @@ def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int) -
     return torch.cat(scores) if scores else torch.zeros(0, 2)
 
 
-def reference_scorer(model, lora):
-    """The reference's log π of a batch's answers, scored as the batch arrives: the model with its
-    LoRA adapter switched off, or a frozen copy of the model as it is now."""
-    if lora is not None:
-
-        def score(batch):
-            with torch.no_grad(), adapters_disabled(model):
-                return sequence_logps(model, batch)[0]
-
-        return score
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def score(batch):
-        if next(frozen.parameters()).device != batch["input_ids"].device:
-            frozen.to(batch["input_ids"].device)
-        with torch.no_grad():
-            return sequence_logps(frozen, batch)[0]
-
-    return score
+def answer_logps(model, batch: dict) -> torch.Tensor:
+    """Each row's summed log-probability of its answer: what DPO's reference scores."""
+    return sequence_logps(model, batch)[0]
 
 
 def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
@@ -163,7 +146,9 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
             validation = PreferenceLoss(cfg.dpo.loss, cfg.dpo.beta, simpo_gamma=cfg.dpo.simpo_gamma)
             evaluate = pair_evaluator(val_set, pad, cfg.train, validation, val_ref)
             before = evaluate(model)
-        reference = reference_scorer(model, lora) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
+        reference = (
+            reference_scorer(model, lora, answer_logps) if cfg.dpo.loss == "sigmoid" and train_ref is None else None
+        )
         objective = PreferenceLoss(
             cfg.dpo.loss,
             cfg.dpo.beta,

@@ -24,7 +24,6 @@ what training on one kind costs the others; for files the mean reward of the hel
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 
 from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, resolve_source, save_config
 from tinylm.data.builtin import World
+from tinylm.data.builtin_chat import score_reply
 from tinylm.data.rl_prompts import (
     BUILTIN_KINDS,
     KIND_OF_PROMPT,
@@ -44,20 +44,21 @@ from tinylm.data.rl_prompts import (
 )
 from tinylm.data.walk import SeededWalk
 from tinylm.device import autocast_dtype
-from tinylm.eval.questions import REPLY_TOKENS, tally
+from tinylm.eval.questions import REPLY_TOKENS, answer, tally
+from tinylm.infer.chat import chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings
 from tinylm.io import DataError, atomic_write_json
-from tinylm.model.lora import adapters_disabled
 from tinylm.model.loss import IGNORE
 from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.metrics import plot_rewards
 from tinylm.train.objectives import GRPOLoss
 from tinylm.train.pairs import chat_template_of
-from tinylm.train.rewards import Reward, build_reward, facts_reward
+from tinylm.train.rewards import Reward, build_reward
 from tinylm.train.stage import (
     load_to_fine_tune,
     prepare_lora,
+    reference_scorer,
     run_card,
     save_final,
     split_validation,
@@ -238,7 +239,7 @@ class Rollouts:
             replies = engine.run([p.ids for p in chosen], settings)
         finally:
             self.policy.train()
-        texts = [reply_text(self.tokenizer, c, self.settings) for c in replies]
+        texts = [c.text for c in replies]  # reasoning markers included, the end of turn left out
         rewards = torch.tensor(self.reward([p.prompt for p in chosen], texts), dtype=torch.float32)
         grouped = rewards.view(-1, group)
         spread = grouped.std(-1, keepdim=True)
@@ -264,8 +265,7 @@ class Rollouts:
             if self.reference is not None:
                 batch["ref_logps"] = self.reference(on_device).float().cpu()
             if self.section.updates > 1:
-                logps = self.policy(on_device["input_ids"], labels=on_device["labels"], per_token=True)
-                batch["old_logps"] = logps.float().cpu()
+                batch["old_logps"] = token_logps(self.policy, on_device).float().cpu()
         return batch
 
     def state_dict(self) -> dict:
@@ -287,64 +287,28 @@ class Rollouts:
             self.served = 0
 
 
-def reply_text(tokenizer, completion, settings: SamplingSettings) -> str:
-    """A reply as the reward reads it: every token the policy wrote, special ones too (the engine's
-    text leaves out ``<|think|>`` and ``<|think_end|>``, which the verifiers look for), without the
-    end-of-turn token or stop string that ended it."""
-    ids = completion.token_ids
-    if ids and ids[-1] in (settings.stop_token_ids or ()):
-        ids = ids[:-1]
-    text = tokenizer.decode(ids)
-    for stop in settings.stop_strings:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text
-
-
-def reference_logps(model, lora):
-    """The reference's log-probability of each labelled token of a batch: the model with its LoRA
-    adapter switched off, or a frozen copy of the model as it is now."""
-    if lora is not None:
-
-        def score(batch):
-            with torch.no_grad(), adapters_disabled(model):
-                return model(batch["input_ids"], labels=batch["labels"], per_token=True)
-
-        return score
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def score(batch):
-        with torch.no_grad():
-            return frozen(batch["input_ids"], labels=batch["labels"], per_token=True)
-
-    return score
+def token_logps(model, batch: dict) -> torch.Tensor:
+    """The log-probability of each labelled token of a batch [rows, T] (0 where there is no label)."""
+    return model(batch["input_ids"], labels=batch["labels"], per_token=True)
 
 
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def heldout_evaluator(heldout: list[EncodedPrompt], tokenizer, template, reward: Reward, builtin: bool, cfg):
-    """The held-out prompts answered greedily: for the built-in world, the share of right answers per
-    kind and language (``heldout/arithmetic/en``, ...) and overall; for files, the mean reward."""
-    settings = SamplingSettings(
-        max_new_tokens=max(cfg.grpo.max_new_tokens, REPLY_TOKENS),
-        temperature=0,
-        stop_token_ids=template.stop_token_ids(tokenizer),
-        stop_strings=template.stop_strings,
-    )
+def heldout_evaluator(heldout: list[EncodedPrompt], tokenizer, reward: Reward, builtin: bool, cfg):
+    """The held-out prompts answered greedily (``questions.answer``, in the model's own chat format):
+    for the built-in world, the share of right answers per kind and language (``heldout/arithmetic/en``,
+    ...) and overall; for files, the mean reward."""
+    prompts = [p.prompt for p in heldout]
 
     def evaluate(model) -> dict:
-        if not heldout:
+        if not prompts:
             return {}
         engine = Engine(model, tokenizer)
-        replies = []
-        for start in range(0, len(heldout), 64):
-            completions = engine.run([p.ids for p in heldout[start : start + 64]], settings)
-            replies += [reply_text(tokenizer, c, settings) for c in completions]
-        prompts = [p.prompt for p in heldout]
+        chat_format = chat_format_for(tokenizer, model.config.eos_token_ids())
+        replies = answer(engine, prompts, chat_format, max(cfg.grpo.max_new_tokens, REPLY_TOKENS))
         if builtin:
-            verdicts = [bool(facts_reward(p, r)) for p, r in zip(prompts, replies)]
-            found = tally(prompts, verdicts, [])
+            found = tally(prompts, [score_reply(p, r) for p, r in zip(prompts, replies)], [])
             metrics = {"heldout/accuracy": found["accuracy"]}
             metrics |= {f"heldout/{kind}": share for kind, share in found["by_kind"].items()}
         else:
@@ -397,13 +361,13 @@ def grpo(cfg: GRPOConfig, out_dir: str | Path, *, resume: bool = False, callback
                 file=sys.stderr,
             )
         builtin = cfg.data.source == "builtin"
-        evaluate = heldout_evaluator(heldout_set, tokenizer, template, reward, builtin, cfg)
+        evaluate = heldout_evaluator(heldout_set, tokenizer, reward, builtin, cfg)
         amp = autocast_dtype(cfg.train.precision, dist.device)
         model.eval()
         with torch.no_grad(), torch.autocast(dist.device.type, dtype=amp) if amp else contextlib.nullcontext():
             before = evaluate(model)
         model.train()
-        reference = reference_logps(model, lora) if cfg.grpo.beta > 0 else None
+        reference = reference_scorer(model, lora, token_logps) if cfg.grpo.beta > 0 else None
         autocast = (lambda: torch.autocast(dist.device.type, dtype=amp)) if amp else None
         batches = Rollouts(train_set, model, tokenizer, template, reward, cfg, dist, reference, autocast)
         evaluate = with_benchmarks(evaluate, cfg.eval, tokenizer, dist)

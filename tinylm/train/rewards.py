@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,16 +66,19 @@ VERIFIERS: dict[str, Callable[[RLPrompt, str], float]] = {
 NEEDS_ANSWER = ("arithmetic", "facts")
 
 
-class Reward:
+class Reward(ABC):
     """Scores replies: ``reward(prompts, replies)`` → one float each."""
 
     name: str = ""
 
     def check(self, prompts: list[RLPrompt]) -> None:
-        """Raise now, before training, if some prompt cannot be scored (a verifier needs its answer)."""
+        """Raise now, before training, if some prompt cannot be scored; every prompt can, unless a
+        reward says otherwise (a verifier needs the prompt's answer)."""
+        return None
 
+    @abstractmethod
     def __call__(self, prompts: list[RLPrompt], replies: list[str]) -> list[float]:
-        raise NotImplementedError
+        """One reward per (prompt, reply)."""
 
 
 class Verifiers(Reward):

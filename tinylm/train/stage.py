@@ -16,8 +16,9 @@ scratch files under it.
 
 from __future__ import annotations
 
+import copy
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from tinylm.config import ConfigError
 from tinylm.io import directory_lock
 from tinylm.model.intquant import IntLinear
 from tinylm.model.llama import DecoderModel
-from tinylm.model.lora import add_lora
+from tinylm.model.lora import adapters_disabled, add_lora
 from tinylm.model.quant import quantize_linear_layers
 from tinylm.modelcard import BUILTIN_LANGUAGES, CardFacts, builtin_dataset
 from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
@@ -267,3 +268,25 @@ def train_settings(train, lora=None) -> dict[str, str]:
         base = ", over a 4-bit NF4 base (QLoRA)" if lora.quantize == "nf4" else ""
         settings["LoRA"] = f"rank {lora.r}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}{base}"
     return settings
+
+
+def reference_scorer(model, lora, score: Callable):
+    """``score(reference, batch)`` under no_grad for the reference model of a stage that stays close to
+    where it started (DPO, GRPO): the model with its LoRA adapter switched off (no second copy), or a
+    frozen copy of the model as it is now, moved to the batch's device when it first sees one."""
+    if lora is not None:
+
+        def with_adapter_off(batch):
+            with torch.no_grad(), adapters_disabled(model):
+                return score(model, batch)
+
+        return with_adapter_off
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def with_frozen_copy(batch):
+        if next(frozen.parameters()).device != batch["input_ids"].device:
+            frozen.to(batch["input_ids"].device)
+        with torch.no_grad():
+            return score(frozen, batch)
+
+    return with_frozen_copy
