@@ -1,49 +1,22 @@
-"""Model directories: every kind tinylm reads and writes, in one place.
-
-    model     config.json (model_type llama / qwen2 / qwen3), model.safetensors (or shards),
-              generation_config.json, the tokenizer files, SHA256SUMS          → CausalLM + Tokenizer
-    adapter   adapter_config.json, adapter_model.safetensors (PEFT's layout), usually the tokenizer;
-              its base model is the directory adapter_config.json names         → the base, adapter merged
-    llava     config.json with model_type llava (transformers' LLaVA layout), the tokenizer,
-              preprocessor_config.json, processor_config.json                   → VisionLanguageModel
-    reward    config.json with architectures [Llama/Qwen2/Qwen3ForSequenceClassification], one label
-              and a pad_token_id, model.safetensors (the decoder and score.weight), the tokenizer,
-              SHA256SUMS; or an adapter with task_type SEQ_CLS, its score head whole    → RewardModel
-    vision    a SigLIP or CLIP vision tower (alone, or inside a whole SigLIP/CLIP/LLaVA model)
-
-``load(path)`` tells them apart and loads any; ``save_model_dir``, ``save_adapter`` and ``save_vlm_dir``
-write them (the first two a language model or a reward model, whichever they are given). Every directory
-is written beside its destination and renamed into place only when complete, so a crash never leaves a
-half-written model where a good one was, and carries a SHA256SUMS manifest that loading verifies, and a
-README.md model card (``tinylm.modelcard``; the stage that saved the model passes its facts as ``card``).
-Directories saved by transformers or PEFT (no manifest, perhaps sharded weights) load too.
-
-The modules in ``tinylm.model`` know tensors only; the file formats live here.
-"""
+"""Language models and reward models, whole (transformers' layout) or as adapters (PEFT's layout)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tinylm.image_processor import ImageProcessor
 from tinylm.io import (
     DataError,
     atomic_directory,
     atomic_write_json,
     json_text,
-    missing_directory,
     read_json,
     verify_manifest,
     write_manifest,
 )
-from tinylm.model.intquant import IntLinear, IntScheme, decoder_linears, int_layers_for_loading
+from tinylm.model.intquant import decoder_linears, int_layers_for_loading
 from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_frequencies
 from tinylm.model.lora import (
     ALL_LINEAR,
@@ -54,221 +27,30 @@ from tinylm.model.lora import (
     load_adapter_state,
     merge_lora,
 )
-from tinylm.model.quant import QuantizedLinear
 from tinylm.model.reward import RewardModel
-from tinylm.model.vision import CLIP, VisionConfig, VisionTransformer
-from tinylm.model.vlm import IMAGE_TOKEN, VisionLanguageModel, VLMConfig, llava_state_dict, vlm_from_state_dict
 from tinylm.modelcard import CardFacts, SavedModel, derived_card, write_card
+from tinylm.modeldir.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CLASSIFIER_KEYS,
+    CONFIG,
+    GENERATION,
+    REWARD_ARCHITECTURES,
+    REWARD_HEADS,
+    REWARD_TASK,
+    WEIGHTS,
+    ModelDirError,
+    directory_kind,
+    has_chat_template,
+    is_reward_dir,
+    parameter_count,
+    read_safetensors,
+    read_weights,
+    save_weights,
+    saved_dtype,
+)
+from tinylm.modeldir.quantized import ignored, quantization_config, read_quantization
 from tinylm.tokenizer import Tokenizer
-
-CONFIG, WEIGHTS, GENERATION = "config.json", "model.safetensors", "generation_config.json"
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PROCESSOR_CONFIG = "processor_config.json"  # LlavaProcessor's settings (the image processor has its own file)
-REWARD_ARCHITECTURES = {  # model_type → the transformers class of a reward model (one score per sequence)
-    "llama": "LlamaForSequenceClassification",
-    "qwen2": "Qwen2ForSequenceClassification",
-    "qwen3": "Qwen3ForSequenceClassification",
-}
-CLASSIFIER_KEYS = ("num_labels", "id2label", "label2id", "problem_type")  # config.json keys of a classifier
-REWARD_TASK = "SEQ_CLS"  # PEFT's task_type of an adapter for a sequence classifier
-REWARD_HEADS = {"score", "classifier"}  # what PEFT keeps whole in such an adapter (modules_to_save)
-
-
-class ModelDirError(DataError):
-    """A model directory is missing, incomplete or does not fit its config; the message names the file."""
-
-
-@dataclass
-class Loaded:
-    """What ``load`` gives: the model, its tokenizer (None if the directory has none) and, for a
-    vision-language model, its image processor."""
-
-    model: nn.Module
-    tokenizer: Tokenizer | None
-    processor: ImageProcessor | None = None
-
-
-def directory_kind(path: str | Path) -> str:
-    """ "model", "adapter", "llava" or "reward"; a ModelDirError when ``path`` is none of them. (An
-    adapter may be a reward model's: ``is_reward_dir`` tells.)"""
-    directory = Path(path)
-    if not directory.exists():
-        raise ModelDirError(missing_directory(path, "model directory"), "missing_file")
-    if not directory.is_dir():
-        raise ModelDirError(f"{directory}: not a model directory (it is a file{_gguf_note(directory)})")
-    if (directory / CONFIG).is_file():
-        try:
-            hf = read_json(directory / CONFIG)
-        except DataError:  # loading it will say what is wrong (its checksum, or where the JSON breaks)
-            hf = {}
-        hf = hf if isinstance(hf, dict) else {}
-        if hf.get("model_type") == "llava":
-            return "llava"
-        classifier = any(str(name).endswith("ForSequenceClassification") for name in hf.get("architectures") or [])
-        return "reward" if classifier else "model"
-    if (directory / ADAPTER_CONFIG).is_file():
-        return "adapter"
-    raise ModelDirError(f"{directory / CONFIG}: missing (a model directory holds config.json and its weights)")
-
-
-def _gguf_note(path: Path) -> str:
-    """What to say about a GGUF file given where a model directory belongs."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        return "; a GGUF file is for llama.cpp and Ollama: give tinylm the model directory it was exported from"
-    if path.suffix.lower() == ".gguf":
-        return f"; not even a valid GGUF file: it starts with {magic!r}, not b'GGUF' (truncated or corrupted?)"
-    return ""
-
-
-def load(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Loaded:
-    """Any model directory tinylm can run: a model, an adapter (merged into its base), a LLaVA model or
-    a reward model. ``dtype`` None keeps the dtype the weights were saved in."""
-    if directory_kind(path) == "llava":
-        return Loaded(*load_vlm_dir(path, device=device, dtype=dtype))
-    if is_reward_dir(path):
-        return Loaded(*load_reward_dir(path, device=device, dtype=dtype))
-    return Loaded(*load_model_dir(path, device=device, dtype=dtype))
-
-
-def is_reward_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a reward model: a model directory with a one-score classifier head, or a
-    PEFT adapter for one (task_type SEQ_CLS)."""
-    kind = directory_kind(path)
-    if kind == "adapter":
-        return read_json(Path(path) / ADAPTER_CONFIG).get("task_type") == REWARD_TASK
-    return kind == "reward"
-
-
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json. Never a pickle."""
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [WEIGHTS]
-    state = {}
-    for name in files:
-        state.update(read_safetensors(directory / name))
-    return state
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise ModelDirError(f"{path}: missing (only safetensors weights are loaded, never pickles)")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ModelDirError(f"{path}: cannot be read as safetensors ({e})") from None
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(state, path, metadata={"format": "pt"})
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Every weight of ``model``, a quantized layer's counted as the float weights it stands for."""
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    return sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
-
-
-def has_chat_template(tokenizer: Tokenizer | None) -> bool:
-    return tokenizer is not None and bool(tokenizer.chat_template)
-
-
-def _saved_dtype(state: dict[str, torch.Tensor]) -> str:
-    """The float dtype of the weights (a quantized model's integers aside)."""
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    return str(dtype).removeprefix("torch.")
-
-
-# -- quantized weights (compressed-tensors' pack-quantized layout) --------------------------------
-
-QUANT_METHOD, QUANT_FORMAT = "compressed-tensors", "pack-quantized"
-VLM_FLOAT_PARTS = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")  # a LLaVA model's vision side stays float
-
-
-def quantization_config(model: nn.Module, prefix: str = "", ignore: tuple[str, ...] = ()) -> dict | None:
-    """config.json's ``quantization_config`` for a language model with IntLinear layers (None without):
-    the compressed-tensors block that transformers and vLLM read. Float linear layers are listed in
-    ``ignore`` (their names after ``prefix``), with the patterns of ``ignore``."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, IntLinear)}
-    if not layers:
-        return None
-    schemes = {m.scheme for m in layers.values()}
-    if len(schemes) > 1:
-        raise ValueError(f"one quantization scheme per model is supported, this one mixes {sorted(map(str, schemes))}")
-    scheme = schemes.pop()
-    floats = [name for name in decoder_linears(model) if name not in layers]
-    weights = {
-        "num_bits": scheme.bits,
-        "type": "int",
-        "symmetric": True,
-        "strategy": "group" if scheme.group_size else "channel",
-        "group_size": scheme.group_size,
-        "dynamic": False,
-        "actorder": None,
-        "observer": "minmax",
-    }
-    group = {"targets": ["Linear"], "format": QUANT_FORMAT, "weights": weights}
-    group |= {"input_activations": None, "output_activations": None}
-    return {
-        "quant_method": QUANT_METHOD,
-        "format": QUANT_FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
-        "ignore": ["lm_head", *ignore, *(prefix + name for name in floats)],
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
-
-
-def read_quantization(path: Path, hf: dict) -> tuple[IntScheme, list[str]] | None:
-    """(scheme, ignored module names or "re:" patterns) of config.json's quantization_config, None when
-    the weights are float; a ModelDirError naming the field for a kind tinylm cannot run."""
-    quant = hf.get("quantization_config")
-    if quant is None:
-        return None
-
-    def field(name: str, value, expected: str):
-        raise ModelDirError(
-            f"{path}: quantization_config.{name} is {value!r}; tinylm runs {expected} (as `tinylm quantize` writes)"
-        )
-
-    if not isinstance(quant, dict):
-        field("", quant, "a JSON object")
-    if quant.get("quant_method") != QUANT_METHOD:
-        field("quant_method", quant.get("quant_method"), f"{QUANT_METHOD!r} checkpoints")
-    if quant.get("format") != QUANT_FORMAT:
-        field("format", quant.get("format"), f"the {QUANT_FORMAT!r} format")
-    groups = quant.get("config_groups")
-    if not isinstance(groups, dict) or len(groups) != 1:
-        field("config_groups", groups, "one group")
-    ((key, group),) = groups.items()
-    weights = group.get("weights") if isinstance(group, dict) else None
-    if not isinstance(weights, dict):
-        field(f"config_groups.{key}.weights", weights, "integer weights")
-    if group.get("input_activations") or group.get("targets") != ["Linear"]:
-        field(
-            f"config_groups.{key}",
-            {k: group.get(k) for k in ("targets", "input_activations")},
-            'weight-only quantization of every "Linear"',
-        )
-    expected = {"type": "int", "symmetric": True, "actorder": None, "dynamic": False}
-    for name, value in expected.items():
-        if weights.get(name, value) != value:
-            field(f"config_groups.{key}.weights.{name}", weights.get(name), f"{name} {value!r}")
-    strategy, size = weights.get("strategy"), weights.get("group_size")
-    if strategy not in ("group", "channel") or (strategy == "group") != isinstance(size, int):
-        field(f"config_groups.{key}.weights.strategy", strategy, 'strategy "group" (with a group_size) or "channel"')
-    try:
-        scheme = IntScheme(weights.get("num_bits"), size if strategy == "group" else None)
-    except ValueError as e:
-        raise ModelDirError(f"{path}: quantization_config.config_groups.{key}.weights: {e}") from None
-    return scheme, list(quant.get("ignore") or [])
-
-
-def ignored(name: str, ignore: list[str]) -> bool:
-    return any(re.match(entry[3:], name) if entry.startswith("re:") else entry == name for entry in ignore)
-
 
 # -- plain models ---------------------------------------------------------------------------------
 
@@ -297,11 +79,11 @@ def save_model_dir(
     reward = isinstance(model, RewardModel)
     state = model_state_dict(model)
     hf_config = hf_config_of(model)
-    hf_config["dtype"] = hf_config["torch_dtype"] = _saved_dtype(state)  # transformers 5 reads the first, 4 the second
+    hf_config["dtype"] = hf_config["torch_dtype"] = saved_dtype(state)  # transformers 5 reads the first, 4 the second
     if (quant := quantization_config(model, ignore=("score",) if reward else ())) is not None:
         hf_config["quantization_config"] = quant
     with atomic_directory(out_dir) as scratch:
-        _save_weights(state, scratch / WEIGHTS)
+        save_weights(state, scratch / WEIGHTS)
         (scratch / CONFIG).write_text(json_text(hf_config), encoding="utf-8")
         if not reward:
             (scratch / GENERATION).write_text(json_text(generation_config(model.config)), encoding="utf-8")
@@ -442,10 +224,10 @@ def _check_tensors(directory: Path, model: nn.Module, state: dict[str, torch.Ten
         raise ModelDirError(
             f"{directory}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    _check_shapes(directory, own, state)
+    check_shapes(directory, own, state)
 
 
-def _check_shapes(directory: Path, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+def check_shapes(directory: Path, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise ModelDirError(
@@ -502,7 +284,7 @@ def save_adapter(
         out_dir, "adapter", base, parameter_count(model) - size, has_chat_template(tokenizer), peft_config, size
     )
     with atomic_directory(out_dir) as scratch:
-        _save_weights(state, scratch / ADAPTER_WEIGHTS)
+        save_weights(state, scratch / ADAPTER_WEIGHTS)
         (scratch / ADAPTER_CONFIG).write_text(json_text(peft_config), encoding="utf-8")
         if tokenizer is not None:
             _save_tokenizer(tokenizer, scratch, model)
@@ -665,137 +447,3 @@ def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, base_dir: st
     )
     save_model_dir(model, out_dir, tokenizer=tokenizer, card=card)
     return config
-
-
-# -- vision-language models (transformers' LLaVA layout) ------------------------------------------
-
-
-def is_vlm_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a vision-language model (config.json says llava)."""
-    try:
-        return directory_kind(path) == "llava"
-    except DataError:
-        return False
-
-
-def processor_config(config: VLMConfig) -> dict:
-    """processor_config.json for transformers' LlavaProcessor: it expands ``image_token`` in a prompt to
-    the same number of tokens tinylm does (patches, plus CLIP's class token that the "default" strategy
-    drops)."""
-    clip = config.vision.model_type == CLIP
-    return {
-        "processor_class": "LlavaProcessor",
-        "image_token": IMAGE_TOKEN,
-        "patch_size": config.vision.patch_size,
-        "vision_feature_select_strategy": "default" if clip else "full",
-        "num_additional_image_tokens": int(clip),
-    }
-
-
-def save_vlm_dir(
-    model: VisionLanguageModel,
-    out_dir: str | Path,
-    tokenizer: Tokenizer,
-    processor: ImageProcessor,
-    card: CardFacts | None = None,
-) -> Path:
-    """Write a LLaVA model directory: config.json, model.safetensors, generation_config.json, the
-    tokenizer (with its chat template), preprocessor_config.json, processor_config.json, SHA256SUMS,
-    README.md (the model card, of ``card``). Atomic, like every model directory."""
-    out_dir = Path(out_dir)
-    state = llava_state_dict(model)
-    hf = model.config.to_hf_dict()
-    hf["dtype"] = hf["torch_dtype"] = _saved_dtype(state)
-    if (quant := quantization_config(model.language_model, "language_model.", VLM_FLOAT_PARTS)) is not None:
-        hf["quantization_config"] = quant
-    with atomic_directory(out_dir) as scratch:
-        _save_weights(state, scratch / WEIGHTS)
-        (scratch / CONFIG).write_text(json_text(hf), encoding="utf-8")
-        (scratch / GENERATION).write_text(json_text(generation_config(model.config.text)), encoding="utf-8")
-        tokenizer.save(scratch)
-        processor.save(scratch)
-        (scratch / PROCESSOR_CONFIG).write_text(json_text(processor_config(model.config)), encoding="utf-8")
-        write_card(scratch, card, SavedModel(out_dir, "llava", hf, parameter_count(model), chat=True))
-        write_manifest(scratch)
-    return out_dir
-
-
-def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None):
-    """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
-    language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
-    directory = Path(path)
-    kind = directory_kind(directory)
-    verify_manifest(directory)
-    if kind != "llava":
-        raise ModelDirError(f"{directory / CONFIG}: model_type is not llava; expected a vision-language model")
-    try:
-        config = VLMConfig.from_hf_dict(read_json(directory / CONFIG))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise ModelDirError(f"{directory / CONFIG}: {e}") from None
-    state = read_weights(directory)
-    quantized = read_quantization(directory / CONFIG, read_json(directory / CONFIG))
-
-    def int_layers(model: VisionLanguageModel) -> None:  # the language model's, as quantization_config says
-        if quantized:
-            scheme, ignore = quantized
-            names = [n for n in decoder_linears(model.language_model) if not ignored(f"language_model.{n}", ignore)]
-            int_layers_for_loading(model.language_model, names, scheme, device="cpu")
-
-    try:
-        model = vlm_from_state_dict(config, state, prepare=int_layers)
-    except ValueError as e:
-        raise ModelDirError(f"{directory}: {e}") from None
-    saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = model.to(dtype or saved)  # as load_model_dir: the saved dtype unless told otherwise
-    model.language_model.inv_freq = rope_frequencies(config.text)  # kept in float32 whatever the weights' dtype
-    if device is not None:
-        model = model.to(device)
-    if not (directory / "tokenizer.json").is_file():
-        raise ModelDirError(f"{directory / 'tokenizer.json'}: missing; a vision-language model needs its tokenizer")
-    tokenizer = Tokenizer.load(directory)
-    if tokenizer.token_to_id(IMAGE_TOKEN) != config.image_token_id:
-        raise ModelDirError(
-            f"{directory}: config.json's image_token_index is {config.image_token_id}, but the tokenizer "
-            f"has {IMAGE_TOKEN} at {tokenizer.token_to_id(IMAGE_TOKEN)}"
-        )
-    return model.eval(), tokenizer, ImageProcessor.load(directory)
-
-
-# -- vision towers --------------------------------------------------------------------------------
-
-# Where a vision tower's tensors sit in the checkpoints that hold one, tried in order.
-VISION_PREFIXES = (
-    "vision_model.",
-    "model.vision_tower.vision_model.",
-    "model.vision_tower.",
-    "vision_tower.vision_model.",
-    "vision_tower.",
-)
-
-
-def load_vision_tower(directory: str | Path) -> VisionTransformer:
-    """A SigLIP or CLIP vision tower from a local transformers directory: a vision model alone, or the
-    vision half of a whole SigLIP/CLIP (or LLaVA) model. Only safetensors weights are read."""
-    directory = Path(directory)
-    hf = read_json(directory / CONFIG)
-    try:
-        config = VisionConfig.from_hf_dict(hf)
-    except (TypeError, ValueError) as e:
-        raise ModelDirError(f"{directory / CONFIG}: not a SigLIP or CLIP vision config ({e})") from None
-    tower = VisionTransformer(config)
-    own = tower.state_dict()
-    state = {}
-    for name, tensor in read_weights(directory).items():
-        key = next((name[len(p) :] for p in VISION_PREFIXES if name.startswith(p)), name)
-        if key in own:
-            state[key] = tensor
-    missing = sorted(own.keys() - state.keys())
-    if missing:
-        raise ModelDirError(
-            f"{directory}: no vision weights for {missing[:3]} (is this a SigLIP or CLIP vision model?)"
-        )
-    _check_shapes(directory, own, state)
-    tower.load_state_dict(state)
-    return tower
