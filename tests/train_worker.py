@@ -40,11 +40,11 @@ class ArrayBatches:
             self.cursor += 1
         return shift_window(torch.stack(picks))
 
-    def state_dict(self):
-        return {"cursor": self.cursor}
+    def state_dict(self):  # the windows every process has taken together, so any number of them can resume
+        return {"taken": self.cursor * self.world_size}
 
     def load_state_dict(self, state):
-        self.cursor = state["cursor"]
+        self.cursor = state["taken"] // self.world_size
 
 
 def make_task(batch_size, rank=0, world_size=1):
@@ -53,6 +53,12 @@ def make_task(batch_size, rank=0, world_size=1):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
     return Task(model=CausalLM(config), batches=ArrayBatches(batch_size, rank, world_size), objective=NextTokenLoss())
+
+
+def validation_loss(model) -> dict:
+    """The mean loss on 8 windows of another seed's stream (the same on every process)."""
+    batch = shift_window(ArrayBatches(8, seed=1).windows[:8])
+    return {"val_loss": model(batch["input_ids"], labels=batch["labels"]).item() / batch["labels"].numel()}
 
 
 def train_config(**overrides):
@@ -103,23 +109,32 @@ def pretrain_main(run_dir, mode, corpus):
     pretrain(cfg, run_dir, resume=mode == "pretrain-resume", callbacks=callbacks)
 
 
+def value(text: str):
+    """A KEY=VALUE override's value: an integer, true/false, or a word (strategy=fsdp)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"true": True, "false": False}.get(text, text)
+
+
 def main():
     run_dir, mode, *pairs = sys.argv[1:]
     if mode.startswith("pretrain"):
         return pretrain_main(run_dir, mode, *pairs)
-    overrides = {k: int(v) for k, v in (p.split("=") for p in pairs)}
+    overrides = {k: value(v) for k, v in (p.split("=") for p in pairs)}
     cfg = train_config(**overrides)
     dist = distributed.setup("cpu")
     task = make_task(cfg.batch_size, dist.rank, dist.world_size)
+    if cfg.keep_best:
+        task.evaluate = validation_loss
     callbacks = []
     if mode == "kill-at-13":  # die like kill -9: no handler, no cleanup, no final save
         callbacks.append(lambda step, _: step == 13 and os.kill(os.getpid(), signal.SIGKILL))
-    fit(task, cfg, run_dir, dist, resume=(mode == "resume"), callbacks=callbacks)
+    result = fit(task, cfg, run_dir, dist, resume=(mode == "resume"), callbacks=callbacks)
     if dist.is_main:
         from safetensors.torch import save_file
 
         save_file(
-            {k: v.contiguous() for k, v in task.model.state_dict().items() if k != "lm_head.weight"},
+            {k: v.contiguous() for k, v in result.model.state_dict().items() if k != "lm_head.weight"},
             Path(run_dir) / "weights.safetensors",
         )
     distributed.teardown()

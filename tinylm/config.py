@@ -66,6 +66,13 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | mps
+    # how several processes (torchrun) share the work: ddp (each holds the whole model) | fsdp (the
+    # model, its gradients and the optimizer's moments are split across them: tinylm.train.sharding)
+    strategy: str = "ddp"
+    cpu_offload: bool = False  # fsdp: keep the parameter shards and optimizer moments in CPU memory
+    # recompute each block's activations in the backward pass instead of keeping them: less memory,
+    # about a third more compute; the same gradients
+    activation_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200  # 0: only at the end
@@ -114,6 +121,10 @@ class TrainConfig:
             raise ConfigError(f"optimizer: expected adamw or muon, got {self.optimizer!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy: expected ddp or fsdp, got {self.strategy!r}")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("cpu_offload: offloading is part of the fsdp strategy; set strategy: fsdp with it")
         trackers = [n.strip() for n in self.report_to.split(",") if n.strip()]
         if not trackers or any(n not in ("none", "tensorboard", "wandb") for n in trackers):
             raise ConfigError(

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinylm.model.loss import IGNORE, linear_cross_entropy
 
@@ -450,7 +451,12 @@ class Decoder(nn.Module):
 class DecoderModel(nn.Module):
     """The decoder (``model.*``: embeddings, layers, final norm) and its rotary frequencies: what every
     model on this decoder shares. A head on top makes it a model: ``CausalLM``'s lm_head predicts the
-    next token, ``tinylm.model.reward.RewardModel``'s score rates a whole sequence."""
+    next token, ``tinylm.model.reward.RewardModel``'s score rates a whole sequence.
+
+    With ``activation_checkpointing`` set, training keeps each layer's input only and runs the layer
+    again in the backward pass (dropout draws the same masks): the same gradients for less memory."""
+
+    activation_checkpointing = False
 
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
@@ -500,8 +506,12 @@ class DecoderModel(nn.Module):
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + x.shape[1], device=x.device)[None]
         cos, sin = self.rope(position_ids, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if recompute:  # keep only the layer's input; its activations are recomputed in the backward pass
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.model.norm(x)

@@ -10,11 +10,22 @@
 Tensors go to safetensors and everything else to JSON, so loading never unpickles anything. A
 checkpoint is written aside and renamed into place; on resume the newest one whose manifest verifies
 is used, so a crash mid-save falls back to the previous good one.
+
+A sharded run (``train.strategy: fsdp``) writes its model and optimizer with PyTorch's distributed
+checkpoint instead, every process its own shards, in place of the two safetensors files:
+
+    checkpoints/step-000500/
+      .metadata, __0_0.distcp, __1_0.distcp, ...   model and optimizer, by parameter name and shard
+      rng.safetensors, trainer.json, SHA256SUMS     as above ("format": "sharded")
+
+Its tensors are addressed by name and global shape, not by how they were split, so it resumes with
+any number of processes, and also unsharded (``train.strategy: ddp``, or a single process).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +38,7 @@ from tinylm.model.llama import model_state_dict, tied_head_names
 from tinylm.modeldir import ModelDirError
 
 STEP_PREFIX = "step-"
+SHARDED = "sharded"  # trainer.json's "format" for checkpoints in PyTorch's distributed checkpoint layout
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -96,6 +108,84 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, trainer_sta
     return path
 
 
+def _sharded_state(model, optimizer) -> dict:
+    """The model's trainable tensors and the optimizer's state, keyed by parameter name: DTensor shards
+    under FSDP, whole tensors otherwise (a frozen base comes from the model directory, as above)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+    }
+
+
+def save_sharded_checkpoint(
+    run_dir, step: int, model, optimizer, scheduler, trainer_state: dict, dist, keep: int = 2
+) -> Path:
+    """Every process writes its shards of checkpoint ``step`` into one scratch directory; the main
+    process adds the rest and renames it into place (the run directory must be shared by all processes)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = checkpoint_dir(run_dir, step)
+    scratch = path.with_name(f".{path.name}.tmp")
+    if dist.is_main:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=scratch)
+    dist.barrier()
+    if dist.is_main:
+        meta = {
+            "step": step,
+            **trainer_state,
+            "scheduler": scheduler.state_dict(),
+            "format": SHARDED,
+            "world_size": dist.world_size,
+            "trainable_only": not all(p.requires_grad for p in model.parameters()),
+        }
+        save_file(_rng_state(), scratch / "rng.safetensors")
+        (scratch / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        write_manifest(scratch)
+        if path.exists():  # a checkpoint of this step from an abandoned run
+            shutil.rmtree(path)
+        os.replace(scratch, path)
+        if keep > 0:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def is_sharded_checkpoint(path) -> bool:
+    meta = json.loads((Path(path) / "trainer.json").read_text(encoding="utf-8"))
+    return meta.get("format") == SHARDED
+
+
+def load_sharded_checkpoint(path, model, optimizer, scheduler) -> dict:
+    """Restore a sharded checkpoint into ``model`` (sharded with any number of processes, or not at
+    all), the optimizer, scheduler and RNG; return trainer.json's contents."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    state = _sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # a missing or reshaped tensor: the model changed since the run started
+        raise ModelDirError(
+            f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0][:300]}): resume with the config "
+            "the run was started with (see config.yaml in the run)"
+        ) from None
+    options = StateDictOptions(ignore_frozen_params=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(meta["scheduler"])
+    _set_rng_state(load_file(path / "rng.safetensors"))
+    return meta
+
+
 def list_checkpoints(run_dir) -> list[Path]:
     """Completed checkpoints, oldest first (scratch directories of an interrupted save are skipped)."""
     root = Path(run_dir) / "checkpoints"
@@ -125,6 +215,8 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG in place; return trainer.json's contents."""
     path = Path(path)
     meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    if meta.get("format") == SHARDED:
+        return load_sharded_checkpoint(path, model, optimizer, scheduler)
     state = load_file(path / "model.safetensors")
     own = model.state_dict()
     changed = [
@@ -149,12 +241,15 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         )
     optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
-    rng = load_file(path / "rng.safetensors")
+    _set_rng_state(load_file(path / "rng.safetensors"))
+    return meta
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return meta
 
 
 # -- the best weights so far (train.keep_best) ---------------------------------------------------
@@ -162,11 +257,11 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
 BEST_DIR = "best"  # in the run directory, beside checkpoints/: weights.safetensors + best.json
 
 
-def save_best(run_dir, model, record: dict) -> None:
-    """Keep the trained tensors of the best evaluated step so far (``record``: its step and metrics),
-    replacing the previous best atomically."""
+def save_best(run_dir, weights: dict[str, torch.Tensor], record: dict) -> None:
+    """Keep ``weights``, the trained tensors of the best evaluated step so far (``record``: its step and
+    metrics), replacing the previous best atomically."""
     with atomic_directory(Path(run_dir) / BEST_DIR) as scratch:
-        save_file(checkpoint_state(model, trainable_only=True), scratch / "weights.safetensors")
+        save_file(weights, scratch / "weights.safetensors")
         (scratch / "best.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 

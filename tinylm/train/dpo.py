@@ -161,6 +161,7 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         evaluate = with_benchmarks(evaluate, cfg.eval, tokenizer, dist)
         task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             after = {k: v for k, v in result.last_metrics.items() if k.startswith("val_")}

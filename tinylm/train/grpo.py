@@ -55,6 +55,7 @@ from tinylm.train.metrics import plot_rewards
 from tinylm.train.objectives import GRPOLoss
 from tinylm.train.pairs import chat_template_of
 from tinylm.train.rewards import Reward, build_reward
+from tinylm.train.sharding import full_weights
 from tinylm.train.stage import (
     load_to_fine_tune,
     prepare_lora,
@@ -234,11 +235,13 @@ class Rollouts:
         group = self.section.group_size
         chosen = [self.prompts[i] for i in picks for _ in range(group)]
         engine = Engine(self.policy, self.tokenizer)
-        try:
-            settings = SamplingSettings(**{**self.settings.__dict__, "seed": self.seed_of(part)})
-            replies = engine.run([p.ids for p in chosen], settings)
-        finally:
-            self.policy.train()
+        # sharded (train.strategy fsdp): each process gathers the whole policy to sample its own replies
+        with full_weights(self.policy):
+            try:
+                settings = SamplingSettings(**{**self.settings.__dict__, "seed": self.seed_of(part)})
+                replies = engine.run([p.ids for p in chosen], settings)
+            finally:
+                self.policy.train()
         texts = [c.text for c in replies]  # reasoning markers included, the end of turn left out
         rewards = torch.tensor(self.reward([p.prompt for p in chosen], texts), dtype=torch.float32)
         grouped = rewards.view(-1, group)
@@ -374,6 +377,7 @@ def grpo(cfg: GRPOConfig, out_dir: str | Path, *, resume: bool = False, callback
         objective = GRPOLoss(cfg.grpo.beta, cfg.grpo.epsilon)
         task = Task(model=model, batches=batches, objective=objective, evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             after = {k: v for k, v in result.last_metrics.items() if k.startswith(("heldout/", "val_"))}

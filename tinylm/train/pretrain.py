@@ -224,6 +224,7 @@ def pretrain(
             evaluate=evaluate,
         )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             card = card or CardFacts(

@@ -160,6 +160,7 @@ def rm(cfg: RMConfig, out_dir: str | Path, *, resume: bool = False, callbacks=()
         batches = Batches.for_run(len(train_set), collate, cfg.train, dist, "preference pairs")
         task = Task(model=model, batches=batches, objective=BradleyTerryLoss(), evaluate=evaluate)
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             after = {k: v for k, v in result.last_metrics.items() if k.startswith("val_")}

@@ -169,6 +169,7 @@ def sft(
             tokens_per_batch=real_tokens,
         )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             name, author = identity(cfg)

@@ -6,6 +6,10 @@ One optimizer step:
     2. forward + backward each, scaling its summed loss by 1 / (targets of the whole step);
     3. clip the gradient norm, step the optimizer (AdamW, or Muon: tinylm.train.optim), step the schedule;
     4. now and then: log, evaluate, checkpoint.
+
+Under ``torchrun`` the processes share the work as ``train.strategy`` says: DDP (each holds the whole
+model and averages gradients) or FSDP (the model is sharded in place: tinylm.train.sharding). Either
+way ``fit`` ends with the trained model whole, on the main process, as ``FitResult.model``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from tinylm.config import TrainConfig
@@ -31,6 +36,7 @@ from tinylm.train import checkpoint as ckpt
 from tinylm.train.distributed import Distributed
 from tinylm.train.metrics import MetricsLog, plot_losses
 from tinylm.train.optim import build_optimizer
+from tinylm.train.sharding import full_weights, gather_weights, gradient_sync, materialize, meta_copy, shard
 from tinylm.train.tracking import Trackers
 
 
@@ -67,6 +73,9 @@ class FitResult:
     interrupted: bool = False
     best: dict | None = None  # with keep_best or patience: the evaluation whose weights the model ends with
     stopped_early: bool = False
+    # the trained model, whole: the one handed in, or (train.strategy fsdp) an unsharded copy on the
+    # main process (the others keep their shards); the stage saves this one
+    model: nn.Module | None = None
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -112,6 +121,12 @@ def fit(
     device, main = dist.device, dist.is_main
     model = task.model.to(device)
     model.train()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    sharded = cfg.strategy == "fsdp"
+    if sharded:
+        skeleton = meta_copy(model) if main else None  # the unsharded model's shape, to gather into at the end
+        shard(model, cfg, device)
     budget = cfg.max_minutes * 60
     clock = Clock(budget)
     optimizer, scheduler = build_optimizer(model, cfg, device, time_used=clock.fraction)
@@ -120,6 +135,11 @@ def fit(
     step, tokens, elapsed = 0, 0, 0.0
     best, evals_since_best, stopped_early = None, 0, False  # the best evaluation so far: {"step", "val_loss", ...}
     if resume and (path := ckpt.latest_checkpoint(run_dir)) is not None:
+        if sharded and not ckpt.is_sharded_checkpoint(path):
+            raise ValueError(
+                f"{path} was written by an unsharded run (train.strategy ddp): resume it with strategy ddp; "
+                "a sharded run's checkpoints resume either way"
+            )
         state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         task.batches.load_state_dict(state["data"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
@@ -138,7 +158,7 @@ def fit(
     train_model = model
     if cfg.compile:
         train_model = torch.compile(train_model)
-    if dist.enabled:
+    if dist.enabled and not sharded:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -148,16 +168,19 @@ def fit(
     def save(at_step: int) -> float:
         """Write a checkpoint (the main process; the others wait); return the seconds it took."""
         began = time.perf_counter()
-        if main:
-            trainer_state = {
-                "tokens": tokens,
-                "elapsed_s": elapsed,
-                "wall_s": clock.seconds(),
-                "data": data_state,
-                "best": best,
-                "evals_since_best": evals_since_best,
-                "stopped_early": stopped_early,
-            }
+        trainer_state = {
+            "tokens": tokens,
+            "elapsed_s": elapsed,
+            "wall_s": clock.seconds(),
+            "data": data_state,
+            "best": best,
+            "evals_since_best": evals_since_best,
+            "stopped_early": stopped_early,
+        }
+        if sharded:  # every process writes its shards
+            keep = cfg.keep_checkpoints
+            ckpt.save_sharded_checkpoint(run_dir, at_step, model, optimizer, scheduler, trainer_state, dist, keep)
+        elif main:
             ckpt.save_checkpoint(
                 run_dir, at_step, model, optimizer, scheduler, trainer_state, keep=cfg.keep_checkpoints
             )
@@ -168,7 +191,9 @@ def fit(
         if task.evaluate is None:
             return {}
         model.eval()
-        with torch.no_grad(), autocast():
+        # sharded: every process holds the whole model while it evaluates, so an evaluation may generate
+        # text, or run on the main process alone, without the others joining in
+        with torch.no_grad(), autocast(), full_weights(model):
             metrics = task.evaluate(model)
         model.train()
         return metrics
@@ -197,11 +222,15 @@ def fit(
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(micro):
                     sync = i == len(micro) - 1 or not dist.enabled
-                    with contextlib.nullcontext() if sync else train_model.no_sync(), autocast():
+                    gradient_sync(model, sync)  # FSDP: reduce-scatter on the last micro-batch only
+                    ddp_local = not sync and not sharded
+                    with train_model.no_sync() if ddp_local else contextlib.nullcontext(), autocast():
                         loss = task.objective(train_model, batch)
                     (loss * dist.world_size / max(targets, 1)).backward()
                     loss_sum += loss.detach()
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+                if isinstance(grad_norm, DTensor):  # sharded: the norm over every process's shards
+                    grad_norm = grad_norm.full_tensor()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -242,7 +271,9 @@ def fit(
                     metrics = {"step": step, **evaluate()}
                     eval_s = time.perf_counter() - began
                     if track_best:
-                        best, evals_since_best = keep_if_best(metrics, best, evals_since_best, run_dir, model, dist)
+                        best, evals_since_best = keep_if_best(
+                            metrics, best, evals_since_best, run_dir, model, dist, sharded
+                        )
                         out_of_patience = bool(cfg.patience) and evals_since_best >= cfg.patience and not final_step
                         if dist.enabled:  # every process stops after the same step
                             out_of_patience = bool(dist.all_reduce_sum(int(out_of_patience)))
@@ -285,9 +316,16 @@ def fit(
             log.trackers.close()
             if main:
                 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
+    trained = model
+    if sharded:  # the main process gathers the shards into an unsharded copy; the others keep theirs
+        weights = gather_weights(model)
+        if main:
+            trained = materialize(skeleton, weights)
     if track_best and not interrupted and best is not None:
-        dist.barrier()  # the main process wrote the best weights; every process takes them
-        ckpt.load_best(run_dir, model)
+        if not sharded:
+            dist.barrier()  # the main process wrote the best weights; every process takes them
+        if main or not sharded:
+            ckpt.load_best(run_dir, trained)
         if main:
             ended = "stopped early" if stopped_early else "ended"
             print(
@@ -303,19 +341,42 @@ def fit(
         interrupted=interrupted,
         best=best,
         stopped_early=stopped_early,
+        model=trained,
     )
 
 
-def keep_if_best(metrics: dict, best: dict | None, evals_since_best: int, run_dir: Path, model, dist):
+def keep_if_best(metrics: dict, best: dict | None, evals_since_best: int, run_dir: Path, model, dist, sharded: bool):
     """(the best evaluation so far, evaluations since it) after ``metrics``; a new best's weights are
     saved beside the checkpoints (``checkpoint.save_best``)."""
     if "val_loss" not in metrics:
         raise ValueError("train.keep_best and train.patience choose by val_loss, and this stage's evaluation has none")
     if best is not None and metrics["val_loss"] >= best["val_loss"]:
         return best, evals_since_best + 1
+    weights = trained_weights(model, sharded)  # (sharded: every process takes part; the main one gets them)
     if dist.is_main:
-        ckpt.save_best(run_dir, model, metrics)
+        ckpt.save_best(run_dir, weights, metrics)
     return dict(metrics), 0
+
+
+def trained_weights(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The tensors training changes, on the CPU: gathered from every process's shards under FSDP (the
+    main process gets them, the others {})."""
+    if not sharded:
+        return ckpt.checkpoint_state(model, trainable_only=True)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t for name, t in gather_weights(model).items() if name in trained}
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute the decoder layers' activations in the backward pass, in every language model inside
+    ``model`` (a vision-language model's, a reward model's)."""
+    from tinylm.model.llama import DecoderModel
+
+    found = [m for m in model.modules() if isinstance(m, DecoderModel)]
+    if not found:
+        raise ValueError("train.activation_checkpointing: this model has no decoder layers to recompute")
+    for decoder in found:
+        decoder.activation_checkpointing = True
 
 
 def objective_metrics(objective, dist: Distributed) -> dict:

@@ -397,6 +397,7 @@ def train_vlm(
             model=model, batches=batches, objective=NextTokenLoss(), evaluate=evaluate, tokens_per_batch=real_tokens
         )
         result = fit(task, cfg.train, run_dir, dist, resume=resume, callbacks=callbacks)
+        model = result.model  # whole again (a sharded run gathers it on the main process)
         final = run_dir / "final"
         if dist.is_main and not result.interrupted:
             if lora is not None:

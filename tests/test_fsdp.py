@@ -1,0 +1,145 @@
+"""train.strategy fsdp (tinylm.train.sharding) on CPU processes talking over gloo: the same training as
+one process, exact resume after kill -9, checkpoints that resume with another number of processes,
+and activation checkpointing (the same gradients for less memory)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import run_worker
+from train_worker import make_task
+
+from tinylm.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+
+def weights_gap(a_dir, b_dir) -> float:
+    a, b = load_file(a_dir / "weights.safetensors"), load_file(b_dir / "weights.safetensors")
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def succeeded(process) -> None:
+    assert process.returncode == 0, process.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "per_process",
+    [("batch_size=4", "grad_accum=1"), ("batch_size=2", "grad_accum=2")],
+    ids=["fsdp", "fsdp+accumulation"],
+)
+def test_fsdp_on_two_processes_trains_as_one_process_does(tmp_path, per_process):
+    """8 windows per step either way; with accumulation the first micro-batch keeps its gradients local."""
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    succeeded(run_worker(single, "plain", "batch_size=4", "grad_accum=2", "max_steps=8"))
+    succeeded(run_worker(sharded, "plain", *per_process, "max_steps=8", "strategy=fsdp", torchrun=True))
+    assert len(losses(sharded)) == 8
+    assert max(abs(a - b) for a, b in zip(losses(single), losses(sharded))) < 1e-5
+    assert weights_gap(single, sharded) < 2e-5
+    untrained = make_task(1).model.state_dict()
+    trained = load_file(sharded / "weights.safetensors")
+    assert max((trained[k] - untrained[k]).abs().max().item() for k in trained) > 1e-3  # it did train
+    checkpoint = ckpt.list_checkpoints(sharded)[-1]
+    assert ckpt.is_sharded_checkpoint(checkpoint) and (checkpoint / ".metadata").is_file()
+    assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_resume_after_kill_9_is_exact(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    two = ("batch_size=2", "strategy=fsdp")
+    succeeded(run_worker(straight, "plain", *two, torchrun=True))
+    died = run_worker(killed, "kill-at-13", *two, torchrun=True)
+    assert died.returncode != 0
+    assert [p.name for p in ckpt.list_checkpoints(killed)] == ["step-000005", "step-000010"]
+    resumed = run_worker(killed, "resume", *two, torchrun=True)
+    succeeded(resumed)
+    assert "resumed from" in resumed.stderr and "step-000010" in resumed.stderr
+    assert weights_gap(straight, killed) == 0.0
+    assert [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 21)
+    )
+
+
+def test_a_sharded_checkpoint_resumes_with_another_number_of_processes(tmp_path):
+    """Two processes of 4 windows, killed at step 13, go on as one process of 8 (sharded over one, and
+    unsharded): they end where one process of 8 windows ends when never stopped."""
+    single = tmp_path / "single"
+    succeeded(run_worker(single, "plain", "batch_size=8"))
+    for strategy in ("fsdp", "ddp"):
+        run = tmp_path / f"then-{strategy}"
+        assert run_worker(run, "kill-at-13", "batch_size=4", "strategy=fsdp", torchrun=True).returncode != 0
+        resumed = run_worker(run, "resume", "batch_size=8", f"strategy={strategy}")
+        succeeded(resumed)
+        assert "step-000010" in resumed.stderr
+        assert weights_gap(single, run) < 2e-5, strategy
+
+
+def test_an_unsharded_checkpoint_does_not_resume_sharded(tmp_path):
+    run = tmp_path / "run"
+    assert run_worker(run, "kill-at-13").returncode == -9
+    refused = run_worker(run, "resume", "strategy=fsdp")
+    assert refused.returncode != 0
+    assert "written by an unsharded run" in refused.stderr and "strategy ddp" in refused.stderr
+
+
+def test_fsdp_keeps_the_best_evaluation_and_gathers_it(tmp_path):
+    """keep_best under fsdp: the weights of the best evaluation are gathered from the shards, and the
+    model fit returns (on the main process) holds them."""
+    run = tmp_path / "run"
+    best_of = ("batch_size=2", "strategy=fsdp", "keep_best=true", "eval_every=5")
+    succeeded(run_worker(run, "plain", *best_of, torchrun=True))
+    best = json.loads((run / "best" / "best.json").read_text())
+    kept = load_file(run / "best" / "weights.safetensors")
+    final = load_file(run / "weights.safetensors")
+    assert best["step"] in (5, 10, 15, 20)
+    assert all(torch.equal(kept[k], final[k]) for k in final)
+
+
+def activation_run(checkpointing: bool) -> dict:
+    """Forward and backward of a model whose activations dwarf its weights, in a fresh process:
+    its gradients and its peak resident memory above what it held before the forward pass."""
+    script = f"""
+import json, resource, torch
+from tinylm.model.llama import CausalLM, ModelConfig
+torch.manual_seed(0)
+config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, hidden_dropout=0.1)
+model = CausalLM(config).train()
+model.activation_checkpointing = {checkpointing}
+ids = torch.randint(0, 256, (16, 512), generator=torch.Generator().manual_seed(1))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model(ids, labels=ids).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+grads = {{n: p.grad.norm().item() for n, p in model.named_parameters()}}
+print(json.dumps({{"extra_mb": (peak - before) / 1024, "grads": grads}}))
+"""
+    # glibc keeps big freed blocks in its heap, so the resident size would remember them; served by mmap
+    # (a fixed threshold), they go back to the system when freed and the peak is what was really held
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_for_less_memory():
+    plain, recomputed = activation_run(False), activation_run(True)
+    assert plain["grads"].keys() == recomputed["grads"].keys()
+    for name, norm in plain["grads"].items():  # dropout draws the same masks when a layer runs again
+        assert recomputed["grads"][name] == pytest.approx(norm, rel=1e-4), name
+    print(f"peak memory above the model: {plain['extra_mb']:.0f} MB, {recomputed['extra_mb']:.0f} MB recomputing")
+    assert recomputed["extra_mb"] < 0.4 * plain["extra_mb"]  # measured: 868 MB and 183 MB
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path):
+    refused = run_worker(tmp_path / "muon", "plain", "strategy=fsdp", "optimizer=muon")
+    assert refused.returncode != 0 and "train.optimizer muon" in refused.stderr
