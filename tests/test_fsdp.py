@@ -143,3 +143,64 @@ def test_activation_checkpointing_gives_the_same_gradients_for_less_memory():
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path):
     refused = run_worker(tmp_path / "muon", "plain", "strategy=fsdp", "optimizer=muon")
     assert refused.returncode != 0 and "train.optimizer muon" in refused.stderr
+
+
+# -- the training commands under fsdp --------------------------------------------------------------
+
+
+def run_stage(stage: list[str], out, *settings, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    quick = ["--train.device=cpu", "--train.progress=false", "--train.eval_every=0", "--train.save_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *launcher, "-m", "tinylm.cli", *stage, "--out", str(out), *quick, *settings]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from conftest import tiny_chat_dir, write_jsonl
+
+    root = tmp_path_factory.mktemp("fsdp-stages")
+    chats = [
+        {"messages": [{"role": "user", "content": f"{a} + {b}?"}, {"role": "assistant", "content": f"{a + b}."}]}
+        for a in range(8)
+        for b in range(8)
+    ]
+    write_jsonl(root / "chats.jsonl", chats)
+    return tiny_chat_dir(root / "chat", max_len=128), root / "chats.jsonl"
+
+
+def test_lora_sft_under_fsdp_trains_the_adapter_one_process_trains(tmp_path, chat_model):
+    """The same 8 conversations per step: 2 processes × 4 sharded, or 1 process × 8."""
+    model, chats = chat_model
+    sft = ["sft", "--init", str(model), "--data", str(chats), "--lora"]
+    common = ("--train.max_steps=4", "--train.seq_len=64", "--train.lr=0.01", "--train.precision=fp32")
+    succeeded(run_stage(sft, tmp_path / "one", *common, "--train.batch_size=8", processes=1))
+    sharded = run_stage(sft, tmp_path / "two", *common, "--train.batch_size=4", "--train.strategy=fsdp")
+    succeeded(sharded)
+    a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3  # B moved from zero: it trained
+
+
+def test_grpo_under_fsdp_samples_on_gathered_weights(tmp_path, chat_model):
+    """Each process samples replies of its own lengths on the gathered policy (no collective may run
+    there), then the update runs sharded; with LoRA the reference is the sharded model, adapter off."""
+    model, _ = chat_model
+    grpo = ["grpo", "--init", str(model), "--lora", "--grpo.group_size=2", "--grpo.max_new_tokens=12"]
+    done = run_stage(grpo, tmp_path / "grpo", "--train.max_steps=2", "--train.batch_size=2", "--train.strategy=fsdp")
+    succeeded(done)
+    assert (tmp_path / "grpo" / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "grpo" / "grpo.json").read_text())["steps"] == 2
+
+
+def test_fsdp_refuses_quantized_weights_and_cpu_offload_without_a_gpu(tmp_path, chat_model):
+    model, chats = chat_model
+    sft = ["sft", "--init", str(model), "--data", str(chats), "--train.max_steps=1", "--train.seq_len=64"]
+    sft.append("--train.strategy=fsdp")
+    qlora = run_stage([*sft, "--qlora"], tmp_path / "q", processes=1)
+    assert qlora.returncode == 2 and "FSDP cannot split" in qlora.stderr and "Traceback" not in qlora.stderr
+    offload = run_stage([*sft, "--train.cpu_offload=true"], tmp_path / "o", processes=1)
+    assert offload.returncode == 2 and "leave cpu_offload off" in offload.stderr

@@ -47,12 +47,17 @@ def fsdp_api():
     return fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy
 
 
-def check_shardable(model: nn.Module, cfg: TrainConfig) -> None:
+def check_shardable(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """What FSDP cannot shard here, said before anything starts."""
     if cfg.optimizer == "muon":
         raise ConfigError(
             "train.optimizer muon orthogonalises whole weight matrices and train.strategy fsdp splits them across "
             "processes: use train.optimizer adamw with fsdp, or train.strategy ddp with muon"
+        )
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ConfigError(
+            f"train.cpu_offload keeps a GPU run's shards in CPU memory between uses; this run is on {device.type}, "
+            "where they are in CPU memory already: leave cpu_offload off"
         )
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ConfigError(
@@ -65,7 +70,7 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module
     """Shard ``model`` in place across the process group (a group of one is started when there is none,
     for ``train.cpu_offload`` on a single device) and move its shards to ``device``."""
     fully_shard, _, MixedPrecisionPolicy, CPUOffloadPolicy = fsdp_api()
-    check_shardable(model, cfg)
+    check_shardable(model, cfg, device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -84,6 +89,9 @@ def shard(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module
         if isinstance(module, BLOCKS):
             fully_shard(module, **options)
     fully_shard(model, **options)  # (it moves the shards to the mesh's device, or keeps them on the CPU)
+    # FSDP takes the first unit to run forward for the root; the first call may be a generation that
+    # runs the layers alone (GRPO's rollouts), so settle the root now
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
