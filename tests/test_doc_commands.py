@@ -123,6 +123,8 @@ def tiny_settings(argv: list[str]) -> list[str]:
 
 # -- what cannot run here, and why -----------------------------------------------------------------
 
+HUB = "downloads a dataset from the Hugging Face Hub, which is not reachable here"
+
 SKIPPED = {
     "python3 -m venv .venv": "installation: .ci/run installs the README's way into a fresh venv on a clean clone",
     ". .venv/bin/activate": "installation (as above)",
@@ -138,6 +140,10 @@ SKIPPED = {
     "torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m tinylm.cli pretrain ...": (
         "two machines with eight processes each"
     ),
+    # Hub datasets need the network; tests/test_hub_data.py reads saved, cloned and cached ones the same way
+    "tinylm pretrain --config cpu-tiny --out runs/wiki --data hf:Salesforce/wikitext:wikitext-103-raw-v1": HUB,
+    "tinylm sft --init runs/tiny/final --data hf:HuggingFaceH4/ultrachat_200k@train_sft --out runs/ultrachat": HUB,
+    "tinylm dpo --init runs/ultrachat/final --data hf:Anthropic/hh-rlhf --out runs/hh": HUB,
 }
 
 
@@ -180,6 +186,7 @@ def test_the_bench_extra_is_part_of_the_test_extra():
 
 def write_stand_ins(home: Path) -> None:
     """Small files with the names and formats the docs use, in ``home`` (the sandbox)."""
+    import datasets
     from PIL import Image
 
     from tinylm.data import builtin
@@ -245,6 +252,7 @@ def write_stand_ins(home: Path) -> None:
         for i, colour in enumerate(colours)
     ] * 4
     (home / "mixed.json").write_text(json.dumps(mixed), encoding="utf-8")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(chats)}).save_to_disk(home / "my-chats")  # hf:./my-chats
 
     tiny_encoder_dir(home / "my-encoder", documents)  # the reader's own text encoder, for dense retrieval
     write_benchmarks(home / "benchmarks")  # MMLU, C-Eval, CMMLU, ARC, HellaSwag, GSM8K in their own layouts

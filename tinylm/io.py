@@ -7,9 +7,13 @@ a reader sees the old content or the new, never a mix, and a crash leaves the la
 Every data file (pretraining text, conversations, preference pairs, image conversations) is read by
 ``iter_records``: .txt, .jsonl, .json and .parquet, the first three also gzip-compressed, with errors
 that name the file and the line, item or row; ``read_records`` adds the per-file report of what was
-read and what was skipped, and why.
+read and what was skipped, and why. A dataset of the Hugging Face Hub, ``hf:NAME[:CONFIG][@SPLIT]``
+(``tinylm.hub.data``), is read wherever a .parquet file is, row by row, so the same normalisers,
+reports and errors apply to it; ``source_key``, ``source_name`` and ``source_size`` say what a cache,
+a model card and a size estimate need to know of a file or of such a dataset.
 
-This module imports nothing from tinylm, so every other module can use it.
+This module imports nothing from tinylm but ``tinylm.hub``, the layer below it, so every other module
+can use it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tinylm.hub import data as hub_data
+from tinylm.hub.data import HubDataError, is_hub_source
 
 MANIFEST = "SHA256SUMS"
 # A model directory's model card: documentation that people edit and tinylm updates after saving (an
@@ -277,9 +284,10 @@ def iter_records(
     txt_split: str = "blank",
     columns: list[str] | None = None,
     not_record_lists: tuple = (),
+    stream: bool = False,
 ) -> Iterator[tuple[str, object]]:
     """(where, record) for each record of one data file, in order; ``where`` names the file and the line,
-    item or row ("a.jsonl:3", "a.json:item 2", "a.parquet:row 7").
+    item or row ("a.jsonl:3", "a.json:item 2", "a.parquet:row 7", "hf:org/name@train:row 17").
 
     - ``.txt``: each document is a string: blocks separated by blank lines (``txt_split`` "blank"),
       single lines ("line") or the whole file ("file")
@@ -289,10 +297,21 @@ def iter_records(
       list fields that belong to a record, not a file); JSON Lines under a .json name is read as such
     - ``.parquet``: each row as a dict (only ``columns``, when given); needs pyarrow
     - ``.txt.gz``, ``.jsonl.gz``, ``.json.gz``: the same, through gzip
+    - ``hf:NAME[:CONFIG][@SPLIT]``: each row of a Hub dataset's split as a dict, wherever .parquet is
+      read (``tinylm.hub.data``; rows count from 0, as ``dataset[i]`` does); ``stream`` reads rows as
+      they arrive instead of downloading the split first, for corpora larger than the disk
 
     ``types`` are the file types the caller reads (conversations are not .txt). A problem with the whole
-    file (missing, of another type, not UTF-8 text, not JSON at all) raises, at once for the first two.
+    file (missing, of another type, not UTF-8 text, not JSON at all) raises, at once for the first two,
+    as does one with a whole Hub dataset (not there, offline and not cached, no such config or split).
     """
+    if is_hub_source(path):
+        if ".parquet" not in types:
+            raise DataError(
+                f"{path}: a Hub dataset is not read here; expected {' or '.join(types)}", "unsupported_file"
+            )
+        with _hub_errors():
+            return _hub_records(hub_data.iter_rows(str(path), streaming=stream, columns=columns))
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file", "missing_file")
@@ -442,6 +461,53 @@ def _parquet_rows(path: Path, table, columns) -> Iterator[tuple[str, dict]]:
         for record in batch.to_pylist():
             row += 1
             yield f"{path}:row {row}", record
+
+
+@contextmanager
+def _hub_errors():
+    """A Hub dataset's problems as this module's DataError, so that callers catch one kind of error."""
+    try:
+        yield
+    except HubDataError as e:
+        raise DataError(str(e), e.reason) from None
+
+
+def _hub_records(rows: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
+    with _hub_errors():
+        yield from rows
+
+
+def source_key(path: str | Path) -> list:
+    """What a data source's content is known by, for the key of anything built from it: a file's
+    resolved path, size and modification time; a Hub dataset's name, config, split and revision (a
+    saved one's fingerprint). A missing source is a DataError."""
+    if is_hub_source(path):
+        with _hub_errors():
+            return ["hf", hub_data.revision(str(path))]
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file", "missing_file")
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def source_name(path: str | Path) -> str:
+    """How a model card names a data source: a file's name, a Hub dataset's id (a local dataset folder's name)."""
+    with _hub_errors():
+        return hub_data.parse(str(path)).dataset_name if is_hub_source(path) else Path(path).name
+
+
+def source_size(path: str | Path) -> int:
+    """A data source's size in bytes: a file's, or a Hub dataset split's as datasets records it."""
+    if not is_hub_source(path):
+        return Path(path).stat().st_size
+    with _hub_errors():
+        size = hub_data.split_bytes(str(path))
+    if size is None:
+        raise DataError(
+            f"{path}: the split's size is not recorded (the dataset's card has no dataset_info)", "unknown_size"
+        )
+    return size
 
 
 @dataclass

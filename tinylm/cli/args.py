@@ -18,7 +18,7 @@ from tinylm.cli.parsing import (
     add_quickstart,
     add_sampling_args,
 )
-from tinylm.cli.training_args import add_training_commands
+from tinylm.cli.training_args import HUB_DATA, add_training_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok_train = add_command(tok, "train", "train a byte-level BPE tokenizer")
     tok_train.add_argument(
-        "--data", nargs="+", help=".txt / .jsonl / .json / .parquet files (default: the built-in corpus)"
+        "--data",
+        nargs="+",
+        help=f".txt / .jsonl / .json / .parquet files, or {HUB_DATA} (default: the built-in corpus)",
     )
     tok_train.add_argument("--vocab-size", type=int, default=6400)
     tok_train.add_argument("--text-field", default="text", help="field holding the text in .jsonl / .json / .parquet")

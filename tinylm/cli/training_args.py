@@ -18,6 +18,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 TEMPLATE_HELP = "chat template: chatml | vicuna | llama-chinese | raw"
+# what --data takes besides files, in every command that reads data (tinylm.hub.data)
+HUB_DATA = "hf:NAME[:CONFIG][@SPLIT] (a Hugging Face Hub dataset, or a saved one's folder; SPLIT default train)"
 
 
 def add_fine_tune_args(
@@ -33,7 +35,7 @@ def add_fine_tune_args(
     data's records are called."""
     parser.add_argument("--config", default=config, help="config name or YAML path")
     parser.add_argument("--init", required=True, help=init)
-    data = data or f".json / .jsonl(.gz) / .parquet {what} (default: the built-in ones)"
+    data = data or f".json / .jsonl(.gz) / .parquet {what}, or {HUB_DATA} (default: the built-in ones)"
     parser.add_argument("--data", nargs="+", default=None, help=data)
     if formats:
         parser.add_argument("--format", default=None, choices=["auto", *formats], help=f"the {what}' format")
@@ -96,10 +98,13 @@ def add_training_commands(commands) -> None:
         "--data",
         nargs="+",
         default=None,
-        help=".txt / .jsonl / .json / .parquet files, plain or .gz (default: the built-in corpus)",
+        help=f".txt / .jsonl / .json / .parquet files, plain or .gz, or {HUB_DATA} (default: the built-in corpus)",
     )
     pre.add_argument(
-        "--val-data", nargs="+", default=None, help="validation text (default: a share of --data's documents)"
+        "--val-data",
+        nargs="+",
+        default=None,
+        help="validation text, as --data (default: a share of --data's documents)",
     )
     pre.add_argument(
         "--minutes",
@@ -154,7 +159,8 @@ def add_training_commands(commands) -> None:
         "grpo-cpu-tiny",
         "prompts",
         init="the chat model to train (an SFT run's final/)",
-        data=".json / .jsonl(.gz) / .parquet prompts with answers, GSM8K's layout too (default: the built-in prompts)",
+        data=".json / .jsonl(.gz) / .parquet prompts with answers, GSM8K's layout too, or "
+        f"{HUB_DATA} (default: the built-in prompts)",
     )
     grpo.add_argument(
         "--reward",
@@ -184,7 +190,7 @@ def add_training_commands(commands) -> None:
         "--data",
         nargs="+",
         default=None,
-        help="text files (default: the built-in corpus); with --chat, conversation files",
+        help=f"text files or {HUB_DATA} (default: the built-in corpus); with --chat, conversations",
     )
     dis.add_argument(
         "--chat", action="store_true", help="distill on conversations (the assistant's tokens) instead of text"
@@ -218,7 +224,8 @@ def add_training_commands(commands) -> None:
     ):
         sub = add_command(vlm_commands, stage, about, overrides=True)
         init = "the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)"
-        data = "LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet (default: the built-in pictures)"
+        data = f"LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet, or {HUB_DATA}"
+        data += " (default: the built-in pictures)"
         add_fine_tune_args(sub, f"vlm-{stage}-cpu-tiny", "samples", init=init, data=data)
         sub.add_argument(
             "--image-root", default=None, help="where relative image paths are found (default: beside each data file)"

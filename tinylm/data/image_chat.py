@@ -37,7 +37,8 @@ The formats, one record each (detected per record; the report counts records by 
 
 All take chat.py's optional "system" field. In parquet an image is raw bytes, a struct {"bytes", "path"}
 as HF datasets writes it (the bytes, or the path when they are null), or a path. Files as in chat.py:
-.jsonl, .json, .parquet, and .jsonl.gz, .json.gz.
+.jsonl, .json, .parquet, and .jsonl.gz, .json.gz; and Hub datasets (``hf:NAME[:CONFIG][@SPLIT]``), whose
+image columns arrive as those structs (``tinylm.hub.data``).
 
 A relative image path is looked up under ``image_root`` if given, else the data file's folder, and when
 not there, with its first folder dropped: XTuner's examples name "resource/x.jpg" for a file that lies
@@ -72,7 +73,7 @@ from tinylm.data.chat import (
     validate_turns,
     with_system_field,
 )
-from tinylm.io import DataError, Paths, ReadReport, read_records
+from tinylm.io import DataError, Paths, ReadReport, is_hub_source, read_records
 
 IMAGE_TAG = "<image>"
 XTUNER_TAG = "<IMG_CONTEXT>"
@@ -99,14 +100,16 @@ def read_image_conversations(
 ) -> tuple[list[ImageConversation], ReadReport]:
     """Every valid image conversation of ``paths``, in order, and a report of what was read and skipped.
 
-    Relative image paths are looked up under ``image_root``, by default each data file's folder. A bad
+    Relative image paths are looked up under ``image_root``, by default each data file's folder (for a
+    Hub dataset, ``hf:...``, the current folder: its images are usually bytes in the rows). A bad
     record raises ``DataError``; with ``skip_bad`` it is skipped and counted by reason. ``prompt``
     is the user's request in caption records.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     conversations, report, checked = [], ReadReport(), {}
     for path in map(Path, paths):
-        root = Path(image_root) if image_root is not None else path.parent
+        beside = Path() if is_hub_source(path) else path.parent
+        root = Path(image_root) if image_root is not None else beside
         found, part = read_records(
             [path],
             lambda record, root=root: _normalize(record, root, checked, prompt),

@@ -1,6 +1,6 @@
 """Raw text → token shards on disk → packed training windows.
 
-    read_documents(path)            .txt / .jsonl / .json / .parquet → one string per document
+    read_documents(path)            .txt / .jsonl / .json / .parquet / hf:NAME → one string per document
     build_token_shards(paths, ...)  tokenize every document once → train.bin, val.bin, meta.json
     PackedWindows(train.bin, ...)   endless, shuffled, resumable windows of seq_len + 1 tokens
     iter_eval_windows(val.bin, ...) the same validation windows, in order, every time
@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from tinylm.data.walk import SeededWalk
-from tinylm.io import DataError, atomic_write_text, iter_records, record_file_type
+from tinylm.io import DataError, atomic_write_text, iter_records, source_key
 from tinylm.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_VERSION = 1  # bump when the shard layout changes, so old caches are rebuilt
@@ -47,11 +47,12 @@ def read_documents(path: str | Path, text_field: str = "text", txt_split: str = 
     - ``.json``: a list of such objects
     - ``.parquet``: the string column ``text_field`` (needs pyarrow)
     - ``.txt.gz``, ``.jsonl.gz``, ``.json.gz``: the same, gzip-compressed
+    - ``hf:NAME[:CONFIG][@SPLIT]``: the column ``text_field`` of a Hub dataset's split, streamed: a
+      pretraining corpus may be larger than the disk (``tinylm.io.iter_records``)
 
     A missing file or an unsupported type is an error at once; a bad record when it is reached.
     """
-    columns = [text_field] if record_file_type(Path(path))[0] == ".parquet" else None
-    records = iter_records(path, txt_split=txt_split, columns=columns)
+    records = iter_records(path, txt_split=txt_split, columns=[text_field], stream=True)
     return (text for text in (_text_of(record, text_field, where) for where, record in records) if text.strip())
 
 
@@ -75,7 +76,7 @@ def _text_of(record, field: str, where: str) -> str:
 def train_tokenizer_from_files(
     paths, vocab_size: int = 6400, text_field: str = "text", txt_split: str = "blank", *, cjk_merges: bool = False
 ) -> Tokenizer:
-    """Train on the documents of .txt / .jsonl / .json / .parquet files (see ``read_documents``)."""
+    """Train on the documents of .txt / .jsonl / .json / .parquet files and Hub datasets (see ``read_documents``)."""
 
     def documents():
         for path in paths:
@@ -149,7 +150,8 @@ def build_token_shards(
     ``val_paths``, those files are the validation set instead and every document of ``paths`` trains.
 
     The result is cached: when ``out_dir/meta.json`` records the same inputs (paths, sizes,
-    modification times, settings, tokenizer fingerprint), nothing is read or written again.
+    modification times, settings, tokenizer fingerprint; for a Hub dataset its name, config, split and
+    revision), nothing is read or written again.
     """
     paths, val_paths = [Path(p) for p in paths], [Path(p) for p in val_paths]
     if not 0 <= val_fraction < 1:
@@ -216,15 +218,10 @@ def build_token_shards(
 
 
 def sources_fingerprint(paths: Iterable[str | Path], **settings) -> str:
-    """SHA-256 of the files (path, size, modification time) and ``settings``: the key of anything
-    built from them, so a changed file or setting means building again."""
-    sources = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        stat = path.stat()
-        sources.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    key = {"sources": sources, **settings}
+    """SHA-256 of the sources (a file's path, size and modification time; a Hub dataset's revision, see
+    ``tinylm.io.source_key``) and ``settings``: the key of anything built from them, so a changed source
+    or setting means building again."""
+    key = {"sources": [source_key(path) for path in paths], **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -32,6 +32,7 @@ import torch
 from tinylm.config import TrainConfig
 from tinylm.data.text import read_documents
 from tinylm.device import resolve_device
+from tinylm.io import source_size
 from tinylm.model.llama import CausalLM, ModelConfig
 from tinylm.train.optim import build_optimizer
 
@@ -86,14 +87,15 @@ def measure_tokens_per_s(config: ModelConfig, device: torch.device, steps: int =
 
 
 def corpus_bytes(files, text_field: str = "text", txt_split: str = "blank") -> int:
-    """UTF-8 bytes of the corpus's documents (beyond SAMPLE_BYTES, extrapolated by file size)."""
+    """UTF-8 bytes of the corpus's documents (beyond SAMPLE_BYTES, extrapolated by file size, or a Hub
+    dataset's by the size its card records)."""
     total, files = 0, list(files)
     for index, path in enumerate(files):
         for document in read_documents(path, text_field, txt_split):
             total += len(document.encode("utf-8"))
-            if total > SAMPLE_BYTES:  # the rest by file size, at the rate read so far
-                read = sum(p.stat().st_size for p in files[:index]) + path.stat().st_size
-                return int(total * sum(p.stat().st_size for p in files) / max(read, 1))
+            if total > SAMPLE_BYTES:  # the rest by size, at the rate read so far
+                sizes = [source_size(p) for p in files]
+                return int(total * sum(sizes) / max(sum(sizes[: index + 1]), 1))
     return total
 
 

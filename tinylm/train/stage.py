@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tinylm.config import ConfigError
-from tinylm.io import directory_lock
+from tinylm.io import directory_lock, source_name
 from tinylm.model.intquant import IntLinear
 from tinylm.model.llama import DecoderModel
 from tinylm.model.lora import adapters_disabled, add_lora
@@ -249,10 +249,11 @@ def run_card(card: CardFacts, result, train, data=None, base: str | None = None,
 
 def data_facts(section) -> tuple[list[str], list[str]]:
     """(datasets, languages) of a stage's data section: the built-in world of its seed, in English and
-    Chinese, or the names of its files (whose languages the card leaves to the reader)."""
+    Chinese, or the names of its files and the ids of its Hub datasets, each once (whose languages the
+    card leaves to the reader)."""
     if section.source == "builtin":
         return [builtin_dataset(section.builtin_seed)], list(BUILTIN_LANGUAGES)
-    return [Path(f).name for f in section.files], []
+    return list(dict.fromkeys(source_name(f) for f in section.files)), []
 
 
 def train_settings(train, lora=None) -> dict[str, str]:
