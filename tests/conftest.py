@@ -1,6 +1,7 @@
 import csv
 import hashlib
 import json
+import os
 import random
 import threading
 import time
@@ -257,6 +258,65 @@ def tiny_encoder_dir(path, texts: list[str]):
 
 def tiny_qwen2_dir(path, tokenizer):
     return tiny_qwen_dir(path, tokenizer, "qwen2")
+
+
+# -- a Hugging Face Hub cache, offline ------------------------------------------------------------
+
+NEVER_FETCHED = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "pytorch_model.bin": b"\x80"}
+
+
+def offline_hub(monkeypatch, cache: Path) -> Path:
+    """Point huggingface_hub at the cache folder ``cache``, offline, in this process (whose settings it read
+    on import) and in the ones it starts; tinylm's resolutions start afresh. Returns ``cache``."""
+    from huggingface_hub import constants
+
+    from tinylm.hub import models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "SNAPSHOTS", {})
+    return cache
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_hub_commit(cache: Path, repo: str, files: dict[str, bytes], refs: tuple[str, ...]) -> Path:
+    """One commit of ``repo`` in the Hugging Face cache ``cache``, as snapshot_download leaves it: each of
+    ``files`` in blobs/ under its etag (the SHA-256 of a Git LFS file, the Git blob SHA-1 of any other),
+    linked from snapshots/<commit>/; the commit's files listed in trees/<commit>.json, NEVER_FETCHED's
+    (which tinylm never asks for) too; ``refs`` (branches, tags) holding the commit hash. Returns the
+    snapshot folder."""
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    listed = {**files, **NEVER_FETCHED}
+    commit = hashlib.sha1(json.dumps({n: git_blob_sha1(d) for n, d in sorted(listed.items())}).encode()).hexdigest()
+    tree = {}
+    for name, data in sorted(listed.items()):
+        sha256 = hashlib.sha256(data).hexdigest()
+        lfs = name.endswith((".safetensors", ".bin"))  # the Hub's default .gitattributes
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+        tree[name] = {"size": len(data), "blob_id": git_blob_sha1(pointer if lfs else data)}
+        tree[name] |= {"lfs_sha256": sha256, "lfs_size": len(data)} if lfs else {}
+        if name in files:
+            blob = storage / "blobs" / (sha256 if lfs else git_blob_sha1(data))
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = storage / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    (storage / "trees").mkdir(exist_ok=True)
+    (storage / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": tree}, indent=1))
+    return storage / "snapshots" / commit
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # -- a live tinylm server on loopback (the serving tests, and the browser test) -----------------

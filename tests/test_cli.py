@@ -135,9 +135,14 @@ def test_tokenizer_encode_and_decode(tmp_path, capsys):
 
 
 def test_errors_name_what_to_do(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # a Hub id, offline, not cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["chat", "Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     err = capsys.readouterr().err
-    assert "looks like a Hugging Face Hub id" in err and "--local-dir" in err and "Traceback" not in err
+    assert "no such local directory, and the Hugging Face Hub model" in err and "hf download" in err
+    assert "Traceback" not in err
 
     from tinylm.infer.chat import read_prompts
 

@@ -41,6 +41,7 @@ DOC_ORDER = [
     "docs/data.md",
     "docs/pretrain.md",
     "docs/model.md",
+    "docs/hub.md",
     "docs/generate.md",
     "docs/sft.md",
     "docs/lora.md",
@@ -137,6 +138,10 @@ SKIPPED = {
     "ollama run tinylm-chat": "Ollama is not installed here",
     "llama-cli -m chat.gguf -cnv": "llama.cpp's programs are not installed here",
     "llama-server -m chat.gguf --port 8080": "llama.cpp's programs are not installed here",
+    "tinylm chat Qwen/Qwen2.5-0.5B-Instruct": "the Hugging Face Hub is out of reach (test_hub_models.py: a cache)",
+    "tinylm sft --init Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl --out runs/qwen-chat --lora": "the Hub (as above)",
+    "tinylm merge Qwen/Qwen2.5-0.5B-Instruct runs/qwen-chat/final runs/qwen-merged": "the Hub (as above)",
+    "tinylm serve Qwen/Qwen2.5-0.5B-Instruct --revision main": "the Hub (as above)",
     "torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m tinylm.cli pretrain ...": (
         "two machines with eight processes each"
     ),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_chat_dir, tiny_encoder_dir
+from conftest import add_hub_commit, files_of, offline_hub, tiny_chat_dir, tiny_encoder_dir
 
 from tinylm.cli import main
 from tinylm.io import DataError
@@ -171,7 +171,7 @@ def test_a_failed_build_leaves_the_last_good_index(docs, tmp_path):
     before = index.read_bytes()
 
     class Broken:
-        directory, pooling, query_prefix = tmp_path, "mean", ""
+        directory, reference, pooling, query_prefix = tmp_path, str(tmp_path), "mean", ""
 
         def fingerprint(self):
             return "broken"
@@ -230,6 +230,21 @@ def test_an_encoder_directory_gives_unit_vectors_and_hybrid_search(docs, tmp_pat
     build_index([docs], tmp_path / "lexical.db", progress=False)
     with pytest.raises(RagIndexError, match="without an encoder"):
         Searcher(tmp_path / "lexical.db", embedder)
+
+
+def test_an_encoder_from_the_hub_is_recorded_by_its_id(docs, tmp_path, encoder_dir, monkeypatch):
+    """--embedder ID: the encoder comes from the Hugging Face cache, and the index names the id (not the
+    cache's folder), from which a Searcher loads it again."""
+    from tinylm.rag.embed import Embedder
+
+    cache = offline_hub(monkeypatch, tmp_path / "hf-cache")
+    add_hub_commit(cache, "tinylm-test/encoder", files_of(encoder_dir), refs=("main",))
+    embedder = Embedder("tinylm-test/encoder")
+    assert embedder.name == embedder.reference == "tinylm-test/encoder"
+    build_index([docs], tmp_path / "hub.db", embedder=embedder, progress=False)
+    searcher = Searcher(tmp_path / "hub.db")
+    assert searcher.meta["encoder_dir"] == "tinylm-test/encoder" and searcher.embedder.name == "tinylm-test/encoder"
+    searcher.close()
 
 
 # -- asking ----------------------------------------------------------------------------------------

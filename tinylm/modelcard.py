@@ -45,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+from tinylm.hub.models import hub_reference, resolved_snapshot
 from tinylm.io import MODEL_CARD, DataError, atomic_write_text, read_json
 
 DEFAULT_LICENSE = "apache-2.0"  # tinylm's own license, for models that inherit none
@@ -155,13 +156,16 @@ def model_types(config: dict) -> list[str]:
 
 
 def base_model_id(base: str | None) -> str | None:
-    """The Hub id of the base model: ``base`` itself when it is one (and no local directory), else the
-    one the base directory's config.json names (``_name_or_path``), else None."""
+    """The Hub id of the base model: ``base`` itself when it is one (and no local directory; its
+    @revision dropped), else the one the base directory's config.json names (``_name_or_path``), else None."""
     if not base:
         return None
+    reference = hub_reference(base)
+    if reference is not None:
+        return reference[0] if HUB_ID.match(reference[0]) else None
     directory = Path(base)
     if not directory.exists():
-        return base if HUB_ID.match(base) else None
+        return None
     try:
         named = read_json(directory / "config.json", default={}).get("_name_or_path")
     except DataError:
@@ -191,14 +195,23 @@ def read_card_metadata(directory: str | Path) -> dict:
 def inherit_from_base(facts: CardFacts) -> CardFacts:
     """The license (and, when the data does not say, the languages) of the base model's card: a
     fine-tune keeps its base's license."""
-    if not facts.base_model or not Path(facts.base_model).is_dir() or (facts.license and facts.language):
+    directory = base_directory(facts.base_model)
+    if directory is None or (facts.license and facts.language):
         return facts
-    base = read_card_metadata(facts.base_model)
+    base = read_card_metadata(directory)
     return replace(
         facts,
         license=facts.license or (strings(base.get("license")) or [None])[0],
         language=facts.language or strings(base.get("language")),
     )
+
+
+def base_directory(base: str | None) -> Path | None:
+    """The base model's files: its local directory, or the snapshot its Hub id was loaded from in this
+    process (a card reads what is there; it never downloads)."""
+    if not base:
+        return None
+    return Path(base) if Path(base).is_dir() else resolved_snapshot(base)
 
 
 def derived_card(

@@ -27,6 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
+from tinylm.hub.models import resolve_model
 from tinylm.io import atomic_write_json, atomic_write_text, missing_directory, read_json
 
 # The special tokens, at ids 0..15 in this order. Later stages give the reserved ones their meaning.
@@ -266,13 +267,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Load a directory written by ``save``, or a Hugging Face tokenizer directory with a tokenizer.json.
+        """Load a directory written by ``save``, or a Hugging Face tokenizer directory with a tokenizer.json
+        (or the Hub id of a model that has one: ``tinylm.hub.models.resolve_model``).
 
         The end-of-document token is, in order: ``eos_token`` of tokenizer_config.json, ``eos_token_id``
         of generation_config.json, or the first of <|endoftext|>, </s>, <|end_of_text|> in the vocabulary.
         The chat template comes from where transformers puts it (see ``_chat_template``), or is None.
         """
-        directory = Path(directory)
+        directory = resolve_model(directory)
         path = directory / "tokenizer.json"
         if not directory.is_dir():
             raise FileNotFoundError(missing_directory(directory, "tokenizer directory"))

@@ -20,6 +20,9 @@
     tinylm tokenizer encode runs/tiny/final "Hello, 世界"
     tinylm configs [list | show cpu-tiny | copy cpu-tiny my.yaml]
 
+Wherever a model directory goes, a Hugging Face Hub id goes too: ``tinylm chat Qwen/Qwen2.5-0.5B-Instruct``,
+``--init org/name``, and ``--revision REV`` for a branch, tag or commit of the command's model.
+
 Errors in what the user handed us (a config key, a data file, a model directory) print one line naming
 the culprit, not a traceback; set TINYLM_DEBUG=1 to see the traceback anyway.
 
@@ -36,9 +39,9 @@ import sys
 from pathlib import Path
 
 from tinylm.cli.args import build_parser
-from tinylm.cli.parsing import resolve_config_path, sampling_settings, torch_dtype
+from tinylm.cli.parsing import pin_revision, resolve_config_path, sampling_settings, torch_dtype
 from tinylm.cli.tools import configs_tool, tokenizer_tool
-from tinylm.cli.training_args import STAGES, TRAINING_COMMANDS, flag_overrides, is_model_dir, split_overrides
+from tinylm.cli.training_args import STAGES, TRAINING_COMMANDS, flag_overrides, is_model, split_overrides
 
 __all__ = ["build_parser", "main", "resolve_config_path", "run"]
 
@@ -90,6 +93,7 @@ def run(args, overrides: list[str]) -> int:
     reading = args.command == "rag" and args.rag_command == "quickstart"  # its overrides go to a fine-tune
     if overrides and args.command not in TRAINING_COMMANDS and not reading:
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
+    pin_revision(args)
     overrides = [*overrides, *flag_overrides(args)]
 
     if args.command == "quickstart":
@@ -134,7 +138,7 @@ def run(args, overrides: list[str]) -> int:
         class_name, module, function = STAGES[args.command]
         stage = importlib.import_module(module)  # the stage's module holds its config class and its recipe
         # a distillation student given as a config brings its own data and training settings
-        name = args.student if args.command == "distill" and not is_model_dir(args.student) else args.config
+        name = args.student if args.command == "distill" and not is_model(args.student) else args.config
         if args.command == "pretrain":
             name, overrides = name or "cpu-tiny", [*pretrain_defaults(args, overrides), *overrides]
         cfg = load_config(getattr(stage, class_name), resolve_config_path(name), overrides)

@@ -11,11 +11,13 @@ import os
 
 from tinylm import __version__
 from tinylm.cli.parsing import (
+    MODEL_HELP,
     OVERRIDES_HELP,
     HelpFormatter,
     add_command,
     add_model_args,
     add_quickstart,
+    add_revision_arg,
     add_sampling_args,
 )
 from tinylm.cli.training_args import HUB_DATA, add_training_commands
@@ -59,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok_train.add_argument("--out", required=True, help="output directory")
     tok_encode = add_command(tok, "encode", "text → token ids, each with the piece of text it stands for")
-    tok_encode.add_argument("tokenizer_dir", help="a tokenizer or model directory")
+    tok_encode.add_argument("tokenizer_dir", help="a tokenizer or model directory, or a model's Hub id")
+    add_revision_arg(tok_encode, "TOKENIZER_DIR")
     tok_encode.add_argument("text", nargs="?", default=None, help="the text (default: read standard input)")
     tok_encode.add_argument("--ids-only", action="store_true", help="print the ids alone, on one line")
     tok_decode = add_command(tok, "decode", "token ids → text, and each id's piece")
-    tok_decode.add_argument("tokenizer_dir", help="a tokenizer or model directory")
+    tok_decode.add_argument("tokenizer_dir", help="a tokenizer or model directory, or a model's Hub id")
+    add_revision_arg(tok_decode, "TOKENIZER_DIR")
     tok_decode.add_argument("ids", nargs="+", help="ids, separated by spaces or commas (brackets allowed)")
 
     cfgs = add_command(commands, "configs", "list, show or copy the configs shipped with tinylm")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands)
 
     gen = add_command(commands, "generate", "complete a prompt, streaming to stdout")
-    gen.add_argument("model_dir")
+    gen.add_argument("model_dir", help=MODEL_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument(
         "--image",
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
 
     chat = add_command(commands, "chat", "multi-turn chat in the terminal")
-    chat.add_argument("model_dir")
+    chat.add_argument("model_dir", help=MODEL_HELP)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
         "--prompts", help='answer the prompts of this file (.txt lines, .jsonl {"prompt": ...}), then exit'
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
 
     srv = add_command(commands, "serve", "an OpenAI-compatible API and a web chat page, with continuous batching")
-    srv.add_argument("model_dir")
+    srv.add_argument("model_dir", help=MODEL_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--name",
         default=None,
-        help="the model's name in the API (default: the directory's, or its run's for .../final)",
+        help="the model's name in the API (default: its Hub id, the directory's name, or its run's for .../final)",
     )
     srv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (each n>1 choice is one)")
     srv.add_argument(
@@ -137,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedder",
         metavar="DIR",
         default=None,
-        help="a local sentence-transformers / transformers encoder directory for /v1/embeddings "
+        help="a sentence-transformers / transformers encoder directory (or Hub id) for /v1/embeddings "
         "(default: the --rag index's encoder, if it has one)",
     )
     srv.add_argument("--query-prefix", default="", help="what the encoder wants before a question (E5: 'query: ')")
@@ -150,14 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge = add_command(
         commands, "merge", "fold a LoRA adapter (tinylm's or PEFT's) into its base model: a plain model directory"
     )
-    merge.add_argument("model_dir")
-    merge.add_argument("adapter_dir")
+    merge.add_argument("model_dir", help="the base model: " + MODEL_HELP)
+    merge.add_argument("adapter_dir", help="the adapter's directory, or its Hub id")
     merge.add_argument("out_dir")
+    add_revision_arg(merge)
 
     export = add_command(commands, "export", "convert a model directory for other runtimes")
     formats = export.add_subparsers(dest="export_format", required=True, metavar="gguf")
     gguf = add_command(formats, "gguf", "one GGUF file for llama.cpp, Ollama and LM Studio (and an Ollama Modelfile)")
-    gguf.add_argument("model_dir")
+    gguf.add_argument("model_dir", help=MODEL_HELP)
+    add_revision_arg(gguf)
     gguf.add_argument("out", help="the .gguf file to write")
     gguf.add_argument(
         "--type",
@@ -169,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = add_command(
         commands, "quantize", "8- or 4-bit integer weights (compressed-tensors' layout, for vLLM too)"
     )
-    quantize.add_argument("model_dir")
+    quantize.add_argument("model_dir", help=MODEL_HELP)
+    add_revision_arg(quantize)
     quantize.add_argument("--out", required=True, help="the model directory to write")
     quantize.add_argument("--bits", type=int, default=4, choices=[8, 4])
     quantize.add_argument(
@@ -209,7 +216,7 @@ def add_eval(commands) -> None:
         "eval",
         "score a model on benchmarks (MMLU, C-Eval, CMMLU, ARC, HellaSwag, GSM8K), perplexity, prompts",
     )
-    ev.add_argument("model_dir")
+    ev.add_argument("model_dir", help=MODEL_HELP)
     ev.add_argument(
         "--tasks",
         required=True,
@@ -252,14 +259,14 @@ def add_rag(commands) -> None:
     ask = add_command(sub, "ask", "answer a question from the index's passages, citing them")
     ask.add_argument("index")
     ask.add_argument("question")
-    ask.add_argument("--model", required=True, help="the chat model's directory")
+    ask.add_argument("--model", required=True, help="the chat model: " + MODEL_HELP)
     ask.add_argument("-k", type=int, default=5, help="passages retrieved (those that fit the context go in)")
     ask.add_argument("--system", default=None, help="system prompt")
     ask.add_argument(
         "--prompt-template", default=None, help="the user's turn, with {passages} and {question} (default: docs/rag.md)"
     )
     add_embedder_args(ask)
-    add_sampling_args(ask)
+    add_sampling_args(ask, "--model")
     quick = add_quickstart(
         sub,
         "teach the quickstart's chat model to read passages, then test it on a world it never saw",
@@ -267,7 +274,10 @@ def add_rag(commands) -> None:
         "--quickstart.section.key=value to the quickstart's pretraining and --quickstart.sft.section.key=value to "
         "its fine-tuning.",
     )
-    quick.add_argument("--init", default=None, help="the chat model to teach (default: run the quickstart first)")
+    quick.add_argument(
+        "--init", default=None, help="the chat model to teach, a directory or Hub id (default: run the quickstart)"
+    )
+    add_revision_arg(quick, "--init")
     quick.add_argument("--questions", type=int, default=None, help="test questions per language (default: all)")
 
 
@@ -275,7 +285,7 @@ def add_embedder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embedder",
         default=None,
-        help="a local sentence-transformers / transformers encoder directory: dense + lexical (hybrid) search",
+        help="a sentence-transformers / transformers encoder directory, or its Hub id: dense + lexical (hybrid) search",
     )
     parser.add_argument("--query-prefix", default="", help="what the encoder wants before a question (E5: 'query: ')")
 

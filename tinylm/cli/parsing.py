@@ -59,7 +59,7 @@ def add_command(commands, name: str, help: str, overrides: bool = False, stages:
     )
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, model: str = "MODEL_DIR") -> None:
     """Sampling flags; each one left out keeps the model's default (its generation_config.json, where
     tinylm saves do_sample: false: greedy), as the server does for a request's missing fields."""
     group = parser.add_argument_group(
@@ -71,17 +71,46 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=None, help="1.0 = off")
     group.add_argument("--repetition-penalty", type=float, default=None, help="1.0 = off")
     group.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (as the API's seed)")
-    add_model_args(parser)
+    add_model_args(parser, model)
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step: slow first reply, faster after"
     )
 
 
 DTYPES = ["float32", "bfloat16", "float16"]
+MODEL_HELP = "a model directory, or a Hugging Face Hub id (org/name, org/name@revision)"
+# the arguments that name a command's model, the one --revision pins (the first one given)
+MODEL_ARGUMENTS = ("model_dir", "init", "model", "teacher", "llm", "tokenizer_dir")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --kv-cache: where and in what precision an inference command runs the model."""
+def add_revision_arg(parser: argparse.ArgumentParser, model: str = "MODEL_DIR") -> None:
+    """--revision: which commit of a Hub model the command's model (``model``, its argument) is."""
+    parser.add_argument(
+        "--revision",
+        metavar="REV",
+        default=None,
+        help=f"a branch, tag or commit hash of the Hub model {model} (default: its main branch); "
+        "other Hub ids take one as ID@REV",
+    )
+
+
+def pin_revision(args) -> None:
+    """--revision REV: the command's model (the first of MODEL_ARGUMENTS it was given) becomes ID@REV, the
+    form every loader and config takes, so it reaches a training stage's init_from unchanged."""
+    if not getattr(args, "revision", None):
+        return
+    from tinylm.hub.models import with_revision
+
+    name = next((name for name in MODEL_ARGUMENTS if getattr(args, name, None)), None)
+    if name is None:
+        raise ValueError(f"--revision {args.revision}: no model to take it (give --init)")
+    setattr(args, name, with_revision(getattr(args, name), args.revision))
+
+
+def add_model_args(parser: argparse.ArgumentParser, model: str = "MODEL_DIR") -> None:
+    """--device, --dtype, --kv-cache and --revision: where, in what precision and which commit of a
+    Hub model an inference command runs (``model``: its argument)."""
+    add_revision_arg(parser, model)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="the weights' dtype (default: as saved)")
     parser.add_argument(

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tinylm.cli.parsing import add_command, add_quickstart
+from tinylm.cli.parsing import add_command, add_quickstart, add_revision_arg, shipped_configs
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -27,14 +27,15 @@ def add_fine_tune_args(
     config: str,
     what: str,
     formats=(),
-    init: str = "the model directory to fine-tune (tinylm's, or a local Llama/Qwen2/Qwen3)",
+    init: str = "the model to fine-tune (tinylm's, or a Llama/Qwen2/Qwen3)",
     data: str | None = None,
 ) -> None:
     """What every stage that starts from a model takes: its config, the model (--init), the data files
     (--data, and --format where there are several), the chat template and --skip-bad; ``what`` the
     data's records are called."""
     parser.add_argument("--config", default=config, help="config name or YAML path")
-    parser.add_argument("--init", required=True, help=init)
+    parser.add_argument("--init", required=True, help=f"{init}: a directory or Hugging Face Hub id")
+    add_revision_arg(parser, "--init")
     data = data or f".json / .jsonl(.gz) / .parquet {what}, or {HUB_DATA} (default: the built-in ones)"
     parser.add_argument("--data", nargs="+", default=None, help=data)
     if formats:
@@ -113,10 +114,13 @@ def add_training_commands(commands) -> None:
         help="train for this long (train.max_minutes): the schedule ends on time, the best evaluation is kept",
     )
     pre.add_argument(
-        "--tokenizer", default=None, help="a tokenizer (or model) directory (default: train one on the data)"
+        "--tokenizer", default=None, help="a tokenizer or model directory, or a Hub id (default: train one on the data)"
     )
     add_run_args(pre)
-    pre.add_argument("--init", default=None, help="continue pretraining this model directory (its tokenizer too)")
+    pre.add_argument(
+        "--init", default=None, help="continue pretraining this model, a directory or Hub id (its tokenizer too)"
+    )
+    add_revision_arg(pre, "--init")
     add_lora_args(pre)
 
     sft = add_command(commands, "sft", "supervised fine-tuning on conversations", overrides=True)
@@ -175,11 +179,13 @@ def add_training_commands(commands) -> None:
     dis = add_command(
         commands, "distill", "train a small student on a teacher's next-token distributions", overrides=True
     )
-    dis.add_argument("--teacher", required=True, help="the teacher model directory")
+    dis.add_argument("--teacher", required=True, help="the teacher model: a directory or Hugging Face Hub id")
+    add_revision_arg(dis, "--teacher")
     dis.add_argument(
         "--student",
         required=True,
-        help="the student: a model directory, or a config (name or YAML) whose model section shapes a new one",
+        help="the student: a model directory or Hub id, or a config (name or YAML) whose model section shapes a "
+        "new one",
     )
     dis.add_argument(
         "--config",
@@ -212,8 +218,10 @@ def add_training_commands(commands) -> None:
     vlm_quick.add_argument(
         "--llm",
         default=None,
-        help="the language model to start from (default: pretrain a small one on the built-in corpus)",
+        help="the language model to start from, a directory or Hub id (default: pretrain a small one on the "
+        "built-in corpus)",
     )
+    add_revision_arg(vlm_quick, "--llm")
     for stage, about in (
         (
             "pretrain",
@@ -223,7 +231,7 @@ def add_training_commands(commands) -> None:
         ("sft", "stage 2: image conversations train the projector and the language model (or a LoRA adapter)"),
     ):
         sub = add_command(vlm_commands, stage, about, overrides=True)
-        init = "the language model directory" if stage == "pretrain" else "stage 1's model directory (its final/)"
+        init = "the language model" if stage == "pretrain" else "stage 1's model (its final/)"
         data = f"LLaVA / MiniMind-V / LLaMA-Factory / XTuner .json(l) / .parquet, or {HUB_DATA}"
         data += " (default: the built-in pictures)"
         add_fine_tune_args(sub, f"vlm-{stage}-cpu-tiny", "samples", init=init, data=data)
@@ -254,8 +262,17 @@ def add_training_commands(commands) -> None:
             add_lora_args(sub, output="it is merged into the saved model")
 
 
-def is_model_dir(path: str) -> bool:
-    return (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
+def is_model(name: str) -> bool:
+    """Whether distill's --student names a model rather than a config: a local model directory, or an
+    ``org/name`` Hub id (a YAML file or a shipped config's name is a config; so is a mistyped one)."""
+    if (Path(name) / "config.json").is_file() or (Path(name) / "adapter_config.json").is_file():
+        return True
+    if Path(name).suffix in (".yaml", ".yml") or Path(name).is_file() or name in shipped_configs():
+        return False
+    from tinylm.hub.models import hub_reference
+
+    reference = hub_reference(name)
+    return reference is not None and "/" in reference[0]
 
 
 # training command → (its config class, the module that holds it and the recipe, the recipe function)
@@ -331,7 +348,7 @@ def flag_overrides(args) -> list[str]:
                 "distill.corpus": "chat" if args.chat else None,
                 "distill.temperature": args.temperature,
                 "distill.kl_weight": args.kl_weight,
-                "init_from": json.dumps(args.student) if is_model_dir(args.student) else None,
+                "init_from": json.dumps(args.student) if is_model(args.student) else None,
             }
         )
     if args.command == "vlm" and args.vlm_command != "quickstart":

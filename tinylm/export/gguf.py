@@ -35,7 +35,14 @@ import torch
 
 from tinylm.chat_template import CONTENT, find_template
 from tinylm.io import DataError, atomic_write_text, read_json, verify_manifest
-from tinylm.modeldir import CONFIG, directory_kind, read_model_config, read_quantization, read_weights
+from tinylm.modeldir import (
+    CONFIG,
+    directory_kind,
+    read_model_config,
+    read_quantization,
+    read_weights,
+    resolve_model,
+)
 from tinylm.tokenizer import QWEN2_SPLIT, Tokenizer
 
 # --type → general.file_type's name in gguf.LlamaFileType
@@ -168,9 +175,9 @@ def _pre_tokenizer_name(pre: dict | None, directory: Path) -> str:
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, type_name: str = "f16") -> list[Path]:
-    """Write ``model_dir`` (a plain tinylm / Llama / Qwen2 / Qwen3 model directory) as one GGUF file,
+    """Write ``model_dir`` (a plain tinylm / Llama / Qwen2 / Qwen3 model directory, or Hub id) as one GGUF file,
     and an Ollama Modelfile beside it when the chat template is one of tinylm's; return what was written."""
-    directory, out = Path(model_dir), Path(out)
+    directory, out = resolve_model(model_dir), Path(out)
     if type_name not in TYPES:
         raise ExportError(f"--type: expected one of {', '.join(TYPES)}, got {type_name!r}")
     if type_name in K_QUANTS:

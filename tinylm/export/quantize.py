@@ -41,6 +41,7 @@ from tinylm.modeldir import (
     directory_kind,
     load,
     read_quantization,
+    resolve_model,
     save_model_dir,
     save_vlm_dir,
 )
@@ -70,8 +71,9 @@ def quantize_model_dir(
     method: str = "gptq",
     calibration: Calibration | None = None,
 ) -> Path:
-    """Write ``model_dir``'s model, its decoder's linear layers quantized, as the model directory ``out``."""
-    source, out = Path(model_dir), Path(out)
+    """Write ``model_dir``'s model (a directory or Hub id), its decoder's linear layers quantized, as the model
+    directory ``out``."""
+    source, out = resolve_model(model_dir), Path(out)
     if method not in METHODS:
         raise QuantizeError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     try:
@@ -105,7 +107,7 @@ def quantize_model_dir(
         quantize_gptq(language_model, names, scheme, tokens)
 
     what = f"{scheme.describe()}, {'GPTQ' if method == 'gptq' else 'round to nearest'}"
-    card = derived_card(source, str(source), f"quantization ({what})", "quantized", ["quantized", method])
+    card = derived_card(source, str(model_dir), f"quantization ({what})", "quantized", ["quantized", method])
     if model is language_model:
         save_model_dir(model, out, tokenizer=loaded.tokenizer, card=card)
     else:

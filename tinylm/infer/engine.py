@@ -282,8 +282,9 @@ class Engine:
         compile: bool = False,
         kv_cache: str = "auto",
     ) -> Engine:
-        """Load a model directory (weights, and the tokenizer when there is one) onto ``device``; a
-        vision-language model directory with its image processor too."""
+        """Load a model directory or Hub id (weights, and the tokenizer when there is one) onto ``device``;
+        a vision-language model with its image processor too."""
+        path = modeldir.resolve_model(path)
         if modeldir.is_reward_dir(path):
             raise modeldir.ModelDirError(
                 f"{path}: is a reward model: it scores conversations and writes none, so it cannot chat, generate, "

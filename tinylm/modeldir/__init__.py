@@ -12,7 +12,10 @@
     vision    a SigLIP or CLIP vision tower (alone, or inside a whole SigLIP/CLIP/LLaVA model)
 
 ``load(path)`` tells them apart and loads any; ``save_model_dir``, ``save_adapter`` and ``save_vlm_dir``
-write them (the first two a language model or a reward model, whichever they are given). Every directory
+write them (the first two a language model or a reward model, whichever they are given). Every loader
+takes a Hugging Face Hub id too (``org/name``, ``org/name@revision``) where it takes a directory: it
+reads the id's verified snapshot in the Hub's cache (``resolve_model``, of ``tinylm.hub.models``; a
+local path always wins, and an adapter's base may be an id as PEFT writes it). Every directory
 is written beside its destination and renamed into place only when complete, so a crash never leaves a
 half-written model where a good one was, and carries a SHA256SUMS manifest that loading verifies, and a
 README.md model card (``tinylm.modelcard``; the stage that saved the model passes its facts as ``card``).
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinylm.hub.models import HubError, model_reference, resolve_model
 from tinylm.image_processor import ImageProcessor
 from tinylm.modeldir.files import CONFIG, ModelDirError, directory_kind, is_reward_dir, read_weights
 from tinylm.modeldir.language import (
@@ -49,6 +53,7 @@ from tinylm.tokenizer import Tokenizer
 
 __all__ = [
     "CONFIG",
+    "HubError",
     "Loaded",
     "ModelDirError",
     "directory_kind",
@@ -61,10 +66,12 @@ __all__ = [
     "load_vision_tower",
     "load_vlm_dir",
     "merge_adapter_dir",
+    "model_reference",
     "read_adapter_config",
     "read_model_config",
     "read_quantization",
     "read_weights",
+    "resolve_model",
     "save_adapter",
     "save_model_dir",
     "save_vlm_dir",
@@ -83,7 +90,9 @@ class Loaded:
 
 def load(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Loaded:
     """Any model directory tinylm can run: a model, an adapter (merged into its base), a LLaVA model or
-    a reward model. ``dtype`` None keeps the dtype the weights were saved in."""
+    a reward model, from a local directory or a Hub id. ``dtype`` None keeps the dtype the weights were
+    saved in."""
+    path = resolve_model(path)
     if directory_kind(path) == "llava":
         return Loaded(*load_vlm_dir(path, device=device, dtype=dtype))
     if is_reward_dir(path):

@@ -1,5 +1,9 @@
 """What every kind of model directory shares: the file names, the error, telling the kinds apart, reading
-and checking weights."""
+and checking weights.
+
+Each loader takes a local directory or a Hugging Face Hub id (``org/name``, ``org/name@revision``) and
+starts with ``resolve_model`` (``tinylm.hub.models``): a local path stays itself, an id becomes its
+verified snapshot in the Hugging Face cache. Past that line every function reads plain files."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tinylm.hub.models import resolve_model
 from tinylm.io import (
     DataError,
     missing_directory,
@@ -38,7 +43,7 @@ class ModelDirError(DataError):
 def directory_kind(path: str | Path) -> str:
     """ "model", "adapter", "llava" or "reward"; a ModelDirError when ``path`` is none of them. (An
     adapter may be a reward model's: ``is_reward_dir`` tells.)"""
-    directory = Path(path)
+    directory = resolve_model(path)
     if not directory.exists():
         raise ModelDirError(missing_directory(path, "model directory"), "missing_file")
     if not directory.is_dir():
@@ -72,9 +77,10 @@ def _gguf_note(path: Path) -> str:
 def is_reward_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a reward model: a model directory with a one-score classifier head, or a
     PEFT adapter for one (task_type SEQ_CLS)."""
-    kind = directory_kind(path)
+    directory = resolve_model(path)
+    kind = directory_kind(directory)
     if kind == "adapter":
-        return read_json(Path(path) / ADAPTER_CONFIG).get("task_type") == REWARD_TASK
+        return read_json(directory / ADAPTER_CONFIG).get("task_type") == REWARD_TASK
     return kind == "reward"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinylm.hub.models import hub_reference, resolve_model, with_revision
 from tinylm.io import (
     DataError,
     atomic_directory,
@@ -132,7 +133,7 @@ def declared_pad_id(directory: Path, tokenizer: Tokenizer | None) -> int | None:
 
 def read_model_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
-    path = Path(directory) / CONFIG
+    path = resolve_model(directory) / CONFIG
     try:
         return ModelConfig.from_hf_dict(read_json(path))
     except (TypeError, ValueError) as e:
@@ -144,7 +145,7 @@ def read_model_config(directory: str | Path) -> ModelConfig:
 def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
     """A model directory → (CausalLM, Tokenizer or None). Verifies SHA256SUMS when present. An adapter
     directory loads as its base model with the adapter merged. ``dtype`` None keeps the saved dtype."""
-    directory = Path(path)
+    directory = resolve_model(path)
     kind = directory_kind(directory)
     if is_reward_dir(directory):
         raise ModelDirError(
@@ -165,7 +166,7 @@ def load_model_dir(path: str | Path, device=None, dtype: torch.dtype | None = No
 def load_reward_dir(path: str | Path, device=None, dtype: torch.dtype | None = None, with_tokenizer: bool = True):
     """A reward model directory, or a reward model's adapter over its base → (RewardModel, Tokenizer or
     None). Verifies SHA256SUMS when present; directories saved by transformers or PEFT load too."""
-    directory = Path(path)
+    directory = resolve_model(path)
     if not is_reward_dir(directory):
         raise ModelDirError(
             f"{directory}: is not a reward model (expected config.json architectures [...ForSequenceClassification], "
@@ -251,6 +252,9 @@ def save_adapter(
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (+ SHA256SUMS and a model card),
     atomically, so ``peft.PeftModel.from_pretrained`` loads them onto the transformers model.
 
+    ``base_model`` is the base's directory, or its Hub id: ``ID@REVISION`` is written as PEFT writes it,
+    the id as ``base_model_name_or_path`` and the revision as ``revision``.
+
     A training run's adapter also carries the tokenizer (with its chat template) and a
     generation_config.json with the stop tokens, so ``tinylm chat ADAPTER_DIR`` works as for a model.
 
@@ -259,10 +263,12 @@ def save_adapter(
     loads onto ``AutoModelForSequenceClassification`` of the base (with num_labels 1 and the pad id).
     """
     reward = isinstance(model, RewardModel)
+    base_name, base_revision = (hub_reference(base_model) if base_model else None) or (base_model, None)
     peft_config = {
         "peft_type": "LORA",
         "task_type": REWARD_TASK if reward else "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base_name,
+        "revision": base_revision,  # of a Hub base: ID@REVISION is written as PEFT writes it
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -297,7 +303,7 @@ def save_adapter(
 
 def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     """The LoRAConfig of a PEFT adapter directory; options tinylm does not implement are refused by name."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
+    path = resolve_model(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ModelDirError(
             f"{path}: missing (an adapter directory holds adapter_config.json and adapter_model.safetensors)"
@@ -343,7 +349,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     """Add LoRA layers to ``model`` as the adapter's config says and load its weights (ours or PEFT's)."""
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = resolve_model(adapter_dir)
     config = read_adapter_config(adapter_dir)
     verify_manifest(adapter_dir)  # a tinylm adapter carries SHA256SUMS; PEFT's has none
     weights_path = adapter_dir / ADAPTER_WEIGHTS
@@ -367,12 +373,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     return config
 
 
-def base_model_path(adapter_dir: Path) -> Path:
-    """The base model directory named by ``base_model_name_or_path`` (absolute, or relative to the
-    working directory or to the adapter). It may itself be an adapter directory: a LoRA stage started
-    from another LoRA run's output (tinylm follows the chain; PEFT does not)."""
+def adapter_base(adapter_dir: Path) -> Path | str:
+    """The base model ``base_model_name_or_path`` names: a local directory (absolute, or relative to the
+    working directory or to the adapter), else a Hugging Face Hub id, pinned to the ``revision`` PEFT
+    writes beside it, which loads through the Hub's cache. It may itself be an adapter directory: a LoRA
+    stage started from another LoRA run's output (tinylm follows the chain; PEFT does not)."""
     config_path = Path(adapter_dir) / ADAPTER_CONFIG
-    raw = read_json(config_path).get("base_model_name_or_path")
+    peft_config = read_json(config_path)
+    raw = peft_config.get("base_model_name_or_path")
     if not raw:
         raise ModelDirError(
             f"{config_path}: base_model_name_or_path is empty; "
@@ -381,9 +389,11 @@ def base_model_path(adapter_dir: Path) -> Path:
     for candidate in (Path(raw), Path(adapter_dir) / raw):
         if (candidate / CONFIG).is_file() or (candidate / ADAPTER_CONFIG).is_file():
             return candidate
+    if hub_reference(raw):
+        return with_revision(raw, peft_config.get("revision"))
     raise ModelDirError(
-        f"{config_path}: base model {raw!r} is not a local model directory "
-        "(it was moved, or is a Hub name); pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR"
+        f"{config_path}: base model {raw!r} is not a local model directory (was it moved?) nor a Hugging Face "
+        "Hub id; pass it explicitly: tinylm merge MODEL_DIR ADAPTER_DIR OUT_DIR"
     )
 
 
@@ -400,8 +410,8 @@ def load_adapter_dir(
 
     A reward model's adapter turns its base (a chat model) into a reward model: the decoder with the
     adapter merged, the adapter's score head, and the pad id its tokenizer names (``adapter_pad_id``)."""
-    adapter_dir = Path(adapter_dir)
-    base = Path(base_dir) if base_dir else base_model_path(adapter_dir)
+    adapter_dir = resolve_model(adapter_dir)
+    base = base_dir or adapter_base(adapter_dir)
     reward = is_reward_dir(adapter_dir)
     load_base = load_reward_dir if reward and is_reward_dir(base) else load_model_dir
     model, tokenizer = load_base(base, with_tokenizer=with_tokenizer or reward)
@@ -435,10 +445,11 @@ def merge_adapter_dir(adapter_dir: str | Path, out_dir: str | Path, base_dir: st
     """Fold an adapter into its base model (``base_dir``, or the one adapter_config.json names) and save
     the result as a model directory, with the adapter's tokenizer and stop tokens; its card names both."""
     config = read_adapter_config(adapter_dir)
-    base = Path(base_dir) if base_dir else base_model_path(Path(adapter_dir))
-    model, tokenizer = load_adapter_dir(adapter_dir, base_dir=base)
+    directory = resolve_model(adapter_dir)
+    base = base_dir or adapter_base(directory)
+    model, tokenizer = load_adapter_dir(directory, base_dir=base)
     card = derived_card(
-        adapter_dir,
+        directory,
         str(base),
         "merging a LoRA adapter into its base model",
         "finetune",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tinylm.hub.models import resolve_model
 from tinylm.image_processor import ImageProcessor
 from tinylm.io import (
     DataError,
@@ -92,7 +93,7 @@ def save_vlm_dir(
 def load_vlm_dir(path: str | Path, device=None, dtype: torch.dtype | None = None):
     """A LLaVA model directory (tinylm's, or transformers' with a SigLIP/CLIP tower and a Llama/Qwen
     language model) → (VisionLanguageModel, Tokenizer, ImageProcessor). Verifies SHA256SUMS when present."""
-    directory = Path(path)
+    directory = resolve_model(path)
     kind = directory_kind(directory)
     verify_manifest(directory)
     if kind != "llava":
@@ -145,9 +146,9 @@ VISION_PREFIXES = (
 
 
 def load_vision_tower(directory: str | Path) -> VisionTransformer:
-    """A SigLIP or CLIP vision tower from a local transformers directory: a vision model alone, or the
+    """A SigLIP or CLIP vision tower from a transformers directory (or Hub id): a vision model alone, or the
     vision half of a whole SigLIP/CLIP (or LLaVA) model. Only safetensors weights are read."""
-    directory = Path(directory)
+    directory = resolve_model(directory)
     hf = read_json(directory / CONFIG)
     try:
         config = VisionConfig.from_hf_dict(hf)

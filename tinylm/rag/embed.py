@@ -1,7 +1,8 @@
 """Dense retrieval's half: a local text encoder that turns passages and questions into unit vectors.
 
 Any sentence-transformers or plain transformers encoder directory works (BERT, XLM-R, BGE, E5, GTE,
-MiniLM, ...), read with transformers from local files only. The vector is the encoder's last hidden
+MiniLM, ...), read with transformers from local files only: a local directory, or a Hugging Face Hub id
+fetched into the Hub's cache first (``tinylm.hub.models``). The vector is the encoder's last hidden
 states pooled as the directory says: sentence-transformers' ``modules.json`` and ``1_Pooling/config.json``
 name the mode (the first token's state, as BGE uses, or the mean over real tokens, as MiniLM and E5
 use); a bare transformers directory gets the mean. Vectors are L2-normalised, so a dot product is the
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinylm.hub.models import hub_reference, model_reference, resolve_model
 from tinylm.io import DataError
 
 
@@ -27,7 +29,8 @@ class EmbedderError(DataError):
 
 class Embedder:
     def __init__(self, directory: str | Path, device: str = "cpu", max_length: int = 512, query_prefix: str = ""):
-        self.directory = Path(directory)
+        self.source = directory  # as given: a directory or a Hub id
+        self.directory = resolve_model(directory)
         if not (self.directory / "config.json").is_file():
             raise EmbedderError(f"{self.directory / 'config.json'}: missing; --embedder takes an encoder's directory")
         try:
@@ -45,6 +48,17 @@ class Embedder:
         self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         self.query_prefix = query_prefix
         self.device = device
+
+    @property
+    def reference(self) -> str:
+        """What an index records to reload the encoder: its Hub id, or its directory's absolute path."""
+        return model_reference(self.source)
+
+    @property
+    def name(self) -> str:
+        """The encoder's name for people: its Hub id, or its directory's name."""
+        reference = hub_reference(self.source)
+        return reference[0] if reference else self.directory.resolve().name
 
     @property
     def dim(self) -> int:

@@ -5,7 +5,7 @@
               its text, and its unit vector (float32 bytes) when the index has an encoder
     terms     an FTS5 full-text table over each passage's terms (tinylm.rag.chunks.terms), which
               ranks with BM25; its row id is the passage's
-    meta      the format version, the chunking settings, the encoder (directory and fingerprint)
+    meta      the format version, the chunking settings, the encoder (directory or Hub id, and fingerprint)
 
 Building is incremental: a file whose SHA-256 is unchanged is not read again (nor re-embedded), a file
 no longer found leaves the index, a changed one is replaced. It is atomic: the new index is written
@@ -107,7 +107,7 @@ def build_index(
     report = IndexReport(ignored=[str(p) for p in others])
     settings = {"budget": str(budget), "overlap": str(overlap), "encoder": embedder.fingerprint() if embedder else ""}
     if embedder is not None:
-        settings |= {"encoder_dir": str(embedder.directory.resolve()), "encoder_pooling": embedder.pooling,
+        settings |= {"encoder_dir": embedder.reference, "encoder_pooling": embedder.pooling,
                      "query_prefix": embedder.query_prefix}  # fmt: skip
     scratch = out.with_name(f".{out.name}.partial")
     scratch.unlink(missing_ok=True)

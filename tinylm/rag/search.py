@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.hub.models import hub_reference
 from tinylm.rag.chunks import terms
 from tinylm.rag.index import RagIndexError, connect
 
@@ -51,8 +52,8 @@ class Searcher:
         if self.meta.get("encoder") and embedder is None:
             from tinylm.rag.embed import Embedder
 
-            encoder = Path(self.meta["encoder_dir"])
-            if not encoder.is_dir():
+            encoder = self.meta["encoder_dir"]
+            if hub_reference(encoder) is None and not Path(encoder).is_dir():
                 raise RagIndexError(
                     f"{self.path}: its vectors were made by {encoder}, which is gone; give --embedder DIR"
                 )

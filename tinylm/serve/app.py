@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tinylm.hub.models import hub_reference, resolve_model
 from tinylm.infer.chat import ChatFormat, chat_format_for
 from tinylm.infer.engine import Engine
 from tinylm.infer.sampling import SamplingSettings, generation_eos_ids
@@ -532,11 +533,11 @@ def build_server(
     embedder: str | Path | None = None,
     query_prefix: str = "",
 ) -> Server:
-    """Load a model directory and make its scheduler (running in a thread of its own, unless
+    """Load a model directory (or Hub id) and make its scheduler (running in a thread of its own, unless
     ``thread=False``: then the caller runs ``server.scheduler.run()``, as ``serve`` does). ``rag``: an
     index whose passages answer chat requests; ``embedder``: an encoder directory for /v1/embeddings
     (and the index's questions, whose vectors it must have made)."""
-    path = Path(model_dir)
+    path = resolve_model(model_dir)
     retrieval = None
     if rag is not None or embedder is not None:  # first: a wrong index fails before the model loads
         encoder = Embedder(embedder, query_prefix=query_prefix) if embedder is not None else None
@@ -546,11 +547,21 @@ def build_server(
         raise ValueError(f"{path} has no tokenizer (tokenizer.json): the server takes and returns text")
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=thread)
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
-    served = name or (path.resolve().parent.name if path.resolve().name == "final" else path.resolve().name)
+    served = name or served_name(model_dir, path)
     eos_ids = generation_eos_ids(path)
     return Server(
         engine, scheduler, served, engine.defaults, eos_ids, chat_format, api_key, max_body, retrieval=retrieval
     )
+
+
+def served_name(model: str | Path, directory: Path) -> str:
+    """The model's name in the API: its Hub id (as vLLM names a model), else its directory's name, or
+    its run's for a run's ``final/``."""
+    reference = hub_reference(model)
+    if reference:
+        return reference[0]
+    directory = directory.resolve()
+    return directory.parent.name if directory.name == "final" else directory.name
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -30,7 +30,7 @@ class Retrieval:
         self.k = k
         self.searcher = self.worker.submit(Searcher, index, embedder).result() if index is not None else None
         self.embedder = embedder if embedder is not None else getattr(self.searcher, "embedder", None)
-        self.encoder_name = self.embedder.directory.resolve().name if self.embedder is not None else None
+        self.encoder_name = self.embedder.name if self.embedder is not None else None
 
     def ground(self, messages: list[dict], fits: Callable[[list[dict]], bool]) -> tuple[list[dict], list[dict]]:
         """The conversation with its last (user) message turned into the question with the best passages

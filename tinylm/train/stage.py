@@ -33,7 +33,7 @@ from tinylm.model.llama import DecoderModel
 from tinylm.model.lora import adapters_disabled, add_lora
 from tinylm.model.quant import quantize_linear_layers
 from tinylm.modelcard import BUILTIN_LANGUAGES, CardFacts, builtin_dataset
-from tinylm.modeldir import load_model_dir, save_adapter, save_model_dir
+from tinylm.modeldir import load_model_dir, model_reference, save_adapter, save_model_dir
 from tinylm.train import distributed
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.trainer import move
@@ -194,7 +194,7 @@ def save_final(model, tokenizer, final: Path, lora, base_dir: str | None, card: 
     if lora is None:
         save_model_dir(model, final, tokenizer=tokenizer, card=card)
     else:
-        base = str(Path(base_dir).resolve())
+        base = model_reference(base_dir)  # a Hub id as given, a local directory as its absolute path
         card = card or CardFacts()
         card = replace(card, base_model=base, relation="adapter", tags=[*card.tags, "lora", "peft"])
         save_adapter(
