@@ -55,6 +55,7 @@ DOC_ORDER = [
     "docs/eval.md",
     "docs/rl.md",
     "docs/report.md",
+    "docs/scale.md",
 ]
 
 # -- what makes a command tiny ----------------------------------------------------------------------
@@ -90,6 +91,7 @@ BENCH = {  # the smallest run of each benchmark that still does every part of it
     "rag.py": "--sizes 300 --queries 10 --warmup 2 --embedders none tiny".split(),
     "eval.py": "--items 4 --context 16 --rounds 1".split(),
     "rollouts.py": "--group 2 --prompt-tokens 8 --new-tokens 4 --rounds 1".split(),
+    "memory.py": [],  # arithmetic: already instant
 }
 
 
@@ -126,6 +128,10 @@ def tiny_settings(argv: list[str]) -> list[str]:
 
 HUB = "downloads a dataset from the Hugging Face Hub, which is not reachable here"
 
+QWEN_RECIPE = "starts from Qwen/Qwen2.5-0.5B-Instruct on the Hub (test_scale.py runs the recipes on a local Qwen2)"
+EIGHT = "eight processes, one per GPU (test_fsdp.py runs FSDP on two CPU processes, as the doc's 2-process command)"
+MACHINES = "two machines with eight processes each"
+
 SKIPPED = {
     "python3 -m venv .venv": "installation: .ci/run installs the README's way into a fresh venv on a clean clone",
     ". .venv/bin/activate": "installation (as above)",
@@ -142,9 +148,19 @@ SKIPPED = {
     "tinylm sft --init Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl --out runs/qwen-chat --lora": "the Hub (as above)",
     "tinylm merge Qwen/Qwen2.5-0.5B-Instruct runs/qwen-chat/final runs/qwen-merged": "the Hub (as above)",
     "tinylm serve Qwen/Qwen2.5-0.5B-Instruct --revision main": "the Hub (as above)",
-    "torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m tinylm.cli pretrain ...": (
-        "two machines with eight processes each"
-    ),
+    "torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m tinylm.cli pretrain ...": MACHINES,
+    "tinylm sft --config qwen2.5-0.5b-lora --data chats.jsonl --out runs/qwen-lora": QWEN_RECIPE,
+    "tinylm sft --config qwen2.5-0.5b-sft --data chats.jsonl --out runs/qwen-full": QWEN_RECIPE,
+    "torchrun --standalone --nproc_per_node=8 -m tinylm.cli sft --config qwen2.5-0.5b-sft --data chats.jsonl "
+    "--out runs/qwen-fsdp --train.strategy=fsdp": EIGHT,
+    "torchrun --standalone --nproc_per_node=8 -m tinylm.cli pretrain --config minimind2 --data corpus.txt "
+    "--out runs/minimind2-8 --train.max_steps=2500": EIGHT,
+    **{
+        f"torchrun --nnodes=2 --node_rank={rank} --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 "
+        "--rdzv-id=qwen -m tinylm.cli sft --config qwen2.5-0.5b-sft --data chats.jsonl --out /shared/runs/qwen "
+        "--train.strategy=fsdp": MACHINES
+        for rank in (0, 1)
+    },
     # Hub datasets need the network; tests/test_hub_data.py reads saved, cloned and cached ones the same way
     "tinylm pretrain --config cpu-tiny --out runs/wiki --data hf:Salesforce/wikitext:wikitext-103-raw-v1": HUB,
     "tinylm sft --init runs/tiny/final --data hf:HuggingFaceH4/ultrachat_200k@train_sft --out runs/ultrachat": HUB,

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from test_trainer import run_worker
 from train_worker import make_task
 
+from tinylm.model.llama import ModelConfig
 from tinylm.train import checkpoint as ckpt
+from tinylm.train.memory import Plan, estimate
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,9 @@ def test_fsdp_on_two_processes_trains_as_one_process_does(tmp_path, per_process)
     untrained = make_task(1).model.state_dict()
     trained = load_file(sharded / "weights.safetensors")
     assert max((trained[k] - untrained[k]).abs().max().item() for k in trained) > 1e-3  # it did train
+    whole = sum(t.numel() * t.element_size() for t in make_task(1).model.parameters())
+    held = [int((sharded / f"held-by-rank-{rank}.txt").read_text()) for rank in (0, 1)]
+    assert all(abs(h - whole / 2) <= 0.02 * whole for h in held), (held, whole)  # each process half the weights
     checkpoint = ckpt.list_checkpoints(sharded)[-1]
     assert ckpt.is_sharded_checkpoint(checkpoint) and (checkpoint / ".metadata").is_file()
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -138,6 +143,13 @@ def test_activation_checkpointing_gives_the_same_gradients_for_less_memory():
         assert recomputed["grads"][name] == pytest.approx(norm, rel=1e-4), name
     print(f"peak memory above the model: {plain['extra_mb']:.0f} MB, {recomputed['extra_mb']:.0f} MB recomputing")
     assert recomputed["extra_mb"] < 0.4 * plain["extra_mb"]  # measured: 868 MB and 183 MB
+    # tinylm.train.memory's arithmetic (docs/scale.md's table) agrees with what was measured
+    config = ModelConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4
+    )
+    for measured, checkpointing in ((plain, False), (recomputed, True)):
+        plan = Plan("single", batch_size=16, seq_len=512, precision="fp32", activation_checkpointing=checkpointing)
+        assert estimate(config, plan)["activations"] / 2**20 == pytest.approx(measured["extra_mb"], rel=0.3)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path):

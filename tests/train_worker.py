@@ -130,6 +130,9 @@ def main():
     if mode == "kill-at-13":  # die like kill -9: no handler, no cleanup, no final save
         callbacks.append(lambda step, _: step == 13 and os.kill(os.getpid(), signal.SIGKILL))
     result = fit(task, cfg, run_dir, dist, resume=(mode == "resume"), callbacks=callbacks)
+    if cfg.strategy == "fsdp":  # what this process holds of the weights: its shards
+        held = sum(p.to_local().numel() * p.element_size() for p in task.model.parameters())
+        Path(run_dir, f"held-by-rank-{dist.rank}.txt").write_text(str(held))
     if dist.is_main:
         from safetensors.torch import save_file
 

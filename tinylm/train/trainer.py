@@ -166,7 +166,8 @@ def fit(
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def save(at_step: int) -> float:
-        """Write a checkpoint (the main process; the others wait); return the seconds it took."""
+        """Write a checkpoint (the main process, or under FSDP every process its shards); return the
+        seconds it took."""
         began = time.perf_counter()
         trainer_state = {
             "tokens": tokens,
@@ -210,7 +211,7 @@ def fit(
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", **shown)
     last: dict = {}
     saved_step = step  # the step of the newest checkpoint (on resume: the one just loaded)
-    interrupted = False
+    interrupted = aborted = False
     window_tokens, window_start = 0, time.perf_counter()
     step_s, eval_s, save_s = 0.0, 0.0, 0.0  # wall times: a step (smoothed), the last evaluation and save
     with StopRequest(announce=main) as stop:
@@ -307,7 +308,7 @@ def fit(
                     print(f"saving a checkpoint at step {step} (resume with --resume)", file=sys.stderr)
                 save(step)
         except KeyboardInterrupt:  # a second Ctrl-C: quit now; the newest complete checkpoint stays as it was
-            interrupted = True
+            interrupted = aborted = True
             bar.close()
             if main:
                 print(f"\naborted at step {step}; the newest complete checkpoint is step {saved_step}", file=sys.stderr)
@@ -317,7 +318,7 @@ def fit(
             if main:
                 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
     trained = model
-    if sharded:  # the main process gathers the shards into an unsharded copy; the others keep theirs
+    if sharded and not aborted:  # the main process gathers the shards into an unsharded copy
         weights = gather_weights(model)
         if main:
             trained = materialize(skeleton, weights)
