@@ -234,3 +234,26 @@ def test_an_adapter_over_a_hub_base_names_it_as_peft_does(hub, tmp_path, capsys)
     merge_adapter_dir(tmp_path / "adapter", tmp_path / "merged")
     card = (tmp_path / "merged" / "README.md").read_text()
     assert read_card_metadata(tmp_path / "merged")["base_model"] == REPO and f"`{base}`" in card
+
+
+def test_a_vision_tower_by_hub_id_keeps_its_image_processor(hub, made):
+    """``--vision ORG/NAME``: the tower and its preprocessor_config.json (CLIP's normalisation, not the
+    default's) both come from the cached snapshot."""
+    transformers = pytest.importorskip("transformers")
+    from tinylm.train.vlm import VLMStageConfig, build_model
+
+    tower = hub.cache.parent / "clip"
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    transformers.CLIPVisionModel(config).save_pretrained(tower)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tower
+    )
+    add_hub_commit(hub.cache, "tinylm-test/clip-tower", files_of(tower), refs=("main",))
+    cfg = VLMStageConfig(init_from=str(made[0]))
+    cfg.vision.tower = "tinylm-test/clip-tower"
+    model, _, processor = build_model(cfg, "pretrain")
+    assert processor.mean == pytest.approx(transformers.CLIPImageProcessor().image_mean)
+    assert model.vision_tower.config.image_size == 32

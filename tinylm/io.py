@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import zlib
@@ -32,8 +31,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinylm.hub import HubError
 from tinylm.hub import data as hub_data
-from tinylm.hub.data import HubDataError, is_hub_source
+from tinylm.hub.data import is_hub_source
 
 MANIFEST = "SHA256SUMS"
 # A model directory's model card: documentation that people edit and tinylm updates after saving (an
@@ -159,15 +159,9 @@ def directory_lock(directory: str | Path):
 
 
 def missing_directory(path: str | Path, what: str = "directory") -> str:
-    """The message for a directory that does not exist; a name like ``Qwen/Qwen2.5-0.5B`` gets told
-    that tinylm reads local directories and how to download one."""
-    text = f"{path}: no such {what}"
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
-        text += (
-            f" ({path} looks like a Hugging Face Hub id, and tinylm loads local directories: download it first, "
-            f"e.g. `huggingface-cli download {path} --local-dir DIR`, then pass DIR)"
-        )
-    return text
+    """The message for a directory that does not exist. (Model directories named by a Hub id never get
+    here: ``tinylm.hub.models`` resolves them first, with its own message when that fails.)"""
+    return f"{path}: no such {what}"
 
 
 # -- the manifest -------------------------------------------------------------------------------
@@ -468,7 +462,7 @@ def _hub_errors():
     """A Hub dataset's problems as this module's DataError, so that callers catch one kind of error."""
     try:
         yield
-    except HubDataError as e:
+    except HubError as e:
         raise DataError(str(e), e.reason) from None
 
 

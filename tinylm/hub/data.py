@@ -21,7 +21,7 @@ Rows are read as Arrow stores them, not as ``datasets`` would decode them: an im
 decoded only to be encoded again. Row numbers count from 0, as ``dataset[i]`` does.
 
 A problem with a whole dataset (the library missing, the Hub unreachable with nothing cached, no such
-dataset, config, split or column) is a ``HubDataError`` whose one line names the source and what was
+dataset, config, split or column) is a ``HubError`` whose one line names the source and what was
 expected; ``tinylm.io`` turns it into its ``DataError``. This module imports nothing from tinylm.
 """
 
@@ -34,19 +34,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinylm.hub import HubError
+
 PREFIX = "hf:"
 DEFAULT_SPLIT = "train"
 INSTALL = 'pip install "tinylm[datasets]"'
 BATCH_ROWS = 1024  # rows per Arrow batch turned into records
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "wikitext", "HuggingFaceH4/ultrachat_200k"
-
-
-class HubDataError(ValueError):
-    """A Hub dataset cannot be read; ``reason`` names the kind of problem, as ``tinylm.io.DataError``'s does."""
-
-    def __init__(self, message: str, reason: str = "invalid"):
-        super().__init__(message)
-        self.reason = reason
 
 
 def is_hub_source(path) -> bool:
@@ -88,7 +82,7 @@ def parse(text: str) -> HubSource:
     name, colon, config = rest.partition(":")
     for part, value, given in (("NAME", name, True), ("CONFIG", config, colon), ("SPLIT", split, at)):
         if given and not value.strip():
-            raise HubDataError(
+            raise HubError(
                 f"{text}: empty {part}; expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceH4/ultrachat_200k"
                 "@train_sft or hf:Salesforce/wikitext:wikitext-2-raw-v1",
                 "invalid_source",
@@ -123,12 +117,12 @@ def _rows(source: HubSource, dataset, columns: list[str] | None) -> Iterator[tup
                 yield f"{label}:row {row}", record
                 row += 1
     except OSError as e:  # a connection lost mid-stream, a file of the cache gone
-        raise HubDataError(f"{label}: reading stopped at row {row}: {e}", "unreadable") from None
+        raise HubError(f"{label}: reading stopped at row {row}: {e}", "unreadable") from None
 
 
 def _check_columns(source: HubSource, names: list[str], columns: list[str]) -> None:
     if missing := [column for column in columns if column not in names]:
-        raise HubDataError(f"{source.label}: no column {missing[0]!r} (columns: {', '.join(names)})", "missing_field")
+        raise HubError(f"{source.label}: no column {missing[0]!r} (columns: {', '.join(names)})", "missing_field")
 
 
 def revision(text: str) -> dict:
@@ -169,7 +163,7 @@ def _library(source: HubSource):
     try:
         import datasets
     except ImportError:
-        raise HubDataError(
+        raise HubError(
             f"{source.label}: reading Hub datasets needs the datasets library: {INSTALL}", "missing_datasets"
         ) from None
     return datasets
@@ -200,7 +194,7 @@ def _open_saved(datasets, source: HubSource):
     """The split of a saved DatasetDict, or a saved Dataset, which is its own one split ("train" when it
     has no split name)."""
     if source.config:
-        raise HubDataError(
+        raise HubError(
             f"{source.label}: a dataset saved with save_to_disk has no configs; drop :{source.config}",
             "missing_config",
         )
@@ -215,7 +209,7 @@ def _builder(datasets, source: HubSource):
     """The dataset's builder (``load_dataset`` without the loading): its config, splits and revision."""
     folder = source.folder
     if folder is None and (source.name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(source.name)):
-        raise HubDataError(
+        raise HubError(
             f"{source.label}: no such folder {source.name!r}; expected a Hub dataset id (org/name) or a local "
             "dataset folder",
             "missing_dataset",
@@ -226,18 +220,18 @@ def _builder(datasets, source: HubSource):
         raise _config_error(datasets, source, e) from None
 
 
-def _config_error(datasets, source: HubSource, error: ValueError) -> HubDataError:
+def _config_error(datasets, source: HubSource, error: ValueError) -> HubError:
     """The error of a config that is not there, or of one left out where there are several, listing them."""
     try:
         configs = datasets.get_dataset_config_names(str(source.folder or source.name))
     except (ValueError, OSError):
         configs = []
     if not configs or (source.config in configs):
-        return HubDataError(f"{source.label}: {error}")
+        return HubError(f"{source.label}: {error}")
     split = f"@{source.split}" if source.split else ""
     choices = ", ".join(f"{PREFIX}{source.name}:{config}{split}" for config in configs)
     problem = f"no config {source.config!r}" if source.config else f"{source.name} has several configs"
-    return HubDataError(f"{source.label}: {problem}; expected one of {choices}", "missing_config")
+    return HubError(f"{source.label}: {problem}; expected one of {choices}", "missing_config")
 
 
 def _split(source: HubSource, builder) -> str:
@@ -249,7 +243,7 @@ def _split(source: HubSource, builder) -> str:
 def _check_split(source: HubSource, names: list[str]) -> str:
     split = source.split or DEFAULT_SPLIT
     if split not in names:
-        raise HubDataError(
+        raise HubError(
             f"{source.label}: no split {split!r}; expected one of {', '.join(names)} (choose it with @SPLIT)",
             "missing_split",
         )
@@ -258,18 +252,18 @@ def _check_split(source: HubSource, names: list[str]) -> str:
 
 @contextmanager
 def _translated(source: HubSource):
-    """The datasets library's errors about a whole dataset as one HubDataError line naming the source."""
+    """The datasets library's errors about a whole dataset as one HubError line naming the source."""
     try:
         yield
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE) or unreachable, and nothing in the cache
-        raise HubDataError(_unreachable(source, e), "offline") from None
+        raise HubError(_unreachable(source, e), "offline") from None
     except FileNotFoundError as e:  # no such dataset (or a gated or private one without access)
-        raise HubDataError(f"{source.label}: {e}", "missing_dataset") from None
+        raise HubError(f"{source.label}: {e}", "missing_dataset") from None
     except Exception as e:
         library = sys.modules.get("datasets")
         if library is None or not isinstance(e, library.exceptions.DatasetsError):
             raise
-        raise HubDataError(f"{source.label}: {e}", "unreadable") from None  # files that do not make the dataset
+        raise HubError(f"{source.label}: {e}", "unreadable") from None  # files that do not make the dataset
 
 
 def _unreachable(source: HubSource, error: Exception) -> str:

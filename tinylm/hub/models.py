@@ -37,6 +37,8 @@ import os
 import re
 from pathlib import Path, PurePath
 
+from tinylm.hub import HubError
+
 # What a model directory is made of, as huggingface_hub's allow_patterns (fnmatch: "*" crosses "/").
 MODEL_FILES = [
     "*.json",  # config, generation_config, tokenizer(_config), special tokens, the shards' index, adapter_config,
@@ -57,11 +59,6 @@ SHA256, GIT_SHA1 = re.compile(r"[0-9a-f]{64}"), re.compile(r"[0-9a-f]{40}")
 # (Hub id, revision) → its verified snapshot: resolved once per process, so that every load of a run
 # reads the same commit and a model's files are hashed once.
 SNAPSHOTS: dict[tuple[str, str | None], Path] = {}
-
-
-class HubError(ValueError):
-    """A Hub model that cannot be had: not found, gated, not cached while offline, or a corrupted cache.
-    The message names the id, the revision and what to do."""
 
 
 def hub_reference(name_or_path: str | PurePath) -> tuple[str, str | None] | None:

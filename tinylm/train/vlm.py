@@ -45,7 +45,7 @@ from tinylm.model.loss import IGNORE
 from tinylm.model.vision import PROJECTOR_ACTIVATIONS, SIGLIP, VisionConfig, VisionTransformer
 from tinylm.model.vlm import IMAGE_TAG, VisionLanguageModel, VLMConfig, ensure_image_token, expand_image_tags
 from tinylm.modelcard import CardFacts, add_evaluation
-from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, save_vlm_dir
+from tinylm.modeldir import is_vlm_dir, load_vision_tower, load_vlm_dir, resolve_model, save_vlm_dir
 from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     check_context,
@@ -156,9 +156,11 @@ def build_model(cfg: VLMStageConfig, stage: str):
     tokenizer, image_id = ensure_image_token(language_model, tokenizer)
     if cfg.vision.tower:
         tower = load_vision_tower(cfg.vision.tower)
-        saved = Path(cfg.vision.tower) / PROCESSOR_FILE
+        directory = resolve_model(cfg.vision.tower)  # (a Hub id: its snapshot in the cache)
         processor = (
-            ImageProcessor.load(cfg.vision.tower) if saved.is_file() else ImageProcessor(size=tower.config.image_size)
+            ImageProcessor.load(directory)
+            if (directory / PROCESSOR_FILE).is_file()
+            else ImageProcessor(size=tower.config.image_size)
         )
     else:
         v = cfg.vision
