@@ -22,7 +22,8 @@ decoded only to be encoded again. Row numbers count from 0, as ``dataset[i]`` do
 
 A problem with a whole dataset (the library missing, the Hub unreachable with nothing cached, no such
 dataset, config, split or column) is a ``HubError`` whose one line names the source and what was
-expected; ``tinylm.io`` turns it into its ``DataError``. This module imports nothing from tinylm.
+expected; ``tinylm.io`` turns it into its ``DataError``. This module imports nothing from tinylm outside
+this package.
 """
 
 from __future__ import annotations

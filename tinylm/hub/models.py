@@ -26,8 +26,8 @@ others. Every file tinylm reads from a snapshot is checked against it, once per 
 cache is an error that names the file, never a model quietly loaded from damaged bytes. (A tinylm
 directory also carries SHA256SUMS, which loading verifies as for any local directory.)
 
-Nothing here imports from tinylm, and ``huggingface_hub`` is imported only when a Hub id is used: a
-local directory never touches it.
+Nothing here imports from tinylm outside this package, and ``huggingface_hub`` is imported only when
+a Hub id is used: a local directory never touches it.
 """
 
 from __future__ import annotations
