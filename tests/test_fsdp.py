@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,19 +113,22 @@ def test_fsdp_keeps_the_best_evaluation_and_gathers_it(tmp_path):
 
 def activation_run(checkpointing: bool) -> dict:
     """Forward and backward of a model whose activations dwarf its weights, in a fresh process:
-    its gradients and its peak resident memory above what it held before the forward pass."""
+    its gradients and its peak resident memory above what it held before the forward pass (VmHWM, the
+    process's own high-water mark: getrusage's would start from the parent's, inherited across exec)."""
     script = f"""
-import json, resource, torch
+import json, re, torch
 from tinylm.model.llama import CausalLM, ModelConfig
+def peak_kb():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1])
 torch.manual_seed(0)
 config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=8,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, hidden_dropout=0.1)
 model = CausalLM(config).train()
 model.activation_checkpointing = {checkpointing}
 ids = torch.randint(0, 256, (16, 512), generator=torch.Generator().manual_seed(1))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 model(ids, labels=ids).backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kb()
 grads = {{n: p.grad.norm().item() for n, p in model.named_parameters()}}
 print(json.dumps({{"extra_mb": (peak - before) / 1024, "grads": grads}}))
 """
@@ -136,20 +140,21 @@ print(json.dumps({{"extra_mb": (peak - before) / 1024, "grads": grads}}))
     return json.loads(done.stdout)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
 def test_activation_checkpointing_gives_the_same_gradients_for_less_memory():
     plain, recomputed = activation_run(False), activation_run(True)
     assert plain["grads"].keys() == recomputed["grads"].keys()
     for name, norm in plain["grads"].items():  # dropout draws the same masks when a layer runs again
         assert recomputed["grads"][name] == pytest.approx(norm, rel=1e-4), name
     print(f"peak memory above the model: {plain['extra_mb']:.0f} MB, {recomputed['extra_mb']:.0f} MB recomputing")
-    assert recomputed["extra_mb"] < 0.4 * plain["extra_mb"]  # measured: 868 MB and 183 MB
+    assert recomputed["extra_mb"] < 0.4 * plain["extra_mb"]  # measured: 946 MiB and 261 MiB
     # tinylm.train.memory's arithmetic (docs/scale.md's table) agrees with what was measured
     config = ModelConfig(
         vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4
     )
     for measured, checkpointing in ((plain, False), (recomputed, True)):
         plan = Plan("single", batch_size=16, seq_len=512, precision="fp32", activation_checkpointing=checkpointing)
-        assert estimate(config, plan)["activations"] / 2**20 == pytest.approx(measured["extra_mb"], rel=0.3)
+        assert estimate(config, plan)["activations"] / 2**20 == pytest.approx(measured["extra_mb"], rel=0.2)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path):
@@ -216,3 +221,29 @@ def test_fsdp_refuses_quantized_weights_and_cpu_offload_without_a_gpu(tmp_path, 
     assert qlora.returncode == 2 and "FSDP cannot split" in qlora.stderr and "Traceback" not in qlora.stderr
     offload = run_stage([*sft, "--train.cpu_offload=true"], tmp_path / "o", processes=1)
     assert offload.returncode == 2 and "leave cpu_offload off" in offload.stderr
+
+
+TINY_TOWER = [
+    "--vision.image_size=32",
+    "--vision.patch_size=8",
+    "--vision.hidden_size=32",
+    "--vision.intermediate_size=64",
+    "--vision.num_hidden_layers=2",
+    "--vision.num_attention_heads=2",
+]
+MORE_STAGES = {  # (the command, its settings)
+    "dpo": (["dpo"], ["--train.seq_len=64"]),  # a full fine-tune: each process holds a frozen copy as reference
+    "rm": (["rm"], ["--train.seq_len=64"]),  # the score head sits in the root unit
+    "vlm-pretrain": (["vlm", "pretrain"], ["--train.seq_len=128", "--data.builtin_images=8", *TINY_TOWER]),
+}
+
+
+@pytest.mark.parametrize("name", MORE_STAGES)
+def test_more_commands_train_sharded(tmp_path, chat_model, name):
+    model, _ = chat_model
+    command, settings = MORE_STAGES[name]
+    sharded = ("--train.max_steps=2", "--train.strategy=fsdp")
+    succeeded(run_stage([*command, "--init", str(model)], tmp_path / "run", *settings, *sharded))
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in records if "loss" in r][-1] == 2

@@ -10,16 +10,17 @@ processes, with autocast in bf16 (2 bytes an activation) or fp32 (4):
     gradients     4·T; FSDP: 4·T/N
     optimizer     AdamW's two moments, 8·T; FSDP: 8·T/N
     activations   kept for the backward pass, per token and layer: the inputs and outputs of the
-                  norms, projections and SwiGLU, about 10·h + 2·kv + 4·i values (h the hidden size,
-                  kv the key/value width, i the MLP width); attention itself keeps no T×T matrix
+                  norms, projections and SwiGLU, about f = 10·h + 2·kv + 4·i values (h the hidden
+                  size, kv the key/value width, i the MLP width); attention itself keeps no T×T matrix
                   (scaled_dot_product_attention); the loss is computed in blocks, so the logits are
-                  small. With activation checkpointing each layer keeps its input, h values, and one
-                  layer at a time is recomputed in full.
+                  small. The backward pass holds one layer's activation gradients at a time on top (f
+                  more). With activation checkpointing each layer keeps only its input (h values), and
+                  one layer at a time is recomputed in full (f) for its backward (f).
 
-The activation count was checked against this machine's measured peak (tests/test_fsdp.py): for
-h = 128, i = 512 the formula gives 3,584 values a token and a layer in fp32, the measurement 3,420;
-recomputing, 128 and 128. Real runs add the CUDA context (about 0.5 GiB), the allocator's slack and
-temporary buffers, so leave 10-20% room.
+The arithmetic was checked against this machine's measured peak (tests/test_fsdp.py: 8 layers,
+h = 128, i = 512, 16 × 512 tokens in fp32): 1,008 MiB computed and 946 MiB measured; recomputing,
+256 and 261. Real runs add the CUDA context (about 0.5 GiB), the allocator's slack and temporary
+buffers, so leave 10-20% room.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def lora_parameters(config: ModelConfig, rank: int) -> int:
 
 
 def activation_values(config: ModelConfig, checkpointing: bool) -> tuple[int, int]:
-    """(values kept per token for the backward pass by all layers, values of one layer run in full)."""
+    """(values per token kept by all layers for the backward pass, values per token the backward pass
+    holds on top of them: one layer's activation gradients, and its recomputed activations)."""
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim
     full_layer = 10 * h + 2 * kv + 4 * i
     if checkpointing:
-        return config.num_hidden_layers * h, full_layer
-    return config.num_hidden_layers * full_layer, 0
+        return config.num_hidden_layers * h, 2 * full_layer
+    return config.num_hidden_layers * full_layer, full_layer
 
 
 def estimate(config: ModelConfig, plan: Plan) -> dict[str, float]:
@@ -100,13 +102,13 @@ def estimate(config: ModelConfig, plan: Plan) -> dict[str, float]:
         weights = 4 * total / n
         if plan.strategy == "fsdp":  # gathered: the root unit all step, and two layers
             weights += compute_bytes * (counts["embed"] + counts["head"] + 2 * counts["layer"])
-    kept, recomputed = activation_values(config, plan.activation_checkpointing)
+    kept, backward = activation_values(config, plan.activation_checkpointing)
     tokens = plan.batch_size * plan.seq_len
     result = {
         "weights": weights,
         "gradients": 4 * trained / n,
         "optimizer": 8 * trained / n,
-        "activations": compute_bytes * tokens * (kept + recomputed),
+        "activations": compute_bytes * tokens * (kept + backward),
     }
     result["total"] = sum(result.values())
     return result
