@@ -172,7 +172,8 @@ def load_sharded_checkpoint(path, model, optimizer, scheduler) -> dict:
     meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     state = _sharded_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=path)
+        # (an unsharded run of one process has no process group: it reads every shard itself)
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # a missing or reshaped tensor: the model changed since the run started
         raise ModelDirError(
             f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0][:300]}): resume with the config "
