@@ -99,9 +99,10 @@ def test_lora_checkpoints_hold_the_adapter_only_and_resume_exactly(base_and_chat
     _, stopped = sft(cfg(), tmp_path / "split", callbacks=[ctrl_c])
     assert stopped.interrupted and stopped.step == 6
     saved = load_file(tmp_path / "split" / "checkpoints" / "step-000006" / "model.safetensors")
-    assert saved and all(
-        ".lora_A." in k or ".lora_B." in k for k in saved
-    )  # the frozen base is not copied into checkpoints
+    # the frozen base is not copied into checkpoints: the adapter, and the chat markup's rows (the base
+    # has no chat template, so --lora trains them: lora.train_markup auto)
+    assert saved and all(".lora_A." in k or ".lora_B." in k or ".token_adapter." in k for k in saved)
+    assert "model.embed_tokens.token_adapter.trainable_tokens_delta" in saved
     sft(cfg(), tmp_path / "split", resume=True)
     whole = load_file(tmp_path / "whole" / "final" / "adapter_model.safetensors")
     split = load_file(tmp_path / "split" / "final" / "adapter_model.safetensors")

@@ -122,6 +122,13 @@ class ChatTemplate:
         mask = [start < len(text) and trained_chars[start] for start, _ in offsets]
         return ids, mask
 
+    def markup_token_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The special tokens this template writes around turns, and the reasoning markers: what a model
+        fine-tuned into a chat model meets for the first time when its base never saw a chat. Sorted ids."""
+        pieces = [self.system, self.user, self.assistant_header, self.assistant, self.no_system, self.separator]
+        text = "".join(pieces) + THINK + THINK_END
+        return sorted({i for i in tokenizer.encode(text) if i in tokenizer.special_ids.values()})
+
     # -- inference -----------------------------------------------------------------------------
 
     @property

@@ -9,6 +9,11 @@ base model) or *merged*: W' = W + (alpha / r) · B A gives a plain model with no
 rsLoRA (Kalajdzievski, 2023) scales by alpha / √r instead, which keeps the update's size steady as the
 rank grows.
 
+A frozen embedding cannot learn tokens the base never saw (the chat template's markup, for a base
+model). Two ways out, both PEFT's: *trainable token rows* (``trainable_token_indices``) train only the
+rows of chosen token ids, the rest of the matrix frozen; ``modules_to_save`` trains a whole module
+(the embeddings, the head, a reward model's score head) beside the adapter.
+
 This module is the torch side only. Adapters are saved and loaded in PEFT's directory layout by
 ``tinylm.modeldir`` (``save_adapter``, ``load_adapter``), from the tensors named here.
 """
@@ -28,6 +33,7 @@ from tinylm.model.quant import QuantizedLinear
 # Every linear layer of a decoder layer: what PEFT's "all-linear" means for these models (not the lm_head).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter tensor
+ROW_MODULES = ("embed_tokens", "lm_head")  # where token rows can train
 
 
 @dataclass
@@ -37,6 +43,10 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    # token ids whose rows of the embedding ("embed_tokens") or of an untied head ("lm_head") train;
+    # a tied head shares the embedding's rows
+    trainable_token_indices: dict[str, list[int]] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained whole (PEFT's name)
 
     def __post_init__(self):
         if self.r < 1:
@@ -45,6 +55,13 @@ class LoRAConfig:
             raise ValueError(f"lora dropout: expected a probability in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("lora target_modules is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
+        if isinstance(self.trainable_token_indices, list):  # PEFT's short form: the embedding's rows
+            self.trainable_token_indices = {"embed_tokens": self.trainable_token_indices}
+        if unknown := sorted(set(self.trainable_token_indices) - set(ROW_MODULES)):
+            raise ValueError(f"lora trainable_token_indices: {unknown} are not {' or '.join(ROW_MODULES)}")
+        for name, ids in self.trainable_token_indices.items():
+            if not ids or any(not isinstance(i, int) or i < 0 for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"lora trainable_token_indices[{name!r}]: expected distinct token ids >= 0, got {ids}")
 
     @property
     def scaling(self) -> float:
@@ -108,10 +125,105 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, base={base}"
 
 
+class TokenRows(nn.Module):
+    """PEFT's ``token_adapter``: the trained values of some rows of a weight (its ``trainable_tokens_delta``
+    holds the rows themselves, which replace the frozen ones), starting as copies of them."""
+
+    def __init__(self, weight: torch.Tensor, indices: list[int]):
+        super().__init__()
+        if max(indices) >= weight.shape[0]:
+            raise ValueError(f"trainable token id {max(indices)} is beyond the {weight.shape[0]} rows of the matrix")
+        self.register_buffer("token_indices", torch.tensor(indices, device=weight.device), persistent=False)
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[self.token_indices].clone())
+
+    def apply_to(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_copy(0, self.token_indices, self.trainable_tokens_delta.to(weight.dtype))
+
+
+class RowAdapted(nn.Module):
+    """An embedding or a linear head (``base_layer``, frozen) whose rows of chosen token ids train
+    (``token_adapter``). ``weight`` is the matrix with those rows replaced, so code that reads the
+    weight (the loss computed from the head's weight, a tied head) sees what the forward uses. A tied
+    head is wrapped with the embedding's own ``TokenRows``: one set of rows serves both."""
+
+    def __init__(self, base: nn.Module, adapter: TokenRows):
+        super().__init__()
+        self.base_layer, self.token_adapter = base, adapter
+        base.weight.requires_grad_(False)
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        base = self.base_layer.weight
+        return base if self.disabled else self.token_adapter.apply_to(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base_layer, nn.Embedding):
+            return F.embedding(x, self.weight, self.base_layer.padding_idx)
+        return F.linear(x, self.weight, self.base_layer.bias)
+
+    def merged(self, weight: nn.Parameter | None = None) -> nn.Module:
+        """The base module again, its weight (or ``weight``, a tied one merged already) with the rows in."""
+        base = self.base_layer
+        base.weight = weight if weight is not None else nn.Parameter(self.weight.detach(), requires_grad=False)
+        return base
+
+
+def add_token_rows(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap the embedding (and the head) named in ``config.trainable_token_indices`` so that only the
+    chosen rows train (after ``add_lora``, which froze everything else). A tied head gets the
+    embedding's rows; rows of a tied head on their own are refused. Returns the wrapped modules' names."""
+    rows = config.trainable_token_indices
+    if not rows:
+        return []
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if tied and "lm_head" in rows:
+        raise ValueError(
+            "lora trainable_token_indices names lm_head, whose weight is the embedding's (tied): name "
+            "embed_tokens alone, and its rows serve both"
+        )
+    wrapped, adapters = [], {}
+    for name, module in list(model.named_modules()):
+        kind = name.split(".")[-1]
+        if kind in rows and isinstance(module, (nn.Embedding, nn.Linear)):
+            adapters[kind] = TokenRows(module.weight, rows[kind])
+            _replace(model, name, RowAdapted(module, adapters[kind]))
+            wrapped.append(name)
+    if tied and "embed_tokens" in adapters:
+        for name, module in list(model.named_modules()):
+            if name.split(".")[-1] == "lm_head" and isinstance(module, nn.Linear):
+                _replace(model, name, RowAdapted(module, adapters["embed_tokens"]))
+    if missing := sorted(set(rows) - set(adapters)):
+        raise ValueError(f"lora trainable_token_indices names {missing}, which the model does not have")
+    return wrapped
+
+
+def add_modules_to_save(model: nn.Module, config: LoRAConfig) -> None:
+    """Train the modules named in ``config.modules_to_save`` whole (their weights, under their own names)."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    for kind in config.modules_to_save:
+        if tied and kind in ROW_MODULES:
+            raise ValueError(
+                f"lora modules_to_save names {kind}, and the model's head and embedding are one tied matrix: train "
+                "chosen rows of it with trainable_token_indices (embed_tokens) instead"
+            )
+        found = [m for n, m in model.named_modules() if n.split(".")[-1] == kind]
+        if not found:
+            raise ValueError(f"lora modules_to_save names {kind!r}, which the model does not have")
+        for module in found:
+            module.requires_grad_(True)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module):
-    """Run ``model`` as its base model: every LoRA correction off inside the block."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    """Run ``model`` as its base model: every LoRA correction and trained token row off inside the block
+    (a module trained whole, ``modules_to_save``, stays as it is)."""
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, RowAdapted))]
     for layer in layers:
         layer.disabled = True
     try:
@@ -161,27 +273,42 @@ def restore_full_precision(model: nn.Module, full: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA correction into its base weight and remove the LoRA layers (in place)."""
+    """Fold every LoRA correction and trained token row into its base weight and remove the adapter
+    layers (in place); a tied head and its embedding end with one weight again."""
+    merged_rows: dict[int, nn.Parameter] = {}  # TokenRows → the weight merged with them
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.merged())
+            _replace(model, name, module.merged())
+        elif isinstance(module, RowAdapted):
+            key = id(module.token_adapter)
+            plain = module.merged(merged_rows.get(key))
+            merged_rows.setdefault(key, plain.weight)
+            _replace(model, name, plain)
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's names."""
+def adapter_state_dict(model: nn.Module, modules_to_save=()) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names: the LoRA matrices, the trained token rows (a tied head's
+    once, as the embedding's), and the weights of the modules trained whole."""
     return {
-        KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if ".lora_" in name
+        KEY_PREFIX + name: p.detach().to("cpu").contiguous()
+        for name, p in model.named_parameters()
+        if is_adapter_tensor(name, modules_to_save)
     }
 
 
-def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors saved under PEFT's names into ``model``'s LoRA layers (added beforehand with
-    ``add_lora``). Every LoRA tensor must be there with its shape; a ValueError says which is not."""
+def is_adapter_tensor(name: str, modules_to_save=()) -> bool:
+    """A parameter an adapter holds: LoRA's A and B, trained token rows, a module trained whole."""
+    return ".lora_" in name or ".token_adapter." in name or name.split(".")[-2] in modules_to_save
+
+
+def load_adapter_state(model: nn.Module, saved: dict[str, torch.Tensor], modules_to_save=()) -> None:
+    """Copy adapter tensors saved under PEFT's names into ``model``'s adapter layers (added beforehand
+    with ``add_lora`` and ``add_token_rows``) and into the modules it trains whole. Every such tensor
+    must be there with its shape; a ValueError says which is not."""
     # PEFT writes no adapter name into the file, but older files may carry ".default"
     saved = {k.removeprefix(KEY_PREFIX).replace(".default.", "."): v for k, v in saved.items()}
-    own = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    own = {name: p for name, p in model.named_parameters() if is_adapter_tensor(name, modules_to_save)}
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or unexpected:
         raise ValueError(f"the adapter does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

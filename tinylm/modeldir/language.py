@@ -22,9 +22,11 @@ from tinylm.model.llama import CausalLM, ModelConfig, model_state_dict, rope_fre
 from tinylm.model.lora import (
     ALL_LINEAR,
     KEY_PREFIX,
+    ROW_MODULES,
     LoRAConfig,
     adapter_state_dict,
     add_lora,
+    add_token_rows,
     load_adapter_state,
     merge_lora,
 )
@@ -277,11 +279,12 @@ def save_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "modules_to_save": ["score"] if reward else None,
+        "modules_to_save": [*(["score"] if reward else []), *config.modules_to_save] or None,
+        "trainable_token_indices": config.trainable_token_indices or None,
         "use_dora": False,
     }
     out_dir = Path(out_dir)
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model, config.modules_to_save)
     if reward:
         state[KEY_PREFIX + "score.weight"] = model.score.weight.detach().to("cpu").contiguous()
     size = sum(t.numel() for t in state.values())
@@ -316,10 +319,11 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         if raw.get(key, expected) not in (expected, None):
             raise ModelDirError(f"{path}: {key} is {raw[key]!r}; tinylm supports only {key}={expected!r}")
     kept = raw.get("modules_to_save") or []
-    if kept and not (raw.get("task_type") == REWARD_TASK and set(kept) <= REWARD_HEADS):
+    heads = [k for k in kept if k in REWARD_HEADS]
+    if (heads and raw.get("task_type") != REWARD_TASK) or set(kept) - REWARD_HEADS - set(ROW_MODULES):
         raise ModelDirError(
-            f"{path}: modules_to_save is {kept!r}; tinylm reads it only as a reward model's score head "
-            '(task_type SEQ_CLS, modules_to_save ["score"])'
+            f"{path}: modules_to_save is {kept!r}; tinylm reads embed_tokens and lm_head, and a reward model's "
+            'score head (task_type SEQ_CLS, modules_to_save ["score"])'
         )
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
         if raw.get(key):
@@ -340,6 +344,8 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
             dropout=raw.get("lora_dropout", 0.0),
             target_modules=names,
             rslora=bool(raw.get("use_rslora", False)),
+            trainable_token_indices=raw.get("trainable_token_indices") or {},
+            modules_to_save=[k for k in kept if k not in REWARD_HEADS],
         )
     except KeyError as e:
         raise ModelDirError(f"{path}: no {e.args[0]!r} field") from None
@@ -363,7 +369,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
         )
     add_lora(model, config)
     try:
-        load_adapter_state(model, saved)
+        add_token_rows(model, config)
+        load_adapter_state(model, saved, config.modules_to_save)
     except ValueError as e:
         raise ModelDirError(f"{weights_path}: {e}") from None
     if head is not None:

@@ -212,6 +212,17 @@ def latest_checkpoint(run_dir) -> Path | None:
     return None
 
 
+def second_names(model) -> set[str]:
+    """The names of a parameter other than the first it is listed under (a tied head's weight, the token
+    rows a tied head shares with the embedding): ``named_parameters`` and so checkpoints skip them."""
+    seen, others = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            others.add(name)
+        seen.add(id(p))
+    return others
+
+
 def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG in place; return trainer.json's contents."""
     path = Path(path)
@@ -232,10 +243,10 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = tied_head_names(model) if meta["tied_embeddings"] else set()
+    allowed_missing |= second_names(model)  # a shared tensor is saved once, under its first name
     if meta.get("trainable_only"):  # a LoRA run: the frozen base came from the model directory
-        allowed_missing |= {name for name, p in model.named_parameters() if not p.requires_grad} | set(
-            dict(model.named_buffers())
-        )
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        allowed_missing |= frozen | set(dict(model.named_buffers()))
     if set(missing) - allowed_missing or unexpected:
         raise ModelDirError(
             f"{path}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"

@@ -25,6 +25,7 @@ from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     load_to_fine_tune,
     loss_evaluator,
+    markup_rows,
     prepare_lora,
     run_card,
     save_final,
@@ -132,9 +133,11 @@ def sft(
     with stage_run(run_dir, cfg.train.device) as dist:
         model, tokenizer = load_to_fine_tune(cfg.init_from, "SFT", cfg.train.seq_len)
         template = get_template(cfg.data.template)
+        base_had_template = tokenizer.chat_template is not None
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
-        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main)
+        markup = markup_rows(cfg.lora, template, tokenizer, base_had_template)
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main, markup=markup)
 
         conversations, data_summary = chat_conversations(cfg, run_dir)
         train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)

@@ -30,7 +30,7 @@ from tinylm.config import ConfigError
 from tinylm.io import directory_lock, source_name
 from tinylm.model.intquant import IntLinear
 from tinylm.model.llama import DecoderModel
-from tinylm.model.lora import adapters_disabled, add_lora
+from tinylm.model.lora import adapters_disabled, add_lora, add_modules_to_save, add_token_rows
 from tinylm.model.quant import quantize_linear_layers
 from tinylm.modelcard import BUILTIN_LANGUAGES, CardFacts, builtin_dataset
 from tinylm.modeldir import load_model_dir, model_reference, save_adapter, save_model_dir
@@ -70,11 +70,30 @@ def load_to_fine_tune(model_dir: str | None, stage: str, seq_len: int | None = N
     return model.float().train(), tokenizer
 
 
-def prepare_lora(model: DecoderModel, section, seed: int, main: bool = True, train_in_full: tuple[str, ...] = ()):
+def markup_rows(section, template, tokenizer, base_had_template: bool) -> list[int]:
+    """The chat markup's token ids whose embedding rows train with a LoRA adapter (``lora.train_markup``):
+    by default when the base had no chat template, so it never saw them and their frozen rows would
+    mean nothing (Qwen's base models, a tinylm base)."""
+    if not section.enabled or section.train_markup == "never":
+        return []
+    if section.train_markup == "auto" and base_had_template:
+        return []
+    return template.markup_token_ids(tokenizer)
+
+
+def prepare_lora(
+    model: DecoderModel,
+    section,
+    seed: int,
+    main: bool = True,
+    train_in_full: tuple[str, ...] = (),
+    markup: list[int] = (),
+):
     """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
     only the adapter trains, and the modules named in ``train_in_full`` (a reward model's new score
-    head: PEFT's ``modules_to_save``) with it, whole. Returns the LoRAConfig, or None for full
-    fine-tuning."""
+    head: PEFT's ``modules_to_save``) with it, whole; the rows of the ``markup`` token ids train too
+    (``markup_rows``; of the head as well when it is not tied), unless the config names its own rows.
+    Returns the LoRAConfig, or None for full fine-tuning."""
     quantized = quantized_scheme(model)
     if not section.enabled:
         if quantized:
@@ -87,6 +106,9 @@ def prepare_lora(model: DecoderModel, section, seed: int, main: bool = True, tra
         raise ConfigError(f"the model is already quantized ({quantized}): use --lora without --qlora to train on it")
 
     config = section.lora_config()
+    if markup and not config.trainable_token_indices:
+        rows = {"embed_tokens": list(markup)} | ({} if model.config.tie_word_embeddings else {"lm_head": list(markup)})
+        config = replace(config, trainable_token_indices=rows)
     total = model.num_parameters()
     if section.quantize == "nf4":
         quantize_linear_layers(
@@ -94,6 +116,11 @@ def prepare_lora(model: DecoderModel, section, seed: int, main: bool = True, tra
         )
     torch.manual_seed(seed)  # A's random start: the same run gives the same adapter
     wrapped = add_lora(model, config)
+    try:
+        add_token_rows(model, config)
+        add_modules_to_save(model, config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in train_in_full:
         model.get_submodule(name).requires_grad_(True)
     if main:
@@ -105,7 +132,11 @@ def prepare_lora(model: DecoderModel, section, seed: int, main: bool = True, tra
             if quantized
             else "a frozen base"
         )
-        whole = f" (and {', '.join(train_in_full)} whole)" if train_in_full else ""
+        whole = [*train_in_full, *config.modules_to_save]
+        whole = f" (and {', '.join(whole)} whole)" if whole else ""
+        for kind, ids in config.trainable_token_indices.items():
+            shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+            whole += f"; the rows of {kind} for token ids {shown}"
         print(
             f"lora: rank {config.r} on {len(wrapped)} layers{whole} over {base}: {trainable:,} trainable parameters "
             f"({trainable / total:.2%} of {total:,})",
