@@ -145,3 +145,33 @@ def test_what_cannot_be_chosen_is_refused():
         add_token_rows(make_model(False), LoRAConfig(trainable_token_indices=[1, 500]))
     with pytest.raises(ValueError, match="are not embed_tokens or lm_head"):
         LoRAConfig(trainable_token_indices={"q_proj": [1]})
+
+
+def test_lora_sft_from_a_base_trains_the_rows_of_the_markup_and_the_replies(base_and_chats, tmp_path):
+    """The tiny base has no chat template: --lora trains the rows of the chat markup and of every token
+    the replies use (lora.train_rows auto → replies); a chat model's own rows stay frozen (auto → none);
+    markup and none do what they say."""
+    import json
+
+    from conftest import TRAIN
+
+    from tinylm.cli import main
+    from tinylm.tokenizer import Tokenizer
+
+    _, base, chats = base_and_chats
+    markup = {Tokenizer.load(base).special_ids[t] for t in ("<|im_start|>", "<|im_end|>")}
+    reply = Tokenizer.load(base).encode(" likes")  # in every reply of chats.jsonl ("Tom likes red.")
+    common = ["--data", str(chats), *TRAIN, "--train.max_steps=2", "--lora"]
+    rows = {}
+    for mode in ("auto", "markup", "none"):
+        out = tmp_path / mode
+        assert main(["sft", "--init", str(base), "--out", str(out), *common, f"--lora.train_rows={mode}"]) == 0
+        config = json.loads((out / "final" / "adapter_config.json").read_text())
+        rows[mode] = set((config["trainable_token_indices"] or {}).get("embed_tokens", []))
+    assert markup | set(reply) <= rows["auto"] and len(rows["auto"]) > len(rows["markup"])
+    assert markup <= rows["markup"] and not set(reply) & rows["markup"]
+    assert rows["none"] == set()
+    chat = tmp_path / "auto" / "final"  # an adapter whose tokenizer has a chat template: a chat model
+    assert main(["sft", "--init", str(chat), "--out", str(tmp_path / "again"), *common]) == 0
+    again = json.loads((tmp_path / "again" / "final" / "adapter_config.json").read_text())
+    assert not again["trainable_token_indices"]

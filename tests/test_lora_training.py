@@ -100,7 +100,7 @@ def test_lora_checkpoints_hold_the_adapter_only_and_resume_exactly(base_and_chat
     assert stopped.interrupted and stopped.step == 6
     saved = load_file(tmp_path / "split" / "checkpoints" / "step-000006" / "model.safetensors")
     # the frozen base is not copied into checkpoints: the adapter, and the chat markup's rows (the base
-    # has no chat template, so --lora trains them: lora.train_markup auto)
+    # has no chat template, so --lora trains them: lora.train_rows auto)
     assert saved and all(".lora_A." in k or ".lora_B." in k or ".token_adapter." in k for k in saved)
     assert "model.embed_tokens.token_adapter.trainable_tokens_delta" in saved
     sft(cfg(), tmp_path / "split", resume=True)

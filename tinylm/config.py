@@ -147,6 +147,9 @@ class EvalSection:
     max_new_tokens: int = 128
 
 
+TRAIN_ROWS = ("auto", "none", "markup", "replies")
+
+
 @dataclass
 class LoRASection(LoRAConfig):
     """Train a LoRA adapter instead of the whole model (``--lora``); the run's output is the adapter.
@@ -156,15 +159,16 @@ class LoRASection(LoRAConfig):
     quantize: str = "none"  # "nf4": QLoRA, the frozen base held in 4-bit NormalFloat
     double_quant: bool = False  # QLoRA: quantize the 4-bit blocks' scales too
     block_size: int = 64  # QLoRA: weights per 4-bit block
-    # the rows of the chat markup tokens (<|im_start|>, <|im_end|>, the reasoning markers) train with the
-    # adapter (PEFT's trainable_token_indices): auto, when the base has no chat template (it never saw
-    # them: frozen, they would stay meaningless) | always | never
-    train_markup: str = "auto"
+    # embedding rows that train with the adapter (PEFT's trainable_token_indices), unless
+    # trainable_token_indices names its own: none | markup (the chat template's special tokens, which a
+    # base never saw) | replies (those, and every token the training replies use) | auto (replies when
+    # the base has no chat template, none otherwise)
+    train_rows: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.train_markup not in ("auto", "always", "never"):
-            raise ConfigError(f"train_markup: expected auto, always or never, got {self.train_markup!r}")
+        if self.train_rows not in TRAIN_ROWS:
+            raise ConfigError(f"train_rows: expected one of {', '.join(TRAIN_ROWS)}, got {self.train_rows!r}")
         if self.quantize not in ("none", "nf4"):
             raise ConfigError(f"quantize: expected none or nf4, got {self.quantize!r}")
         if self.double_quant and self.quantize != "nf4":

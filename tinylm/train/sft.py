@@ -25,8 +25,8 @@ from tinylm.train.objectives import NextTokenLoss
 from tinylm.train.stage import (
     load_to_fine_tune,
     loss_evaluator,
-    markup_rows,
     prepare_lora,
+    rows_to_train,
     run_card,
     save_final,
     split_validation,
@@ -136,8 +136,6 @@ def sft(
         base_had_template = tokenizer.chat_template is not None
         tokenizer = template.attach(tokenizer)
         model.config.eos_token_id = template.stop_token_ids(tokenizer)  # generate stops at the end of the answer
-        markup = markup_rows(cfg.lora, template, tokenizer, base_had_template)
-        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main, markup=markup)
 
         conversations, data_summary = chat_conversations(cfg, run_dir)
         train_set, val_set = split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
@@ -148,6 +146,8 @@ def sft(
                 f"({fit_report.summary()}): raise train.seq_len"
             )
         val_examples, _ = encode_conversations(val_set, template, tokenizer, cfg.train.seq_len)
+        rows = rows_to_train(cfg.lora, template, tokenizer, base_had_template, train_examples)
+        lora = prepare_lora(model, cfg.lora, cfg.train.seed, dist.is_main, rows=rows)
         pad = tokenizer.eos_id
         train_rows = pack(train_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)
         val_rows = pack(val_examples, cfg.train.seq_len, pad, packed=cfg.data.packing)

@@ -70,15 +70,20 @@ def load_to_fine_tune(model_dir: str | None, stage: str, seq_len: int | None = N
     return model.float().train(), tokenizer
 
 
-def markup_rows(section, template, tokenizer, base_had_template: bool) -> list[int]:
-    """The chat markup's token ids whose embedding rows train with a LoRA adapter (``lora.train_markup``):
-    by default when the base had no chat template, so it never saw them and their frozen rows would
-    mean nothing (Qwen's base models, a tinylm base)."""
-    if not section.enabled or section.train_markup == "never":
+def rows_to_train(section, template, tokenizer, base_had_template: bool, examples=()) -> list[int]:
+    """The token ids whose embedding rows train with a LoRA adapter (``lora.train_rows``). A frozen
+    embedding cannot learn what the base never saw: the chat markup, for a base that had no chat
+    template, and the words of replies its pretraining text never held (the quickstart's identity
+    answers, its refusals); "replies" adds every token the training replies (``examples``' labels) use."""
+    mode = section.train_rows
+    if mode == "auto":
+        mode = "none" if base_had_template else "replies"
+    if not section.enabled or mode == "none":
         return []
-    if section.train_markup == "auto" and base_had_template:
-        return []
-    return template.markup_token_ids(tokenizer)
+    rows = set(template.markup_token_ids(tokenizer))
+    if mode == "replies":
+        rows |= {t for example in examples for t in example.labels if t >= 0}
+    return sorted(rows)
 
 
 def prepare_lora(
@@ -87,12 +92,12 @@ def prepare_lora(
     seed: int,
     main: bool = True,
     train_in_full: tuple[str, ...] = (),
-    markup: list[int] = (),
+    rows: list[int] = (),
 ):
     """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
     only the adapter trains, and the modules named in ``train_in_full`` (a reward model's new score
-    head: PEFT's ``modules_to_save``) with it, whole; the rows of the ``markup`` token ids train too
-    (``markup_rows``; of the head as well when it is not tied), unless the config names its own rows.
+    head: PEFT's ``modules_to_save``) with it, whole; the embedding rows of the ``rows`` token ids train
+    too (``rows_to_train``; of the head as well when it is not tied), unless the config names its own.
     Returns the LoRAConfig, or None for full fine-tuning."""
     quantized = quantized_scheme(model)
     if not section.enabled:
@@ -106,9 +111,9 @@ def prepare_lora(
         raise ConfigError(f"the model is already quantized ({quantized}): use --lora without --qlora to train on it")
 
     config = section.lora_config()
-    if markup and not config.trainable_token_indices:
-        rows = {"embed_tokens": list(markup)} | ({} if model.config.tie_word_embeddings else {"lm_head": list(markup)})
-        config = replace(config, trainable_token_indices=rows)
+    if rows and not config.trainable_token_indices:
+        chosen = {"embed_tokens": list(rows)} | ({} if model.config.tie_word_embeddings else {"lm_head": list(rows)})
+        config = replace(config, trainable_token_indices=chosen)
     total = model.num_parameters()
     if section.quantize == "nf4":
         quantize_linear_layers(
@@ -136,7 +141,7 @@ def prepare_lora(
         whole = f" (and {', '.join(whole)} whole)" if whole else ""
         for kind, ids in config.trainable_token_indices.items():
             shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
-            whole += f"; the rows of {kind} for token ids {shown}"
+            whole += f"; {len(ids)} rows of {kind} (token ids {shown})"
         print(
             f"lora: rank {config.r} on {len(wrapped)} layers{whole} over {base}: {trainable:,} trainable parameters "
             f"({trainable / total:.2%} of {total:,})",
