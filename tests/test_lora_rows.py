@@ -175,3 +175,14 @@ def test_lora_sft_from_a_base_trains_the_rows_of_the_markup_and_the_replies(base
     assert main(["sft", "--init", str(chat), "--out", str(tmp_path / "again"), *common]) == 0
     again = json.loads((tmp_path / "again" / "final" / "adapter_config.json").read_text())
     assert not again["trainable_token_indices"]
+
+
+def test_stages_that_pick_no_rows_refuse_a_row_mode(base_and_chats, tmp_path, capsys):
+    from conftest import TRAIN
+
+    from tinylm.cli import main
+
+    _, base, _ = base_and_chats
+    argv = ["pretrain", "--init", str(base), "--out", str(tmp_path / "p"), *TRAIN, "--train.max_steps=1", "--lora"]
+    assert main([*argv, "--lora.train_rows=replies"]) == 2
+    assert "lora.train_rows replies is tinylm sft's" in capsys.readouterr().err

@@ -159,10 +159,10 @@ class LoRASection(LoRAConfig):
     quantize: str = "none"  # "nf4": QLoRA, the frozen base held in 4-bit NormalFloat
     double_quant: bool = False  # QLoRA: quantize the 4-bit blocks' scales too
     block_size: int = 64  # QLoRA: weights per 4-bit block
-    # embedding rows that train with the adapter (PEFT's trainable_token_indices), unless
+    # tinylm sft: embedding rows that train with the adapter (PEFT's trainable_token_indices), unless
     # trainable_token_indices names its own: none | markup (the chat template's special tokens, which a
     # base never saw) | replies (those, and every token the training replies use) | auto (replies when
-    # the base has no chat template, none otherwise)
+    # the base has no chat template, none otherwise; in the other stages, none)
     train_rows: str = "auto"
 
     def __post_init__(self):

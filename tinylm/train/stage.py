@@ -92,12 +92,13 @@ def prepare_lora(
     seed: int,
     main: bool = True,
     train_in_full: tuple[str, ...] = (),
-    rows: list[int] = (),
+    rows: list[int] | None = None,
 ):
     """With ``--lora``: (QLoRA: hold the targeted layers in 4-bit NF4, then) wrap them with LoRA so that
     only the adapter trains, and the modules named in ``train_in_full`` (a reward model's new score
     head: PEFT's ``modules_to_save``) with it, whole; the embedding rows of the ``rows`` token ids train
     too (``rows_to_train``; of the head as well when it is not tied), unless the config names its own.
+    Stages that pick no rows (``rows`` None) leave ``lora.train_rows`` at auto or none.
     Returns the LoRAConfig, or None for full fine-tuning."""
     quantized = quantized_scheme(model)
     if not section.enabled:
@@ -111,6 +112,11 @@ def prepare_lora(
         raise ConfigError(f"the model is already quantized ({quantized}): use --lora without --qlora to train on it")
 
     config = section.lora_config()
+    if rows is None and section.train_rows not in ("auto", "none"):  # a stage that does not choose rows
+        raise ConfigError(
+            f"lora.train_rows {section.train_rows} is tinylm sft's (it picks the rows from the conversations); "
+            "here name them with lora.trainable_token_indices"
+        )
     if rows and not config.trainable_token_indices:
         chosen = {"embed_tokens": list(rows)} | ({} if model.config.tie_word_embeddings else {"lm_head": list(rows)})
         config = replace(config, trainable_token_indices=chosen)
