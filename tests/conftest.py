@@ -256,6 +256,27 @@ def tiny_encoder_dir(path, texts: list[str]):
     return path
 
 
+def tiny_clip_tower(path, layers: int = 2):
+    """A tiny random CLIP vision tower (32 px pictures in 8 px patches) with its image processor, saved by
+    transformers: a local stand-in for a downloaded CLIP, whose normalisation differs from the default."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    transformers.CLIPVisionModel(config).save_pretrained(path)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
+    return path
+
+
 def tiny_qwen2_dir(path, tokenizer):
     return tiny_qwen_dir(path, tokenizer, "qwen2")
 

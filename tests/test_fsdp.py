@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer import run_worker
+from test_vlm_training import TINY_VISION
 from train_worker import make_task
 
 from tinylm.model.llama import ModelConfig
@@ -223,18 +224,10 @@ def test_fsdp_refuses_quantized_weights_and_cpu_offload_without_a_gpu(tmp_path, 
     assert offload.returncode == 2 and "leave cpu_offload off" in offload.stderr
 
 
-TINY_TOWER = [
-    "--vision.image_size=32",
-    "--vision.patch_size=8",
-    "--vision.hidden_size=32",
-    "--vision.intermediate_size=64",
-    "--vision.num_hidden_layers=2",
-    "--vision.num_attention_heads=2",
-]
 MORE_STAGES = {  # (the command, its settings)
     "dpo": (["dpo"], ["--train.seq_len=64"]),  # a full fine-tune: each process holds a frozen copy as reference
     "rm": (["rm"], ["--train.seq_len=64"]),  # the score head sits in the root unit
-    "vlm-pretrain": (["vlm", "pretrain"], ["--train.seq_len=128", "--data.builtin_images=8", *TINY_TOWER]),
+    "vlm-pretrain": (["vlm", "pretrain"], ["--train.seq_len=128", "--data.builtin_images=8", *TINY_VISION]),
 }
 
 

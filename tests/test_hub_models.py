@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import add_hub_commit, files_of, offline_hub, tiny_chat_dir
+from conftest import add_hub_commit, files_of, offline_hub, tiny_chat_dir, tiny_clip_tower
 from huggingface_hub import constants
 
 from tinylm.cli import build_parser, main
@@ -242,15 +242,7 @@ def test_a_vision_tower_by_hub_id_keeps_its_image_processor(hub, made):
     transformers = pytest.importorskip("transformers")
     from tinylm.train.vlm import VLMStageConfig, build_model
 
-    tower = hub.cache.parent / "clip"
-    torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    transformers.CLIPVisionModel(config).save_pretrained(tower)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tower
-    )
+    tower = tiny_clip_tower(hub.cache.parent / "clip")
     add_hub_commit(hub.cache, "tinylm-test/clip-tower", files_of(tower), refs=("main",))
     cfg = VLMStageConfig(init_from=str(made[0]))
     cfg.vision.tower = "tinylm-test/clip-tower"

@@ -19,7 +19,7 @@ from tinylm.modeldir import (
 IDS = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
 
 
-def make_model(seed=0) -> CausalLM:
+def make_model(seed=0, tied: bool = False) -> CausalLM:
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=128,
@@ -28,7 +28,7 @@ def make_model(seed=0) -> CausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=48,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return CausalLM(config).eval()
 

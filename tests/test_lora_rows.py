@@ -4,8 +4,9 @@ logits, merging keeps them, and ``--lora`` trains the chat markup's rows of a ba
 
 import pytest
 import torch
+from test_lora import make_model as make_lora_test_model
 
-from tinylm.model.llama import CausalLM, ModelConfig
+from tinylm.model.llama import CausalLM
 from tinylm.model.lora import (
     LoRAConfig,
     RowAdapted,
@@ -22,17 +23,7 @@ ROWS = [1, 2, 5]  # rows that train (ids 1 and 2 appear in IDS, 5 too)
 
 
 def make_model(tied: bool, seed=0) -> CausalLM:
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        tie_word_embeddings=tied,
-    )
-    return CausalLM(config).eval()
+    return make_lora_test_model(seed, tied)
 
 
 def adapted(config: LoRAConfig, tied: bool) -> CausalLM:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN, logged, write_jsonl
+from conftest import TRAIN, logged, tiny_clip_tower, write_jsonl
 from safetensors.torch import load_file
 
 from tinylm.chat_template import TEMPLATES, find_template
@@ -432,15 +432,7 @@ def test_stage_errors_name_the_problem(stage1, base_and_chats, tmp_path, capsys)
 def test_stage1_with_a_local_clip_tower_frozen_and_layer_minus_two(base_and_chats, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, base, _ = base_and_chats
-    tower_dir = tmp_path / "clip"
-    torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    transformers.CLIPVisionModel(config).save_pretrained(tower_dir)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tower_dir
-    )
+    tower_dir = tiny_clip_tower(tmp_path / "clip", layers=3)
     out = tmp_path / "run"
     assert (
         main(
