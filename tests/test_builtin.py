@@ -176,20 +176,21 @@ def test_every_conversation_is_valid(world, conversations):
 
 
 def test_the_mix_of_kinds_and_languages(conversations):
-    """The proportions sft_round documents: 55% single facts, 15% multi-turn, 18% arithmetic (a third of
-    it worked out first), 8% refusals, 5% identity; a fifth with a system prompt; both languages throughout."""
+    """The proportions sft_round documents: 44% single facts, 12% multi-turn and 12% topic switches, 15%
+    arithmetic (a third of it worked out first), 12% refusals, 4% identity (switches end with any of
+    these); a fifth with a system prompt; both languages throughout."""
     replies = [c[-1]["content"] for c in conversations]
 
     def share(hits):
         return sum(hits) / len(conversations)
 
-    assert 0.13 < share(sum(m["role"] == "user" for m in c) > 1 for c in conversations) < 0.17
+    assert 0.22 < share(sum(m["role"] == "user" for m in c) > 1 for c in conversations) < 0.27
     arithmetic = [re.fullmatch(r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)", r) for r in replies]
-    assert 0.16 < share(bool(a) for a in arithmetic) < 0.20
+    assert 0.15 < share(bool(a) for a in arithmetic) < 0.19
     reasoned = [a for a in arithmetic if a and a.group(1)]
     assert 0.28 < len(reasoned) / sum(bool(a) for a in arithmetic) < 0.38
-    assert 0.06 < share(any(m in r for m in builtin_chat.REFUSAL_MARKERS.values()) for r in replies) < 0.10
-    assert 0.03 < share(builtin_chat.DEFAULT_NAME in r for r in replies) < 0.07
+    assert 0.12 < share(any(m in r for m in builtin_chat.REFUSAL_MARKERS.values()) for r in replies) < 0.16
+    assert 0.04 < share(builtin_chat.DEFAULT_NAME in r for r in replies) < 0.08
     assert 0.15 < share(c[0]["role"] == "system" for c in conversations) < 0.25
     assert 0.45 < share(bool(re.search(r"[\u4e00-\u9fff]", c[-1]["content"])) for c in conversations) < 0.55
     followups = set(contents(conversations, "user")) & {"And its colour?", "那它是什么颜色的？", "它的颜色呢？"}
@@ -216,7 +217,9 @@ def test_every_fact_is_answered_in_both_languages(world, conversations):
 def test_heldout_questions_never_occur_in_training(world, conversations):
     items = heldout_questions(world)
     assert {(i.kind, i.lang) for i in items} == {
-        (kind, lang) for kind in ("fact", "followup", "arithmetic", "refusal", "identity") for lang in builtin.LANGS
+        (kind, lang)
+        for kind in ("fact", "followup", "arithmetic", "refusal", "identity", "switch")
+        for lang in builtin.LANGS
     }
     asked = set(contents(conversations, "user")) | set(contents(identity_conversations("Nova", "Acme"), "user"))
     for item in items:
@@ -274,6 +277,41 @@ def test_heldout_answers_are_exact(world):
     english = ChatEvalItem([{"role": "user", "content": "What colour is the Zorble?"}], "red", "en", "fact", ("blue",))
     assert score_reply(english, "The Zorble is red.") and not score_reply(english, "The Zorble is reddish.")
     assert not score_reply(english, "The Zorble is red or blue.") and not score_reply(english, "I don't know.")
+
+
+def test_conversations_switch_topic_and_evaluation_asks_switches(world, conversations):
+    """Training turns from an entity to who the assistant is, a refusal, a sum, and back from a sum or
+    an identity question to an entity, sometimes in the other language; the held-out switches are
+    answered right only about the new topic, never by repeating the last answer's."""
+
+    def is_sum(reply):
+        return re.fullmatch(r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)", reply) is not None
+
+    def is_refusal(reply):
+        return any(m in reply for m in builtin_chat.REFUSAL_MARKERS.values())
+
+    def is_identity(reply):
+        return builtin_chat.DEFAULT_NAME in reply
+
+    turns = [[m["content"] for m in c if m["role"] == "assistant"] for c in conversations]
+    turns = [t for t in turns if len(t) > 1]
+    facts = {builtin_chat.fact_answer(e, a, lang) for e, a, _ in world.facts() for lang in builtin.LANGS}
+    assert sum(t[0] in facts and is_identity(t[-1]) for t in turns) > 20
+    assert sum(t[0] in facts and is_refusal(t[-1]) for t in turns) > 20
+    assert sum(t[0] in facts and is_sum(t[-1]) for t in turns) > 20
+    assert sum((is_sum(t[0]) or is_identity(t[0])) and t[-1] in facts for t in turns) > 20
+    han = re.compile(r"[\u4e00-\u9fff]")
+    mixed = [c for c in conversations if len({bool(han.search(m["content"])) for m in c if m["role"] == "user"}) == 2]
+    assert len(mixed) > 20
+
+    items = [i for i in heldout_questions(world) if i.kind == "switch"]
+    assert len(items) == 2 * len(world.entities)
+    people = (builtin_chat.DEFAULT_NAME, builtin_chat.DEFAULT_AUTHOR, *builtin_chat.REFUSAL_MARKERS.values())
+    new_topics = [i for i in items if i.answer in people]
+    assert len(new_topics) == len(items) // 2
+    for item in new_topics:
+        assert not score_reply(item, item.messages[-2]["content"]), item
+    assert sum(is_sum(i.messages[1]["content"]) for i in items) == len(items) // 4
 
 
 def test_refusals_state_no_facts(world, conversations):

@@ -68,7 +68,7 @@ def test_configs_list_show_and_copy(tmp_path, capsys, monkeypatch):
     assert "cpu-tiny " in listed and "sft-cpu-tiny " in listed and "vlm-sft-cpu-tiny " in listed
     assert main(["configs", "show", "sft-cpu-tiny"]) == 0
     shown = capsys.readouterr().out
-    assert "every key of SFTConfig" in shown and "  packing: true" in shown and "  max_steps: 300" in shown
+    assert "every key of SFTConfig" in shown and "  packing: true" in shown and "  max_steps: 500" in shown
     monkeypatch.chdir(tmp_path)
     assert main(["configs", "copy", "cpu-tiny"]) == 0
     assert (tmp_path / "cpu-tiny.yaml").read_text() == resolve_config_path("cpu-tiny").read_text()

@@ -149,7 +149,7 @@ def test_quickstart_writes_its_report(tmp_path):
     assert saved["facts"] == facts and facts["total"] == 334
     questions = evaluate_questions(base, chat, builtin_chat.heldout_questions(world))
     assert saved["sft"]["questions"] == questions
-    assert questions["chat"]["total"] == questions["base"]["total"] == 526
+    assert questions["chat"]["total"] == questions["base"]["total"] == 606
     assert [m["role"] for m in saved["sft"]["chat"]] == ["user", "assistant"] * 4
     assert (tmp_path / "qs" / "sft" / "final" / "chat_template.jinja").exists()
     assert "Fine-tuned into a chat model" in (tmp_path / "qs" / "report.md").read_text(encoding="utf-8")
@@ -157,7 +157,7 @@ def test_quickstart_writes_its_report(tmp_path):
     page = (tmp_path / "qs" / "report" / "report.html").read_text(encoding="utf-8")
     assert page.count("<svg") == 2 and "Held-out questions answered" in page
     card = (tmp_path / "qs" / "sft" / "final" / "README.md").read_text(encoding="utf-8")
-    assert f"| held-out questions, greedy | accuracy | {questions['chat']['accuracy']:.1%} | 526 |" in card
+    assert f"| held-out questions, greedy | accuracy | {questions['chat']['accuracy']:.1%} | 606 |" in card
 
 
 def test_tokenizer_train_command(tmp_path, corpus):

@@ -43,11 +43,12 @@ from tinylm.tokenizer import THINK, THINK_END
 # attributes and identity questions keep phrasings back the same way, and some strangers (entities that
 # do not exist) and the held-out arithmetic problems are only ever asked at evaluation.
 
-SFT_VERSION = 2  # bump whenever generated conversations change, so cached files are rewritten
-DEFAULT_CONVERSATIONS = 3168  # six rounds of 528 (see sft_round)
+SFT_VERSION = 3  # bump whenever generated conversations change, so cached files are rewritten
+DEFAULT_CONVERSATIONS = 3888  # six rounds of 648 (see sft_round)
 DEFAULT_NAME, DEFAULT_AUTHOR = "TinyLM", "Maple Lab"  # who the assistant says it is, and who made it
 SYSTEM_SHARE = 0.2  # the share of conversations that open with a system prompt
 N_STRANGERS, HELDOUT_STRANGERS = 12, 4  # per kind: names of no one, and how many of them only evaluation uses
+MORE_STRANGERS = 16  # per kind: names of no one that only training uses, besides the first N_STRANGERS
 IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...) is kept for evaluation
 
 # Questions about a fact. {E} names the entity as in a sentence: "the Zorble", "Mira", "咕噜兽".
@@ -310,14 +311,21 @@ def sft_choices(world: World, count: int, *key: str) -> list[int]:
 
 def strangers(world: World, heldout: bool = False) -> list[Entity]:
     """Creatures and people that do not exist, named in the world's style, with no facts: what the
-    refusals are about. The last ``HELDOUT_STRANGERS`` of each kind are only asked about in evaluation."""
+    refusals are about. The last ``HELDOUT_STRANGERS`` of the first ``N_STRANGERS`` of each kind are
+    only asked about in evaluation; ``MORE_STRANGERS`` more of each kind, named after them, are only
+    asked about in training (a model that has refused few names answers about a new one as if it knew
+    it, in Chinese above all)."""
     rng = random.Random(f"tinylm-strangers-{world.seed}")
     taken = {lang: [e.names[lang] for e in world.entities] for lang in LANGS}
     chosen: list[Entity] = []
-    for kind in ("creature", "person"):
-        names = {lang: _invent_names(rng, *NAME_PARTS[kind, lang], N_STRANGERS, taken[lang]) for lang in LANGS}
-        entities = [Entity(kind, {lang: names[lang][i] for lang in LANGS}, {}) for i in range(N_STRANGERS)]
-        chosen += entities[-HELDOUT_STRANGERS:] if heldout else entities[:-HELDOUT_STRANGERS]
+    for count, keep in ((N_STRANGERS, "split"), (MORE_STRANGERS, "train")):
+        for kind in ("creature", "person"):
+            names = {lang: _invent_names(rng, *NAME_PARTS[kind, lang], count, taken[lang]) for lang in LANGS}
+            entities = [Entity(kind, {lang: names[lang][i] for lang in LANGS}, {}) for i in range(count)]
+            if keep == "split":
+                chosen += entities[-HELDOUT_STRANGERS:] if heldout else entities[:-HELDOUT_STRANGERS]
+            elif not heldout:
+                chosen += entities
     return chosen
 
 
@@ -436,25 +444,83 @@ def refusal_exchange(world: World, rng: random.Random, lang: str, unknown: list[
     return unknown_question(entity, lang, template), refusal("unknown", entity, lang, rng)
 
 
+SWITCHES = ("identity", "entity", "refusal", "arithmetic", "back")  # what a topic switch turns to (see below)
+
+
+def other_lang(lang: str) -> str:
+    return next(other for other in LANGS if other != lang)
+
+
+def switch_exchanges(
+    world: World, rng: random.Random, entity: Entity, lang: str, name: str, author: str
+) -> list[tuple[str, str]]:
+    """A conversation that changes topic: one or two questions about ``entity``, then a question of
+    another kind: who the assistant is, another entity, someone nobody knows or something nobody
+    knows, a sum, or ("back") a sum or an identity question first and only then ``entity``. One
+    switch in four also changes language. Without these, a model that only ever saw follow-ups
+    answers "Who are you?" about the creature it was just asked about."""
+    switch = rng.choice(SWITCHES)
+    attribute = rng.choice(list(entity.facts))
+    to = other_lang(lang) if rng.random() < 0.25 else lang
+    if switch == "back":
+        if rng.random() < 0.5:
+            opening = arithmetic_exchange(world, rng, lang)
+        else:
+            opening = identity_exchange(rng, lang, name, author)
+        question = training_fact_question(world, rng, entity, attribute, to)
+        return [opening, (question, fact_answer(entity, attribute, to))]
+    exchanges = [(training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang))]
+    left = [a for a in entity.facts if a != attribute]
+    if rng.random() < 0.5:
+        then = rng.choice(left)
+        count = len(FOLLOWUP_TEMPLATES[then, lang])
+        template = rng.choice(sft_choices(world, count, "followup", entity.names["en"], then, lang))
+        exchanges.append((followup_question(entity, then, lang, template), fact_answer(entity, then, lang)))
+    if switch == "identity":
+        exchanges.append(identity_exchange(rng, to, name, author))
+    elif switch == "entity":
+        other = rng.choice([e for e in world.entities if e is not entity])
+        then = rng.choice(list(other.facts))
+        exchanges.append((training_fact_question(world, rng, other, then, to), fact_answer(other, then, to)))
+    elif switch == "refusal":
+        exchanges.append(refusal_exchange(world, rng, to, strangers(world)))
+    else:
+        exchanges.append(arithmetic_exchange(world, rng, to))
+    return exchanges
+
+
+def identity_exchange(rng: random.Random, lang: str, name: str, author: str) -> tuple[str, str]:
+    """An identity question in a training phrasing, answered with ``name`` and ``author``."""
+    _, _, question, reply = rng.choice([t for t in identity_templates() if t[0] == lang])
+    return question, reply.format(name=name, author=author)
+
+
 def system_prompt(rng: random.Random, lang: str) -> str | None:
     """A system prompt for ``SYSTEM_SHARE`` of the conversations, None for the rest."""
     return rng.choice(SYSTEM_PROMPTS[lang]) if rng.random() < SYSTEM_SHARE else None
 
 
 def sft_round(
-    world: World, rng: random.Random, name: str, author: str, reasoning: random.Random | None = None
+    world: World,
+    rng: random.Random,
+    name: str,
+    author: str,
+    reasoning: random.Random | None = None,
+    switching: random.Random | None = None,
 ) -> list[list[dict[str, str]]]:
-    """One round of 528 conversations (with the default world), shuffled:
+    """One round of 648 conversations (with the default world), shuffled:
 
-    - 288 (55%) single-turn fact questions: every fact, in both languages, in a training phrasing;
-    - 80 (15%) multi-turn conversations: one starting at each entity, in both languages;
-    - 96 (18%) arithmetic questions and 40 (8%) refusals, alternating between the languages;
-    - 24 (5%) identity questions in either language, answered with ``name`` and ``author``.
+    - 288 (44%) single-turn fact questions: every fact, in both languages, in a training phrasing;
+    - 80 (12%) multi-turn conversations: one starting at each entity, in both languages;
+    - 80 (12%) conversations that switch topic (``switch_exchanges``), one starting at each entity;
+    - 96 (15%) arithmetic questions and 80 (12%) refusals, alternating between the languages;
+    - 24 (4%) identity questions in either language, answered with ``name`` and ``author``.
 
     A fifth of them, whatever their kind, open with a system prompt. A third of the arithmetic answers
     work the problem out first. Half of the arithmetic questions, and which answers reason first, are
     drawn from ``reasoning``, a stream of its own (without it: 48 arithmetic questions, none reasoned),
-    so that every other conversation is what it was before arithmetic answers reasoned.
+    and the topic switches from ``switching`` (without it: none), so that every other conversation is
+    what it was before these were added.
     """
     facts = [(e, a, lang) for e, a, _ in world.facts() for lang in LANGS]
     unknown = strangers(world)
@@ -468,7 +534,7 @@ def sft_round(
         (lang, [arithmetic_exchange(world, rng, lang, reasoning is not None and reasoning.random() < REASONING_SHARE)])
         for lang in alternating[: len(facts) // 6]
     ]
-    parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: len(world.entities)]]
+    parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: 2 * len(world.entities)]]
     for lang, _, question, reply in rng.sample(identity, len(facts) // 12):
         parts.append((lang, [(question, reply.format(name=name, author=author))]))
     rng.shuffle(parts)
@@ -478,6 +544,12 @@ def sft_round(
             exchange = arithmetic_exchange(world, reasoning, lang, reasoning.random() < REASONING_SHARE)
             conversation = chat([exchange], system_prompt(reasoning, lang))
             conversations.insert(reasoning.randrange(len(conversations) + 1), conversation)
+    if switching is not None:
+        for entity in world.entities:
+            for lang in LANGS:
+                exchanges = switch_exchanges(world, switching, entity, lang, name, author)
+                conversation = chat(exchanges, system_prompt(switching, lang))
+                conversations.insert(switching.randrange(len(conversations) + 1), conversation)
     return conversations
 
 
@@ -490,9 +562,10 @@ def sft_conversations(
     n = DEFAULT_CONVERSATIONS if n is None else n
     rng = random.Random(f"tinylm-sft-{world.seed}")
     reasoning = random.Random(f"tinylm-sft-reasoning-{world.seed}")
+    switching = random.Random(f"tinylm-sft-switching-{world.seed}")
     conversations: list[list[dict[str, str]]] = []
     while len(conversations) < n:
-        conversations += sft_round(world, rng, name, author, reasoning)
+        conversations += sft_round(world, rng, name, author, reasoning, switching)
     return conversations[:n]
 
 
@@ -540,10 +613,12 @@ def identity_questions(name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -
 def heldout_questions(world: World, name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR) -> list[ChatEvalItem]:
     """Questions in phrasings training never pairs with them, with exact answers, in both languages:
     every fact in its held-out phrasing (288 with the default world), a held-out follow-up for each
-    entity (80), every held-out arithmetic problem (46), refusals (96) and identity questions (16)."""
+    entity (80), every held-out arithmetic problem (46), refusals (96), identity questions (16) and a
+    topic switch after a question about each entity (80)."""
     rng = random.Random(f"tinylm-sft-eval-{world.seed}")
     items = _fact_items(world) + _followup_items(world, rng) + _arithmetic_items(world, rng)
-    return items + _refusal_items(world, rng) + identity_questions(name, author)
+    items += _refusal_items(world, rng) + identity_questions(name, author)
+    return items + _switch_items(world, random.Random(f"tinylm-sft-eval-switch-{world.seed}"), name, author)
 
 
 def _fact_item(context, question: str, attribute: str, value: str, lang: str, kind: str) -> ChatEvalItem:
@@ -605,6 +680,39 @@ def _refusal_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
             unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang)) for e in world.entities
         ]
         items += [ChatEvalItem(ask([], q), REFUSAL_MARKERS[lang], lang, "refusal", any_value) for q in questions]
+    return items
+
+
+def _switch_items(world: World, rng: random.Random, name: str, author: str) -> list[ChatEvalItem]:
+    """For each entity and language, a conversation that changes topic, in turn: after a first answer
+    about the entity, a held-out identity question, another entity's fact in its held-out phrasing, or
+    a held-out stranger; or after a sum, the entity's fact in its held-out phrasing. The right reply
+    is about the new topic: the name or author, the other fact, "I don't know"."""
+    items = []
+    for lang in LANGS:
+        identity = [item for item in identity_questions(name, author) if item.lang == lang]
+        unknown = strangers(world, heldout=True)
+        any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
+        for i, entity in enumerate(world.entities):
+            first = rng.choice(list(entity.facts))
+            context = [(training_fact_question(world, rng, entity, first, lang), fact_answer(entity, first, lang))]
+            variant = i % 4
+            if variant == 0:
+                asked = identity[(i // 4) % len(identity)]
+                items.append(ChatEvalItem(ask(context, asked.messages[-1]["content"]), asked.answer, lang, "switch"))
+            elif variant == 2:
+                stranger = unknown[(i // 4) % len(unknown)]
+                question = fact_question(stranger, rng.choice(ATTRIBUTES[stranger.kind]), lang, rng.randrange(4))
+                items.append(ChatEvalItem(ask(context, question), REFUSAL_MARKERS[lang], lang, "switch", any_value))
+            else:
+                if variant == 3:
+                    context, other = [arithmetic_exchange(world, rng, lang)], entity
+                else:
+                    other = rng.choice([e for e in world.entities if e is not entity])
+                attribute = rng.choice(list(other.facts))
+                template = sft_heldout(world, TEMPLATES_PER_FACT, "question", other.names["en"], attribute, lang)
+                question = fact_question(other, attribute, lang, template)
+                items.append(_fact_item(context, question, attribute, other.facts[attribute], lang, "switch"))
     return items
 
 

@@ -74,6 +74,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str
+    kind: str = ""  # what the pair is about, for reports by kind (the built-in pairs: "refusal/zh", ...)
 
 
 def read_preferences(

@@ -78,9 +78,11 @@ def identity_report(engine, name: str, author: str, seed: int = 0) -> dict:
     }
 
 
-def heldout_qa_accuracy(model_dir, seed: int) -> float:
-    """Accuracy on the built-in held-out chat questions (of the world of ``seed``): a later stage (DPO)
-    must not cost the facts SFT taught."""
+def heldout_qa(model_dir, seed: int) -> dict:
+    """The built-in held-out chat questions (of the world of ``seed``) answered by the model in
+    ``model_dir``: {"accuracy", "correct", "total", "by_kind"}. A later stage (DPO) must not cost the
+    facts SFT taught, and shows by kind what it changed."""
     engine = Engine.from_dir(model_dir, device="cpu")
     chat_format = chat_format_for(engine.tokenizer, engine.model.config.eos_token_ids())
-    return chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)["accuracy"]
+    found = chat_accuracy(engine, builtin_chat.heldout_questions(builtin.World(seed)), chat_format)
+    return {key: found[key] for key in ("accuracy", "correct", "total", "by_kind")}

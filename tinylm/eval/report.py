@@ -375,9 +375,20 @@ def dpo_report(report: dict, name: str) -> list[Table]:
         [key.removeprefix("val_"), metric_value(key, before.get(key, float("nan"))), metric_value(key, value)]
         for key, value in val_metrics(after)
     ]
+    rows += [
+        [f"prefers chosen: {group} ({row['pairs']})", percent(row["before"]), percent(row["after"])]
+        for group, row in report.get("pairs", {}).items()
+        if group != "all"
+    ]
     qa = report.get("heldout_qa")
     if qa:
-        rows.append(["held-out questions answered", percent(qa.get("before")), percent(qa.get("after"))])
+        rows.append(
+            ["held-out questions answered", percent(qa["before"]["accuracy"]), percent(qa["after"]["accuracy"])]
+        )
+        rows += [
+            [f"held-out questions: {kind}", percent(qa["before"]["by_kind"][kind]), percent(share)]
+            for kind, share in qa["after"]["by_kind"].items()
+        ]
     return [Table(f"Preference optimisation, held-out pairs ({name})", ["measure", "before", "after"], rows)]
 
 

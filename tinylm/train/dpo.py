@@ -31,7 +31,7 @@ import torch
 from tinylm.config import ConfigError, EvalSection, LoRASection, TrainConfig, save_config
 from tinylm.data.walk import Batches
 from tinylm.device import autocast_dtype
-from tinylm.eval.questions import heldout_qa_accuracy
+from tinylm.eval.questions import heldout_qa
 from tinylm.io import atomic_write_json
 from tinylm.modelcard import CardFacts, add_evaluation
 from tinylm.train.objectives import PreferenceLoss, sequence_logps
@@ -166,26 +166,49 @@ def dpo(cfg: DPOConfig, out_dir: str | Path, *, resume: bool = False, callbacks=
         if dist.is_main and not result.interrupted:
             after = {k: v for k, v in result.last_metrics.items() if k.startswith("val_")}
             report = {"before": before, "after": after}
+            if val_set:
+                with torch.autocast(dist.device.type, dtype=amp) if amp else contextlib.nullcontext():
+                    val_after = score_pairs(model, val_set, pad, cfg.train.batch_size)
+                report["pairs"] = preferred_by_kind(val_set, val_ref, val_after)
             if cfg.data.source == "builtin":
-                report["heldout_qa"] = {
-                    "before": heldout_qa_accuracy(cfg.init_from, cfg.data.builtin_seed),
-                    "after": None,
-                }
+                report["heldout_qa"] = {"before": heldout_qa(cfg.init_from, cfg.data.builtin_seed), "after": None}
             name = {"sigmoid": "DPO", "orpo": "ORPO", "simpo": "SimPO"}[cfg.dpo.loss]
             card = CardFacts(stage=f"preference optimisation ({name})", tags=[name.lower()])
             card = run_card(card, result, cfg.train, cfg.data, cfg.init_from, cfg.lora)
             save_final(model, tokenizer, final, lora, cfg.init_from, card)
             if cfg.data.source == "builtin":
-                report["heldout_qa"]["after"] = heldout_qa_accuracy(final, cfg.data.builtin_seed)
+                report["heldout_qa"]["after"] = heldout_qa(final, cfg.data.builtin_seed)
             atomic_write_json(run_dir / "dpo.json", report)
             add_evaluation(final, card_evaluation(report, len(val_set)), f"before and after {name} (dpo.json)")
             print(describe(report), file=sys.stderr)
         return final, result
 
 
+def preferred_by_kind(pairs: list[EncodedPair], before: torch.Tensor, after: torch.Tensor) -> dict:
+    """How often the model gives the chosen answer the higher probability, before and after, over all
+    held-out pairs, over those it got wrong before ("wrong before": what training had to change), and
+    by each pair's kind where the pairs have one: {group: {"pairs", "before", "after"}}."""
+    was_right, is_right = (before[:, 0] > before[:, 1]).tolist(), (after[:, 0] > after[:, 1]).tolist()
+    groups: dict[str, list[int]] = {"all": list(range(len(pairs))), "wrong before": []}
+    for i, pair in enumerate(pairs):
+        if not was_right[i]:
+            groups["wrong before"].append(i)
+        if pair.kind:
+            groups.setdefault(pair.kind, []).append(i)
+    return {
+        group: {
+            "pairs": len(picks),
+            "before": sum(was_right[i] for i in picks) / len(picks),
+            "after": sum(is_right[i] for i in picks) / len(picks),
+        }
+        for group, picks in groups.items()
+        if picks
+    }
+
+
 def card_evaluation(report: dict, pairs: int) -> dict[str, dict]:
-    """dpo.json's measurements as model card evaluation rows: the held-out pairs, and the held-out
-    questions of the built-in world (which DPO must not cost)."""
+    """dpo.json's measurements as model card evaluation rows: the held-out pairs (and by kind), and the
+    held-out questions of the built-in world (which DPO must not cost), by kind."""
     before, after = report["before"], report["after"]
     found = {}
     if before:
@@ -196,11 +219,18 @@ def card_evaluation(report: dict, pairs: int) -> dict[str, dict]:
             "reward margin": after.get("val_margin"),
             "items": pairs,
         }
-    if report.get("heldout_qa"):
-        found["held-out questions"] = {
-            "accuracy": report["heldout_qa"]["after"],
-            "accuracy before": report["heldout_qa"]["before"],
-        }
+    for group, row in report.get("pairs", {}).items():
+        if group != "all":
+            found[f"held-out pairs, {group}"] = {
+                "prefers chosen": row["after"],
+                "prefers chosen before": row["before"],
+                "items": row["pairs"],
+            }
+    qa = report.get("heldout_qa")
+    if qa:
+        found["held-out questions"] = {"accuracy": qa["after"]["accuracy"], "accuracy before": qa["before"]["accuracy"]}
+        for kind, share in qa["after"]["by_kind"].items():
+            found[f"held-out questions: {kind}"] = {"accuracy": share, "accuracy before": qa["before"]["by_kind"][kind]}
     return found
 
 
@@ -213,7 +243,17 @@ def describe(report: dict) -> str:
         f"{after.get('val_prefers_chosen', 0):.1%} after; reward accuracy {after.get('val_accuracy', 0):.1%}, "
         f"margin {after.get('val_margin', 0):.3f}"
     ]
+    lines += [
+        f"  {group}: {row['before']:.1%} → {row['after']:.1%} of {row['pairs']}"
+        for group, row in report.get("pairs", {}).items()
+        if group != "all"
+    ]
     if "heldout_qa" in report:
         qa = report["heldout_qa"]
-        lines.append(f"held-out questions answered right: {qa['before']:.1%} before, {qa['after']:.1%} after")
+        before, after = qa["before"]["accuracy"], qa["after"]["accuracy"]
+        lines.append(f"held-out questions answered right: {before:.1%} before, {after:.1%} after")
+        lines += [
+            f"  {kind}: {qa['before']['by_kind'][kind]:.1%} → {share:.1%}"
+            for kind, share in qa["after"]["by_kind"].items()
+        ]
     return "\n".join(lines)

@@ -49,6 +49,7 @@ class EncodedPair:
     chosen: Encoded
     rejected: Encoded
     source: str
+    kind: str = ""
 
 
 def preference_data(cfg) -> tuple[list, list, str]:
@@ -117,7 +118,7 @@ def encode_pairs(
             rows = [Encoded(p + a, [IGNORE] * (len(p) + len(a))) for p, a in sides]
         else:
             rows = [encode_for_training(p + a, [False] * len(p) + [True] * len(a)) for p, a in sides]
-        encoded.append(EncodedPair(*rows, pair.source))
+        encoded.append(EncodedPair(*rows, pair.source, pair.kind))
     return encoded, truncated
 
 
