@@ -2,7 +2,16 @@
 
 import json
 
-from tinylm.data.builtin_images import BACKGROUND, CELLS, COLOURS, image_scenes, questions, render, write_image_corpus
+from tinylm.data.builtin_images import (
+    BACKGROUND,
+    CELLS,
+    COLOURS,
+    drills,
+    image_scenes,
+    questions,
+    render,
+    write_image_corpus,
+)
 
 
 def centre_colour(image, cell):
@@ -33,6 +42,11 @@ def test_every_answer_is_true_of_the_pixels():
                 assert q.answer == str(len(coloured))
             if q.kind == "position":
                 assert q.answer == CELLS[scene.cells[0]][0 if q.lang == "en" else 1]
+        for q in drills(scene):  # several shapes: which shape, and every place (in reading order)
+            assert scene.count > 1 and q.answer in q.reply
+            if q.kind == "positions":
+                places = [CELLS[cell][0 if q.lang == "en" else 1] for cell in sorted(coloured)]
+                assert all(place in q.answer for place in places) and q.answer.endswith(places[-1])
 
 
 def test_captions_and_questions_in_both_languages():
@@ -55,7 +69,25 @@ def test_corpus_files(tmp_path):
     heldout = [json.loads(line) for line in paths["heldout"].read_text(encoding="utf-8").splitlines()]
     assert len(captions) == 12 and all(r["conversations"][0]["value"].startswith("<image>\n") for r in captions + asked)
     assert all((root / r["image"]).is_file() for r in captions + heldout)
-    assert {r["kind"] for r in heldout} <= {"colour", "shape", "position", "count"} and all(
+    assert {r["kind"] for r in heldout} <= {"colour", "shape", "position", "count", "follow-up"} and all(
         r["answer"] in r["choices"] for r in heldout
     )
+    # training: per picture and language, one conversation asking every question and drill of that language
+    scenes = image_scenes(0, 6)
+    for scene, (en, zh) in zip(scenes, zip(asked[::2], asked[1::2])):
+        for record, lang in ((en, "en"), (zh, "zh")):
+            expected = {(q.question, q.reply) for q in questions(scene) + drills(scene) if q.lang == lang}
+            turns = record["conversations"]
+            assert {(h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(turns[::2], turns[1::2])} == (
+                expected
+            )
+    # held out: each question on its own, then one conversation per picture whose later questions are follow-ups
+    singles = {(r["image"], r["question"]): r for r in heldout if r["kind"] != "follow-up"}
+    follow_ups = [r for r in heldout if r["kind"] == "follow-up"]
+    assert len(singles) == sum(len(questions(s)) for s in image_scenes(0, 4, heldout=True)) and follow_ups
+    for r in follow_ups:
+        alone = singles[r["image"], r["question"]]
+        assert r["asks"] == alone["kind"] and r["answer"] == alone["answer"] and r["choices"] == alone["choices"]
+        assert all((r["image"], q) in singles for q in r["before"]) and r["question"] not in r["before"]
+    assert {r["lang"] for r in follow_ups} == {"en", "zh"}
     assert write_image_corpus(tmp_path, train=6, heldout=4, size=48) == paths  # reused, not rewritten

@@ -80,6 +80,10 @@ VISION = [  # a new ViT: 16 px pictures in 8 px patches (4 image tokens)
     "--vision.num_attention_heads=2",
 ]
 IMAGES = ["--data.builtin_images=8"]
+VLM_TRAIN = [  # a built-in picture's conversation asks all its questions: longer rows than text needs
+    *(t for t in TRAIN if not t.startswith("--train.seq_len")),
+    "--train.seq_len=320",
+]
 BENCH = {  # the smallest run of each benchmark that still does every part of it
     "decode.py": "--sizes cpu-tiny --prompt-tokens 4 --new-tokens 4 --rounds 1".split(),
     "train_throughput.py": "--config cpu-tiny --steps 2 --rounds 1 --batch-size 2 --seq-len 32".split(),
@@ -107,8 +111,8 @@ def tiny_settings(argv: list[str]) -> list[str]:
         return [*MODEL, *TRAIN, *prefixed("sft", TRAIN)]
     if command == "vlm":
         if argv[1] == "quickstart":
-            return [*prefixed("llm", MODEL + TRAIN), *TRAIN, *VISION, *IMAGES]
-        return [*TRAIN, *IMAGES, *(VISION if argv[1] == "pretrain" and "--vision" not in argv else [])]
+            return [*prefixed("llm", MODEL + TRAIN), *VLM_TRAIN, *VISION, *IMAGES]
+        return [*VLM_TRAIN, *IMAGES, *(VISION if argv[1] == "pretrain" and "--vision" not in argv else [])]
     if command == "pretrain" and "--minutes" in argv:  # sized to the text and the time: a short time
         return TRAIN
     if command == "pretrain":

@@ -333,7 +333,8 @@ def test_builtin_image_corpus_loads(tmp_path):
     assert len(captions) == 8 and report.files[str(paths["captions"])].read == {"llava": 8}
     assert all(len(c.images) == 1 and c.images[0].is_file() for c in captions)
     questions, _ = read_image_conversations(paths["questions"])
-    assert len(questions) > 8 and all(c.messages[0]["content"].startswith("<image>\n") for c in questions)
+    assert len(questions) == 8 and all(c.messages[0]["content"].startswith("<image>\n") for c in questions)
+    assert all(len(c.messages) >= 4 for c in questions)  # one conversation per picture and language: its questions
 
 
 # -- real data: ../shared/data/vlm ---------------------------------------------------------------

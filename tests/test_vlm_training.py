@@ -31,7 +31,7 @@ TINY_VISION = [
     "--vision.num_hidden_layers=2",
     "--vision.num_attention_heads=2",
 ]
-VLM_TRAIN = [*TRAIN, "--train.seq_len=128", "--data.builtin_images=40", "--train.lr=0.003"]
+VLM_TRAIN = [*TRAIN, "--train.seq_len=288", "--data.builtin_images=40", "--train.lr=0.003"]
 
 
 def picture(tmp_path, name="red.png", colour="red", shape="circle", cells=((1, 1),)):
@@ -587,7 +587,7 @@ def test_vlm_quickstart_runs_every_part_and_reports_against_chance(base_and_chat
     )
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     heldout = report["heldout"]
-    assert set(heldout["by_kind"]) == {"colour", "shape", "count", "position"}
+    assert set(heldout["by_kind"]) == {"colour", "shape", "count", "position", "follow-up"}
     assert heldout["by_kind"]["colour"]["chance"] == pytest.approx(1 / 6) and heldout["by_kind"]["count"][
         "chance"
     ] == pytest.approx(1 / 3)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tinylm.config import load_config
+from tinylm.eval.image_questions import follow_up_line
 from tinylm.eval.report import write_report
 from tinylm.io import atomic_write_text
 from tinylm.train.pretrain import PretrainConfig, pretrain
@@ -105,6 +106,12 @@ def render_report(report: dict) -> str:
     for kind, row in heldout["by_kind"].items():
         blank = heldout["blank_picture"]["by_kind"][kind]["accuracy"]
         lines.append(f"| {kind} | {row['accuracy']:.1%} | {row['chance']:.1%} | {blank:.1%} | {row['questions']} |")
+    if "follow_up_by_kind" in heldout:
+        lines += [
+            "",
+            "A follow-up is a second or third question about the same picture in one conversation, asked after "
+            f"the model's own replies; by what they ask: {follow_up_line(heldout)}.",
+        ]
     lines += ["", "Examples:", ""]
     lines += [
         f"- {'✓' if e['right'] else '✗'} `{e['image']}` {e['question']} → {e['reply']} (answer: {e['answer']})"

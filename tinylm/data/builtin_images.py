@@ -5,14 +5,24 @@ answers are exact, in English and Chinese, so what a vision-language model learn
     picture = render(scenes[0])                          # a PIL image, 64×64 by default
     scenes[0].caption("en")    → "A red circle at the top left."
     questions(scenes[0])       → [ImageQuestion(kind="colour", question=..., answer="red", choices=...), ...]
+    drills(scenes[1])          → what training also asks of several shapes: which shape, and where each is
     write_image_corpus(out_dir, seed=0)                  # PNGs + LLaVA-style JSON Lines, train and held out
 
 A scene is a 3×3 grid with one to four shapes, all of one kind and one colour, each in its own cell.
 A scene with one shape is asked its colour, its shape and where it is; a scene with several is asked
-how many there are (and their colour and shape). Each question's ``choices`` are all the answers of
-its kind, so 1 / len(choices) is the chance rate. Held-out scenes come from their own random stream
-and, in addition, every image is drawn with its own small jitter of size and place: no held-out
-picture was ever seen in training.
+how many there are and their colour. Each question's ``choices`` are all the answers of its kind, so
+1 / len(choices) is the chance rate. Training also asks two drills of a scene with several shapes
+(``drills``): which shape they are, and where each one is, so the pictures that teach counting also
+teach seeing every shape and its place. Held-out scenes come from their own random stream and, in
+addition, every image is drawn with its own small jitter of size and place: no held-out picture was
+ever seen in training.
+
+Each training picture is one conversation per language that asks all its questions (and drills) in a
+shuffled order, so every question is learned both first and as a follow-up about the same picture.
+The held-out set asks each question on its own, and again as a follow-up: per picture, one
+conversation in one language asks its questions in a shuffled order, and the questions after the
+first are the kind "follow-up" (``asks`` names the question's own kind), answered after the model's
+own earlier replies.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ CELLS = {  # (row, column) → (English, Chinese)
 }
 NUMBERS = {1: ("one", "一"), 2: ("two", "两"), 3: ("three", "三"), 4: ("four", "四")}
 BACKGROUND = (245, 245, 240)
-IMAGE_VERSION = 2  # bump whenever generated images or texts change, so cached corpora are rewritten
+IMAGE_VERSION = 3  # bump whenever generated images or texts change, so cached corpora are rewritten
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class Scene:
 
 @dataclass(frozen=True)
 class ImageQuestion:
-    kind: str  # colour | shape | count | position
+    kind: str  # colour | shape | count | position (and, among drills, positions)
     lang: str
     question: str
     answer: str  # the word a right reply contains
@@ -187,12 +197,47 @@ def questions(scene: Scene) -> list[ImageQuestion]:
     return asked
 
 
+def drills(scene: Scene) -> list[ImageQuestion]:
+    """What training also asks of a scene with several shapes (nothing of one shape), in both languages:
+    which shape they are, and where each one is (kind "positions": the reply names every place, in
+    reading order). Both make the pictures that teach counting teach seeing each shape too."""
+    if scene.count == 1:
+        return []
+    plural, shape_zh = SHAPES[scene.shape]
+    asked = []
+    for lang in ("en", "zh"):
+        en = lang == "en"
+        places = [CELLS[cell][0 if en else 1] for cell in sorted(scene.cells)]
+        listed = ", ".join(places[:-1]) + " and " + places[-1] if en else "、".join(places[:-1]) + "和" + places[-1]
+        asked += [
+            ImageQuestion(
+                "shape",
+                lang,
+                "What shape are they?" if en else "它们是什么形状？",
+                scene.shape if en else shape_zh,
+                f"They are {plural}." if en else f"它们是{shape_zh}。",
+                tuple(sorted(SHAPES)) if en else tuple(SHAPES[s][1] for s in sorted(SHAPES)),
+            ),
+            ImageQuestion(
+                "positions",
+                lang,
+                f"Where are the {plural}?" if en else f"这些{shape_zh}在哪里？",
+                listed,
+                f"They are {listed}." if en else f"它们在{listed}。",
+                (listed,),
+            ),
+        ]
+    return asked
+
+
 def write_image_corpus(
     out_dir: str | Path, seed: int = 0, train: int = 2000, heldout: int = 200, size: int = 64
 ) -> dict[str, Path]:
     """Write the pictures and, as JSON Lines in LLaVA's format ({"image", "conversations"}), the
-    captions (stage 1), the questions (stage 2, one question per record) and the held-out questions;
-    reuse them if present.
+    captions (stage 1), the questions (stage 2: per picture and language, one conversation asking its
+    questions and drills in a shuffled order) and the held-out questions (each question on its own,
+    then per picture one conversation's follow-ups: kind "follow-up", ``asks`` its own kind, ``before``
+    the questions asked earlier in it); reuse them if present.
     Returns {"captions", "questions", "heldout"} → file paths."""
     root = Path(out_dir) / f"images-seed{seed}-{size}px-{train}+{heldout}-v{IMAGE_VERSION}"
     paths = {name: root / f"{name}.jsonl" for name in ("captions", "questions", "heldout")}
@@ -201,6 +246,7 @@ def write_image_corpus(
     lines = {name: [] for name in paths}
     for split, scenes in (("train", image_scenes(seed, train)), ("heldout", image_scenes(seed, heldout, heldout=True))):
         (root / split).mkdir(parents=True, exist_ok=True)
+        order = random.Random(f"tinylm-images-{seed}-{split}-order")
         for i, scene in enumerate(scenes):
             image = f"{split}/{i:05d}.png"
             render(scene, size).save(root / image)
@@ -209,22 +255,30 @@ def write_image_corpus(
                 for lang in ("en", "zh"):
                     prompt = "Describe the picture." if lang == "en" else "描述这张图片。"
                     lines["captions"].append(_record(image, [(prompt, scene.caption(lang))]))
-                lines["questions"] += [_record(image, [(q.question, q.reply)]) for q in asked]
+                    conversation = [q for q in asked + drills(scene) if q.lang == lang]
+                    order.shuffle(conversation)
+                    lines["questions"].append(_record(image, [(q.question, q.reply) for q in conversation]))
             else:
+                lines["heldout"] += [_heldout(image, q) for q in asked]
+                conversation = [q for q in asked if q.lang == ("en", "zh")[i // 2 % 2]]  # both kinds of scene in both
+                order.shuffle(conversation)
                 lines["heldout"] += [
-                    {
-                        "image": image,
-                        "question": q.question,
-                        "answer": q.answer,
-                        "kind": q.kind,
-                        "lang": q.lang,
-                        "choices": list(q.choices),
-                    }
-                    for q in asked
+                    _heldout(image, q, before=[p.question for p in conversation[:turn]])
+                    for turn, q in enumerate(conversation)
+                    if turn
                 ]
     for name, records in lines.items():
         atomic_write_text(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return paths
+
+
+def _heldout(image: str, q: ImageQuestion, before: list[str] | None = None) -> dict:
+    """One held-out question; with ``before`` (the questions asked earlier about the picture, in order) a
+    follow-up."""
+    record = {"image": image, "question": q.question, "answer": q.answer, "kind": q.kind, "lang": q.lang}
+    if before:
+        record.update(kind="follow-up", asks=q.kind, before=before)
+    return {**record, "choices": list(q.choices)}
 
 
 def _record(image: str, exchanges: list[tuple[str, str]]) -> dict:

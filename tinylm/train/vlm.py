@@ -73,6 +73,8 @@ class VisionSection:
     intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    image_mean: list[float] | None = None  # the built-in ViT's pixel normalisation, per channel in [0, 1]; None: 0.5
+    image_std: list[float] | None = None  # (SigLIP's); a tower brings its own
     feature_layer: int | None = None  # which layer's output feeds the projector (-1 the last, -2 the one before); None:
     # -1 for a new model, and the loaded model's own in stage 2
     train: bool | None = None  # train the encoder too; None: only a new built-in ViT (which starts from random weights)
@@ -176,7 +178,8 @@ def build_model(cfg: VLMStageConfig, stage: str):
                 num_attention_heads=v.num_attention_heads,
             )
         )
-        processor = ImageProcessor(size=v.image_size)
+        normalise = {key: value for key, value in (("mean", v.image_mean), ("std", v.image_std)) if value}
+        processor = ImageProcessor(size=v.image_size, **normalise)
     if processor.size != tower.config.image_size:
         raise ConfigError(
             f"{cfg.vision.tower}: the image processor resizes to {processor.size} px but the tower takes "
