@@ -9,7 +9,7 @@ import torch
 
 from tinylm.data import builtin, builtin_chat
 from tinylm.data.builtin import World
-from tinylm.data.builtin_preference import name_parts, preference_pairs, preference_strangers
+from tinylm.data.builtin_preference import name_parts, preference_pairs
 from tinylm.tokenizer import THINK
 from tinylm.train.dpo import card_evaluation, describe, preferred_by_kind
 from tinylm.train.pairs import EncodedPair
@@ -57,54 +57,40 @@ def test_heldout_pairs_ask_what_training_pairs_never_ask(world, pairs):
     assert not [p for p in train if asked(p) in questions]
 
 
-def test_preference_strangers_are_new_names(world):
-    found = preference_strangers(world)
-    others = world.entities + builtin_chat.strangers(world) + builtin_chat.strangers(world, heldout=True)
-    for lang in builtin.LANGS:
-        taken = {e.names[lang] for e in others}
-        names = [e.names[lang] for e in found]
-        assert len(set(names)) == len(names) and not set(names) & taken
-        assert all(len(name_parts(e, lang)) == 2 for e in found)
-
-
-def test_targeted_pairs_reject_the_answers_the_chat_model_gives(world, pairs):
+def test_pairs_aim_at_sums_keep_what_is_known_and_probe_refusals(world, pairs):
     train, heldout = pairs
     known = {e.names[lang]: e for e in world.entities for lang in builtin.LANGS}
     facts = {builtin_chat.fact_answer(e, a, lang) for e, a, _ in world.facts() for lang in builtin.LANGS}
     for lang in builtin.LANGS:
         marker = builtin_chat.REFUSAL_MARKERS[lang]
-        refusals = [p for p in train + heldout if p.kind == f"refusal/{lang}"]
-        assert all(marker in p.chosen for p in refusals)
-        # near misses: a question about a stranger, rejected with the fact of a known one whose name shares a part
-        near = [p for p in refusals if p.rejected in facts and not any(n in asked(p) for n in known)]
-        assert len(near) > 40
+        # sums: worked out first, against the bare answer with the same number
+        sums = [p for p in train + heldout if p.kind == f"arithmetic/{lang}"]
+        assert len(sums) == len(builtin.arithmetic_problems())
+        for pair in sums:
+            assert pair.chosen.startswith(THINK) and THINK not in pair.rejected
+            assert pair.chosen.endswith(pair.rejected)
+        # what the model knows, asked, must not be refused
+        refused = [p for p in train if p.kind in (f"fact/{lang}", f"followup/{lang}") and marker in p.rejected]
+        assert len(refused) >= 2 * len(world.entities) and all(p.chosen in facts for p in refused)
+        # held-out refusals are rejected as the chat model gets them wrong: a near miss about each held-out
+        # stranger (a known one's fact, whose name shares a part with the stranger's), a dodge for each entity
+        probes = [p for p in heldout if p.kind == f"refusal/{lang}" and p.rejected in facts]
+        assert all(marker in p.chosen for p in probes)
+        near = [p for p in probes if not any(n in asked(p) for n in known)]
+        assert len(near) == len(builtin_chat.strangers(world, heldout=True))
         for pair in near:
             [name] = [n for n in known if n in pair.rejected and known[n].names[lang] == n]
-            stranger = next(
-                s
-                for s in preference_strangers(world)
-                + builtin_chat.strangers(world)
-                + builtin_chat.strangers(world, heldout=True)
-                if s.names[lang] in asked(pair)
-            )
+            [stranger] = [s for s in builtin_chat.strangers(world, heldout=True) if s.names[lang] in asked(pair)]
             alike = [
                 e
                 for e in world.entities
                 if e.kind == stranger.kind and name_parts(e, lang) & name_parts(stranger, lang)
             ]
             assert known[name] in alike or not alike, pair
-        # dodges: something nobody knows about someone known, rejected with a fact about them that answers another
-        # question
-        dodges = [p for p in refusals if p.rejected in facts and any(n in asked(p) for n in known)]
-        assert len(dodges) >= 2 * len(world.entities)
-        # and the contrast: what the model does know, asked, must not be refused
-        refused = [p for p in train if p.kind in (f"fact/{lang}", f"followup/{lang}") and marker in p.rejected]
-        assert len(refused) >= 2 * len(world.entities)
-        assert all(p.chosen in facts for p in refused)
-        # sums: worked out first, against the bare answer with the same number
-        for pair in (p for p in train + heldout if p.kind == f"arithmetic/{lang}"):
-            assert pair.chosen.startswith(THINK) and THINK not in pair.rejected
-            assert pair.chosen.endswith(pair.rejected)
+        assert len(probes) - len(near) == len(world.entities)
+    # a third of the single-question training pairs are asked after an exchange about something else
+    single = [p for p in train if not p.kind.startswith("followup")]
+    assert 0.3 < sum(len(p.prompt) == 3 for p in single) / len(single) < 0.36
 
 
 def test_the_chosen_answers_are_right_by_the_chat_evaluation(world, pairs):
