@@ -114,7 +114,9 @@ def render_report(report: dict) -> str:
         ]
     lines += ["", "Examples:", ""]
     lines += [
-        f"- {'✓' if e['right'] else '✗'} `{e['image']}` {e['question']} → {e['reply']} (answer: {e['answer']})"
+        f"- {'✓' if e['right'] else '✗'} `{e['image']}` "
+        + "".join(f"{asked} … " for asked in e.get("before", ()))  # a follow-up: the questions asked before it
+        + f"{e['question']} → {e['reply']} (answer: {e['answer']})"
         for e in heldout["examples"]
     ]
     lines += ["", "Wall time:", ""]

@@ -108,18 +108,24 @@ def heldout_report(engine, heldout_path: str | Path, limit: int | None = None) -
     blank_replies = answer_questions(engine, records, [blank] * len(records))
     report = tally(records, replies)
     report["blank_picture"] = tally(records, blank_replies)
-    follow_ups = [({**r, "kind": r["asks"]}, reply) for r, reply in zip(records, replies) if "asks" in r]
+    answered = list(zip(records, replies))
+    singles = [(r, reply) for r, reply in answered if "before" not in r]
+    follow_ups = [(r, reply) for r, reply in answered if "before" in r]
     if follow_ups:  # the follow-ups again, by the kind of question each one asks
-        report["follow_up_by_kind"] = tally(*zip(*follow_ups))["by_kind"]
-    report["examples"] = [
+        by_asked = [{**r, "kind": r["asks"]} for r, _ in follow_ups]
+        report["follow_up_by_kind"] = tally(by_asked, [reply for _, reply in follow_ups])["by_kind"]
+    shown = min(2, len(follow_ups))
+    report["examples"] = [  # a dozen, spread out: ten single questions and two follow-ups when there are any
         {
             "image": r["image"],
+            **({"before": r["before"]} if "before" in r else {}),
             "question": r["question"],
             "answer": r["answer"],
             "reply": reply,
             "right": is_right(reply, r),
         }
-        for r, reply in list(zip(records, replies))[:: max(1, len(records) // 12)][:12]
+        for group, count in ((singles, 12 - shown), (follow_ups, shown))
+        for r, reply in group[:: max(1, len(group) // 12)][:count]
     ]
     return report
 
