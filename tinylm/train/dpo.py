@@ -252,6 +252,8 @@ def describe(report: dict) -> str:
         qa = report["heldout_qa"]
         before, after = qa["before"]["accuracy"], qa["after"]["accuracy"]
         lines.append(f"held-out questions answered right: {before:.1%} before, {after:.1%} after")
+        if qa["after"].get("left_out"):
+            lines.append(f"  ({qa['after']['left_out']} held-out questions too long for the model's context left out)")
         lines += [
             f"  {kind}: {qa['before']['by_kind'][kind]:.1%} → {share:.1%}"
             for kind, share in qa["after"]["by_kind"].items()
