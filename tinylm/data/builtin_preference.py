@@ -172,8 +172,37 @@ def preference_pairs(world: World) -> tuple[list[PreferencePair], list[Preferenc
             if not heldout_questions:  # and never "I have never heard of ..." about itself
                 refused = refusal("stranger", rng.choice(strangers(world)), lang, rng)
                 found.append((f"identity/{lang}", question, reply, refused))
+    train += identity_contrast(world, random.Random(f"tinylm-preference-identity-{world.seed}"))
     train = [with_context(world, rng, pair) if i % 3 == 2 else pair for i, pair in enumerate(train)]
     return as_pairs(train, "built-in pair"), as_pairs(heldout, "built-in held-out pair")
+
+
+def identity_contrast(world: World, rng: random.Random) -> list[tuple]:
+    """Refusals against the assistant's own introduction, for every entity's unknowable question and
+    every training stranger, in training phrasings: the identity pairs reject "I have never heard of
+    ...", and without these the model learnt to answer "How old is Tatu?" with "I am TinyLM ..."."""
+    found = []
+    for lang in LANGS:
+        replies = [reply for language, _, _, reply in identity_templates() if language == lang]
+        for entity in world.entities:
+            count = len(UNKNOWN_QUESTIONS[lang])
+            template = rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang))
+            introduced = rng.choice(replies).format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR)
+            found.append(
+                (
+                    f"refusal/{lang}",
+                    unknown_question(entity, lang, template),
+                    refusal("unknown", entity, lang, rng),
+                    introduced,
+                )
+            )
+        for stranger in strangers(world):
+            question = fact_question(
+                stranger, rng.choice(ATTRIBUTES[stranger.kind]), lang, rng.randrange(TEMPLATES_PER_FACT)
+            )
+            introduced = rng.choice(replies).format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR)
+            found.append((f"refusal/{lang}", question, refusal("stranger", stranger, lang, rng), introduced))
+    return found
 
 
 def with_context(world: World, rng: random.Random, pair: tuple) -> tuple:
