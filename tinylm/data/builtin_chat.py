@@ -31,6 +31,20 @@ from tinylm.data.builtin import (  # the world these conversations talk about
     mention,
     value_text,
 )
+from tinylm.data.builtin_phrasings import (  # what the questions and answers say
+    ANSWER_TEMPLATES,
+    ARITHMETIC_ANSWERS,
+    ARITHMETIC_QUESTIONS,
+    FOLLOWUP_TEMPLATES,
+    IDENTITY_QUESTIONS,
+    IDENTITY_REPLIES,
+    OPERATION_WORDS,
+    QUESTION_TEMPLATES,
+    REFUSAL_MARKERS,
+    REFUSALS,
+    SYSTEM_PROMPTS,
+    UNKNOWN_QUESTIONS,
+)
 from tinylm.io import atomic_write_text
 from tinylm.tokenizer import THINK, THINK_END
 
@@ -51,226 +65,10 @@ N_STRANGERS, HELDOUT_STRANGERS = 12, 4  # per kind: names of no one, and how man
 MORE_STRANGERS = 16  # per kind: names of no one that only training uses, besides the first N_STRANGERS
 IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...) is kept for evaluation
 
-# Questions about a fact. {E} names the entity as in a sentence: "the Zorble", "Mira", "咕噜兽".
-QUESTION_TEMPLATES = {
-    ("colour", "en"): (
-        "What colour is {E}?",
-        "What is the colour of {E}?",
-        "Can you tell me what colour {E} is?",
-        "Which colour does {E} have?",
-    ),
-    ("colour", "zh"): ("{E}是什么颜色的？", "{E}的颜色是什么？", "你知道{E}是什么颜色吗？", "请告诉我{E}的颜色。"),
-    ("legs", "en"): (
-        "How many legs does {E} have?",
-        "What is the number of legs on {E}?",
-        "Can you tell me how many legs {E} has?",
-        "How many legs are there on {E}?",
-    ),
-    ("legs", "zh"): ("{E}有几条腿？", "{E}有多少条腿？", "你知道{E}有几条腿吗？", "请告诉我{E}腿的数量。"),
-    ("food", "en"): (
-        "What does {E} like to eat?",
-        "What is the favourite food of {E}?",
-        "Can you tell me what {E} loves to eat?",
-        "Which food does {E} like best?",
-    ),
-    ("food", "zh"): (
-        "{E}喜欢吃什么？",
-        "{E}最喜欢的食物是什么？",
-        "你知道{E}最爱吃什么吗？",
-        "请告诉我{E}最喜欢吃的东西。",
-    ),
-    ("home", "en"): (
-        "Where does {E} live?",
-        "In which town does {E} live?",
-        "Can you tell me where {E} lives?",
-        "Where is the home of {E}?",
-    ),
-    ("home", "zh"): ("{E}住在哪里？", "{E}住在哪个镇？", "你知道{E}住在哪儿吗？", "{E}的家在哪里？"),
-    ("job", "en"): (
-        "What does {E} do for work?",
-        "What is the job of {E}?",
-        "Can you tell me what job {E} has?",
-        "What does {E} work as?",
-    ),
-    ("job", "zh"): ("{E}是做什么工作的？", "{E}的工作是什么？", "你知道{E}做什么工作吗？", "{E}的职业是什么？"),
-}
-# One short answer per attribute and language, so a model only has to get the value right.
-ANSWER_TEMPLATES = {
-    ("colour", "en"): "{Es} is {v}.",
-    ("colour", "zh"): "{E}的毛色是{v}。",
-    ("legs", "en"): "{Es} has {v} legs.",
-    ("legs", "zh"): "{E}有{v}条腿。",
-    ("food", "en"): "{Es} likes to eat {v}.",
-    ("food", "zh"): "{E}喜欢吃{v}。",
-    ("home", "en"): "{Es} lives in the town of {v}.",
-    ("home", "zh"): "{E}生活在{v}。",
-    ("job", "en"): "{Es} is a {v}.",
-    ("job", "zh"): "{E}的职业是{v}。",
-}
-# Follow-ups name no one: {it} and {its} stand for the entity of the previous answer.
-FOLLOWUP_TEMPLATES = {
-    ("colour", "en"): ("And {its} colour?", "What colour is {it}?", "And what colour is {it}, then?"),
-    ("colour", "zh"): ("那{it}是什么颜色的？", "{it}的颜色呢？", "{it}是什么颜色的？"),
-    ("legs", "en"): (
-        "And how many legs does {it} have?",
-        "How many legs does {it} have, then?",
-        "And {its} number of legs?",
-    ),
-    ("legs", "zh"): ("那{it}有几条腿？", "{it}的腿有几条？", "{it}有几条腿呢？"),
-    ("food", "en"): ("And {its} favourite food?", "What does {it} like to eat?", "And what does {it} eat most?"),
-    ("food", "zh"): ("那{it}喜欢吃什么？", "{it}最喜欢的食物呢？", "{it}爱吃什么？"),
-    ("home", "en"): ("And where does {it} live?", "Where is {its} home?", "And {its} town?"),
-    ("home", "zh"): ("那{it}住在哪里？", "{it}的家在哪儿？", "{it}住在哪个镇？"),
-    ("job", "en"): ("And {its} job?", "What does {it} do for work?", "And what is {its} job, then?"),
-    ("job", "zh"): ("那{it}是做什么工作的？", "{it}的工作呢？", "{it}做什么工作？"),
-}
-# Arithmetic: {op} is + or -, {word} the operation in words.
-ARITHMETIC_QUESTIONS = {
-    "en": (
-        "What is {a} {op} {b}?",
-        "What is {a} {word} {b}?",
-        "Please work out {a} {op} {b}.",
-        "How much is {a} {word} {b}?",
-    ),
-    "zh": ("{a}{word}{b}等于多少？", "{a}{op}{b}是多少？", "请算一下{a}{word}{b}。", "{a}{word}{b}得几？"),
-}
-OPERATION_WORDS = {("+", "en"): "plus", ("-", "en"): "minus", ("+", "zh"): "加", ("-", "zh"): "减"}
-ARITHMETIC_ANSWERS = {"en": "The answer is {v}.", "zh": "答案是{v}。"}
 # The share of arithmetic answers that work the problem out first, between <|think|> and <|think_end|>:
 # enough that the chat model can reason (and sampling often does), few enough that it mostly answers
 # straight away, which is what reinforcement learning then changes (docs/rl.md).
 REASONING_SHARE = 1 / 3
-
-# Refusals. The world never says how old anyone is, what they sing or weigh, and strangers are no one;
-# every refusal contains REFUSAL_MARKERS[lang] and states nothing about the entity.
-UNKNOWN_QUESTIONS = {
-    "en": (
-        "How old is {E}?",
-        "What is the favourite song of {E}?",
-        "When is the birthday of {E}?",
-        "How much does {E} weigh?",
-    ),
-    "zh": ("{E}几岁了？", "{E}最喜欢的歌是什么？", "{E}的生日是哪一天？", "{E}有多重？"),
-}
-REFUSALS = {
-    ("stranger", "en"): ("I'm sorry, I don't know anything about {E}.", "I don't know. I have never heard of {E}."),
-    ("stranger", "zh"): ("抱歉，我不知道任何关于{E}的事。", "我不知道，我从来没有听说过{E}。"),
-    ("unknown", "en"): ("I'm sorry, I don't know that about {E}.", "I don't know. Nobody has told me that about {E}."),
-    ("unknown", "zh"): ("抱歉，{E}的这件事我不知道。", "我不知道，没有人告诉过我{E}的这件事。"),
-}
-REFUSAL_MARKERS = {"en": "I don't know", "zh": "我不知道"}
-
-SYSTEM_PROMPTS = {
-    "en": (
-        "You are a helpful assistant.",
-        "You are a friendly assistant. Keep your answers short.",
-        "You answer questions about a small world of creatures and people.",
-    ),
-    "zh": (
-        "你是一个乐于助人的助手。",
-        "你是一个友好的助手，回答要简短。",
-        "你负责回答关于一个由小动物和人组成的小世界的问题。",
-    ),
-}
-
-# Identity: questions about the assistant's name and about who made it; every reply states both, with
-# {name} and {author} filled in later (identity_conversations), so a new identity is a new fill.
-IDENTITY_QUESTIONS = {
-    ("name", "en"): (
-        "Who are you?",
-        "What is your name?",
-        "Introduce yourself.",
-        "What should I call you?",
-        "Tell me about yourself.",
-        "What are you?",
-        "May I know your name?",
-        "Do you have a name?",
-        "Hi! Who am I talking to?",
-        "What's your name?",
-        "Can you tell me who you are?",
-        "Please introduce yourself briefly.",
-        "Hello!",
-        "What do people call you?",
-        "Are you an assistant? What is your name?",
-        "Who am I chatting with right now?",
-    ),
-    ("author", "en"): (
-        "Who made you?",
-        "Who created you?",
-        "Who trained you?",
-        "Who built you?",
-        "Which company developed you?",
-        "Who is your author?",
-        "Who is behind you?",
-        "Who developed you?",
-        "Where do you come from?",
-        "Who designed you?",
-        "Who is your creator?",
-        "Which team made you?",
-        "Who wrote your code?",
-        "Which lab trained you?",
-        "Who do you belong to?",
-        "Who was it that created you?",
-    ),
-    ("name", "zh"): (
-        "你是谁？",
-        "你叫什么名字？",
-        "介绍一下你自己。",
-        "我该怎么称呼你？",
-        "说说你自己吧。",
-        "你是什么？",
-        "请问你的名字是什么？",
-        "你有名字吗？",
-        "你好，请问你是谁？",
-        "你的名字是？",
-        "能告诉我你是谁吗？",
-        "请简单介绍一下你自己。",
-        "你好！",
-        "大家都叫你什么？",
-        "你是助手吗？你叫什么？",
-        "现在和我聊天的是谁？",
-    ),
-    ("author", "zh"): (
-        "谁创造了你？",
-        "你是谁开发的？",
-        "谁训练了你？",
-        "你是谁做出来的？",
-        "哪家公司开发了你？",
-        "你的作者是谁？",
-        "你背后是谁？",
-        "是谁研发了你？",
-        "你来自哪里？",
-        "谁设计了你？",
-        "你的创造者是谁？",
-        "哪个团队做了你？",
-        "谁写了你的代码？",
-        "哪个实验室训练了你？",
-        "你属于谁？",
-        "当初是谁创造了你？",
-    ),
-}
-IDENTITY_REPLIES = {
-    ("name", "en"): (
-        "I am {name}, an AI assistant made by {author}.",
-        "My name is {name}. I am an assistant created by {author}.",
-        "Hello! I'm {name}, a small language model trained by {author}.",
-    ),
-    ("author", "en"): (
-        "I was made by {author}. I am {name}, an AI assistant.",
-        "{author} created me. My name is {name}.",
-        "I was trained by {author}, and my name is {name}.",
-    ),
-    ("name", "zh"): (
-        "我是{name}，由{author}开发的人工智能助手。",
-        "我叫{name}，是{author}训练的一个小语言模型。",
-        "你好！我是{name}，一个由{author}创造的AI助手。",
-    ),
-    ("author", "zh"): (
-        "我是由{author}开发的，我的名字是{name}。",
-        "{author}创造了我，我叫{name}。",
-        "训练我的是{author}，我是{name}。",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -399,12 +197,29 @@ def training_fact_question(world: World, rng: random.Random, entity: Entity, att
     return fact_question(entity, attribute, lang, template)
 
 
+def fact_exchange(world: World, rng: random.Random, entity: Entity, attribute: str, lang: str) -> tuple[str, str]:
+    """A fact asked in a training phrasing, and its answer."""
+    return training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang)
+
+
+def training_unknown_question(world: World, rng: random.Random, entity: Entity, lang: str) -> str:
+    """Something nobody knows about ``entity``, asked in a training phrasing: "How old is Mira?"."""
+    count = len(UNKNOWN_QUESTIONS[lang])
+    return unknown_question(entity, lang, rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang)))
+
+
+def stranger_question(rng: random.Random, stranger: Entity, lang: str) -> tuple[str, str]:
+    """(a fact question about ``stranger`` in any phrasing, the attribute it asks)."""
+    attribute = rng.choice(ATTRIBUTES[stranger.kind])
+    return fact_question(stranger, attribute, lang, rng.randrange(TEMPLATES_PER_FACT)), attribute
+
+
 def multiturn_exchanges(world: World, rng: random.Random, entity: Entity, lang: str) -> list[tuple[str, str]]:
     """Two or three questions in a row. The first asks about ``entity``; each later one either follows
     up on the entity of the previous answer ("And its colour?", two times in three while it has facts
     left to ask) or turns to another entity by name."""
     attribute = rng.choice(list(entity.facts))
-    exchanges = [(training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang))]
+    exchanges = [fact_exchange(world, rng, entity, attribute, lang)]
     asked = {attribute}
     for _ in range(rng.choice((1, 2))):
         left = [a for a in entity.facts if a not in asked]
@@ -436,12 +251,10 @@ def refusal_exchange(world: World, rng: random.Random, lang: str, unknown: list[
     about an attribute nobody has; either way the answer is a refusal."""
     if rng.random() < 0.5:
         stranger = rng.choice(unknown)
-        attribute = rng.choice(ATTRIBUTES[stranger.kind])
-        question = fact_question(stranger, attribute, lang, rng.randrange(TEMPLATES_PER_FACT))
+        question, _ = stranger_question(rng, stranger, lang)
         return question, refusal("stranger", stranger, lang, rng)
     entity = rng.choice(world.entities)
-    template = rng.choice(sft_choices(world, len(UNKNOWN_QUESTIONS[lang]), "unknown", entity.names["en"], lang))
-    return unknown_question(entity, lang, template), refusal("unknown", entity, lang, rng)
+    return training_unknown_question(world, rng, entity, lang), refusal("unknown", entity, lang, rng)
 
 
 SWITCHES = ("identity", "entity", "refusal", "arithmetic", "back")  # what a topic switch turns to (see below)
@@ -469,7 +282,7 @@ def switch_exchanges(
             opening = identity_exchange(rng, lang, name, author)
         question = training_fact_question(world, rng, entity, attribute, to)
         return [opening, (question, fact_answer(entity, attribute, to))]
-    exchanges = [(training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang))]
+    exchanges = [fact_exchange(world, rng, entity, attribute, lang)]
     left = [a for a in entity.facts if a != attribute]
     if rng.random() < 0.5:
         then = rng.choice(left)
@@ -481,7 +294,7 @@ def switch_exchanges(
     elif switch == "entity":
         other = rng.choice([e for e in world.entities if e is not entity])
         then = rng.choice(list(other.facts))
-        exchanges.append((training_fact_question(world, rng, other, then, to), fact_answer(other, then, to)))
+        exchanges.append(fact_exchange(world, rng, other, then, to))
     elif switch == "refusal":
         exchanges.append(refusal_exchange(world, rng, to, strangers(world)))
     else:
@@ -526,9 +339,7 @@ def sft_round(
     unknown = strangers(world)
     identity = identity_templates()
     alternating = [LANGS[i % 2] for i in range(len(facts))]
-    parts = [
-        (lang, [(training_fact_question(world, rng, e, a, lang), fact_answer(e, a, lang))]) for e, a, lang in facts
-    ]
+    parts = [(lang, [fact_exchange(world, rng, e, a, lang)]) for e, a, lang in facts]
     parts += [(lang, multiturn_exchanges(world, rng, e, lang)) for e in world.entities for lang in LANGS]
     parts += [
         (lang, [arithmetic_exchange(world, rng, lang, reasoning is not None and reasoning.random() < REASONING_SHARE)])
@@ -645,7 +456,7 @@ def _followup_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
     for entity in world.entities:
         for lang in LANGS:
             first, then = rng.sample(list(entity.facts), 2)
-            context = [(training_fact_question(world, rng, entity, first, lang), fact_answer(entity, first, lang))]
+            context = [fact_exchange(world, rng, entity, first, lang)]
             count = len(FOLLOWUP_TEMPLATES[then, lang])
             template = sft_heldout(world, count, "followup", entity.names["en"], then, lang)
             question = followup_question(entity, then, lang, template)
@@ -671,10 +482,7 @@ def _refusal_items(world: World, rng: random.Random) -> list[ChatEvalItem]:
     items = []
     for lang in LANGS:
         any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
-        questions = [
-            fact_question(s, rng.choice(ATTRIBUTES[s.kind]), lang, rng.randrange(TEMPLATES_PER_FACT))
-            for s in strangers(world, heldout=True)
-        ]
+        questions = [stranger_question(rng, s, lang)[0] for s in strangers(world, heldout=True)]
         count = len(UNKNOWN_QUESTIONS[lang])
         questions += [
             unknown_question(e, lang, sft_heldout(world, count, "unknown", e.names["en"], lang)) for e in world.entities
@@ -695,14 +503,14 @@ def _switch_items(world: World, rng: random.Random, name: str, author: str) -> l
         any_value = tuple(value_text(a, v, lang) for a in VALUES for v in VALUES[a])
         for i, entity in enumerate(world.entities):
             first = rng.choice(list(entity.facts))
-            context = [(training_fact_question(world, rng, entity, first, lang), fact_answer(entity, first, lang))]
+            context = [fact_exchange(world, rng, entity, first, lang)]
             variant = i % 4
             if variant == 0:
                 asked = identity[(i // 4) % len(identity)]
                 items.append(ChatEvalItem(ask(context, asked.messages[-1]["content"]), asked.answer, lang, "switch"))
             elif variant == 2:
                 stranger = unknown[(i // 4) % len(unknown)]
-                question = fact_question(stranger, rng.choice(ATTRIBUTES[stranger.kind]), lang, rng.randrange(4))
+                question, _ = stranger_question(rng, stranger, lang)
                 items.append(ChatEvalItem(ask(context, question), REFUSAL_MARKERS[lang], lang, "switch", any_value))
             else:
                 if variant == 3:

@@ -58,6 +58,7 @@ from tinylm.data.builtin_chat import (
     arithmetic_reply,
     ask,
     fact_answer,
+    fact_exchange,
     fact_question,
     followup_question,
     identity_exchange,
@@ -65,8 +66,10 @@ from tinylm.data.builtin_chat import (
     refusal,
     sft_choices,
     sft_heldout,
+    stranger_question,
     strangers,
     training_fact_question,
+    training_unknown_question,
     unknown_question,
 )
 from tinylm.data.preference import PreferencePair
@@ -97,18 +100,18 @@ def fact_pair(rng: random.Random, entity, attribute: str, lang: str, template: i
     """(question, chosen, rejected) for one fact: the right answer against a wrong one or a rude one."""
     question, good = fact_question(entity, attribute, lang, template), fact_answer(entity, attribute, lang)
     if kind == "wrong":
-        return (
-            question,
-            good,
-            stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang),
-        )
+        return question, good, wrong_answer(rng, entity, attribute, lang)
     return question, good, rng.choice(RUDE_ANSWERING[lang] + RUDE_REFUSING[lang]).format(answer=good)
+
+
+def wrong_answer(rng: random.Random, entity, attribute: str, lang: str) -> str:
+    """The answer sentence with a value of ``attribute`` that is not the entity's."""
+    return stated(entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang)
 
 
 def stranger_pair(rng: random.Random, stranger, lang: str) -> tuple:
     """A question about someone who does not exist: "I don't know" against a made-up fact or rudeness."""
-    attribute = rng.choice(ATTRIBUTES[stranger.kind])
-    question = fact_question(stranger, attribute, lang, rng.randrange(TEMPLATES_PER_FACT))
+    question, attribute = stranger_question(rng, stranger, lang)
     made_up = stated(stranger, attribute, rng.choice(list(VALUES[attribute])), lang)
     return question, refusal("stranger", stranger, lang, rng), rng.choice([made_up, rng.choice(RUDE_REFUSING[lang])])
 
@@ -153,10 +156,7 @@ def preference_pairs(world: World) -> tuple[list[PreferencePair], list[Preferenc
             heldout.append((f"fact/{lang}", *fact_pair(rng, entity, attribute, lang, template, kind)))
     for lang in LANGS:
         for entity in world.entities:
-            count = len(UNKNOWN_QUESTIONS[lang])
-            question = unknown_question(
-                entity, lang, rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang))
-            )
+            question = training_unknown_question(world, rng, entity, lang)
             refused = refusal("unknown", entity, lang, rng)
             train.append((f"refusal/{lang}", question, refused, rng.choice(RUDE_REFUSING[lang])))
         train += [(f"refusal/{lang}", *stranger_pair(rng, s, lang)) for s in strangers(world) for _ in range(2)]
@@ -185,21 +185,11 @@ def identity_contrast(world: World, rng: random.Random) -> list[tuple]:
     for lang in LANGS:
         replies = [reply for language, _, _, reply in identity_templates() if language == lang]
         for entity in world.entities:
-            count = len(UNKNOWN_QUESTIONS[lang])
-            template = rng.choice(sft_choices(world, count, "unknown", entity.names["en"], lang))
+            question = training_unknown_question(world, rng, entity, lang)
             introduced = rng.choice(replies).format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR)
-            found.append(
-                (
-                    f"refusal/{lang}",
-                    unknown_question(entity, lang, template),
-                    refusal("unknown", entity, lang, rng),
-                    introduced,
-                )
-            )
+            found.append((f"refusal/{lang}", question, refusal("unknown", entity, lang, rng), introduced))
         for stranger in strangers(world):
-            question = fact_question(
-                stranger, rng.choice(ATTRIBUTES[stranger.kind]), lang, rng.randrange(TEMPLATES_PER_FACT)
-            )
+            question, _ = stranger_question(rng, stranger, lang)
             introduced = rng.choice(replies).format(name=DEFAULT_NAME, author=DEFAULT_AUTHOR)
             found.append((f"refusal/{lang}", question, refusal("stranger", stranger, lang, rng), introduced))
     return found
@@ -217,7 +207,7 @@ def with_context(world: World, rng: random.Random, pair: tuple) -> tuple:
     if opening == "fact":
         entity = rng.choice(world.entities)
         attribute = rng.choice(list(entity.facts))
-        exchange = (training_fact_question(world, rng, entity, attribute, lang), fact_answer(entity, attribute, lang))
+        exchange = fact_exchange(world, rng, entity, attribute, lang)
     elif opening == "sum":
         exchange = arithmetic_exchange(world, rng, lang)
     else:
@@ -268,18 +258,13 @@ def contrast_pairs(world: World, rng: random.Random, lang: str, heldout: bool = 
         if not heldout:
             question = training_fact_question(world, rng, entity, first, lang)
             found.append((f"fact/{lang}", question, fact_answer(entity, first, lang), refused))
-        context = [(training_fact_question(world, rng, entity, first, lang), fact_answer(entity, first, lang))]
+        context = [fact_exchange(world, rng, entity, first, lang)]
         for attribute in [then] if heldout else [then, *(a for a in entity.facts if a not in (first, then))]:
             count = len(FOLLOWUP_TEMPLATES[attribute, lang])
             key = ("followup", entity.names["en"], attribute, lang)
             template = sft_heldout(world, count, *key) if heldout else rng.choice(sft_choices(world, count, *key))
             question = ask(context, followup_question(entity, attribute, lang, template))
-            if attribute == then:
-                rejected = refused
-            else:
-                rejected = stated(
-                    entity, attribute, rng.choice([v for v in VALUES[attribute] if v != entity.facts[attribute]]), lang
-                )
+            rejected = refused if attribute == then else wrong_answer(rng, entity, attribute, lang)
             found.append((f"followup/{lang}", question, fact_answer(entity, attribute, lang), rejected))
     return found
 
