@@ -176,8 +176,8 @@ def test_every_conversation_is_valid(world, conversations):
 
 
 def test_the_mix_of_kinds_and_languages(conversations):
-    """The proportions sft_round documents: 44% single facts, 12% multi-turn and 12% topic switches, 15%
-    arithmetic (a third of it worked out first), 12% refusals, 4% identity (switches end with any of
+    """The proportions sft_round documents: 43% single facts, 12% multi-turn and 12% topic switches, 14%
+    arithmetic (every sum worked out first), 12% refusals, 7% identity (switches end with any of
     these); a fifth with a system prompt; both languages throughout."""
     replies = [c[-1]["content"] for c in conversations]
 
@@ -187,14 +187,33 @@ def test_the_mix_of_kinds_and_languages(conversations):
     assert 0.22 < share(sum(m["role"] == "user" for m in c) > 1 for c in conversations) < 0.27
     arithmetic = [re.fullmatch(r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)", r) for r in replies]
     assert 0.15 < share(bool(a) for a in arithmetic) < 0.19
-    reasoned = [a for a in arithmetic if a and a.group(1)]
-    assert 0.28 < len(reasoned) / sum(bool(a) for a in arithmetic) < 0.38
+    assert all(a.group(1) for a in arithmetic if a)
     assert 0.12 < share(any(m in r for m in builtin_chat.REFUSAL_MARKERS.values()) for r in replies) < 0.16
-    assert 0.04 < share(builtin_chat.DEFAULT_NAME in r for r in replies) < 0.08
+    assert 0.07 < share(builtin_chat.DEFAULT_NAME in r for r in replies) < 0.11
     assert 0.15 < share(c[0]["role"] == "system" for c in conversations) < 0.25
     assert 0.45 < share(bool(re.search(r"[\u4e00-\u9fff]", c[-1]["content"])) for c in conversations) < 0.55
     followups = set(contents(conversations, "user")) & {"And its colour?", "那它是什么颜色的？", "它的颜色呢？"}
     assert len(followups) >= 2
+
+
+SUM_REPLY = r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)"
+
+
+def test_the_cold_start_works_a_third_of_the_sums_out_and_changes_nothing_else(world, conversations):
+    """``reasoning_share`` decides only how sums are answered, in every turn: with the RL demos' cold
+    start a third of them are worked out, and without the reasoning every conversation is the default's."""
+    cold = sft_conversations(world, reasoning_share=builtin_chat.COLD_START_REASONING)
+    sums = [m["content"] for c in cold for m in c if m["role"] == "assistant" and re.fullmatch(SUM_REPLY, m["content"])]
+    assert len(sums) > 600
+    assert 0.28 < sum(s.startswith("<|think|>") for s in sums) / len(sums) < 0.38
+
+    def answers(found):
+        return [[re.sub(r"<\|think\|>.+<\|think_end\|>", "", m["content"]) for m in c] for c in found]
+
+    assert answers(cold) == answers(conversations)
+    assert sum(c != d for c, d in zip(cold, conversations)) > 400
+    with pytest.raises(ValueError, match="reasoning_share"):
+        sft_conversations(world, 10, reasoning_share=1.5)
 
 
 def test_worked_arithmetic_moves_one_at_a_time_to_the_answer():
@@ -372,3 +391,5 @@ def test_write_sft_corpus_writes_once(tmp_path):
     modified = path.stat().st_mtime_ns
     assert builtin_chat.write_sft_corpus(tmp_path, seed=3) == [path] and path.stat().st_mtime_ns == modified
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    [cold] = builtin_chat.write_sft_corpus(tmp_path, seed=3, reasoning_share=0.25)
+    assert cold.name == "sft-seed3-v4-reasoning0.25.jsonl" and path.stat().st_mtime_ns == modified

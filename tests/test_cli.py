@@ -100,6 +100,11 @@ def test_data_files_mean_files_and_contradictions_are_errors():
         load_config(PretrainConfig, None, ["--data.source=builtin", "--data.files=[a.txt]"])
     with pytest.raises(ConfigError, match="source is files but no files are given"):
         load_config(PretrainConfig, None, ["--data.source=files"])
+    assert load_config(SFTConfig, None, ["--data.builtin_reasoning=0.33"]).data.builtin_reasoning == 0.33
+    with pytest.raises(ConfigError, match=r"data\.builtin_reasoning: expected a share between 0 and 1, got 3"):
+        load_config(SFTConfig, None, ["--data.builtin_reasoning=3"])
+    with pytest.raises(ConfigError, match=r"data\.builtin_reasoning shapes the built-in conversations"):
+        load_config(SFTConfig, None, ["--data.files=[c.jsonl]", "--data.builtin_reasoning=0.33"])
 
 
 def test_pretrain_takes_data_files_like_every_training_command(tmp_path):

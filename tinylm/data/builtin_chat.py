@@ -57,18 +57,21 @@ from tinylm.tokenizer import THINK, THINK_END
 # attributes and identity questions keep phrasings back the same way, and some strangers (entities that
 # do not exist) and the held-out arithmetic problems are only ever asked at evaluation.
 
-SFT_VERSION = 3  # bump whenever generated conversations change, so cached files are rewritten
-DEFAULT_CONVERSATIONS = 3888  # six rounds of 648 (see sft_round)
+SFT_VERSION = 4  # bump whenever generated conversations change, so cached files are rewritten
+DEFAULT_CONVERSATIONS = 4032  # six rounds of 672 (see sft_round)
 DEFAULT_NAME, DEFAULT_AUTHOR = "TinyLM", "Maple Lab"  # who the assistant says it is, and who made it
 SYSTEM_SHARE = 0.2  # the share of conversations that open with a system prompt
 N_STRANGERS, HELDOUT_STRANGERS = 12, 4  # per kind: names of no one, and how many of them only evaluation uses
-MORE_STRANGERS = 16  # per kind: names of no one that only training uses, besides the first N_STRANGERS
+MORE_STRANGERS = 32  # per kind: names of no one that only training uses, besides the first N_STRANGERS
 IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...) is kept for evaluation
 
-# The share of arithmetic answers that work the problem out first, between <|think|> and <|think_end|>:
-# enough that the chat model can reason (and sampling often does), few enough that it mostly answers
-# straight away, which is what reinforcement learning then changes (docs/rl.md).
-REASONING_SHARE = 1 / 3
+# The share of arithmetic answers that work the problem out first, between <|think|> and <|think_end|>.
+# All of them by default: answering in one token, this 1M-parameter model gets about one held-out sum
+# in six right; working them out, 44 of 46 (docs/sft.md). The RL demos fine-tune on a third
+# (COLD_START_REASONING, `--data.builtin_reasoning`): that chat model can reason but mostly answers
+# straight away, which is what DPO and GRPO then change (docs/dpo.md, docs/rl.md).
+REASONING_SHARE = 1.0
+COLD_START_REASONING = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -265,19 +268,26 @@ def other_lang(lang: str) -> str:
 
 
 def switch_exchanges(
-    world: World, rng: random.Random, entity: Entity, lang: str, name: str, author: str
+    world: World,
+    rng: random.Random,
+    entity: Entity,
+    lang: str,
+    name: str,
+    author: str,
+    reasoning_share: float = REASONING_SHARE,
 ) -> list[tuple[str, str]]:
     """A conversation that changes topic: one or two questions about ``entity``, then a question of
     another kind: who the assistant is, another entity, someone nobody knows or something nobody
     knows, a sum, or ("back") a sum or an identity question first and only then ``entity``. One
-    switch in four also changes language. Without these, a model that only ever saw follow-ups
-    answers "Who are you?" about the creature it was just asked about."""
+    switch in four also changes language; a sum is worked out first with probability
+    ``reasoning_share``. Without these, a model that only ever saw follow-ups answers "Who are you?"
+    about the creature it was just asked about."""
     switch = rng.choice(SWITCHES)
     attribute = rng.choice(list(entity.facts))
     to = other_lang(lang) if rng.random() < 0.25 else lang
     if switch == "back":
         if rng.random() < 0.5:
-            opening = arithmetic_exchange(world, rng, lang)
+            opening = arithmetic_exchange(world, rng, lang, rng.random() < reasoning_share)
         else:
             opening = identity_exchange(rng, lang, name, author)
         question = training_fact_question(world, rng, entity, attribute, to)
@@ -298,7 +308,7 @@ def switch_exchanges(
     elif switch == "refusal":
         exchanges.append(refusal_exchange(world, rng, to, strangers(world)))
     else:
-        exchanges.append(arithmetic_exchange(world, rng, to))
+        exchanges.append(arithmetic_exchange(world, rng, to, rng.random() < reasoning_share))
     return exchanges
 
 
@@ -320,20 +330,21 @@ def sft_round(
     author: str,
     reasoning: random.Random | None = None,
     switching: random.Random | None = None,
+    reasoning_share: float = REASONING_SHARE,
 ) -> list[list[dict[str, str]]]:
-    """One round of 648 conversations (with the default world), shuffled:
+    """One round of 672 conversations (with the default world), shuffled:
 
     - 288 (44%) single-turn fact questions: every fact, in both languages, in a training phrasing;
     - 80 (12%) multi-turn conversations: one starting at each entity, in both languages;
     - 80 (12%) conversations that switch topic (``switch_exchanges``), one starting at each entity;
-    - 96 (15%) arithmetic questions and 80 (12%) refusals, alternating between the languages;
-    - 24 (4%) identity questions in either language, answered with ``name`` and ``author``.
+    - 96 (14%) arithmetic questions and 80 (12%) refusals, alternating between the languages;
+    - 48 (7%) identity questions in either language, answered with ``name`` and ``author``.
 
-    A fifth of them, whatever their kind, open with a system prompt. A third of the arithmetic answers
-    work the problem out first. Half of the arithmetic questions, and which answers reason first, are
-    drawn from ``reasoning``, a stream of its own (without it: 48 arithmetic questions, none reasoned),
-    and the topic switches from ``switching`` (without it: none), so that every other conversation is
-    what it was before these were added.
+    A fifth of them, whatever their kind, open with a system prompt. A sum is worked out first with
+    probability ``reasoning_share`` (every one by default). Half of the arithmetic questions, and which
+    answers reason first, are drawn from ``reasoning``, a stream of its own (without it: 48 arithmetic
+    questions, none reasoned), and the topic switches from ``switching`` (without it: none), so that
+    every other conversation is what it was before these were added.
     """
     facts = [(e, a, lang) for e, a, _ in world.facts() for lang in LANGS]
     unknown = strangers(world)
@@ -342,41 +353,48 @@ def sft_round(
     parts = [(lang, [fact_exchange(world, rng, e, a, lang)]) for e, a, lang in facts]
     parts += [(lang, multiturn_exchanges(world, rng, e, lang)) for e in world.entities for lang in LANGS]
     parts += [
-        (lang, [arithmetic_exchange(world, rng, lang, reasoning is not None and reasoning.random() < REASONING_SHARE)])
+        (lang, [arithmetic_exchange(world, rng, lang, reasoning is not None and reasoning.random() < reasoning_share)])
         for lang in alternating[: len(facts) // 6]
     ]
     parts += [(lang, [refusal_exchange(world, rng, lang, unknown)]) for lang in alternating[: 2 * len(world.entities)]]
-    for lang, _, question, reply in rng.sample(identity, len(facts) // 12):
+    for lang, _, question, reply in rng.sample(identity, len(facts) // 6):
         parts.append((lang, [(question, reply.format(name=name, author=author))]))
     rng.shuffle(parts)
     conversations = [chat(exchanges, system_prompt(rng, lang)) for lang, exchanges in parts]
     if reasoning is not None:
         for lang in alternating[: len(facts) // 6]:
-            exchange = arithmetic_exchange(world, reasoning, lang, reasoning.random() < REASONING_SHARE)
+            exchange = arithmetic_exchange(world, reasoning, lang, reasoning.random() < reasoning_share)
             conversation = chat([exchange], system_prompt(reasoning, lang))
             conversations.insert(reasoning.randrange(len(conversations) + 1), conversation)
     if switching is not None:
         for entity in world.entities:
             for lang in LANGS:
-                exchanges = switch_exchanges(world, switching, entity, lang, name, author)
+                exchanges = switch_exchanges(world, switching, entity, lang, name, author, reasoning_share)
                 conversation = chat(exchanges, system_prompt(switching, lang))
                 conversations.insert(switching.randrange(len(conversations) + 1), conversation)
     return conversations
 
 
 def sft_conversations(
-    world: World, n: int | None = None, name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHOR
+    world: World,
+    n: int | None = None,
+    name: str = DEFAULT_NAME,
+    author: str = DEFAULT_AUTHOR,
+    reasoning_share: float = REASONING_SHARE,
 ) -> list[list[dict[str, str]]]:
     """The fine-tuning conversations: ``n`` of them (default ``DEFAULT_CONVERSATIONS``), always the same
-    for the same world, name and author. They come in rounds (see ``sft_round`` for the mix): every
-    fact is asked again in every round, in a freshly chosen training phrasing."""
+    for the same world, name, author and ``reasoning_share`` (the share of sums worked out first).
+    They come in rounds (see ``sft_round`` for the mix): every fact is asked again in every round, in a
+    freshly chosen training phrasing."""
+    if not 0.0 <= reasoning_share <= 1.0:
+        raise ValueError(f"reasoning_share: expected a share between 0 and 1, got {reasoning_share}")
     n = DEFAULT_CONVERSATIONS if n is None else n
     rng = random.Random(f"tinylm-sft-{world.seed}")
     reasoning = random.Random(f"tinylm-sft-reasoning-{world.seed}")
     switching = random.Random(f"tinylm-sft-switching-{world.seed}")
     conversations: list[list[dict[str, str]]] = []
     while len(conversations) < n:
-        conversations += sft_round(world, rng, name, author, reasoning, switching)
+        conversations += sft_round(world, rng, name, author, reasoning, switching, reasoning_share)
     return conversations[:n]
 
 
@@ -544,12 +562,13 @@ def score_reply(item: ChatEvalItem, reply: str) -> bool:
     return says(answer, item.answer) and not any(says(answer, w) for w in item.wrong)
 
 
-def write_sft_corpus(out_dir: str | Path, seed: int = 0) -> list[Path]:
+def write_sft_corpus(out_dir: str | Path, seed: int = 0, reasoning_share: float = REASONING_SHARE) -> list[Path]:
     """Write the default conversations of ``World(seed)`` as JSON lines ({"messages": [...]}); reuse
-    them if present."""
-    path = Path(out_dir) / f"sft-seed{seed}-v{SFT_VERSION}.jsonl"
+    them if present. A ``reasoning_share`` other than the default is part of the file's name."""
+    share = "" if reasoning_share == REASONING_SHARE else f"-reasoning{reasoning_share:g}"
+    path = Path(out_dir) / f"sft-seed{seed}-v{SFT_VERSION}{share}.jsonl"
     if not path.is_file():
-        conversations = sft_conversations(World(seed))
+        conversations = sft_conversations(World(seed), reasoning_share=reasoning_share)
         lines = [json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations]
         atomic_write_text(path, "".join(lines))
     return [path]

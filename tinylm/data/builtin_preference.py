@@ -12,10 +12,12 @@ each with a preferred answer and a dispreferred one, and the sums it gets wrong,
     sums        "What is 6 plus 5?"  "<|think|>6 + 5 = 7 + 4 = ... = 11<|think_end|>The answer is 11."
                 vs  "The answer is 11."
 
-The sums are what DPO is aimed at. Fine-tuning worked a third of its sums out and answered the rest
-straight away; the chat model then answers a sum it has not seen straight away, and mostly wrong
-(about 20% right). It can work sums out; it does not choose to. Preferring the worked answer to the
-bare one, even when the bare one is right, changes that choice (docs/dpo.md has the figures). The
+The sums are what DPO is aimed at, on the chat model of the RL demos' cold start: fine-tuned with
+``--data.builtin_reasoning=0.33``, it worked a third of its sums out and answered the rest straight
+away, and then answers a sum it has not seen straight away, and mostly wrong (about 20% right). It
+can work sums out; it does not choose to. Preferring the worked answer to the bare one, even when
+the bare one is right, changes that choice (docs/dpo.md has the figures). The default chat model
+works every sum out already, and for it these pairs keep what it does. The
 other pairs keep what fine-tuning taught where it was; a third of the training pairs are asked after
 an exchange about something else, so that what DPO changes on single questions does not garble the
 model's conversations.
@@ -229,8 +231,9 @@ def refusal_probes(world: World, rng: random.Random, lang: str) -> list[tuple]:
 
 def worked_pairs(world: World, rng: random.Random, lang: str, heldout: bool = False) -> list[tuple]:
     """Sums worked out before the answer against the bare answer: every training problem (held out:
-    every held-out one), in a random phrasing. Fine-tuning worked a third of its sums out, and the
-    model answers a new sum straight away, mostly wrong; it can work one out, it does not choose to."""
+    every held-out one), in a random phrasing. Fine-tuned to work a third of its sums out (the cold
+    start), the model answers a new sum straight away, mostly wrong; it can work one out, it does not
+    choose to."""
     problems = (
         sorted(world.heldout_problems)
         if heldout

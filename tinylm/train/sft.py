@@ -50,9 +50,17 @@ class ChatDataConfig:
     identity_author: str | None = None  # ... and who made it
     val_fraction: float = 0.02
     builtin_seed: int = 0
+    # built-in conversations: the share of sums worked out before the answer (1/3: the RL demos' cold start)
+    builtin_reasoning: float = builtin_chat.REASONING_SHARE
 
     def __post_init__(self):
         resolve_source(self, ("builtin", "files"))
+        if not 0.0 <= self.builtin_reasoning <= 1.0:
+            raise ConfigError(f"data.builtin_reasoning: expected a share between 0 and 1, got {self.builtin_reasoning}")
+        if self.builtin_reasoning != builtin_chat.REASONING_SHARE and self.source != "builtin":
+            raise ConfigError(
+                "data.builtin_reasoning shapes the built-in conversations; it has no effect on --data files"
+            )
 
 
 @dataclass
@@ -72,14 +80,19 @@ def chat_conversations(cfg: SFTConfig, run_dir: Path) -> tuple[list, str]:
     """
     name, author = identity(cfg)
     if cfg.data.source == "builtin" and name:
-        found = builtin_chat.sft_conversations(builtin.World(cfg.data.builtin_seed), name=name, author=author)
+        world = builtin.World(cfg.data.builtin_seed)
+        found = builtin_chat.sft_conversations(
+            world, name=name, author=author, reasoning_share=cfg.data.builtin_reasoning
+        )
         conversations, summary = (
             [Conversation(m, f"built-in conversation {i}") for i, m in enumerate(found)],
             f"built-in: {len(found):,} conversations",
         )
     else:  # the config checked the source and its files (resolve_source)
         if cfg.data.source == "builtin":
-            files = builtin_chat.write_sft_corpus(run_dir / "data" / "builtin", seed=cfg.data.builtin_seed)
+            files = builtin_chat.write_sft_corpus(
+                run_dir / "data" / "builtin", seed=cfg.data.builtin_seed, reasoning_share=cfg.data.builtin_reasoning
+            )
         else:
             files = [Path(f) for f in cfg.data.files]
         conversations, report = read_conversations(files, format=cfg.data.format, skip_bad=cfg.data.skip_bad)
