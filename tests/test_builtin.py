@@ -392,4 +392,5 @@ def test_write_sft_corpus_writes_once(tmp_path):
     assert builtin_chat.write_sft_corpus(tmp_path, seed=3) == [path] and path.stat().st_mtime_ns == modified
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     [cold] = builtin_chat.write_sft_corpus(tmp_path, seed=3, reasoning_share=0.25)
-    assert cold.name == "sft-seed3-v4-reasoning0.25.jsonl" and path.stat().st_mtime_ns == modified
+    assert cold.name == f"sft-seed3-v{builtin_chat.SFT_VERSION}-reasoning0.25.jsonl"
+    assert path.stat().st_mtime_ns == modified

@@ -245,7 +245,7 @@ def test_identity_recipe_mixes_in_the_name_and_measures_it(base_and_chats, tmp_p
         == 0
     )
     err = capsys.readouterr().err
-    assert "identity: 144 conversations naming 'Nova' by 'Ada Lab'" in err
+    assert "identity: 240 conversations naming 'Nova' by 'Ada Lab'" in err
     measured = json.loads((run / "identity.json").read_text(encoding="utf-8"))
     assert measured["name"] == "Nova" and measured["identity_questions"] == 16 and measured["general_questions"] > 100
     # three steps teach the name nothing yet (the replies are still empty), and the measurement credits nothing

@@ -38,6 +38,7 @@ from tinylm.data.builtin_phrasings import (  # what the questions and answers sa
     FOLLOWUP_TEMPLATES,
     IDENTITY_QUESTIONS,
     IDENTITY_REPLIES,
+    IDENTITY_TRAINING_QUESTIONS,
     OPERATION_WORDS,
     QUESTION_TEMPLATES,
     REFUSAL_MARKERS,
@@ -57,7 +58,7 @@ from tinylm.tokenizer import THINK, THINK_END
 # attributes and identity questions keep phrasings back the same way, and some strangers (entities that
 # do not exist) and the held-out arithmetic problems are only ever asked at evaluation.
 
-SFT_VERSION = 4  # bump whenever generated conversations change, so cached files are rewritten
+SFT_VERSION = 5  # bump whenever generated conversations change, so cached files are rewritten
 DEFAULT_CONVERSATIONS = 4032  # six rounds of 672 (see sft_round)
 DEFAULT_NAME, DEFAULT_AUTHOR = "TinyLM", "Maple Lab"  # who the assistant says it is, and who made it
 SYSTEM_SHARE = 0.2  # the share of conversations that open with a system prompt
@@ -67,7 +68,7 @@ IDENTITY_HELDOUT_EVERY = 4  # every fourth identity question (indices 3, 7, ...)
 
 # The share of arithmetic answers that work the problem out first, between <|think|> and <|think_end|>.
 # All of them by default: answering in one token, this 1M-parameter model gets about one held-out sum
-# in six right; working them out, 44 of 46 (docs/sft.md). The RL demos fine-tune on a third
+# in six right; working them out, 42 of 46 (docs/sft.md). The RL demos fine-tune on a third
 # (COLD_START_REASONING, `--data.builtin_reasoning`): that chat model can reason but mostly answers
 # straight away, which is what DPO and GRPO then change (docs/dpo.md, docs/rl.md).
 REASONING_SHARE = 1.0
@@ -404,14 +405,23 @@ def sft_conversations(
 def identity_templates(heldout: bool = False) -> list[tuple[str, str, str, str]]:
     """(lang, topic, question, reply) for every identity question paired with every reply on its topic
     ("name" or "author"); replies hold ``{name}`` and ``{author}`` placeholders. ``heldout=True`` gives
-    the questions training never uses (every ``IDENTITY_HELDOUT_EVERY``-th one)."""
-    return [
+    the questions training never uses (every ``IDENTITY_HELDOUT_EVERY``-th of ``IDENTITY_QUESTIONS``);
+    training also asks ``IDENTITY_TRAINING_QUESTIONS``."""
+    found = [
         (lang, topic, question, reply)
         for (topic, lang), questions in IDENTITY_QUESTIONS.items()
         for i, question in enumerate(questions)
         if (i % IDENTITY_HELDOUT_EVERY == IDENTITY_HELDOUT_EVERY - 1) == heldout
         for reply in IDENTITY_REPLIES[topic, lang]
     ]
+    if not heldout:
+        found += [
+            (lang, topic, question, reply)
+            for (topic, lang), questions in IDENTITY_TRAINING_QUESTIONS.items()
+            for question in questions
+            for reply in IDENTITY_REPLIES[topic, lang]
+        ]
+    return found
 
 
 def identity_conversations(

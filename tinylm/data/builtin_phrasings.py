@@ -222,3 +222,48 @@ IDENTITY_REPLIES = {
         "训练我的是{author}，我是{name}。",
     ),
 }
+
+# More identity questions, asked only in training (the held-out ones are every fourth of IDENTITY_QUESTIONS):
+# with these the model answers the held-out phrasings rather than refusing them as a stranger's.
+IDENTITY_TRAINING_QUESTIONS = {
+    ("name", "en"): (
+        "Who is this?",
+        "Tell me your name.",
+        "What name do you go by?",
+        "Who are you, exactly?",
+        "Hey, what are you called?",
+        "Good morning! Who are you?",
+        "Which assistant is this?",
+        "Say hello and tell me who you are.",
+    ),
+    ("author", "en"): (
+        "Who made this assistant?",
+        "Who are your makers?",
+        "Which lab built you?",
+        "Who programmed you?",
+        "Whose assistant are you?",
+        "Who taught you?",
+        "Which company are you from?",
+        "Who put you together?",
+    ),
+    ("name", "zh"): (
+        "这是谁？",
+        "告诉我你的名字。",
+        "你叫什么？",
+        "你到底是谁？",
+        "嘿，你叫啥？",
+        "早上好！你是谁？",
+        "这是哪个助手？",
+        "打个招呼，说说你是谁。",
+    ),
+    ("author", "zh"): (
+        "这个助手是谁做的？",
+        "谁是你的制作者？",
+        "哪个实验室造了你？",
+        "谁给你编的程序？",
+        "你是谁家的助手？",
+        "谁教的你？",
+        "你来自哪家公司？",
+        "是谁把你做出来的？",
+    ),
+}

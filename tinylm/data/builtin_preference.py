@@ -14,7 +14,7 @@ each with a preferred answer and a dispreferred one, and the sums it gets wrong,
 
 The sums are what DPO is aimed at, on the chat model of the RL demos' cold start: fine-tuned with
 ``--data.builtin_reasoning=0.33``, it worked a third of its sums out and answered the rest straight
-away, and then answers a sum it has not seen straight away, and mostly wrong (6 of 46 right). It
+away, and then answers a sum it has not seen straight away, and mostly wrong (11 of 46 right). It
 can work sums out; it does not choose to. Preferring the worked answer to the bare one, even when
 the bare one is right, changes that choice (docs/dpo.md has the figures). The default chat model
 works every sum out already: these pairs have nothing to change there. The
