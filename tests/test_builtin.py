@@ -175,6 +175,10 @@ def test_every_conversation_is_valid(world, conversations):
         assert_valid([*item.messages, {"role": "assistant", "content": "-"}])
 
 
+# a reply to a sum: "The answer is 7." or "答案是7。", worked out first or not
+SUM_REPLY = r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)"
+
+
 def test_the_mix_of_kinds_and_languages(conversations):
     """The proportions sft_round documents: 43% single facts, 12% multi-turn and 12% topic switches, 14%
     arithmetic (every sum worked out first), 12% refusals, 7% identity (switches end with any of
@@ -185,7 +189,7 @@ def test_the_mix_of_kinds_and_languages(conversations):
         return sum(hits) / len(conversations)
 
     assert 0.22 < share(sum(m["role"] == "user" for m in c) > 1 for c in conversations) < 0.27
-    arithmetic = [re.fullmatch(r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)", r) for r in replies]
+    arithmetic = [re.fullmatch(SUM_REPLY, r) for r in replies]
     assert 0.15 < share(bool(a) for a in arithmetic) < 0.19
     assert all(a.group(1) for a in arithmetic if a)
     assert 0.12 < share(any(m in r for m in builtin_chat.REFUSAL_MARKERS.values()) for r in replies) < 0.16
@@ -194,9 +198,6 @@ def test_the_mix_of_kinds_and_languages(conversations):
     assert 0.45 < share(bool(re.search(r"[\u4e00-\u9fff]", c[-1]["content"])) for c in conversations) < 0.55
     followups = set(contents(conversations, "user")) & {"And its colour?", "那它是什么颜色的？", "它的颜色呢？"}
     assert len(followups) >= 2
-
-
-SUM_REPLY = r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)"
 
 
 def test_the_cold_start_works_a_third_of_the_sums_out_and_changes_nothing_else(world, conversations):
@@ -304,7 +305,7 @@ def test_conversations_switch_topic_and_evaluation_asks_switches(world, conversa
     answered right only about the new topic, never by repeating the last answer's."""
 
     def is_sum(reply):
-        return re.fullmatch(r"(<\|think\|>.+<\|think_end\|>)?(The answer is \d+\.|答案是\d+。)", reply) is not None
+        return re.fullmatch(SUM_REPLY, reply) is not None
 
     def is_refusal(reply):
         return any(m in reply for m in builtin_chat.REFUSAL_MARKERS.values())
